@@ -1,0 +1,179 @@
+//! Configuration shared by every destination instance, and how an instance's table is split
+//! between the hub and the destination's own options.
+
+
+use serde::Deserialize;
+
+use crate::policy::{BatchPolicyOverrides, RetryPolicy};
+
+/// What to do with a run's sends when the run fails.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnRunError {
+    /// Drop them: a failed run sends nothing (the default).
+    #[default]
+    Discard,
+    /// Deliver them as if the run had succeeded.
+    Deliver,
+}
+
+/// Settings the hub applies to any destination instance, whatever its kind.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceSettings {
+    /// Retry policy; unset keys take the defaults.
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// Batch overrides on top of the destination's own policy.
+    #[serde(default)]
+    pub batch: BatchPolicyOverrides,
+    /// Most batches delivered at once (default 256).
+    pub concurrency: Option<usize>,
+    /// Largest payload accepted at send time, in bytes (default 1 MiB).
+    pub max_payload_bytes: Option<usize>,
+}
+
+impl InstanceSettings {
+    /// The keys of an instance table that belong to the hub rather than to the destination.
+    pub const KEYS: [&'static str; 4] = ["retry", "batch", "concurrency", "max_payload_bytes"];
+    /// Default for [`concurrency`](Self::concurrency).
+    pub const DEFAULT_CONCURRENCY: usize = 256;
+    /// Default for [`max_payload_bytes`](Self::max_payload_bytes).
+    pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
+}
+
+/// One `[destinations.NAME]` table, split: its kind, the hub's settings, the destination's
+/// own options.
+#[derive(Clone, Debug)]
+pub struct InstanceConfig {
+    /// The destination kind (`http`, `s3`, ...).
+    pub kind: String,
+    /// Settings the hub applies.
+    pub settings: InstanceSettings,
+    /// The rest of the table, for the destination to read strictly.
+    pub options: serde_json::Value,
+}
+
+/// An instance table could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("destinations.{instance}: {message}")]
+pub struct ConfigError {
+    /// The instance name.
+    pub instance: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl ConfigError {
+    /// A problem with instance `instance`.
+    pub fn new(instance: &str, message: impl Into<String>) -> Self {
+        Self {
+            instance: instance.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+impl InstanceConfig {
+    /// Split an instance table (as JSON) into kind, hub settings and destination options.
+    pub fn from_table(instance: &str, table: serde_json::Value) -> Result<Self, ConfigError> {
+        let serde_json::Value::Object(mut table) = table else {
+            return Err(ConfigError::new(instance, "must be a table"));
+        };
+        let kind = match table.remove("kind") {
+            Some(serde_json::Value::String(kind)) => kind,
+            Some(_) => return Err(ConfigError::new(instance, "`kind` must be a string")),
+            None => return Err(ConfigError::new(instance, "`kind` is missing (e.g. kind = \"http\")")),
+        };
+        let mut hub_keys = serde_json::Map::new();
+        for key in InstanceSettings::KEYS {
+            if let Some(value) = table.remove(key) {
+                hub_keys.insert(key.to_owned(), value);
+            }
+        }
+        let settings = crate::payload::parse_strict::<InstanceSettings>(
+            serde_json::to_vec(&hub_keys).unwrap_or_default().as_slice(),
+        )
+        .map_err(|e| ConfigError::new(instance, e.to_string()))?;
+        Ok(Self {
+            kind,
+            settings,
+            options: serde_json::Value::Object(table),
+        })
+    }
+}
+
+/// Durations in config text: `"500ms"`, `"60s"`, `"10m"`, `"24h"` (humantime), or a number of
+/// seconds.
+pub mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Text {
+        Seconds(f64),
+        Human(String),
+    }
+
+    fn parse(text: Text) -> Result<Duration, String> {
+        match text {
+            Text::Seconds(s) if s >= 0.0 && s.is_finite() => Ok(Duration::from_secs_f64(s)),
+            Text::Seconds(s) => Err(format!("{s} is not a duration")),
+            Text::Human(h) => humantime::parse_duration(&h)
+                .map_err(|e| format!("`{h}` is not a duration ({e}); write e.g. \"500ms\", \"30s\", \"10m\"")),
+        }
+    }
+
+    /// Read a duration.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        parse(Text::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+
+    /// Write a duration as humantime text.
+    pub fn serialize<S: Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*value).to_string())
+    }
+
+    /// The same for optional durations.
+    pub mod option {
+        use super::*;
+
+        /// Read an optional duration.
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            Option::<Text>::deserialize(d)?
+                .map(parse)
+                .transpose()
+                .map_err(serde::de::Error::custom)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn splits_an_instance_table() {
+        let c = InstanceConfig::from_table(
+            "hooks",
+            json!({"kind":"http","timeout":"2s","retry":{"max_attempts":3},"concurrency":8}),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.kind, "http");
+        assert_eq!(c.settings.retry.max_attempts, 3);
+        assert_eq!(c.settings.concurrency, Some(8));
+        assert_eq!(c.options, json!({"timeout":"2s"}));
+    }
+
+    #[test]
+    fn names_the_instance_and_field_in_errors() {
+        let e = InstanceConfig::from_table("hooks", json!({"timeout":"2s"})).unwrap_err();
+        assert!(e.to_string().contains("destinations.hooks: `kind` is missing"), "{e}");
+        let e = InstanceConfig::from_table("hooks", json!({"kind":"http","retry":{"max_attempts":"x"}}))
+            .unwrap_err();
+        assert!(e.to_string().contains("retry.max_attempts"), "{e}");
+    }
+}

@@ -1,0 +1,194 @@
+//! The trait a destination implements, and what it answers for each envelope.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::envelope::Envelope;
+use crate::payload::InvalidPayload;
+use crate::policy::BatchPolicy;
+
+/// A place sends are delivered to: an HTTP endpoint, an object store, a mailbox...
+///
+/// Kept small on purpose: validate a payload at send time, say how to batch, deliver a batch.
+/// Retries, concurrency, dead letters and status are the hub's job.
+#[async_trait]
+pub trait Destination: Send + Sync + 'static {
+    /// The kind this destination is (`http`, `s3`, ...), as registered.
+    fn kind(&self) -> &'static str;
+
+    /// Check one payload at send time. Strict: unknown fields are an error.
+    fn validate(&self, payload: &[u8]) -> Result<(), InvalidPayload>;
+
+    /// How this destination wants its envelopes grouped. Default: one per send, at once.
+    fn batch_policy(&self) -> BatchPolicy {
+        BatchPolicy::one_per_send()
+    }
+
+    /// Deliver one batch and say, per envelope, what happened.
+    async fn deliver(&self, batch: Batch) -> BatchOutcome;
+
+    /// Can the target be reached at all? Used at startup and by `/readyz`.
+    async fn health(&self) -> Result<(), HealthError> {
+        Ok(())
+    }
+}
+
+/// Envelopes handed to a destination together.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    envelopes: Vec<Envelope>,
+}
+
+impl Batch {
+    /// A batch of these envelopes, in this order.
+    pub fn new(envelopes: Vec<Envelope>) -> Self {
+        Self { envelopes }
+    }
+
+    /// The envelopes, in order.
+    pub fn envelopes(&self) -> &[Envelope] {
+        &self.envelopes
+    }
+
+    /// How many envelopes the batch holds.
+    pub fn len(&self) -> usize {
+        self.envelopes.len()
+    }
+
+    /// Whether the batch holds no envelope.
+    pub fn is_empty(&self) -> bool {
+        self.envelopes.is_empty()
+    }
+
+    /// The payload bytes of the whole batch.
+    pub fn size(&self) -> usize {
+        self.envelopes.iter().map(Envelope::size).sum()
+    }
+
+    /// The envelopes, taken out.
+    pub fn into_envelopes(self) -> Vec<Envelope> {
+        self.envelopes
+    }
+}
+
+/// What happened to one envelope in a delivery attempt.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// The target accepted it.
+    Delivered,
+    /// A transient failure: try again, no sooner than `after` if the target said so.
+    Retry {
+        /// What went wrong.
+        error: String,
+        /// The target's own wait (`Retry-After`), if it gave one.
+        after: Option<Duration>,
+    },
+    /// A permanent failure: dead-letter it now.
+    Failed {
+        /// What went wrong.
+        error: String,
+    },
+}
+
+/// The outcome of one envelope, with what the target answered if it answered.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Report {
+    /// What happened.
+    pub outcome: Outcome,
+    /// The target's answer, kept in the send's status.
+    pub response: Option<ResponseSummary>,
+}
+
+impl Report {
+    /// Delivered.
+    pub fn delivered() -> Self {
+        Outcome::Delivered.into()
+    }
+
+    /// A transient failure.
+    pub fn retry(error: impl Into<String>) -> Self {
+        Outcome::Retry {
+            error: error.into(),
+            after: None,
+        }
+        .into()
+    }
+
+    /// A transient failure with the target's own wait.
+    pub fn retry_after(error: impl Into<String>, after: Option<Duration>) -> Self {
+        Outcome::Retry {
+            error: error.into(),
+            after,
+        }
+        .into()
+    }
+
+    /// A permanent failure.
+    pub fn failed(error: impl Into<String>) -> Self {
+        Outcome::Failed {
+            error: error.into(),
+        }
+        .into()
+    }
+
+    /// The same report, with the target's answer attached.
+    pub fn with_response(mut self, response: ResponseSummary) -> Self {
+        self.response = Some(response);
+        self
+    }
+}
+
+impl From<Outcome> for Report {
+    fn from(outcome: Outcome) -> Self {
+        Self {
+            outcome,
+            response: None,
+        }
+    }
+}
+
+/// What a target answered, kept short.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ResponseSummary {
+    /// A protocol status code (HTTP status, SMTP reply code), if there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// How long the attempt took.
+    pub elapsed_ms: u64,
+    /// The start of an error body (at most 4 KiB), for failures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body_excerpt: Option<String>,
+}
+
+/// The outcome of a whole batch.
+#[derive(Clone, Debug)]
+pub enum BatchOutcome {
+    /// One report for every envelope (an object-store write succeeds or fails as a whole).
+    All(Report),
+    /// One report per envelope, in the batch's order.
+    Each(Vec<Report>),
+}
+
+impl BatchOutcome {
+    /// One report per envelope of a batch of `len`, filling a missing one with a retry so that a
+    /// destination that answers for too few envelopes cannot lose the rest.
+    pub fn into_reports(self, len: usize) -> Vec<Report> {
+        match self {
+            Self::All(report) => vec![report; len],
+            Self::Each(mut reports) => {
+                reports.truncate(len);
+                while reports.len() < len {
+                    reports.push(Report::retry("the destination gave no outcome for this send"));
+                }
+                reports
+            }
+        }
+    }
+}
+
+/// The destination cannot reach its target.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct HealthError(pub String);

@@ -1,0 +1,84 @@
+//! Why a send was refused.
+
+use crate::payload::InvalidPayload;
+use crate::queue::QueueFull;
+
+/// A send was refused; nothing was recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No destination instance has this name.
+    #[error("unknown destination `{name}`; configured: {known}")]
+    UnknownDestination {
+        /// The name asked for.
+        name: String,
+        /// The configured instance names.
+        known: String,
+    },
+    /// A typed send went to an instance of another kind.
+    #[error("destination `{instance}` is of kind `{actual}`, not `{expected}`")]
+    WrongKind {
+        /// The instance.
+        instance: String,
+        /// The kind of the typed send.
+        expected: &'static str,
+        /// The instance's kind.
+        actual: &'static str,
+    },
+    /// The payload does not fit the destination.
+    #[error("send to `{destination}` refused: {error}")]
+    Invalid {
+        /// The instance.
+        destination: String,
+        /// What is wrong, and where.
+        #[source]
+        error: InvalidPayload,
+    },
+    /// The payload is larger than the instance accepts.
+    #[error(
+        "send to `{destination}` refused: the payload is {size} bytes, over the limit of {limit} \
+         (raise max_payload_bytes for this destination to allow it)"
+    )]
+    TooLarge {
+        /// The instance.
+        destination: String,
+        /// The payload's size.
+        size: usize,
+        /// The instance's limit.
+        limit: usize,
+    },
+    /// The queue has no room.
+    #[error(transparent)]
+    QueueFull(#[from] QueueFull),
+    /// The hub is shutting down and takes no more sends.
+    #[error("the hub is shutting down and takes no more sends")]
+    ShuttingDown,
+    /// The run was already finished or discarded.
+    #[error("run `{run}` is already finished; begin a new run to send more")]
+    RunFinished {
+        /// The run.
+        run: String,
+    },
+    /// The typed request could not be serialized.
+    #[error("send to `{destination}` refused: the payload could not be serialized: {message}")]
+    Serialize {
+        /// The instance.
+        destination: String,
+        /// The serializer's message.
+        message: String,
+    },
+}
+
+impl SendError {
+    /// A short machine-readable code (`invalid_payload`, `queue_full`, ...), used by the API.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::UnknownDestination { .. } => "unknown_destination",
+            Self::WrongKind { .. } => "wrong_kind",
+            Self::Invalid { .. } | Self::Serialize { .. } => "invalid_payload",
+            Self::TooLarge { .. } => "payload_too_large",
+            Self::QueueFull(QueueFull::Closed) | Self::ShuttingDown => "shutting_down",
+            Self::QueueFull(_) => "queue_full",
+            Self::RunFinished { .. } => "run_finished",
+        }
+    }
+}

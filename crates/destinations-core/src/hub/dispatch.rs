@@ -1,0 +1,302 @@
+//! One dispatcher per destination instance: pull → batch → deliver under a concurrency limit
+//! → record the outcome → schedule retries → dead-letter after the retry budget.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::HubShared;
+use crate::config::InstanceSettings;
+use crate::dead_letters::DeadLetter;
+use crate::destination::{Batch, Destination, Outcome, ResponseSummary};
+use crate::envelope::Envelope;
+use crate::metrics::InstanceMetrics;
+use crate::policy::{BatchPolicy, RetryDecision, RetryPolicy};
+use crate::queue::QueueConsumer;
+use crate::status::Transition;
+
+/// What a dispatcher's delivery tasks share.
+struct Lane {
+    name: Arc<str>,
+    destination: Arc<dyn Destination>,
+    retry: RetryPolicy,
+    hub: Arc<HubShared>,
+    metrics: InstanceMetrics,
+    concurrency: Arc<Semaphore>,
+    /// Envelopes taken from the queue and not yet delivered or dead.
+    outstanding: AtomicUsize,
+    /// Signalled when `outstanding` drops to zero.
+    drained: Notify,
+    /// Envelopes whose retry is due, delivered again as the batch they failed in.
+    retries: mpsc::UnboundedSender<Vec<Envelope>>,
+}
+
+pub(super) struct Dispatcher {
+    lane: Arc<Lane>,
+    policy: BatchPolicy,
+    consumer: Box<dyn QueueConsumer>,
+    due_retries: mpsc::UnboundedReceiver<Vec<Envelope>>,
+    open: Vec<Envelope>,
+    open_bytes: usize,
+    open_deadline: Option<tokio::time::Instant>,
+}
+
+impl Dispatcher {
+    pub(super) fn start(
+        hub: &Arc<HubShared>,
+        name: Arc<str>,
+        destination: Arc<dyn Destination>,
+        settings: &InstanceSettings,
+        metrics: InstanceMetrics,
+    ) -> JoinHandle<()> {
+        let (retries, due_retries) = mpsc::unbounded_channel();
+        let policy = destination.batch_policy().with_overrides(&settings.batch);
+        let concurrency = settings
+            .concurrency
+            .unwrap_or(InstanceSettings::DEFAULT_CONCURRENCY)
+            .max(1);
+        let lane = Arc::new(Lane {
+            name: name.clone(),
+            destination,
+            retry: settings.retry,
+            hub: hub.clone(),
+            metrics,
+            concurrency: Arc::new(Semaphore::new(concurrency)),
+            outstanding: AtomicUsize::new(0),
+            drained: Notify::new(),
+            retries,
+        });
+        let dispatcher = Self {
+            consumer: hub.queue.consumer(&name),
+            lane,
+            policy,
+            due_retries,
+            open: Vec::new(),
+            open_bytes: 0,
+            open_deadline: None,
+        };
+        tokio::spawn(dispatcher.run())
+    }
+
+    async fn run(mut self) {
+        let mut intake_open = true;
+        loop {
+            tokio::select! {
+                biased;
+                Some(batch) = self.due_retries.recv() => self.deliver(batch).await,
+                next = self.consumer.next(), if intake_open => match next {
+                    Some(envelope) => {
+                        self.lane.outstanding.fetch_add(1, Ordering::AcqRel);
+                        self.push(envelope).await;
+                    }
+                    None => {
+                        intake_open = false;
+                        self.flush().await;
+                    }
+                },
+                () = sleep_until(self.open_deadline), if self.open_deadline.is_some() => self.flush().await,
+                () = self.lane.drained.notified(), if !intake_open => {}
+            }
+            if !intake_open && self.open.is_empty() && self.lane.outstanding.load(Ordering::Acquire) == 0 {
+                break;
+            }
+        }
+    }
+
+    async fn push(&mut self, envelope: Envelope) {
+        if self.open.is_empty() && !self.policy.max_age.is_zero() {
+            self.open_deadline = Some(tokio::time::Instant::now() + self.policy.max_age);
+        }
+        self.open_bytes += envelope.size();
+        self.open.push(envelope);
+        if self.policy.is_full(self.open.len(), self.open_bytes) || self.policy.max_age.is_zero() {
+            self.flush().await;
+        }
+    }
+
+    async fn flush(&mut self) {
+        self.open_deadline = None;
+        self.open_bytes = 0;
+        if !self.open.is_empty() {
+            let batch = std::mem::take(&mut self.open);
+            self.deliver(batch).await;
+        }
+    }
+
+    /// Wait for a concurrency slot, then deliver in a task of its own.
+    async fn deliver(&self, envelopes: Vec<Envelope>) {
+        let permit = self.lane.concurrency.clone().acquire_owned().await;
+        let Ok(permit) = permit else { return };
+        tokio::spawn(self.lane.clone().deliver(envelopes, permit));
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves once the hub gives up on pending work (the shutdown deadline passed).
+async fn given_up(mut give_up: watch::Receiver<bool>) {
+    // An error means the hub is gone, which is giving up too.
+    let _ = give_up.wait_for(|gave_up| *gave_up).await;
+}
+
+impl Lane {
+    async fn deliver(self: Arc<Self>, mut envelopes: Vec<Envelope>, permit: OwnedSemaphorePermit) {
+        let give_up = self.hub.give_up.subscribe();
+        if *give_up.borrow() {
+            drop(permit);
+            self.abandon(envelopes, "the shutdown deadline passed before delivery");
+            return;
+        }
+        for envelope in &mut envelopes {
+            envelope.attempts += 1;
+            self.hub.status.apply(envelope.id, Transition::Attempting);
+        }
+        let count = envelopes.len();
+        self.metrics.in_flight.increment(count as f64);
+        self.metrics.batch_events.record(count as f64);
+        let started = Instant::now();
+        let attempt = self.destination.deliver(Batch::new(envelopes.clone()));
+        let outcome = tokio::select! {
+            outcome = attempt => Some(outcome),
+            () = given_up(give_up) => None,
+        };
+        self.metrics.delivery_seconds.record(started.elapsed());
+        self.metrics.in_flight.decrement(count as f64);
+        drop(permit);
+        let Some(outcome) = outcome else {
+            self.abandon(
+                envelopes,
+                "the shutdown deadline passed during a delivery attempt; its result is unknown",
+            );
+            return;
+        };
+        let mut failed_transiently = Vec::new();
+        for (envelope, report) in envelopes.into_iter().zip(outcome.into_reports(count)) {
+            match report.outcome {
+                Outcome::Delivered => {
+                    self.metrics.attempts_delivered.increment(1);
+                    self.delivered(&envelope, report.response);
+                }
+                Outcome::Failed { error } => {
+                    self.metrics.attempts_failed.increment(1);
+                    self.dead(envelope, error, report.response);
+                }
+                Outcome::Retry { error, after } => {
+                    self.metrics.attempts_retry.increment(1);
+                    failed_transiently.push((envelope, error, after, report.response));
+                }
+            }
+        }
+        if !failed_transiently.is_empty() {
+            self.schedule_retry(failed_transiently);
+        }
+    }
+
+    fn delivered(&self, envelope: &Envelope, response: Option<ResponseSummary>) {
+        self.hub.status.apply(envelope.id, Transition::Delivered(response));
+        self.metrics.delivered.increment(1);
+        self.hub.queue.settle(envelope);
+        self.finished(1);
+    }
+
+    /// Envelopes that failed together are retried together, so a destination that writes a
+    /// batch as one object writes the same object again.
+    fn schedule_retry(self: &Arc<Self>, failed: Vec<(Envelope, String, Option<Duration>, Option<ResponseSummary>)>) {
+        let now = SystemTime::now();
+        let attempts = failed.iter().map(|f| f.0.attempts).max().unwrap_or(0);
+        let age = failed
+            .iter()
+            .filter_map(|f| now.duration_since(f.0.created_at).ok())
+            .max()
+            .unwrap_or_default();
+        let retry_after = failed.iter().filter_map(|f| f.2).max();
+        let wait = match self.retry.decide(attempts, age, retry_after) {
+            RetryDecision::RetryIn(wait) => wait,
+            decision => {
+                for (envelope, error, _, response) in failed {
+                    let reason = match decision {
+                        RetryDecision::TooOld => format!(
+                            "gave up after {} attempts: the next would start more than {} after the send; last error: {error}",
+                            envelope.attempts,
+                            humantime::format_duration(self.retry.max_age)
+                        ),
+                        _ => format!("gave up after {} attempts; last error: {error}", envelope.attempts),
+                    };
+                    self.dead(envelope, reason, response);
+                }
+                return;
+            }
+        };
+        let next_attempt_at = now + wait;
+        let mut envelopes = Vec::with_capacity(failed.len());
+        let mut last_error = String::new();
+        for (envelope, error, _, response) in failed {
+            self.hub.status.apply(
+                envelope.id,
+                Transition::Retrying {
+                    error: error.clone(),
+                    response,
+                    next_attempt_at,
+                },
+            );
+            last_error = error;
+            envelopes.push(envelope);
+        }
+        tracing::debug!(destination = %self.name, count = envelopes.len(), ?wait, error = %last_error, "retry scheduled");
+        let lane = self.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {
+                    if let Err(returned) = lane.retries.send(envelopes) {
+                        lane.abandon(returned.0, "the dispatcher stopped before the retry was due");
+                    }
+                }
+                () = given_up(lane.hub.give_up.subscribe()) => {
+                    let reason = format!("the shutdown deadline passed while waiting to retry; last error: {last_error}");
+                    lane.abandon(envelopes, &reason);
+                }
+            }
+        });
+    }
+
+    fn abandon(&self, envelopes: Vec<Envelope>, reason: &str) {
+        self.hub.abandoned.fetch_add(envelopes.len(), Ordering::AcqRel);
+        for envelope in envelopes {
+            self.dead(envelope, reason.to_owned(), None);
+        }
+    }
+
+    fn dead(&self, envelope: Envelope, reason: String, response: Option<ResponseSummary>) {
+        tracing::warn!(destination = %self.name, id = %envelope.id, attempts = envelope.attempts, %reason, "dead-lettered");
+        self.hub.status.apply(
+            envelope.id,
+            Transition::Dead {
+                error: reason.clone(),
+                response,
+            },
+        );
+        self.metrics.dead.increment(1);
+        self.hub.queue.settle(&envelope);
+        self.hub.dead_letters.push(DeadLetter {
+            envelope,
+            reason,
+            died_at: SystemTime::now(),
+        });
+        self.finished(1);
+    }
+
+    fn finished(&self, count: usize) {
+        if self.outstanding.fetch_sub(count, Ordering::AcqRel) == count {
+            self.drained.notify_one();
+        }
+    }
+}
+

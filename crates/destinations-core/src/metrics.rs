@@ -1,0 +1,68 @@
+//! The metrics the hub records, through the `metrics` crate.
+//!
+//! Install a recorder (the server installs a Prometheus one) before building the hub: handles
+//! are resolved once per destination instance, off the hot path.
+
+use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+
+/// Sends accepted into the queue, per destination instance.
+pub const SENDS_ACCEPTED: &str = "destinations_sends_accepted_total";
+/// Sends refused at send time, per destination instance and reason.
+pub const SENDS_REJECTED: &str = "destinations_sends_rejected_total";
+/// Delivery attempts per envelope, per destination instance and outcome.
+pub const ATTEMPTS: &str = "destinations_attempts_total";
+/// Sends delivered, per destination instance.
+pub const DELIVERED: &str = "destinations_delivered_total";
+/// Sends dead-lettered, per destination instance.
+pub const DEAD_LETTERED: &str = "destinations_dead_lettered_total";
+/// Time of one batch delivery, per destination instance.
+pub const DELIVERY_SECONDS: &str = "destinations_delivery_seconds";
+/// Envelopes per delivered batch, per destination instance.
+pub const BATCH_EVENTS: &str = "destinations_batch_events";
+/// Envelopes in a delivery attempt right now, per destination instance.
+pub const IN_FLIGHT: &str = "destinations_in_flight";
+/// Sends pending in the queue (retries included).
+pub const QUEUE_EVENTS: &str = "destinations_queue_events";
+/// Payload bytes pending in the queue.
+pub const QUEUE_BYTES: &str = "destinations_queue_bytes";
+
+/// Metric handles of one destination instance.
+#[derive(Clone)]
+pub(crate) struct InstanceMetrics {
+    pub(crate) accepted: Counter,
+    pub(crate) rejected_invalid: Counter,
+    pub(crate) rejected_full: Counter,
+    pub(crate) attempts_delivered: Counter,
+    pub(crate) attempts_retry: Counter,
+    pub(crate) attempts_failed: Counter,
+    pub(crate) delivered: Counter,
+    pub(crate) dead: Counter,
+    pub(crate) delivery_seconds: Histogram,
+    pub(crate) batch_events: Histogram,
+    pub(crate) in_flight: Gauge,
+}
+
+impl InstanceMetrics {
+    pub(crate) fn new(instance: &str) -> Self {
+        let d = instance.to_owned();
+        Self {
+            accepted: counter!(SENDS_ACCEPTED, "destination" => d.clone()),
+            rejected_invalid: counter!(SENDS_REJECTED, "destination" => d.clone(), "reason" => "invalid"),
+            rejected_full: counter!(SENDS_REJECTED, "destination" => d.clone(), "reason" => "queue_full"),
+            attempts_delivered: counter!(ATTEMPTS, "destination" => d.clone(), "outcome" => "delivered"),
+            attempts_retry: counter!(ATTEMPTS, "destination" => d.clone(), "outcome" => "retry"),
+            attempts_failed: counter!(ATTEMPTS, "destination" => d.clone(), "outcome" => "failed"),
+            delivered: counter!(DELIVERED, "destination" => d.clone()),
+            dead: counter!(DEAD_LETTERED, "destination" => d.clone()),
+            delivery_seconds: histogram!(DELIVERY_SECONDS, "destination" => d.clone()),
+            batch_events: histogram!(BATCH_EVENTS, "destination" => d.clone()),
+            in_flight: gauge!(IN_FLIGHT, "destination" => d),
+        }
+    }
+}
+
+/// Publish the queue's depth (called when metrics are scraped).
+pub fn record_queue_depth(depth: crate::queue::QueueDepth) {
+    gauge!(QUEUE_EVENTS).set(depth.events as f64);
+    gauge!(QUEUE_BYTES).set(depth.bytes as f64);
+}

@@ -1,0 +1,117 @@
+//! Strict payload parsing that names the field at fault.
+
+use std::fmt;
+
+use serde::de::DeserializeOwned;
+
+/// A payload was refused at send time. Says which field and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct InvalidPayload {
+    /// The path of the field at fault (`headers.X-Token`, `method`), empty for the whole payload.
+    pub field: String,
+    /// What is wrong and, where it helps, what would be right.
+    pub message: String,
+}
+
+impl InvalidPayload {
+    /// A problem with one field.
+    pub fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// A problem with the payload as a whole.
+    pub fn whole(message: impl Into<String>) -> Self {
+        Self::field("", message)
+    }
+
+    /// The same problem, one level deeper: `payload` + `url` → `payload.url`.
+    pub fn within(mut self, parent: &str) -> Self {
+        self.field = if self.field.is_empty() {
+            parent.to_owned()
+        } else {
+            format!("{parent}.{}", self.field)
+        };
+        self
+    }
+}
+
+impl fmt::Display for InvalidPayload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "invalid payload: {}", self.message)
+        } else {
+            write!(f, "invalid value for `{}`: {}", self.field, self.message)
+        }
+    }
+}
+
+/// Parse JSON into `T`, naming the field at fault when it does not fit.
+///
+/// `T` should use `#[serde(deny_unknown_fields)]`: an unknown field is reported by its name.
+pub fn parse_strict<T: DeserializeOwned>(payload: &[u8]) -> Result<T, InvalidPayload> {
+    let mut de = serde_json::Deserializer::from_slice(payload);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let message = strip_position(&inner.to_string());
+        // serde_path_to_error names the field itself, unknown ones included.
+        let field = if path == "." { String::new() } else { path };
+        InvalidPayload::field(field, message)
+    })?;
+    de.end()
+        .map_err(|e| InvalidPayload::whole(strip_position(&e.to_string())))?;
+    Ok(value)
+}
+
+/// serde_json appends " at line 1 column 42"; the field path says more to a user.
+fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(at) => message[..at].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Outer {
+        name: String,
+        inner: Option<Inner>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Inner {
+        count: u32,
+    }
+
+    #[test]
+    fn names_the_unknown_field() {
+        let e = parse_strict::<Outer>(br#"{"name":"a","body":1}"#).unwrap_err();
+        assert_eq!(e.field, "body");
+        assert!(e.message.contains("unknown field `body`"), "{e}");
+    }
+
+    #[test]
+    fn names_a_nested_field_of_the_wrong_type() {
+        let e = parse_strict::<Outer>(br#"{"name":"a","inner":{"count":"x"}}"#).unwrap_err();
+        assert_eq!(e.field, "inner.count");
+        assert!(e.to_string().starts_with("invalid value for `inner.count`"), "{e}");
+    }
+
+    #[test]
+    fn names_a_missing_field_and_rejects_trailing_garbage() {
+        let e = parse_strict::<Outer>(br#"{}"#).unwrap_err();
+        assert!(e.message.contains("missing field `name`"), "{e}");
+        assert!(parse_strict::<Outer>(br#"{"name":"a"} x"#).is_err());
+    }
+}

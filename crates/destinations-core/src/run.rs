@@ -1,0 +1,200 @@
+//! Runs and senders: recording sends without waiting on the network.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::config::OnRunError;
+use crate::envelope::{Envelope, EventId};
+use crate::error::SendError;
+use crate::hub::{HubShared, Instance};
+
+/// Records sends. Inside a run they are held until the run finishes; outside one they are
+/// released at once. Either way the caller never waits on the network.
+///
+/// Destination crates add typed methods through extension traits (`SendHttp::http`, ...).
+#[derive(Clone)]
+pub struct Sender {
+    hub: Arc<HubShared>,
+    run: Option<Arc<RunBuffer>>,
+}
+
+struct RunBuffer {
+    id: Arc<str>,
+    /// `None` once the run is finished or discarded.
+    held: Mutex<Option<Vec<Envelope>>>,
+}
+
+impl Sender {
+    pub(crate) fn detached(hub: Arc<HubShared>) -> Self {
+        Self { hub, run: None }
+    }
+
+    /// Send any serializable payload to instance `destination`; the destination checks it.
+    pub fn to<T: Serialize + ?Sized>(&self, destination: &str, payload: &T) -> Result<EventId, SendError> {
+        let bytes = serde_json::to_vec(payload).map_err(|e| SendError::Serialize {
+            destination: destination.to_owned(),
+            message: e.to_string(),
+        })?;
+        self.json(destination, Bytes::from(bytes))
+    }
+
+    /// Send a JSON payload to instance `destination`; the destination checks it.
+    pub fn json(&self, destination: &str, payload: Bytes) -> Result<EventId, SendError> {
+        let instance = self.hub.instance(destination)?;
+        self.check_size(instance, &payload)?;
+        if let Err(error) = instance.destination.validate(&payload) {
+            instance.metrics.rejected_invalid.increment(1);
+            return Err(SendError::Invalid {
+                destination: destination.to_owned(),
+                error,
+            });
+        }
+        self.record(instance, payload)
+    }
+
+    /// Send a payload a typed request already checked and serialized, to an instance of
+    /// `kind`. Destination crates' extension traits use this so that nothing is parsed twice.
+    pub fn checked(&self, destination: &str, kind: &'static str, payload: Bytes) -> Result<EventId, SendError> {
+        let instance = self.hub.instance(destination)?;
+        if instance.kind != kind {
+            return Err(SendError::WrongKind {
+                instance: destination.to_owned(),
+                expected: kind,
+                actual: instance.kind,
+            });
+        }
+        self.check_size(instance, &payload)?;
+        self.record(instance, payload)
+    }
+
+    /// The run this sender records into, if any.
+    pub fn run_id(&self) -> Option<&str> {
+        self.run.as_ref().map(|r| &*r.id)
+    }
+
+    fn check_size(&self, instance: &Instance, payload: &[u8]) -> Result<(), SendError> {
+        if payload.len() > instance.max_payload_bytes {
+            instance.metrics.rejected_invalid.increment(1);
+            return Err(SendError::TooLarge {
+                destination: instance.name.to_string(),
+                size: payload.len(),
+                limit: instance.max_payload_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    fn record(&self, instance: &Instance, payload: Bytes) -> Result<EventId, SendError> {
+        match &self.run {
+            None => {
+                let envelope = Envelope::new(instance.name.clone(), None, payload);
+                let id = envelope.id;
+                self.hub.release(vec![envelope])?;
+                Ok(id)
+            }
+            Some(run) => {
+                let envelope = Envelope::new(instance.name.clone(), Some(run.id.clone()), payload);
+                let id = envelope.id;
+                let mut held = run.held.lock().unwrap_or_else(PoisonError::into_inner);
+                let held = held.as_mut().ok_or_else(|| SendError::RunFinished {
+                    run: run.id.to_string(),
+                })?;
+                held.push(envelope);
+                Ok(id)
+            }
+        }
+    }
+}
+
+/// One execution of a workflow, job or request handler. Its sends are held, and released
+/// together when it finishes; a run that is dropped unfinished sends nothing.
+pub struct Run {
+    sender: Sender,
+}
+
+impl Run {
+    pub(crate) fn begin(hub: Arc<HubShared>, id: String) -> Self {
+        let buffer = Arc::new(RunBuffer {
+            id: id.into(),
+            held: Mutex::new(Some(Vec::new())),
+        });
+        Self {
+            sender: Sender {
+                hub,
+                run: Some(buffer),
+            },
+        }
+    }
+
+    fn buffer(&self) -> &RunBuffer {
+        // A run's sender always has its buffer; see `begin`.
+        self.sender.run.as_deref().unwrap_or_else(|| unreachable!("a run's sender has a buffer"))
+    }
+
+    /// The run's id.
+    pub fn id(&self) -> &str {
+        &self.buffer().id
+    }
+
+    /// The sender that records into this run.
+    pub fn send(&self) -> &Sender {
+        &self.sender
+    }
+
+    /// How many sends the run holds.
+    pub fn held(&self) -> usize {
+        self.buffer()
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map_or(0, Vec::len)
+    }
+
+    fn take(&self) -> Vec<Envelope> {
+        self.buffer()
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .unwrap_or_default()
+    }
+
+    /// The run succeeded: release every send it recorded, atomically (all are queued, or
+    /// none and the error says why). Returns their ids.
+    pub async fn finish(self) -> Result<Vec<EventId>, SendError> {
+        let envelopes = self.take();
+        let ids = envelopes.iter().map(|e| e.id).collect();
+        self.sender.hub.release(envelopes)?;
+        Ok(ids)
+    }
+
+    /// The run failed: its sends are discarded or delivered, as `on_run_error` says. Returns
+    /// the ids released (none when discarded).
+    pub async fn fail(self) -> Result<Vec<EventId>, SendError> {
+        match self.sender.hub.config.on_run_error {
+            OnRunError::Deliver => self.finish().await,
+            OnRunError::Discard => {
+                let discarded = self.take().len();
+                tracing::debug!(run = self.id(), discarded, "run failed: its sends were discarded");
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    /// Drop every send the run recorded. Returns how many.
+    pub fn discard(self) -> usize {
+        self.take().len()
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        let discarded = self.take().len();
+        if discarded > 0 {
+            tracing::debug!(run = self.id(), discarded, "run dropped without finish: its sends were discarded");
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! Where each send is: queued, in flight, delivered, retrying, or dead — kept bounded.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
+
+use serde::{Serialize, Serializer};
+
+use crate::destination::ResponseSummary;
+use crate::envelope::{Envelope, EventId};
+
+/// The state of one send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Waiting for its dispatcher.
+    Queued,
+    /// A delivery attempt is under way.
+    InFlight,
+    /// The target accepted it.
+    Delivered,
+    /// An attempt failed; another is scheduled.
+    Retrying,
+    /// Given up on; kept with the reason in the dead letters.
+    Dead,
+}
+
+impl State {
+    /// Whether nothing more will happen to the send.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Delivered | Self::Dead)
+    }
+}
+
+/// Everything known about one send.
+#[derive(Clone, Debug, Serialize)]
+pub struct SendStatus {
+    /// The send's id.
+    pub id: EventId,
+    /// The destination instance.
+    pub destination: Arc<str>,
+    /// The run that sent it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run: Option<Arc<str>>,
+    /// Where it is.
+    pub state: State,
+    /// Delivery attempts made.
+    pub attempts: u32,
+    /// The error of the last failed attempt.
+    pub last_error: Option<String>,
+    /// The target's answer to the last attempt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response: Option<ResponseSummary>,
+    /// When it was sent.
+    #[serde(serialize_with = "rfc3339")]
+    pub created_at: SystemTime,
+    /// When its state last changed.
+    #[serde(serialize_with = "rfc3339")]
+    pub updated_at: SystemTime,
+    /// When the next attempt is due, while retrying.
+    #[serde(serialize_with = "rfc3339_option", skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<SystemTime>,
+}
+
+fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_millis(*t))
+}
+
+fn rfc3339_option<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => rfc3339(t, s),
+        None => s.serialize_none(),
+    }
+}
+
+/// A change to a send's status.
+#[derive(Clone, Debug)]
+pub enum Transition {
+    /// An attempt starts.
+    Attempting,
+    /// Delivered.
+    Delivered(Option<ResponseSummary>),
+    /// Failed; another attempt at this time.
+    Retrying {
+        /// What went wrong.
+        error: String,
+        /// The target's answer.
+        response: Option<ResponseSummary>,
+        /// When the next attempt is due.
+        next_attempt_at: SystemTime,
+    },
+    /// Given up.
+    Dead {
+        /// Why.
+        error: String,
+        /// The target's answer.
+        response: Option<ResponseSummary>,
+    },
+}
+
+/// The statuses of recent sends: every unfinished send, plus the most recent finished ones up
+/// to a retention count (older finished ones are forgotten first).
+pub struct StatusBook {
+    retain_finished: usize,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    by_id: HashMap<EventId, SendStatus>,
+    finished: VecDeque<EventId>,
+}
+
+impl StatusBook {
+    /// A book that remembers up to `retain_finished` finished sends.
+    pub fn new(retain_finished: usize) -> Self {
+        Self {
+            retain_finished,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Record these envelopes as queued.
+    pub fn queued(&self, envelopes: &[Envelope]) {
+        let now = SystemTime::now();
+        let mut inner = self.lock();
+        inner.by_id.reserve(envelopes.len());
+        for e in envelopes {
+            inner.by_id.insert(
+                e.id,
+                SendStatus {
+                    id: e.id,
+                    destination: e.destination.clone(),
+                    run: e.run.clone(),
+                    state: State::Queued,
+                    attempts: e.attempts,
+                    last_error: None,
+                    response: None,
+                    created_at: e.created_at,
+                    updated_at: now,
+                    next_attempt_at: None,
+                },
+            );
+        }
+    }
+
+    /// Forget these sends (they were refused after all).
+    pub fn forget(&self, ids: impl IntoIterator<Item = EventId>) {
+        let mut inner = self.lock();
+        for id in ids {
+            inner.by_id.remove(&id);
+        }
+    }
+
+    /// Apply a change to one send.
+    pub fn apply(&self, id: EventId, transition: Transition) {
+        let now = SystemTime::now();
+        let mut inner = self.lock();
+        let Some(status) = inner.by_id.get_mut(&id) else {
+            return;
+        };
+        status.updated_at = now;
+        status.next_attempt_at = None;
+        match transition {
+            Transition::Attempting => {
+                status.state = State::InFlight;
+                status.attempts += 1;
+            }
+            Transition::Delivered(response) => {
+                status.state = State::Delivered;
+                status.response = response;
+            }
+            Transition::Retrying {
+                error,
+                response,
+                next_attempt_at,
+            } => {
+                status.state = State::Retrying;
+                status.last_error = Some(error);
+                status.response = response;
+                status.next_attempt_at = Some(next_attempt_at);
+            }
+            Transition::Dead { error, response } => {
+                status.state = State::Dead;
+                status.last_error = Some(error);
+                status.response = response;
+            }
+        }
+        if status.state.is_final() {
+            inner.finished.push_back(id);
+            while inner.finished.len() > self.retain_finished {
+                if let Some(old) = inner.finished.pop_front() {
+                    inner.by_id.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// The status of one send, if it is still remembered.
+    pub fn get(&self, id: EventId) -> Option<SendStatus> {
+        self.lock().by_id.get(&id).cloned()
+    }
+
+    /// How many sends are remembered.
+    pub fn len(&self) -> usize {
+        self.lock().by_id.len()
+    }
+
+    /// Whether no send is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn walks_the_states_and_forgets_old_finished_sends_first() {
+        let book = StatusBook::new(1);
+        let a = Envelope::new("d".into(), None, Bytes::new());
+        let b = Envelope::new("d".into(), None, Bytes::new());
+        let c = Envelope::new("d".into(), None, Bytes::new());
+        book.queued(&[a.clone(), b.clone(), c.clone()]);
+        book.apply(a.id, Transition::Attempting);
+        let s = book.get(a.id).unwrap_or_else(|| panic!("known"));
+        assert_eq!((s.state, s.attempts), (State::InFlight, 1));
+        book.apply(
+            a.id,
+            Transition::Retrying {
+                error: "503".into(),
+                response: None,
+                next_attempt_at: SystemTime::now(),
+            },
+        );
+        assert_eq!(book.get(a.id).map(|s| s.state), Some(State::Retrying));
+        book.apply(a.id, Transition::Delivered(None));
+        book.apply(b.id, Transition::Dead { error: "404".into(), response: None });
+        assert!(book.get(a.id).is_none(), "oldest finished forgotten");
+        assert_eq!(book.get(b.id).map(|s| s.state), Some(State::Dead));
+        assert_eq!(book.get(c.id).map(|s| s.state), Some(State::Queued), "unfinished kept");
+    }
+}
