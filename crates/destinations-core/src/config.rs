@@ -103,6 +103,22 @@ impl InstanceConfig {
     }
 }
 
+/// Read a destination's own options strictly, naming the instance and the field at fault.
+pub fn parse_options<T: serde::de::DeserializeOwned>(
+    instance: &str,
+    options: serde_json::Value,
+) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize(options).map_err(|e| {
+        let path = e.path().to_string();
+        let message = e.into_inner().to_string();
+        if path == "." {
+            ConfigError::new(instance, message)
+        } else {
+            ConfigError::new(instance, format!("`{path}`: {message}"))
+        }
+    })
+}
+
 /// Durations in config text: `"500ms"`, `"60s"`, `"10m"`, `"24h"` (humantime), or a number of
 /// seconds.
 pub mod duration_text {

@@ -48,7 +48,7 @@ pub mod status;
 
 pub use inventory;
 
-pub use config::{ConfigError, InstanceConfig, InstanceSettings, OnRunError};
+pub use config::{ConfigError, InstanceConfig, InstanceSettings, OnRunError, parse_options};
 pub use dead_letters::{DeadLetter, DeadLetterSummary, DeadLetters};
 pub use destination::{Batch, BatchOutcome, Destination, HealthError, Outcome, Report, ResponseSummary};
 pub use envelope::{Envelope, EventId};

@@ -1,0 +1,193 @@
+//! The SSRF guard: no connection to loopback, private, link-local, CGNAT, multicast or other
+//! non-public addresses unless the instance allow-lists the network. Checked on the address
+//! actually connected to (the resolver's answer), so DNS rebinding cannot slip past it.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+
+/// Which addresses an instance may connect to.
+#[derive(Clone, Debug, Default)]
+pub struct AddressGuard {
+    allowed: Vec<IpNet>,
+}
+
+/// A connection was refused by the guard.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct Refused {
+    /// The host as written in the URL.
+    pub host: String,
+    /// The addresses refused, with their class.
+    pub addresses: Vec<(IpAddr, &'static str)>,
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list: Vec<String> = self
+            .addresses
+            .iter()
+            .map(|(ip, class)| format!("{ip} ({class})"))
+            .collect();
+        write!(
+            f,
+            "refused to connect to `{}`: it resolves to {}, which is not a public address; \
+             allow-list the network in this destination's `allow_networks` to permit it",
+            self.host,
+            list.join(", ")
+        )
+    }
+}
+
+impl AddressGuard {
+    /// A guard that also admits these networks.
+    pub fn allowing(allowed: Vec<IpNet>) -> Self {
+        Self { allowed }
+    }
+
+    /// Whether `ip` may be connected to; if not, why.
+    pub fn check(&self, ip: IpAddr) -> Result<(), &'static str> {
+        match non_public_class(ip) {
+            None => Ok(()),
+            Some(_) if self.allowed.iter().any(|net| net.contains(&ip)) => Ok(()),
+            Some(class) => Err(class),
+        }
+    }
+
+    /// Check the addresses of `host`; keep those allowed, or say why none is.
+    pub fn filter(&self, host: &str, addresses: Vec<SocketAddr>) -> Result<Vec<SocketAddr>, Refused> {
+        let mut refused = Vec::new();
+        let allowed: Vec<SocketAddr> = addresses
+            .into_iter()
+            .filter(|a| match self.check(a.ip()) {
+                Ok(()) => true,
+                Err(class) => {
+                    refused.push((a.ip(), class));
+                    false
+                }
+            })
+            .collect();
+        if allowed.is_empty() {
+            return Err(Refused {
+                host: host.to_owned(),
+                addresses: refused,
+            });
+        }
+        Ok(allowed)
+    }
+}
+
+/// The class of a non-public address, or `None` for a public one.
+pub fn non_public_class(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(v4) => v4_class(v4),
+        IpAddr::V6(v6) => v6_class(v6),
+    }
+}
+
+fn v4_class(ip: Ipv4Addr) -> Option<&'static str> {
+    let [a, b, c, _] = ip.octets();
+    Some(match (a, b, c) {
+        (127, _, _) => "loopback",
+        (10, _, _) | (192, 168, _) => "private",
+        (172, b, _) if (16..32).contains(&b) => "private",
+        (169, 254, _) => "link-local",
+        (100, b, _) if (64..128).contains(&b) => "carrier-grade NAT",
+        (0, _, _) => "unspecified",
+        (224..=239, _, _) => "multicast",
+        (240..=255, _, _) => "reserved",
+        (192, 0, 0) => "IETF protocol assignments",
+        (192, 0, 2) | (198, 51, 100) | (203, 0, 113) => "documentation",
+        (198, 18 | 19, _) => "benchmarking",
+        _ => return None,
+    })
+}
+
+fn v6_class(ip: Ipv6Addr) -> Option<&'static str> {
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return v4_class(v4);
+    }
+    let segments = ip.segments();
+    Some(match segments[0] {
+        _ if ip.is_loopback() => "loopback",
+        _ if ip.is_unspecified() => "unspecified",
+        s if s & 0xfe00 == 0xfc00 => "unique local (private)",
+        s if s & 0xffc0 == 0xfe80 => "link-local",
+        s if s & 0xffc0 == 0xfec0 => "site-local",
+        s if s & 0xff00 == 0xff00 => "multicast",
+        0x2001 if segments[1] == 0x0db8 => "documentation",
+        // NAT64 (64:ff9b::/96) carries an IPv4 address in its last 32 bits.
+        0x0064 if segments[1] == 0xff9b && segments[2..6] == [0, 0, 0, 0] => {
+            let [.., hi, lo] = segments;
+            return v4_class(Ipv4Addr::from(((hi as u32) << 16) | lo as u32));
+        }
+        _ => return None,
+    })
+}
+
+/// A resolver that hands reqwest only the addresses the guard admits.
+pub(crate) struct GuardedResolver {
+    pub(crate) guard: Arc<AddressGuard>,
+}
+
+impl Resolve for GuardedResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let guard = self.guard.clone();
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
+            let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let allowed = guard.filter(&host, found)?;
+            let addrs: Addrs = Box::new(allowed.into_iter());
+            Ok(addrs)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn class(ip: &str) -> Option<&'static str> {
+        non_public_class(ip.parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)))
+    }
+
+    #[test]
+    fn classifies_non_public_ranges() {
+        for (ip, expected) in [
+            ("127.0.0.1", "loopback"),
+            ("10.1.2.3", "private"),
+            ("172.16.0.1", "private"),
+            ("172.31.255.255", "private"),
+            ("192.168.1.1", "private"),
+            ("169.254.169.254", "link-local"),
+            ("100.64.0.1", "carrier-grade NAT"),
+            ("224.0.0.1", "multicast"),
+            ("0.0.0.0", "unspecified"),
+            ("::1", "loopback"),
+            ("fd00::1", "unique local (private)"),
+            ("fe80::1", "link-local"),
+            ("ff02::1", "multicast"),
+            ("::ffff:127.0.0.1", "loopback"),
+            ("64:ff9b::a00:1", "private"),
+        ] {
+            assert_eq!(class(ip), Some(expected), "{ip}");
+        }
+        for ip in ["8.8.8.8", "172.32.0.1", "100.128.0.1", "2606:4700::1111", "93.184.216.34"] {
+            assert_eq!(class(ip), None, "{ip} is public");
+        }
+    }
+
+    #[test]
+    fn allow_list_admits_only_its_networks() {
+        let guard = AddressGuard::allowing(vec!["127.0.0.0/8".parse().unwrap_or_else(|_| unreachable!())]);
+        assert!(guard.check("127.0.0.1".parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))).is_ok());
+        assert_eq!(guard.check("10.0.0.1".parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))), Err("private"));
+        let refused = AddressGuard::default()
+            .filter("localhost", vec!["127.0.0.1:80".parse().unwrap_or_else(|_| unreachable!())])
+            .unwrap_err();
+        assert!(refused.to_string().contains("127.0.0.1 (loopback)"), "{refused}");
+        assert!(refused.to_string().contains("allow_networks"), "{refused}");
+    }
+}

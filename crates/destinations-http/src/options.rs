@@ -1,0 +1,65 @@
+//! The options of one HTTP destination instance, from `[destinations.NAME]`.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
+
+use destinations_core::config::duration_text;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use serde::Deserialize;
+
+/// Options of an HTTP destination instance.
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpOptions {
+    /// Time allowed per attempt: DNS, connect, write, the server's time and the read
+    /// (default 5 s).
+    #[serde(with = "duration_text")]
+    pub timeout: Duration,
+    /// Non-public networks this instance may reach (CIDRs), e.g. `["127.0.0.0/8"]`. Empty by
+    /// default: loopback, private, link-local, CGNAT and multicast addresses are refused.
+    pub allow_networks: Vec<IpNet>,
+    /// How many redirects to follow (default 0: a redirect is a permanent failure).
+    pub follow_redirects: usize,
+    /// Standard Webhooks secrets (`whsec_...`); when set, every request is signed. The first
+    /// is current; the others stay valid during a rotation.
+    pub signing_secrets: Vec<String>,
+    /// Most requests at once to one host (default 64).
+    pub per_host_concurrency: usize,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(5),
+            allow_networks: Vec::new(),
+            follow_redirects: 0,
+            signing_secrets: Vec::new(),
+            per_host_concurrency: 64,
+        }
+    }
+}
+
+impl std::fmt::Debug for HttpOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpOptions")
+            .field("timeout", &self.timeout)
+            .field("allow_networks", &self.allow_networks)
+            .field("follow_redirects", &self.follow_redirects)
+            .field("signing_secrets", &format_args!("[{} hidden]", self.signing_secrets.len()))
+            .field("per_host_concurrency", &self.per_host_concurrency)
+            .finish()
+    }
+}
+
+impl HttpOptions {
+    /// Options that also allow loopback (`127.0.0.0/8`, `::1`): for local receivers and tests.
+    pub fn allowing_loopback() -> Self {
+        Self {
+            allow_networks: vec![
+                IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::LOCALHOST, 8)),
+                IpNet::V6(Ipv6Net::new_assert(Ipv6Addr::LOCALHOST, 128)),
+            ],
+            ..Self::default()
+        }
+    }
+}

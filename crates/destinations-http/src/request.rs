@@ -1,0 +1,412 @@
+//! The request of one HTTP send: `send.http({method, url, headers, params, auth, data})`.
+
+use std::collections::BTreeMap;
+
+use destinations_core::InvalidPayload;
+use reqwest::Url;
+use reqwest::header::{HeaderName, HeaderValue};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// Longest URL accepted.
+pub const MAX_URL_BYTES: usize = 8 * 1024;
+
+/// Headers the destination sets itself; a send may not set them.
+const RESERVED_HEADERS: [&str; 9] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "idempotency-key",
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+];
+
+/// An HTTP method, upper case as on the wire.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+#[allow(missing_docs)]
+pub enum Method {
+    Get,
+    Head,
+    #[default]
+    Post,
+    Put,
+    Delete,
+    Connect,
+    Options,
+    Trace,
+    Patch,
+}
+
+impl Method {
+    pub(crate) fn as_reqwest(self) -> reqwest::Method {
+        match self {
+            Self::Get => reqwest::Method::GET,
+            Self::Head => reqwest::Method::HEAD,
+            Self::Post => reqwest::Method::POST,
+            Self::Put => reqwest::Method::PUT,
+            Self::Delete => reqwest::Method::DELETE,
+            Self::Connect => reqwest::Method::CONNECT,
+            Self::Options => reqwest::Method::OPTIONS,
+            Self::Trace => reqwest::Method::TRACE,
+            Self::Patch => reqwest::Method::PATCH,
+        }
+    }
+}
+
+/// Credentials: `{username, password}` for Basic auth, or `{bearer}`.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Auth {
+    /// Basic auth user name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Basic auth password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// A bearer token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bearer: Option<String>,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print credentials.
+        f.debug_struct("Auth")
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("bearer", &self.bearer.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+/// One HTTP request to make after the run. Build it with [`HttpRequest::post`] and friends,
+/// or send it as JSON over the server API.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpRequest {
+    /// The method, upper case (default `POST`).
+    #[serde(default)]
+    pub method: Method,
+    /// An absolute `http` or `https` URL.
+    pub url: String,
+    /// Request headers.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// Query parameters, appended to the URL's own.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub params: BTreeMap<String, String>,
+    /// Basic or bearer credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<Auth>,
+    /// The body: a string is sent as it is; a JSON object or array is sent as JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Box<RawValue>>,
+}
+
+impl PartialEq for HttpRequest {
+    fn eq(&self, other: &Self) -> bool {
+        self.method == other.method
+            && self.url == other.url
+            && self.headers == other.headers
+            && self.params == other.params
+            && self.auth == other.auth
+            && self.data.as_ref().map(|d| d.get()) == other.data.as_ref().map(|d| d.get())
+    }
+}
+
+/// The body to send, read from `data`.
+pub(crate) enum Body<'a> {
+    None,
+    Text(String),
+    Json(&'a str),
+}
+
+impl HttpRequest {
+    /// A request with this method and URL.
+    pub fn new(method: Method, url: impl Into<String>) -> Self {
+        Self {
+            method,
+            url: url.into(),
+            headers: BTreeMap::new(),
+            params: BTreeMap::new(),
+            auth: None,
+            data: None,
+        }
+    }
+
+    /// A `POST` to `url`.
+    pub fn post(url: impl Into<String>) -> Self {
+        Self::new(Method::Post, url)
+    }
+
+    /// A `GET` of `url`.
+    pub fn get(url: impl Into<String>) -> Self {
+        Self::new(Method::Get, url)
+    }
+
+    /// A `PUT` to `url`.
+    pub fn put(url: impl Into<String>) -> Self {
+        Self::new(Method::Put, url)
+    }
+
+    /// Send this value as JSON. A value that cannot be serialized is reported by `.http()`.
+    pub fn json<T: Serialize + ?Sized>(mut self, value: &T) -> Self {
+        self.data = serde_json::value::to_raw_value(value).ok();
+        if self.data.is_none() {
+            // Leave a marker that `check` reports with the field named.
+            self.data = RawValue::from_string("null".to_owned()).ok();
+        }
+        self
+    }
+
+    /// Send this text as it is.
+    pub fn text(mut self, text: impl Into<String>) -> Self {
+        self.data = serde_json::value::to_raw_value(&text.into()).ok();
+        self
+    }
+
+    /// Add a header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Add a query parameter.
+    pub fn param(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.params.insert(name.into(), value.into());
+        self
+    }
+
+    /// Authenticate with a bearer token.
+    pub fn bearer(mut self, token: impl Into<String>) -> Self {
+        self.auth = Some(Auth {
+            bearer: Some(token.into()),
+            ..Auth::default()
+        });
+        self
+    }
+
+    /// Authenticate with Basic auth.
+    pub fn basic(mut self, username: impl Into<String>, password: impl Into<String>) -> Self {
+        self.auth = Some(Auth {
+            username: Some(username.into()),
+            password: Some(password.into()),
+            bearer: None,
+        });
+        self
+    }
+
+    /// Check everything that can be checked before the network: the URL, the headers, the
+    /// credentials, the body's type. Errors name the field.
+    pub fn check(&self) -> Result<(), InvalidPayload> {
+        self.parsed_url()?;
+        for (name, value) in &self.headers {
+            check_header(name, value)?;
+        }
+        if let Some(auth) = &self.auth {
+            check_auth(auth)?;
+        }
+        self.body()?;
+        Ok(())
+    }
+
+    /// The URL with the params appended.
+    pub(crate) fn parsed_url(&self) -> Result<Url, InvalidPayload> {
+        if self.url.len() > MAX_URL_BYTES {
+            return Err(InvalidPayload::field(
+                "url",
+                format!("is {} bytes long, over the limit of {MAX_URL_BYTES}", self.url.len()),
+            ));
+        }
+        let mut url = Url::parse(&self.url)
+            .map_err(|e| InvalidPayload::field("url", format!("`{}` is not a valid URL: {e}", self.url)))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(InvalidPayload::field(
+                "url",
+                format!("scheme `{}` is not allowed; use http or https", url.scheme()),
+            ));
+        }
+        if url.host().is_none() {
+            return Err(InvalidPayload::field("url", "has no host"));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(InvalidPayload::field(
+                "url",
+                "carries credentials; put them in `auth` instead, so they are never logged",
+            ));
+        }
+        if !self.params.is_empty() {
+            url.query_pairs_mut().extend_pairs(&self.params);
+        }
+        Ok(url)
+    }
+
+    /// The body, by the type of `data`.
+    pub(crate) fn body(&self) -> Result<Body<'_>, InvalidPayload> {
+        let Some(data) = &self.data else {
+            return Ok(Body::None);
+        };
+        let raw = data.get();
+        match raw.trim_start().as_bytes().first() {
+            Some(b'"') => serde_json::from_str::<String>(raw)
+                .map(Body::Text)
+                .map_err(|e| InvalidPayload::field("data", e.to_string())),
+            Some(b'{' | b'[') => Ok(Body::Json(raw)),
+            _ => Err(InvalidPayload::field(
+                "data",
+                format!("must be a string or a JSON object or array, not `{raw}`"),
+            )),
+        }
+    }
+}
+
+fn check_header(name: &str, value: &str) -> Result<(), InvalidPayload> {
+    let field = || format!("headers.{name}");
+    if name.contains(['\r', '\n']) || value.contains(['\r', '\n']) {
+        return Err(InvalidPayload::field(
+            field(),
+            "contains a CR or LF character, which would inject headers",
+        ));
+    }
+    HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| InvalidPayload::field(field(), "is not a valid header name"))?;
+    HeaderValue::from_str(value)
+        .map_err(|_| InvalidPayload::field(field(), "has a character not allowed in a header value"))?;
+    if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+        return Err(InvalidPayload::field(
+            field(),
+            "is set by the destination itself and cannot be given in a send",
+        ));
+    }
+    Ok(())
+}
+
+fn check_auth(auth: &Auth) -> Result<(), InvalidPayload> {
+    match (&auth.username, &auth.password, &auth.bearer) {
+        (None, None, Some(token)) => {
+            if HeaderValue::from_str(&format!("Bearer {token}")).is_err() {
+                return Err(InvalidPayload::field(
+                    "auth.bearer",
+                    "has a character not allowed in a header (CR, LF or another control character)",
+                ));
+            }
+            Ok(())
+        }
+        (Some(username), _, None) => {
+            if username.contains(':') {
+                return Err(InvalidPayload::field("auth.username", "cannot contain `:` (Basic auth)"));
+            }
+            Ok(())
+        }
+        (None, Some(_), None) => Err(InvalidPayload::field("auth.username", "is required with a password")),
+        (None, None, None) => Err(InvalidPayload::field("auth", "give {username, password} or {bearer}")),
+        _ => Err(InvalidPayload::field(
+            "auth",
+            "give either {username, password} or {bearer}, not both",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use destinations_core::parse_strict;
+
+    fn parse(json: &str) -> Result<HttpRequest, InvalidPayload> {
+        let request: HttpRequest = parse_strict(json.as_bytes())?;
+        request.check()?;
+        Ok(request)
+    }
+
+    #[test]
+    fn accepts_the_reference_shape() {
+        let r = parse(
+            r#"{"method":"PUT","url":"https://example.com/x?a=1","headers":{"X-A":"b"},
+                "params":{"q":"r s"},"auth":{"username":"u","password":"p"},"data":{"name":"Luke"}}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.method, Method::Put);
+        assert_eq!(
+            r.parsed_url().map(|u| u.to_string()).ok().as_deref(),
+            Some("https://example.com/x?a=1&q=r+s")
+        );
+        assert!(matches!(r.body(), Ok(Body::Json(r#"{"name":"Luke"}"#))));
+        let r = parse(r#"{"url":"http://example.com","data":"plain text"}"#).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.method, Method::Post);
+        assert!(matches!(r.body(), Ok(Body::Text(t)) if t == "plain text"));
+    }
+
+    #[test]
+    fn refuses_body_instead_of_data() {
+        let e = parse(r#"{"url":"http://example.com","body":"x"}"#).unwrap_err();
+        assert_eq!(e.field, "body");
+        assert!(e.message.contains("unknown field `body`"), "{e}");
+        assert!(e.message.contains("`data`"), "the message lists the right name: {e}");
+    }
+
+    #[test]
+    fn refuses_lower_case_and_unknown_methods() {
+        for method in ["post", "FETCH"] {
+            let e = parse(&format!(r#"{{"method":"{method}","url":"http://example.com"}}"#)).unwrap_err();
+            assert_eq!(e.field, "method", "{e}");
+            assert!(e.message.contains("`POST`"), "{e}");
+        }
+    }
+
+    #[test]
+    fn refuses_bad_urls() {
+        for (url, says) in [
+            ("ftp://example.com/f", "scheme `ftp`"),
+            ("file:///etc/passwd", "scheme `file`"),
+            ("not a url", "not a valid URL"),
+            ("http://user:pw@example.com", "credentials"),
+        ] {
+            let e = parse(&format!(r#"{{"url":"{url}"}}"#)).unwrap_err();
+            assert_eq!(e.field, "url");
+            assert!(e.message.contains(says), "{url}: {e}");
+        }
+        let e = parse(r#"{"method":"GET"}"#).unwrap_err();
+        assert!(e.message.contains("missing field `url`"), "{e}");
+    }
+
+    #[test]
+    fn refuses_header_injection_and_reserved_headers() {
+        let e = parse(r#"{"url":"http://example.com","headers":{"X-A":"b\r\nX-Evil: 1"}}"#).unwrap_err();
+        assert_eq!(e.field, "headers.X-A");
+        assert!(e.message.contains("CR or LF"), "{e}");
+        let e = parse(r#"{"url":"http://example.com","headers":{"X-A\nB":"b"}}"#).unwrap_err();
+        assert!(e.message.contains("CR or LF"), "{e}");
+        let e = parse(r#"{"url":"http://example.com","headers":{"Idempotency-Key":"k"}}"#).unwrap_err();
+        assert!(e.message.contains("set by the destination"), "{e}");
+        let e = parse(r#"{"url":"http://example.com","auth":{"bearer":"a\r\nb"}}"#).unwrap_err();
+        assert_eq!(e.field, "auth.bearer");
+    }
+
+    #[test]
+    fn refuses_mixed_auth_and_odd_data() {
+        let e = parse(r#"{"url":"http://example.com","auth":{"username":"u","bearer":"t"}}"#).unwrap_err();
+        assert_eq!(e.field, "auth");
+        let e = parse(r#"{"url":"http://example.com","auth":{"user":"u"}}"#).unwrap_err();
+        assert_eq!(e.field, "auth.user");
+        let e = parse(r#"{"url":"http://example.com","data":42}"#).unwrap_err();
+        assert_eq!(e.field, "data");
+    }
+
+    #[test]
+    fn builder_round_trips_through_json() {
+        let r = HttpRequest::post("https://example.com/hook")
+            .json(&serde_json::json!({"name": "Luke"}))
+            .header("X-Trace", "1")
+            .param("v", "2")
+            .bearer("t0k");
+        assert!(r.check().is_ok());
+        let bytes = serde_json::to_vec(&r).unwrap_or_default();
+        let back: HttpRequest = parse_strict(&bytes).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back, r);
+        assert!(!format!("{r:?}").contains("t0k"), "Debug never shows credentials");
+    }
+}
