@@ -10,7 +10,7 @@ use crate::destination::ResponseSummary;
 use crate::envelope::{Envelope, EventId};
 
 /// The state of one send.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
     /// Waiting for its dispatcher.

@@ -1,1 +1,57 @@
-//! placeholder
+//! `destinations`: asynchronous, batched, at-least-once event delivery.
+//!
+//! A program records sends during a run — `send.http(...)` and, as their crates land, `s3`,
+//! `email`, `sse`, `emit` — and never waits on the network: everything a run sent is delivered
+//! after it finishes, retried on transient failures, dead-lettered with a reason otherwise,
+//! with a status per send.
+//!
+//! Pick destinations with Cargo features (`http` is on by default). Naming this crate links
+//! every enabled destination, so [`Registry::linked`] sees them.
+//!
+//! ```no_run
+//! use destinations::prelude::*;
+//! use serde_json::json;
+//!
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let hub = destinations::hub_with_defaults()?;
+//! let run = hub.begin_run("workflow-42");
+//! run.send().http(HttpRequest::post("https://example.com/hook").json(&json!({"name": "Luke"})))?;
+//! run.finish().await?;                 // hand every recorded send to the queue, atomically
+//! hub.shutdown().await;                // deliver what is pending before exiting
+//! # Ok(()) }
+//! ```
+
+pub use destinations_core::*;
+
+#[cfg(feature = "http")]
+pub use destinations_http as http;
+
+/// Everything a sending program usually needs, typed sends included.
+pub mod prelude {
+    pub use destinations_core::prelude::*;
+
+    #[cfg(feature = "http")]
+    pub use destinations_http::{HttpRequest, SendHttp};
+}
+
+/// Every destination kind enabled in this build, registered explicitly (not relying on
+/// link-time registration).
+pub fn registry() -> Registry {
+    #[allow(unused_mut)]
+    let mut registry = Registry::new();
+    #[cfg(feature = "http")]
+    destinations_http::register(&mut registry);
+    registry
+}
+
+/// A hub with one instance per enabled kind, named after the kind, on its defaults. The `http`
+/// instance refuses non-public addresses, as in production.
+pub fn hub_with_defaults() -> Result<Hub, ConfigError> {
+    let registry = registry();
+    let mut builder = Hub::builder();
+    for kind in registry.kinds() {
+        let config = InstanceConfig::from_table(kind, serde_json::json!({ "kind": kind }))?;
+        builder = builder.configured(&registry, kind, config)?;
+    }
+    builder.build()
+}

@@ -1,0 +1,380 @@
+//! The HTTP destination against real receivers on 127.0.0.1, counted.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine;
+use destinations_core::prelude::*;
+use destinations_core::{HubConfig, InstanceConfig, Registry};
+use destinations_http::{HttpOptions, HttpRequest, SendHttp};
+use destinations_testkit::conformance::{self, ConformanceTarget, SinkBehaviour};
+use destinations_testkit::{Receiver, Reply};
+use hmac::{KeyInit, Mac};
+use serde_json::json;
+
+const WITHIN: Duration = Duration::from_secs(60);
+
+fn fast_retries() -> RetryPolicy {
+    RetryPolicy {
+        initial_delay: Duration::from_millis(5),
+        max_delay: Duration::from_millis(50),
+        max_attempts: 8,
+        ..RetryPolicy::default()
+    }
+}
+
+fn hub_with(options: HttpOptions, retry: RetryPolicy) -> Hub {
+    let destination = destinations_http::HttpDestination::new(options).unwrap_or_else(|e| panic!("{e}"));
+    Hub::builder()
+        .destination(
+            "http",
+            Arc::new(destination),
+            InstanceSettings {
+                retry,
+                ..InstanceSettings::default()
+            },
+        )
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn loopback_hub() -> Hub {
+    hub_with(HttpOptions::allowing_loopback(), fast_retries())
+}
+
+struct HttpTarget {
+    receiver: Option<Receiver>,
+}
+
+#[async_trait]
+impl ConformanceTarget for HttpTarget {
+    fn kind(&self) -> &'static str {
+        destinations_http::KIND
+    }
+
+    async fn start_sink(&mut self, behaviour: SinkBehaviour) -> serde_json::Value {
+        self.receiver = Some(
+            Receiver::scripted(move |request| match behaviour {
+                SinkBehaviour::Accept => Reply::Status(200),
+                SinkBehaviour::FailFirstAttempts(n) if request.attempt <= n => Reply::Status(503),
+                SinkBehaviour::FailFirstAttempts(_) => Reply::Status(204),
+                SinkBehaviour::RejectPermanently => Reply::Full(422, vec![], "no thanks".into()),
+            })
+            .await,
+        );
+        json!({"allow_networks": ["127.0.0.0/8"]})
+    }
+
+    fn payload(&self, marker: u64) -> serde_json::Value {
+        let url = self.receiver.as_ref().map(|r| r.url("/hook")).unwrap_or_default();
+        json!({"method": "POST", "url": url, "data": {"marker": marker}})
+    }
+
+    fn invalid_payload(&self) -> (serde_json::Value, &'static str) {
+        (json!({"url": "http://127.0.0.1/", "body": "x"}), "body")
+    }
+
+    async fn accepted_markers(&self) -> Vec<u64> {
+        let requests = self.receiver.as_ref().map(Receiver::accepted_requests).unwrap_or_default();
+        requests.iter().filter_map(|r| r.json()["marker"].as_u64()).collect()
+    }
+}
+
+#[tokio::test]
+async fn conformance_suite() {
+    conformance::run_all(&mut HttpTarget { receiver: None }).await;
+}
+
+#[tokio::test]
+async fn every_accepted_send_arrives_through_transient_failures() {
+    // Each send is refused in a different way before it is accepted: a 503, a dropped
+    // connection, a 429 with Retry-After: 0, an answer slower than the timeout.
+    let receiver = Receiver::scripted(|request| {
+        let marker = request.json()["n"].as_u64().unwrap_or(0);
+        match (marker % 5, request.attempt) {
+            (1, 1) => Reply::Status(503),
+            (2, 1) => Reply::Drop,
+            (3, 1) => Reply::Full(429, vec![("retry-after", "0".into())], String::new()),
+            (4, 1) => Reply::After(Duration::from_millis(1500), Box::new(Reply::Status(200))),
+            _ => Reply::Status(200),
+        }
+    })
+    .await;
+    let mut options = HttpOptions::allowing_loopback();
+    options.timeout = Duration::from_millis(300);
+    let hub = hub_with(options, fast_retries());
+    const N: u64 = 250;
+    let run = hub.begin_run("burst");
+    let mut ids = HashSet::new();
+    for n in 0..N {
+        let id = run
+            .send()
+            .http(HttpRequest::post(receiver.url("/in")).json(&json!({"n": n})))
+            .unwrap_or_else(|e| panic!("{e}"));
+        ids.insert(id.to_string());
+    }
+    run.finish().await.unwrap_or_else(|e| panic!("{e}"));
+    receiver.wait_for_accepted(N as usize, WITHIN).await;
+    hub.shutdown_within(WITHIN).await;
+
+    assert_eq!(receiver.accepted_keys(), ids, "N sends accepted → the same N ids received");
+    let accepted = receiver.accepted_requests();
+    let distinct_bodies: HashSet<_> = accepted.iter().map(|r| r.json()["n"].as_u64()).collect();
+    assert_eq!(distinct_bodies.len(), N as usize);
+    // Duplicates are possible only for the slow answers (the receiver accepted after the
+    // sender gave up), and each duplicate carries the same id.
+    for r in &accepted {
+        let n = r.json()["n"].as_u64().unwrap_or(0);
+        assert!(r.attempt == 1 || n % 5 != 0, "send {n} needed no retry");
+    }
+    for id in &ids {
+        let status = hub.status(id.parse().unwrap_or_default()).unwrap_or_else(|| panic!("status of {id}"));
+        assert_eq!(status.state, State::Delivered, "{id}: {status:?}");
+    }
+    let timed_out = ids
+        .iter()
+        .filter_map(|id| hub.status(id.parse().unwrap_or_default()))
+        .filter(|s| s.attempts == 2 && s.last_error.as_deref().is_some_and(|e| e.contains("timed out")))
+        .count();
+    assert_eq!(timed_out, (N / 5) as usize, "every slow first answer was a timeout, then retried");
+}
+
+#[tokio::test]
+async fn a_permanent_4xx_dead_letters_at_once_with_status_and_body() {
+    let receiver = Receiver::scripted(|_| Reply::Full(404, vec![], "no such hook: check the URL".into())).await;
+    let hub = loopback_hub();
+    let id = hub
+        .sender()
+        .http(HttpRequest::post(receiver.url("/missing")).json(&json!({"a": 1})))
+        .unwrap_or_else(|e| panic!("{e}"));
+    hub.shutdown_within(WITHIN).await;
+    let status = hub.status(id).unwrap_or_else(|| panic!("status"));
+    assert_eq!(status.state, State::Dead);
+    assert_eq!(status.attempts, 1);
+    let error = status.last_error.unwrap_or_default();
+    assert!(error.contains("HTTP 404 Not Found: no such hook"), "{error}");
+    let response = status.response.unwrap_or_else(|| panic!("response kept"));
+    assert_eq!(response.status, Some(404));
+    assert_eq!(response.body_excerpt.as_deref(), Some("no such hook: check the URL"));
+    let letters = hub.dead_letters(10);
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].envelope.id, id);
+    assert_eq!(receiver.requests().len(), 1, "not retried");
+}
+
+#[tokio::test]
+async fn error_bodies_are_cut_at_4_kib() {
+    let receiver = Receiver::scripted(|_| Reply::Full(400, vec![], "x".repeat(100_000))).await;
+    let hub = loopback_hub();
+    let id = hub
+        .sender()
+        .http(HttpRequest::post(receiver.url("/")))
+        .unwrap_or_else(|e| panic!("{e}"));
+    hub.shutdown_within(WITHIN).await;
+    let excerpt = hub.status(id).and_then(|s| s.response).and_then(|r| r.body_excerpt).unwrap_or_default();
+    assert_eq!(excerpt.len(), 4096);
+}
+
+#[tokio::test]
+async fn a_run_that_is_never_finished_sends_nothing() {
+    let receiver = Receiver::start().await;
+    let hub = loopback_hub();
+    {
+        let run = hub.begin_run("abandoned");
+        for n in 0..10 {
+            run.send()
+                .http(HttpRequest::post(receiver.url("/never")).json(&json!({ "n": n })))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert_eq!(run.held(), 10);
+    } // dropped unfinished
+    let failed = hub.begin_run("failed");
+    failed
+        .send()
+        .http(HttpRequest::post(receiver.url("/never")))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(failed.fail().await.unwrap_or_default().is_empty(), "on_run_error = discard by default");
+    // A marker sent afterwards: once it has arrived, anything the runs leaked would have too.
+    hub.sender()
+        .http(HttpRequest::post(receiver.url("/marker")))
+        .unwrap_or_else(|e| panic!("{e}"));
+    hub.shutdown_within(WITHIN).await;
+    let paths: Vec<String> = receiver.requests().into_iter().map(|r| r.uri).collect();
+    assert_eq!(paths, vec!["/marker".to_owned()]);
+}
+
+#[tokio::test]
+async fn shutdown_delivers_pending_work() {
+    let receiver = Receiver::scripted(|_| Reply::After(Duration::from_millis(20), Box::new(Reply::Status(200)))).await;
+    let hub = loopback_hub();
+    let run = hub.begin_run("late");
+    for n in 0..100 {
+        run.send()
+            .http(HttpRequest::post(receiver.url("/")).json(&json!({ "n": n })))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let ids = run.finish().await.unwrap_or_else(|e| panic!("{e}"));
+    let report = hub.shutdown_within(WITHIN).await;
+    assert_eq!(report.abandoned, 0);
+    assert_eq!(receiver.accepted_keys().len(), 100);
+    assert!(ids.iter().all(|id| hub.status(*id).map(|s| s.state) == Some(State::Delivered)));
+    let after = hub.sender().http(HttpRequest::post(receiver.url("/")));
+    assert!(matches!(after, Err(SendError::ShuttingDown)), "{after:?}");
+}
+
+#[tokio::test]
+async fn the_ssrf_guard_refuses_loopback_unless_allow_listed() {
+    let receiver = Receiver::start().await;
+    let hub = hub_with(HttpOptions::default(), fast_retries());
+    let literal = hub
+        .sender()
+        .http(HttpRequest::post(receiver.url("/")))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let by_name = hub
+        .sender()
+        .http(HttpRequest::post(format!("http://localhost:{}/", receiver.addr().port())))
+        .unwrap_or_else(|e| panic!("{e}"));
+    hub.shutdown_within(WITHIN).await;
+    for id in [literal, by_name] {
+        let status = hub.status(id).unwrap_or_else(|| panic!("status"));
+        assert_eq!(status.state, State::Dead, "{status:?}");
+        assert_eq!(status.attempts, 1, "a refusal is permanent");
+        let error = status.last_error.unwrap_or_default();
+        assert!(error.contains("127.0.0.1 (loopback)"), "{error}");
+        assert!(error.contains("allow_networks"), "{error}");
+    }
+    assert!(receiver.requests().is_empty(), "nothing reached the receiver");
+}
+
+#[tokio::test]
+async fn redirects_are_not_followed_by_default() {
+    let target = Receiver::start().await;
+    let location = target.url("/elsewhere");
+    let receiver =
+        Receiver::scripted(move |_| Reply::Full(302, vec![("location", location.clone())], String::new())).await;
+    let hub = loopback_hub();
+    let id = hub
+        .sender()
+        .http(HttpRequest::post(receiver.url("/")))
+        .unwrap_or_else(|e| panic!("{e}"));
+    hub.shutdown_within(WITHIN).await;
+    let error = hub.status(id).and_then(|s| s.last_error).unwrap_or_default();
+    assert!(error.contains("not followed"), "{error}");
+    assert!(target.requests().is_empty());
+}
+
+#[tokio::test]
+async fn signatures_verify_with_an_independent_hmac() {
+    let receiver = Receiver::start().await;
+    let secret_bytes = b"a-32-byte-secret-for-the-tests!!";
+    let secret = format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(secret_bytes));
+    let old_secret = format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode([7u8; 24]));
+    let mut options = HttpOptions::allowing_loopback();
+    options.signing_secrets = vec![secret, old_secret];
+    let hub = hub_with(options, fast_retries());
+    let id = hub
+        .sender()
+        .http(HttpRequest::post(receiver.url("/signed")).json(&json!({"event": "signed"})))
+        .unwrap_or_else(|e| panic!("{e}"));
+    hub.shutdown_within(WITHIN).await;
+
+    let request = receiver.requests().pop().unwrap_or_else(|| panic!("one request"));
+    assert_eq!(request.header("webhook-id"), Some(id.to_string().as_str()));
+    assert_eq!(request.header("idempotency-key"), Some(id.to_string().as_str()));
+    let timestamp = request.header("webhook-timestamp").unwrap_or_default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    assert!(now.abs_diff(timestamp.parse().unwrap_or(0)) < 300, "timestamp is now");
+    let signed = format!("{id}.{timestamp}.{}", String::from_utf8_lossy(&request.body));
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret_bytes).unwrap_or_else(|e| panic!("{e}"));
+    mac.update(signed.as_bytes());
+    let expected = format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    );
+    let header = request.header("webhook-signature").unwrap_or_default();
+    let signatures: Vec<&str> = header.split(' ').collect();
+    assert_eq!(signatures.len(), 2, "one signature per secret");
+    assert_eq!(signatures[0], expected);
+    assert_eq!(request.header("content-type"), Some("application/json"));
+    assert_eq!(request.json(), json!({"event": "signed"}));
+}
+
+#[tokio::test]
+async fn requests_carry_method_headers_params_auth_and_text_bodies() {
+    let receiver = Receiver::start().await;
+    let hub = loopback_hub();
+    hub.sender()
+        .http(
+            HttpRequest::put(receiver.url("/p?x=1"))
+                .header("X-Custom", "yes")
+                .param("q", "a b")
+                .basic("luke", "s3cret")
+                .text("plain text"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    hub.shutdown_within(WITHIN).await;
+    let request = receiver.requests().pop().unwrap_or_else(|| panic!("one request"));
+    assert_eq!(request.method, "PUT");
+    assert_eq!(request.uri, "/p?x=1&q=a+b");
+    assert_eq!(request.header("x-custom"), Some("yes"));
+    let basic = base64::engine::general_purpose::STANDARD.encode("luke:s3cret");
+    assert_eq!(request.header("authorization"), Some(format!("Basic {basic}").as_str()));
+    assert_eq!(&request.body[..], b"plain text");
+    assert_eq!(request.header("content-type"), None, "text is sent as it is");
+}
+
+#[tokio::test]
+async fn strict_validation_names_the_field_through_the_json_path() {
+    let hub = loopback_hub();
+    let cases = [
+        (json!({"url": "http://127.0.0.1/", "body": {"a": 1}}), "body", "unknown field `body`"),
+        (json!({"method": "post", "url": "http://127.0.0.1/"}), "method", "unknown variant `post`"),
+        (json!({"method": "FETCH", "url": "http://127.0.0.1/"}), "method", "unknown variant `FETCH`"),
+        (json!({"url": "ftp://127.0.0.1/f"}), "url", "scheme `ftp`"),
+        (json!({"url": "http://127.0.0.1/", "headers": {"X-A": "1\r\nX-B: 2"}}), "headers.X-A", "CR or LF"),
+        (json!({"url": "http://127.0.0.1/", "headers": {"X-A": 1}}), "headers.X-A", "invalid type"),
+    ];
+    for (payload, field, says) in cases {
+        let bytes = bytes::Bytes::from(serde_json::to_vec(&payload).unwrap_or_default());
+        match hub.sender().json("http", bytes) {
+            Err(SendError::Invalid { error, .. }) => {
+                assert_eq!(error.field, field, "{payload}");
+                assert!(error.message.contains(says), "{payload}: {error}");
+            }
+            other => panic!("{payload} should be refused, got {other:?}"),
+        }
+    }
+    let too_big = json!({"url": "http://127.0.0.1/", "data": "x".repeat(2 * 1024 * 1024)});
+    assert!(matches!(hub.sender().to("http", &too_big), Err(SendError::TooLarge { .. })));
+    assert!(matches!(hub.sender().to("nope", &json!({})), Err(SendError::UnknownDestination { .. })));
+    hub.shutdown_within(WITHIN).await;
+}
+
+#[tokio::test]
+async fn instances_build_from_config_through_the_registry() {
+    let mut registry = Registry::new();
+    destinations_http::register(&mut registry);
+    let config = InstanceConfig::from_table(
+        "hooks",
+        json!({"kind": "http", "timeout": "2s", "allow_networks": ["127.0.0.0/8"], "retry": {"max_attempts": 2}}),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let hub = Hub::builder()
+        .config(HubConfig::default())
+        .configured(&registry, "hooks", config)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(hub.destinations(), vec![("hooks".to_owned(), "http")]);
+    let bad = InstanceConfig::from_table("hooks", json!({"kind": "http", "timout": "2s"})).unwrap_or_else(|e| panic!("{e}"));
+    let error = registry.build("http", "hooks", bad.options).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(error.contains("destinations.hooks") && error.contains("timout"), "{error}");
+    let bad = InstanceConfig::from_table("hooks", json!({"kind": "http", "signing_secrets": ["nope"]})).unwrap_or_else(|e| panic!("{e}"));
+    let error = registry.build("http", "hooks", bad.options).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(error.contains("whsec_"), "{error}");
+    hub.shutdown().await;
+}

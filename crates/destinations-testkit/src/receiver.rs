@@ -1,0 +1,275 @@
+//! A real HTTP receiver on 127.0.0.1 that records every request and answers as a script says:
+//! a status, a delay, or a dropped connection.
+
+use std::collections::{HashMap, HashSet};
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// One request as the receiver saw it.
+#[derive(Clone, Debug)]
+pub struct ReceivedRequest {
+    /// The method.
+    pub method: String,
+    /// Path and query.
+    pub uri: String,
+    /// Headers, names lower case.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Bytes,
+    /// The `Idempotency-Key` header, if any.
+    pub key: Option<String>,
+    /// Which attempt this is for its key (1 for the first).
+    pub attempt: u32,
+}
+
+impl ReceivedRequest {
+    /// The first value of a header.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// How the receiver answers one request.
+#[derive(Clone, Debug)]
+pub enum Reply {
+    /// Answer with this status and an empty body.
+    Status(u16),
+    /// Answer with this status, headers and body.
+    Full(u16, Vec<(&'static str, String)>, String),
+    /// Close the connection without answering.
+    Drop,
+    /// Wait, then answer.
+    After(Duration, Box<Reply>),
+}
+
+/// Decides the reply to each request.
+pub type Script = Arc<dyn Fn(&ReceivedRequest) -> Reply + Send + Sync>;
+
+#[derive(Default)]
+struct Record {
+    requests: Vec<ReceivedRequest>,
+    attempts: HashMap<String, u32>,
+    accepted: HashSet<String>,
+    accepted_requests: Vec<ReceivedRequest>,
+}
+
+/// A running receiver. Stops when dropped.
+pub struct Receiver {
+    addr: SocketAddr,
+    record: Arc<Mutex<Record>>,
+    accepted: watch::Receiver<usize>,
+    task: JoinHandle<()>,
+}
+
+impl Receiver {
+    /// A receiver that answers 200 to everything.
+    pub async fn start() -> Self {
+        Self::scripted(|_| Reply::Status(200)).await
+    }
+
+    /// A receiver that answers as `script` says.
+    pub async fn scripted(script: impl Fn(&ReceivedRequest) -> Reply + Send + Sync + 'static) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("cannot bind a receiver on 127.0.0.1: {e}"));
+        Self::serve(listener, Arc::new(script))
+    }
+
+    /// A receiver on a given address (to restart one where a previous one was).
+    pub async fn scripted_at(addr: SocketAddr, script: Script) -> std::io::Result<Self> {
+        Ok(Self::serve(TcpListener::bind(addr).await?, script))
+    }
+
+    fn serve(listener: TcpListener, script: Script) -> Self {
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("receiver has no address: {e}"));
+        let record = Arc::new(Mutex::new(Record::default()));
+        let (accepted_tx, accepted) = watch::channel(0usize);
+        let accepted_tx = Arc::new(accepted_tx);
+        let state = (record.clone(), script, accepted_tx);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let (record, script, accepted_tx) = state.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| {
+                        handle(request, record.clone(), script.clone(), accepted_tx.clone())
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            record,
+            accepted,
+            task,
+        }
+    }
+
+    /// The receiver's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Every request so far, in arrival order.
+    pub fn requests(&self) -> Vec<ReceivedRequest> {
+        self.lock().requests.clone()
+    }
+
+    /// The distinct idempotency keys answered with a 2xx.
+    pub fn accepted_keys(&self) -> HashSet<String> {
+        self.lock().accepted.clone()
+    }
+
+    /// The requests answered with a 2xx, duplicates included, in arrival order.
+    pub fn accepted_requests(&self) -> Vec<ReceivedRequest> {
+        self.lock().accepted_requests.clone()
+    }
+
+    /// Wait until `count` distinct keys were answered with a 2xx. Panics after `within`
+    /// (a guard against hanging forever, not a timing assertion).
+    pub async fn wait_for_accepted(&self, count: usize, within: Duration) {
+        let mut accepted = self.accepted.clone();
+        let waited = tokio::time::timeout(within, accepted.wait_for(|n| *n >= count)).await;
+        if waited.is_err() {
+            panic!(
+                "the receiver accepted {} distinct sends within {within:?}, expected {count}",
+                self.lock().accepted.len()
+            );
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Record> {
+        self.record.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The connection is dropped without an answer.
+#[derive(Debug)]
+struct DropConnection;
+
+impl std::fmt::Display for DropConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("connection dropped by the test script")
+    }
+}
+
+impl std::error::Error for DropConnection {}
+
+async fn handle(
+    request: Request<Incoming>,
+    record: Arc<Mutex<Record>>,
+    script: Script,
+    accepted_tx: Arc<watch::Sender<usize>>,
+) -> Result<Response<Full<Bytes>>, DropConnection> {
+    let (parts, body) = request.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let headers: Vec<(String, String)> = parts
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .collect();
+    let key = parts
+        .headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let received = {
+        let mut record = record.lock().unwrap_or_else(PoisonError::into_inner);
+        let attempt = match &key {
+            Some(k) => {
+                let n = record.attempts.entry(k.clone()).or_insert(0);
+                *n += 1;
+                *n
+            }
+            None => 1,
+        };
+        let received = ReceivedRequest {
+            method: parts.method.to_string(),
+            uri: parts.uri.to_string(),
+            headers,
+            body,
+            key,
+            attempt,
+        };
+        record.requests.push(received.clone());
+        received
+    };
+    let mut reply = script(&received);
+    loop {
+        match reply {
+            Reply::After(wait, then) => {
+                tokio::time::sleep(wait).await;
+                reply = *then;
+            }
+            Reply::Drop => return Err(DropConnection),
+            Reply::Status(code) => return Ok(answer(code, Vec::new(), String::new(), &received, &record, &accepted_tx)),
+            Reply::Full(code, headers, body) => return Ok(answer(code, headers, body, &received, &record, &accepted_tx)),
+        }
+    }
+}
+
+fn answer(
+    code: u16,
+    headers: Vec<(&'static str, String)>,
+    body: String,
+    received: &ReceivedRequest,
+    record: &Mutex<Record>,
+    accepted_tx: &watch::Sender<usize>,
+) -> Response<Full<Bytes>> {
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if status.is_success() {
+        let mut record = record.lock().unwrap_or_else(PoisonError::into_inner);
+        record.accepted_requests.push(received.clone());
+        if let Some(key) = &received.key {
+            record.accepted.insert(key.clone());
+        }
+        accepted_tx.send_replace(record.accepted.len());
+    }
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    for (name, value) in headers {
+        if let Ok(value) = hyper::header::HeaderValue::from_str(&value) {
+            response.headers_mut().insert(name, value);
+        }
+    }
+    response
+}
+

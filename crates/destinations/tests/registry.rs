@@ -1,0 +1,12 @@
+//! Every kind enabled by a Cargo feature is registered, both at link time and explicitly.
+
+#[test]
+fn every_enabled_kind_is_registered() {
+    let mut expected: Vec<&str> = Vec::new();
+    if cfg!(feature = "http") {
+        expected.push("http");
+    }
+    expected.sort_unstable();
+    assert_eq!(destinations::Registry::linked().kinds(), expected, "link-time (inventory) registration");
+    assert_eq!(destinations::registry().kinds(), expected, "explicit registration");
+}
