@@ -1,0 +1,305 @@
+//! The hub's own promises — retry timing, batching, bounds, runs, shutdown, dead letters —
+//! driven by a scripted in-process destination on a paused clock. (Destinations are tested
+//! against real servers in their own crates; here the subject is the engine.)
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use destinations_core::prelude::*;
+use destinations_core::{HubConfig, OnRunError, QueueCapacity, QueueFull};
+use serde_json::json;
+use tokio::time::Instant;
+
+/// Records each delivery attempt (when, which markers) and answers as its script says.
+struct Scripted {
+    policy: BatchPolicy,
+    answer: Box<dyn Fn(u32) -> Report + Send + Sync>,
+    attempts: Mutex<Vec<(Instant, Vec<u64>, u32)>>,
+    hang: bool,
+}
+
+impl Scripted {
+    fn new(answer: impl Fn(u32) -> Report + Send + Sync + 'static) -> Arc<Self> {
+        Arc::new(Self {
+            policy: BatchPolicy::one_per_send(),
+            answer: Box::new(answer),
+            attempts: Mutex::new(Vec::new()),
+            hang: false,
+        })
+    }
+
+    fn attempts(&self) -> Vec<(Instant, Vec<u64>, u32)> {
+        self.attempts.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+#[async_trait]
+impl Destination for Scripted {
+    fn kind(&self) -> &'static str {
+        "scripted"
+    }
+
+    fn validate(&self, payload: &[u8]) -> Result<(), InvalidPayload> {
+        let value: serde_json::Value = destinations_core::parse_strict(payload)?;
+        match value.get("marker") {
+            Some(m) if m.is_u64() => Ok(()),
+            _ => Err(InvalidPayload::field("marker", "must be a number")),
+        }
+    }
+
+    fn batch_policy(&self) -> BatchPolicy {
+        self.policy
+    }
+
+    async fn deliver(&self, batch: Batch) -> BatchOutcome {
+        let markers = batch
+            .envelopes()
+            .iter()
+            .map(|e| serde_json::from_slice::<serde_json::Value>(&e.payload).unwrap_or_default()["marker"].as_u64().unwrap_or(0))
+            .collect();
+        let attempt = batch.envelopes()[0].attempts;
+        self.attempts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((Instant::now(), markers, attempt));
+        if self.hang {
+            std::future::pending::<()>().await;
+        }
+        BatchOutcome::All((self.answer)(attempt))
+    }
+}
+
+fn hub(destination: Arc<Scripted>, settings: InstanceSettings, config: HubConfig) -> Hub {
+    Hub::builder()
+        .config(config)
+        .destination("d", destination, settings)
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn send(hub: &Hub, marker: u64) -> EventId {
+    hub.sender().to("d", &json!({ "marker": marker })).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_back_off_exponentially_within_full_jitter() {
+    let d = Scripted::new(|attempt| if attempt < 6 { Report::retry("503") } else { Report::delivered() });
+    let hub = hub(d.clone(), InstanceSettings::default(), HubConfig::default());
+    let id = send(&hub, 1);
+    hub.shutdown_within(Duration::from_secs(3600)).await;
+    let attempts = d.attempts();
+    assert_eq!(attempts.len(), 6);
+    for (i, pair) in attempts.windows(2).enumerate() {
+        let gap = pair[1].0 - pair[0].0;
+        let ceiling = Duration::from_secs(1 << i);
+        assert!(gap <= ceiling, "gap {i} was {gap:?}, over the ceiling {ceiling:?}");
+    }
+    let total = attempts[5].0 - attempts[0].0;
+    assert!(total <= Duration::from_secs(1 + 2 + 4 + 8 + 16));
+    let status = hub.status(id).unwrap_or_else(|| panic!("status"));
+    assert_eq!((status.state, status.attempts), (State::Delivered, 6));
+    assert_eq!(status.last_error.as_deref(), Some("503"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_honoured() {
+    let d = Scripted::new(|attempt| {
+        if attempt == 1 {
+            Report::retry_after("429", Some(Duration::from_secs(42)))
+        } else {
+            Report::delivered()
+        }
+    });
+    let hub = hub(d.clone(), InstanceSettings::default(), HubConfig::default());
+    let id = send(&hub, 1);
+    hub.shutdown_within(Duration::from_secs(3600)).await;
+    let attempts = d.attempts();
+    assert_eq!(attempts.len(), 2);
+    assert!(attempts[1].0 - attempts[0].0 >= Duration::from_secs(42));
+    assert_eq!(hub.status(id).map(|s| s.state), Some(State::Delivered));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_attempt_budget_ends_in_a_dead_letter_with_the_reason() {
+    let d = Scripted::new(|_| Report::retry("connection refused"));
+    let settings = InstanceSettings {
+        retry: RetryPolicy {
+            max_attempts: 3,
+            ..RetryPolicy::default()
+        },
+        ..InstanceSettings::default()
+    };
+    let hub = hub(d.clone(), settings, HubConfig::default());
+    let id = send(&hub, 7);
+    hub.shutdown_within(Duration::from_secs(3600)).await;
+    assert_eq!(d.attempts().len(), 3);
+    let status = hub.status(id).unwrap_or_else(|| panic!("status"));
+    assert_eq!(status.state, State::Dead);
+    let letters = hub.dead_letters(10);
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].reason, "gave up after 3 attempts; last error: connection refused");
+    assert_eq!(status.last_error.as_deref(), Some(letters[0].reason.as_str()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn batches_flush_by_count_and_by_age() {
+    let d = Arc::new(Scripted {
+        policy: BatchPolicy {
+            max_events: 3,
+            max_bytes: usize::MAX,
+            max_age: Duration::from_secs(60),
+        },
+        answer: Box::new(|_| Report::delivered()),
+        attempts: Mutex::new(Vec::new()),
+        hang: false,
+    });
+    let hub = hub(d.clone(), InstanceSettings::default(), HubConfig::default());
+    let start = Instant::now();
+    for marker in 0..4 {
+        send(&hub, marker);
+    }
+    // The fourth send waits for its batch's age; advance the paused clock past it.
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    let attempts = d.attempts();
+    assert_eq!(attempts.len(), 2);
+    assert_eq!(attempts[0].1, vec![0, 1, 2], "full by count, at once");
+    assert!(attempts[0].0 - start < Duration::from_secs(1));
+    assert_eq!(attempts[1].1, vec![3], "flushed by age");
+    assert!(attempts[1].0 - start >= Duration::from_secs(60));
+    hub.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_that_fails_is_retried_as_the_same_batch() {
+    let d = Arc::new(Scripted {
+        policy: BatchPolicy {
+            max_events: 3,
+            max_bytes: usize::MAX,
+            max_age: Duration::from_secs(1),
+        },
+        answer: Box::new(|attempt| if attempt == 1 { Report::retry("throttled") } else { Report::delivered() }),
+        attempts: Mutex::new(Vec::new()),
+        hang: false,
+    });
+    let hub = hub(d.clone(), InstanceSettings::default(), HubConfig::default());
+    for marker in 0..3 {
+        send(&hub, marker);
+    }
+    hub.shutdown_within(Duration::from_secs(3600)).await;
+    let batches: Vec<Vec<u64>> = d.attempts().into_iter().map(|a| a.1).collect();
+    assert_eq!(batches, vec![vec![0, 1, 2], vec![0, 1, 2]]);
+}
+
+#[tokio::test]
+async fn a_full_queue_refuses_a_whole_run_and_keeps_nothing_of_it() {
+    let config = HubConfig {
+        queue: QueueCapacity {
+            max_events: 3,
+            max_bytes: 1 << 20,
+        },
+        ..HubConfig::default()
+    };
+    // Hang deliveries so nothing leaves the queue while we fill it.
+    let hanging = Arc::new(Scripted {
+        policy: BatchPolicy::one_per_send(),
+        answer: Box::new(|_| Report::delivered()),
+        attempts: Mutex::new(Vec::new()),
+        hang: true,
+    });
+    let hub = hub(hanging.clone(), InstanceSettings::default(), config);
+    let run = hub.begin_run("big");
+    let ids: Vec<EventId> = (0..5)
+        .map(|m| run.send().to("d", &json!({ "marker": m })).unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    match run.finish().await {
+        Err(SendError::QueueFull(QueueFull::Events { pending: 0, limit: 3, asked: 5 })) => {}
+        other => panic!("expected queue full, got {other:?}"),
+    }
+    assert!(ids.iter().all(|id| hub.status(*id).is_none()), "nothing of the run was kept");
+    assert_eq!(hub.queue_depth().events, 0);
+    for m in 0..3 {
+        send(&hub, m);
+    }
+    let refused = hub.sender().to("d", &json!({"marker": 9}));
+    let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(message.contains("queue is full") && message.contains("queue.max_events"), "{message}");
+    // Everything accepted is accounted for at shutdown: dead-lettered with the reason.
+    let report = hub.shutdown_within(Duration::from_millis(50)).await;
+    assert_eq!(report.abandoned, 3);
+    let letters = hub.dead_letters(10);
+    assert_eq!(letters.len(), 3);
+    assert!(letters.iter().all(|l| l.reason.contains("shutdown deadline")), "{:?}", letters[0].reason);
+    assert_eq!(hanging.attempts().len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_dead_letters_a_retry_that_is_not_due_before_the_deadline() {
+    let d = Scripted::new(|_| Report::retry_after("busy", Some(Duration::from_secs(300))));
+    let hub = hub(d.clone(), InstanceSettings::default(), HubConfig::default());
+    let id = send(&hub, 1);
+    let report = hub.shutdown_within(Duration::from_secs(10)).await;
+    assert_eq!(report.abandoned, 1);
+    let status = hub.status(id).unwrap_or_else(|| panic!("status"));
+    assert_eq!(status.state, State::Dead);
+    let error = status.last_error.unwrap_or_default();
+    assert!(error.contains("waiting to retry") && error.contains("busy"), "{error}");
+}
+
+#[tokio::test]
+async fn a_failed_run_delivers_when_configured_to() {
+    let d = Scripted::new(|_| Report::delivered());
+    let config = HubConfig {
+        on_run_error: OnRunError::Deliver,
+        ..HubConfig::default()
+    };
+    let hub = hub(d.clone(), InstanceSettings::default(), config);
+    let run = hub.begin_run("r");
+    run.send().to("d", &json!({"marker": 1})).unwrap_or_else(|e| panic!("{e}"));
+    let released = run.fail().await.unwrap_or_default();
+    assert_eq!(released.len(), 1);
+    hub.shutdown().await;
+    assert_eq!(d.attempts().len(), 1);
+}
+
+#[tokio::test]
+async fn sends_are_validated_and_a_finished_run_takes_no_more() {
+    let d = Scripted::new(|_| Report::delivered());
+    let hub = hub(d.clone(), InstanceSettings::default(), HubConfig::default());
+    let refused = hub.sender().to("d", &json!({"marker": "x"}));
+    match refused {
+        Err(SendError::Invalid { error, .. }) => assert_eq!(error.field, "marker"),
+        other => panic!("{other:?}"),
+    }
+    let run = hub.begin_run("r");
+    let sender = run.send().clone();
+    run.finish().await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(sender.to("d", &json!({"marker": 1})), Err(SendError::RunFinished { .. })));
+    hub.shutdown().await;
+    assert!(d.attempts().is_empty());
+}
+
+#[tokio::test]
+async fn dead_letters_replay_with_their_ids_and_a_fresh_budget() {
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flag = fail.clone();
+    let d = Scripted::new(move |_| {
+        if flag.load(std::sync::atomic::Ordering::SeqCst) {
+            Report::failed("410 Gone")
+        } else {
+            Report::delivered()
+        }
+    });
+    let hub = hub(d.clone(), InstanceSettings::default(), HubConfig::default());
+    let id = send(&hub, 1);
+    // Wait for the dead letter through the status, yielding to the runtime between looks.
+    while hub.status(id).map(|s| s.state) != Some(State::Dead) {
+        tokio::task::yield_now().await;
+    }
+    fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(hub.replay_dead_letters(None).unwrap_or_default(), vec![id]);
+    assert!(hub.dead_letters(10).is_empty());
+    hub.shutdown().await;
+    let status = hub.status(id).unwrap_or_else(|| panic!("status"));
+    assert_eq!((status.state, status.attempts), (State::Delivered, 1));
+}
