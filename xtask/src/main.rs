@@ -1,1 +1,157 @@
-fn main() {}
+//! Project automation: `cargo xtask setup | test | ci | bench`.
+//!
+//! Plain `std::process` on purpose: xtask builds in seconds on a fresh machine, before anything
+//! else is compiled.
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+mod bench;
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  setup                 install what the tests need (idempotent)
+  test                  setup, then run the whole test suite
+  lint                  fmt check and clippy -D warnings
+  ci                    lint, then test (what .ci/run does)
+  bench [--quick] [scenario...]
+                        build release binaries, run the load scenarios, print a table beside
+                        references measured in the same run (writes target/bench/report.json)";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("setup") => setup(),
+        Some("test") => setup().and_then(|()| test()),
+        Some("lint") => lint(),
+        Some("ci") => lint().and_then(|()| setup()).and_then(|()| test()),
+        Some("bench") => bench::run(&args[1..]),
+        Some("-h" | "--help" | "help") | None => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => Err(format!("unknown command `{other}`\n\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("xtask: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The repository root (xtask lives one level below it).
+pub(crate) fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Run a command from the repository root; fail with its name if it fails.
+pub(crate) fn run(program: &str, args: &[&str]) -> Result<(), String> {
+    println!("$ {program} {}", args.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .current_dir(root())
+        .status()
+        .map_err(|e| format!("cannot run `{program}`: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("`{program} {}` failed ({status})", args.join(" ")))
+    }
+}
+
+pub(crate) fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program} >/dev/null 2>&1")])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Install Debian packages that are missing (needs root, as on the project's machines).
+pub(crate) fn apt_install(packages: &[&str]) -> Result<(), String> {
+    if packages.is_empty() {
+        return Ok(());
+    }
+    if !have("apt-get") {
+        return Err(format!(
+            "install these packages by hand: {}",
+            packages.join(" ")
+        ));
+    }
+    let sudo: &[&str] = if is_root() { &[] } else { &["sudo"] };
+    let command = |args: &[&str]| -> Vec<String> {
+        sudo.iter().chain(args).map(|s| (*s).to_owned()).collect()
+    };
+    let update = command(&["apt-get", "update", "-q"]);
+    let mut install = command(&["apt-get", "install", "-y", "-q", "--no-install-recommends"]);
+    install.extend(packages.iter().map(|p| (*p).to_owned()));
+    for argv in [update, install] {
+        let (program, args) = argv.split_first().ok_or("empty command")?;
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let status = Command::new(program)
+            .args(&args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .map_err(|e| format!("cannot run {program}: {e}"))?;
+        if !status.success() {
+            return Err(format!("`{}` failed", argv.join(" ")));
+        }
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// What the tests need. Today every test server is in-process (axum/hyper receivers on
+/// 127.0.0.1); later destinations add theirs here (S3, SMTP, NATS, a browser).
+fn setup() -> Result<(), String> {
+    println!("xtask setup: checking what the tests need");
+    for component in ["rustfmt", "clippy"] {
+        let installed = Command::new("cargo")
+            .args([
+                if component == "rustfmt" {
+                    "fmt"
+                } else {
+                    "clippy"
+                },
+                "--version",
+            ])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !installed && have("rustup") {
+            run("rustup", &["component", "add", component])?;
+        }
+    }
+    println!("xtask setup: ready");
+    Ok(())
+}
+
+fn test() -> Result<(), String> {
+    run("cargo", &["test", "--workspace", "--no-fail-fast"])
+}
+
+fn lint() -> Result<(), String> {
+    run("cargo", &["fmt", "--all", "--check"])?;
+    run(
+        "cargo",
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )
+}

@@ -1,7 +1,6 @@
 //! Configuration shared by every destination instance, and how an instance's table is split
 //! between the hub and the destination's own options.
 
-
 use serde::Deserialize;
 
 use crate::policy::{BatchPolicyOverrides, RetryPolicy};
@@ -83,7 +82,12 @@ impl InstanceConfig {
         let kind = match table.remove("kind") {
             Some(serde_json::Value::String(kind)) => kind,
             Some(_) => return Err(ConfigError::new(instance, "`kind` must be a string")),
-            None => return Err(ConfigError::new(instance, "`kind` is missing (e.g. kind = \"http\")")),
+            None => {
+                return Err(ConfigError::new(
+                    instance,
+                    "`kind` is missing (e.g. kind = \"http\")",
+                ));
+            }
         };
         let mut hub_keys = serde_json::Map::new();
         for key in InstanceSettings::KEYS {
@@ -137,8 +141,9 @@ pub mod duration_text {
         match text {
             Text::Seconds(s) if s >= 0.0 && s.is_finite() => Ok(Duration::from_secs_f64(s)),
             Text::Seconds(s) => Err(format!("{s} is not a duration")),
-            Text::Human(h) => humantime::parse_duration(&h)
-                .map_err(|e| format!("`{h}` is not a duration ({e}); write e.g. \"500ms\", \"30s\", \"10m\"")),
+            Text::Human(h) => humantime::parse_duration(&h).map_err(|e| {
+                format!("`{h}` is not a duration ({e}); write e.g. \"500ms\", \"30s\", \"10m\"")
+            }),
         }
     }
 
@@ -187,9 +192,16 @@ mod tests {
     #[test]
     fn names_the_instance_and_field_in_errors() {
         let e = InstanceConfig::from_table("hooks", json!({"timeout":"2s"})).unwrap_err();
-        assert!(e.to_string().contains("destinations.hooks: `kind` is missing"), "{e}");
-        let e = InstanceConfig::from_table("hooks", json!({"kind":"http","retry":{"max_attempts":"x"}}))
-            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("destinations.hooks: `kind` is missing"),
+            "{e}"
+        );
+        let e = InstanceConfig::from_table(
+            "hooks",
+            json!({"kind":"http","retry":{"max_attempts":"x"}}),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("retry.max_attempts"), "{e}");
     }
 }

@@ -90,7 +90,13 @@ impl DeadLetters {
 
     /// The most recent `limit`, newest first.
     pub fn list(&self, limit: usize) -> Vec<DeadLetter> {
-        self.lock().letters.iter().rev().take(limit).cloned().collect()
+        self.lock()
+            .letters
+            .iter()
+            .rev()
+            .take(limit)
+            .cloned()
+            .collect()
     }
 
     /// How many are kept.

@@ -180,7 +180,9 @@ impl BatchOutcome {
             Self::Each(mut reports) => {
                 reports.truncate(len);
                 while reports.len() < len {
-                    reports.push(Report::retry("the destination gave no outcome for this send"));
+                    reports.push(Report::retry(
+                        "the destination gave no outcome for this send",
+                    ));
                 }
                 reports
             }

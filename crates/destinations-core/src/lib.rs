@@ -50,7 +50,9 @@ pub use inventory;
 
 pub use config::{ConfigError, InstanceConfig, InstanceSettings, OnRunError, parse_options};
 pub use dead_letters::{DeadLetter, DeadLetterSummary, DeadLetters};
-pub use destination::{Batch, BatchOutcome, Destination, HealthError, Outcome, Report, ResponseSummary};
+pub use destination::{
+    Batch, BatchOutcome, Destination, HealthError, Outcome, Report, ResponseSummary,
+};
 pub use envelope::{Envelope, EventId};
 pub use error::SendError;
 pub use hub::{Hub, HubBuilder, HubConfig, ShutdownReport};
@@ -64,7 +66,7 @@ pub use status::{SendStatus, State};
 /// What a program that sends, or a destination crate, usually needs.
 pub mod prelude {
     pub use crate::{
-        Batch, BatchOutcome, BatchPolicy, Destination, EventId, Hub, InstanceSettings, InvalidPayload,
-        Outcome, Report, RetryPolicy, Run, SendError, Sender, State,
+        Batch, BatchOutcome, BatchPolicy, Destination, EventId, Hub, InstanceSettings,
+        InvalidPayload, Outcome, Report, RetryPolicy, Run, SendError, Sender, State,
     };
 }

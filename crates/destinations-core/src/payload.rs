@@ -29,6 +29,9 @@ impl InvalidPayload {
 
     /// The same problem, one level deeper: `payload` + `url` → `payload.url`.
     pub fn within(mut self, parent: &str) -> Self {
+        if parent.is_empty() {
+            return self;
+        }
         self.field = if self.field.is_empty() {
             parent.to_owned()
         } else {
@@ -43,7 +46,7 @@ impl fmt::Display for InvalidPayload {
         if self.field.is_empty() {
             write!(f, "invalid payload: {}", self.message)
         } else {
-            write!(f, "invalid value for `{}`: {}", self.field, self.message)
+            write!(f, "`{}`: {}", self.field, self.message)
         }
     }
 }
@@ -105,7 +108,10 @@ mod tests {
     fn names_a_nested_field_of_the_wrong_type() {
         let e = parse_strict::<Outer>(br#"{"name":"a","inner":{"count":"x"}}"#).unwrap_err();
         assert_eq!(e.field, "inner.count");
-        assert!(e.to_string().starts_with("invalid value for `inner.count`"), "{e}");
+        assert!(
+            e.to_string().starts_with("`inner.count`: invalid type"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -11,7 +11,8 @@ use crate::config::ConfigError;
 use crate::destination::Destination;
 
 /// Builds one destination instance from its name and its own options (JSON, strict).
-pub type BuildDestination = fn(&str, serde_json::Value) -> Result<Arc<dyn Destination>, ConfigError>;
+pub type BuildDestination =
+    fn(&str, serde_json::Value) -> Result<Arc<dyn Destination>, ConfigError>;
 
 /// A destination kind, as registered by its crate.
 #[derive(Clone, Copy)]

@@ -32,7 +32,11 @@ impl Sender {
     }
 
     /// Send any serializable payload to instance `destination`; the destination checks it.
-    pub fn to<T: Serialize + ?Sized>(&self, destination: &str, payload: &T) -> Result<EventId, SendError> {
+    pub fn to<T: Serialize + ?Sized>(
+        &self,
+        destination: &str,
+        payload: &T,
+    ) -> Result<EventId, SendError> {
         let bytes = serde_json::to_vec(payload).map_err(|e| SendError::Serialize {
             destination: destination.to_owned(),
             message: e.to_string(),
@@ -56,7 +60,12 @@ impl Sender {
 
     /// Send a payload a typed request already checked and serialized, to an instance of
     /// `kind`. Destination crates' extension traits use this so that nothing is parsed twice.
-    pub fn checked(&self, destination: &str, kind: &'static str, payload: Bytes) -> Result<EventId, SendError> {
+    pub fn checked(
+        &self,
+        destination: &str,
+        kind: &'static str,
+        payload: Bytes,
+    ) -> Result<EventId, SendError> {
         let instance = self.hub.instance(destination)?;
         if instance.kind != kind {
             return Err(SendError::WrongKind {
@@ -130,7 +139,10 @@ impl Run {
 
     fn buffer(&self) -> &RunBuffer {
         // A run's sender always has its buffer; see `begin`.
-        self.sender.run.as_deref().unwrap_or_else(|| unreachable!("a run's sender has a buffer"))
+        self.sender
+            .run
+            .as_deref()
+            .unwrap_or_else(|| unreachable!("a run's sender has a buffer"))
     }
 
     /// The run's id.
@@ -178,7 +190,11 @@ impl Run {
             OnRunError::Deliver => self.finish().await,
             OnRunError::Discard => {
                 let discarded = self.take().len();
-                tracing::debug!(run = self.id(), discarded, "run failed: its sends were discarded");
+                tracing::debug!(
+                    run = self.id(),
+                    discarded,
+                    "run failed: its sends were discarded"
+                );
                 Ok(Vec::new())
             }
         }
@@ -194,7 +210,11 @@ impl Drop for Run {
     fn drop(&mut self) {
         let discarded = self.take().len();
         if discarded > 0 {
-            tracing::debug!(run = self.id(), discarded, "run dropped without finish: its sends were discarded");
+            tracing::debug!(
+                run = self.id(),
+                discarded,
+                "run dropped without finish: its sends were discarded"
+            );
         }
     }
 }

@@ -58,7 +58,10 @@ pub struct SendStatus {
     #[serde(serialize_with = "rfc3339")]
     pub updated_at: SystemTime,
     /// When the next attempt is due, while retrying.
-    #[serde(serialize_with = "rfc3339_option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        serialize_with = "rfc3339_option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub next_attempt_at: Option<SystemTime>,
 }
 
@@ -103,6 +106,8 @@ pub enum Transition {
 pub struct StatusBook {
     retain_finished: usize,
     inner: Mutex<Inner>,
+    /// Woken whenever a send reaches a final state.
+    finished: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -117,6 +122,7 @@ impl StatusBook {
         Self {
             retain_finished,
             inner: Mutex::new(Inner::default()),
+            finished: tokio::sync::Notify::new(),
         }
     }
 
@@ -197,6 +203,31 @@ impl StatusBook {
                     inner.by_id.remove(&old);
                 }
             }
+            drop(inner);
+            self.finished.notify_waiters();
+        }
+    }
+
+    /// The status of one send once it is final (delivered or dead), or as it is when `timeout`
+    /// passes first. `None` if the send is unknown.
+    pub async fn wait_final(
+        &self,
+        id: EventId,
+        timeout: std::time::Duration,
+    ) -> Option<SendStatus> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Register interest before looking, so a change in between is not missed.
+            let finished = self.finished.notified();
+            tokio::pin!(finished);
+            finished.as_mut().enable();
+            let status = self.get(id)?;
+            if status.state.is_final() {
+                return Some(status);
+            }
+            if tokio::time::timeout_at(deadline, finished).await.is_err() {
+                return self.get(id);
+            }
         }
     }
 
@@ -241,9 +272,19 @@ mod tests {
         );
         assert_eq!(book.get(a.id).map(|s| s.state), Some(State::Retrying));
         book.apply(a.id, Transition::Delivered(None));
-        book.apply(b.id, Transition::Dead { error: "404".into(), response: None });
+        book.apply(
+            b.id,
+            Transition::Dead {
+                error: "404".into(),
+                response: None,
+            },
+        );
         assert!(book.get(a.id).is_none(), "oldest finished forgotten");
         assert_eq!(book.get(b.id).map(|s| s.state), Some(State::Dead));
-        assert_eq!(book.get(c.id).map(|s| s.state), Some(State::Queued), "unfinished kept");
+        assert_eq!(
+            book.get(c.id).map(|s| s.state),
+            Some(State::Queued),
+            "unfinished kept"
+        );
     }
 }

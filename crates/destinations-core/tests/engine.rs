@@ -30,7 +30,10 @@ impl Scripted {
     }
 
     fn attempts(&self) -> Vec<(Instant, Vec<u64>, u32)> {
-        self.attempts.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.attempts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -79,12 +82,20 @@ fn hub(destination: Arc<Scripted>, settings: InstanceSettings, config: HubConfig
 }
 
 fn send(hub: &Hub, marker: u64) -> EventId {
-    hub.sender().to("d", &json!({ "marker": marker })).unwrap_or_else(|e| panic!("{e}"))
+    hub.sender()
+        .to("d", &json!({ "marker": marker }))
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[tokio::test(start_paused = true)]
 async fn retries_back_off_exponentially_within_full_jitter() {
-    let d = Scripted::new(|attempt| if attempt < 6 { Report::retry("503") } else { Report::delivered() });
+    let d = Scripted::new(|attempt| {
+        if attempt < 6 {
+            Report::retry("503")
+        } else {
+            Report::delivered()
+        }
+    });
     let hub = hub(d.clone(), InstanceSettings::default(), HubConfig::default());
     let id = send(&hub, 1);
     hub.shutdown_within(Duration::from_secs(3600)).await;
@@ -93,7 +104,10 @@ async fn retries_back_off_exponentially_within_full_jitter() {
     for (i, pair) in attempts.windows(2).enumerate() {
         let gap = pair[1].0 - pair[0].0;
         let ceiling = Duration::from_secs(1 << i);
-        assert!(gap <= ceiling, "gap {i} was {gap:?}, over the ceiling {ceiling:?}");
+        assert!(
+            gap <= ceiling,
+            "gap {i} was {gap:?}, over the ceiling {ceiling:?}"
+        );
     }
     let total = attempts[5].0 - attempts[0].0;
     assert!(total <= Duration::from_secs(1 + 2 + 4 + 8 + 16));
@@ -138,8 +152,14 @@ async fn the_attempt_budget_ends_in_a_dead_letter_with_the_reason() {
     assert_eq!(status.state, State::Dead);
     let letters = hub.dead_letters(10);
     assert_eq!(letters.len(), 1);
-    assert_eq!(letters[0].reason, "gave up after 3 attempts; last error: connection refused");
-    assert_eq!(status.last_error.as_deref(), Some(letters[0].reason.as_str()));
+    assert_eq!(
+        letters[0].reason,
+        "gave up after 3 attempts; last error: connection refused"
+    );
+    assert_eq!(
+        status.last_error.as_deref(),
+        Some(letters[0].reason.as_str())
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -178,7 +198,13 @@ async fn a_batch_that_fails_is_retried_as_the_same_batch() {
             max_bytes: usize::MAX,
             max_age: Duration::from_secs(1),
         },
-        answer: Box::new(|attempt| if attempt == 1 { Report::retry("throttled") } else { Report::delivered() }),
+        answer: Box::new(|attempt| {
+            if attempt == 1 {
+                Report::retry("throttled")
+            } else {
+                Report::delivered()
+            }
+        }),
         attempts: Mutex::new(Vec::new()),
         hang: false,
     });
@@ -210,26 +236,46 @@ async fn a_full_queue_refuses_a_whole_run_and_keeps_nothing_of_it() {
     let hub = hub(hanging.clone(), InstanceSettings::default(), config);
     let run = hub.begin_run("big");
     let ids: Vec<EventId> = (0..5)
-        .map(|m| run.send().to("d", &json!({ "marker": m })).unwrap_or_else(|e| panic!("{e}")))
+        .map(|m| {
+            run.send()
+                .to("d", &json!({ "marker": m }))
+                .unwrap_or_else(|e| panic!("{e}"))
+        })
         .collect();
     match run.finish().await {
-        Err(SendError::QueueFull(QueueFull::Events { pending: 0, limit: 3, asked: 5 })) => {}
+        Err(SendError::QueueFull(QueueFull::Events {
+            pending: 0,
+            limit: 3,
+            asked: 5,
+        })) => {}
         other => panic!("expected queue full, got {other:?}"),
     }
-    assert!(ids.iter().all(|id| hub.status(*id).is_none()), "nothing of the run was kept");
+    assert!(
+        ids.iter().all(|id| hub.status(*id).is_none()),
+        "nothing of the run was kept"
+    );
     assert_eq!(hub.queue_depth().events, 0);
     for m in 0..3 {
         send(&hub, m);
     }
     let refused = hub.sender().to("d", &json!({"marker": 9}));
     let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
-    assert!(message.contains("queue is full") && message.contains("queue.max_events"), "{message}");
+    assert!(
+        message.contains("queue is full") && message.contains("queue.max_events"),
+        "{message}"
+    );
     // Everything accepted is accounted for at shutdown: dead-lettered with the reason.
     let report = hub.shutdown_within(Duration::from_millis(50)).await;
     assert_eq!(report.abandoned, 3);
     let letters = hub.dead_letters(10);
     assert_eq!(letters.len(), 3);
-    assert!(letters.iter().all(|l| l.reason.contains("shutdown deadline")), "{:?}", letters[0].reason);
+    assert!(
+        letters
+            .iter()
+            .all(|l| l.reason.contains("shutdown deadline")),
+        "{:?}",
+        letters[0].reason
+    );
     assert_eq!(hanging.attempts().len(), 3);
 }
 
@@ -243,7 +289,10 @@ async fn shutdown_dead_letters_a_retry_that_is_not_due_before_the_deadline() {
     let status = hub.status(id).unwrap_or_else(|| panic!("status"));
     assert_eq!(status.state, State::Dead);
     let error = status.last_error.unwrap_or_default();
-    assert!(error.contains("waiting to retry") && error.contains("busy"), "{error}");
+    assert!(
+        error.contains("waiting to retry") && error.contains("busy"),
+        "{error}"
+    );
 }
 
 #[tokio::test]
@@ -255,7 +304,9 @@ async fn a_failed_run_delivers_when_configured_to() {
     };
     let hub = hub(d.clone(), InstanceSettings::default(), config);
     let run = hub.begin_run("r");
-    run.send().to("d", &json!({"marker": 1})).unwrap_or_else(|e| panic!("{e}"));
+    run.send()
+        .to("d", &json!({"marker": 1}))
+        .unwrap_or_else(|e| panic!("{e}"));
     let released = run.fail().await.unwrap_or_default();
     assert_eq!(released.len(), 1);
     hub.shutdown().await;
@@ -274,7 +325,10 @@ async fn sends_are_validated_and_a_finished_run_takes_no_more() {
     let run = hub.begin_run("r");
     let sender = run.send().clone();
     run.finish().await.unwrap_or_else(|e| panic!("{e}"));
-    assert!(matches!(sender.to("d", &json!({"marker": 1})), Err(SendError::RunFinished { .. })));
+    assert!(matches!(
+        sender.to("d", &json!({"marker": 1})),
+        Err(SendError::RunFinished { .. })
+    ));
     hub.shutdown().await;
     assert!(d.attempts().is_empty());
 }

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use destinations_core::{
-    Batch, BatchOutcome, ConfigError, Destination, Envelope, InvalidPayload, Report, ResponseSummary,
-    parse_strict,
+    Batch, BatchOutcome, ConfigError, Destination, Envelope, InvalidPayload, Report,
+    ResponseSummary, parse_strict,
 };
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use reqwest::{Client, StatusCode, Url, redirect};
@@ -36,7 +36,7 @@ pub struct HttpDestination {
 impl HttpDestination {
     /// An instance with these options.
     pub fn new(options: HttpOptions) -> Result<Self, String> {
-        let guard = Arc::new(AddressGuard::allowing(options.allow_networks.clone()));
+        let guard = Arc::new(AddressGuard::allowing(options.allow_networks));
         let signer = if options.signing_secrets.is_empty() {
             None
         } else {
@@ -45,7 +45,9 @@ impl HttpDestination {
         let client = Client::builder()
             .timeout(options.timeout)
             .redirect(redirect_policy(options.follow_redirects, guard.clone()))
-            .dns_resolver(Arc::new(GuardedResolver { guard: guard.clone() }))
+            .dns_resolver(Arc::new(GuardedResolver {
+                guard: guard.clone(),
+            }))
             .pool_max_idle_per_host(options.per_host_concurrency)
             .tcp_nodelay(true)
             .user_agent(concat!("destinations/", env!("CARGO_PKG_VERSION")))
@@ -61,7 +63,10 @@ impl HttpDestination {
     }
 
     /// Build an instance from its config options (the registry's entry point).
-    pub fn from_config(instance: &str, options: serde_json::Value) -> Result<Arc<dyn Destination>, ConfigError> {
+    pub fn from_config(
+        instance: &str,
+        options: serde_json::Value,
+    ) -> Result<Arc<dyn Destination>, ConfigError> {
         let options: HttpOptions = destinations_core::parse_options(instance, options)?;
         Self::new(options)
             .map(|d| Arc::new(d) as Arc<dyn Destination>)
@@ -73,21 +78,31 @@ impl HttpDestination {
             Ok(request) => request,
             Err(e) => return Report::failed(format!("the stored request no longer parses: {e}")),
         };
-        let (url, body) = match request.parsed_url().and_then(|url| Ok((url, request.body()?))) {
+        let (url, body) = match request
+            .parsed_url()
+            .and_then(|url| Ok((url, request.body()?)))
+        {
             Ok(parts) => parts,
             Err(e) => return Report::failed(e.to_string()),
         };
         if let Err(refused) = self.check_literal_host(&url) {
             return Report::failed(refused.to_string());
         }
-        let host_key = format!("{}:{}", url.host_str().unwrap_or_default(), url.port_or_known_default().unwrap_or(0));
+        let host_key = format!(
+            "{}:{}",
+            url.host_str().unwrap_or_default(),
+            url.port_or_known_default().unwrap_or(0)
+        );
         let _slot = self.per_host.acquire(&host_key).await;
 
         let (headers, body) = match self.headers_and_body(&request, envelope, body) {
             Ok(parts) => parts,
             Err(e) => return Report::failed(e.to_string()),
         };
-        let mut builder = self.client.request(request.method.as_reqwest(), url).headers(headers);
+        let mut builder = self
+            .client
+            .request(request.method.as_reqwest(), url)
+            .headers(headers);
         if let Some(auth) = &request.auth {
             builder = match (&auth.bearer, &auth.username) {
                 (Some(token), _) => builder.bearer_auth(token),
@@ -126,10 +141,12 @@ impl HttpDestination {
     ) -> Result<(HeaderMap, Option<Vec<u8>>), InvalidPayload> {
         let mut headers = HeaderMap::with_capacity(request.headers.len() + 5);
         for (name, value) in &request.headers {
-            let name = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| InvalidPayload::field(format!("headers.{name}"), "is not a valid header name"))?;
-            let value = HeaderValue::from_str(value)
-                .map_err(|_| InvalidPayload::field(format!("headers.{name}"), "is not a valid header value"))?;
+            let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                InvalidPayload::field(format!("headers.{name}"), "is not a valid header name")
+            })?;
+            let value = HeaderValue::from_str(value).map_err(|_| {
+                InvalidPayload::field(format!("headers.{name}"), "is not a valid header value")
+            })?;
             headers.append(name, value);
         }
         let id = envelope.id.to_string();
@@ -152,7 +169,7 @@ impl HttpDestination {
                 .map_or(0, |d| d.as_secs());
             let signature = signer.signature(&id, timestamp, body.as_deref().unwrap_or_default());
             for (name, value) in [
-                ("webhook-id", id.clone()),
+                ("webhook-id", id),
                 ("webhook-timestamp", timestamp.to_string()),
                 ("webhook-signature", signature),
             ] {
@@ -174,13 +191,18 @@ impl HttpDestination {
             return Report::failed(refused.to_string()).with_response(summary);
         }
         let message = if error.is_timeout() {
-            format!("timed out after {} (the instance's `timeout`)", humantime_short(self.timeout))
+            format!(
+                "timed out after {} (the instance's `timeout`)",
+                humantime_short(self.timeout)
+            )
         } else if error.is_connect() {
             format!("could not connect: {}", error_chain(error))
         } else if error.is_redirect() {
-            return Report::failed(format!("redirect refused: {}", error_chain(error))).with_response(summary);
+            return Report::failed(format!("redirect refused: {}", error_chain(error)))
+                .with_response(summary);
         } else if error.is_builder() {
-            return Report::failed(format!("invalid request: {}", error_chain(error))).with_response(summary);
+            return Report::failed(format!("invalid request: {}", error_chain(error)))
+                .with_response(summary);
         } else {
             format!("request failed: {}", error_chain(error))
         };
@@ -201,7 +223,9 @@ impl Destination for HttpDestination {
     async fn deliver(&self, batch: Batch) -> BatchOutcome {
         match batch.envelopes() {
             [one] => BatchOutcome::Each(vec![self.deliver_one(one).await]),
-            many => BatchOutcome::Each(futures::future::join_all(many.iter().map(|e| self.deliver_one(e))).await),
+            many => BatchOutcome::Each(
+                futures::future::join_all(many.iter().map(|e| self.deliver_one(e))).await,
+            ),
         }
     }
 }
@@ -220,7 +244,11 @@ async fn classify(mut response: reqwest::Response, started: Instant) -> Report {
         .get(reqwest::header::LOCATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let keep = if status.is_success() { 0 } else { ERROR_EXCERPT_BYTES };
+    let keep = if status.is_success() {
+        0
+    } else {
+        ERROR_EXCERPT_BYTES
+    };
     let excerpt = read_excerpt(&mut response, keep).await;
     let summary = ResponseSummary {
         status: Some(status.as_u16()),
@@ -244,7 +272,8 @@ async fn classify(mut response: reqwest::Response, started: Instant) -> Report {
 }
 
 fn is_transient(status: StatusCode) -> bool {
-    matches!(status.as_u16(), 408 | 429) || (status.is_server_error() && status != StatusCode::NOT_IMPLEMENTED)
+    matches!(status.as_u16(), 408 | 429)
+        || (status.is_server_error() && status != StatusCode::NOT_IMPLEMENTED)
 }
 
 fn describe(status: StatusCode, excerpt: Option<&str>) -> String {
@@ -311,7 +340,9 @@ fn redirect_policy(follow: usize, guard: Arc<AddressGuard>) -> redirect::Policy 
     })
 }
 
-fn find_source<'a, T: std::error::Error + 'static>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a T> {
+fn find_source<'a, T: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
     let mut current = Some(error);
     while let Some(e) = current {
         if let Some(found) = e.downcast_ref::<T>() {
@@ -350,17 +381,26 @@ mod tests {
         assert_eq!(parse_retry_after("120"), Some(Duration::from_secs(120)));
         let later = SystemTime::now() + Duration::from_secs(90);
         let parsed = parse_retry_after(&httpdate::fmt_http_date(later)).unwrap_or_default();
-        assert!(parsed > Duration::from_secs(80) && parsed <= Duration::from_secs(90), "{parsed:?}");
+        assert!(
+            parsed > Duration::from_secs(80) && parsed <= Duration::from_secs(90),
+            "{parsed:?}"
+        );
         assert_eq!(parse_retry_after("soon"), None);
     }
 
     #[test]
     fn transient_statuses() {
         for code in [408, 429, 500, 502, 503, 504] {
-            assert!(is_transient(StatusCode::from_u16(code).unwrap_or(StatusCode::OK)), "{code}");
+            assert!(
+                is_transient(StatusCode::from_u16(code).unwrap_or(StatusCode::OK)),
+                "{code}"
+            );
         }
         for code in [400, 401, 403, 404, 410, 422, 501, 301] {
-            assert!(!is_transient(StatusCode::from_u16(code).unwrap_or(StatusCode::OK)), "{code}");
+            assert!(
+                !is_transient(StatusCode::from_u16(code).unwrap_or(StatusCode::OK)),
+                "{code}"
+            );
         }
     }
 }

@@ -57,7 +57,11 @@ impl AddressGuard {
     }
 
     /// Check the addresses of `host`; keep those allowed, or say why none is.
-    pub fn filter(&self, host: &str, addresses: Vec<SocketAddr>) -> Result<Vec<SocketAddr>, Refused> {
+    pub fn filter(
+        &self,
+        host: &str,
+        addresses: Vec<SocketAddr>,
+    ) -> Result<Vec<SocketAddr>, Refused> {
         let mut refused = Vec::new();
         let allowed: Vec<SocketAddr> = addresses
             .into_iter()
@@ -137,7 +141,8 @@ impl Resolve for GuardedResolver {
         let guard = self.guard.clone();
         Box::pin(async move {
             let host = name.as_str().to_owned();
-            let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let found: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             let allowed = guard.filter(&host, found)?;
             let addrs: Addrs = Box::new(allowed.into_iter());
             Ok(addrs)
@@ -174,20 +179,49 @@ mod tests {
         ] {
             assert_eq!(class(ip), Some(expected), "{ip}");
         }
-        for ip in ["8.8.8.8", "172.32.0.1", "100.128.0.1", "2606:4700::1111", "93.184.216.34"] {
+        for ip in [
+            "8.8.8.8",
+            "172.32.0.1",
+            "100.128.0.1",
+            "2606:4700::1111",
+            "93.184.216.34",
+        ] {
             assert_eq!(class(ip), None, "{ip} is public");
         }
     }
 
     #[test]
     fn allow_list_admits_only_its_networks() {
-        let guard = AddressGuard::allowing(vec!["127.0.0.0/8".parse().unwrap_or_else(|_| unreachable!())]);
-        assert!(guard.check("127.0.0.1".parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))).is_ok());
-        assert_eq!(guard.check("10.0.0.1".parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))), Err("private"));
+        let guard = AddressGuard::allowing(vec![
+            "127.0.0.0/8".parse().unwrap_or_else(|_| unreachable!()),
+        ]);
+        assert!(
+            guard
+                .check(
+                    "127.0.0.1"
+                        .parse()
+                        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+                )
+                .is_ok()
+        );
+        assert_eq!(
+            guard.check(
+                "10.0.0.1"
+                    .parse()
+                    .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+            ),
+            Err("private")
+        );
         let refused = AddressGuard::default()
-            .filter("localhost", vec!["127.0.0.1:80".parse().unwrap_or_else(|_| unreachable!())])
+            .filter(
+                "localhost",
+                vec!["127.0.0.1:80".parse().unwrap_or_else(|_| unreachable!())],
+            )
             .unwrap_err();
-        assert!(refused.to_string().contains("127.0.0.1 (loopback)"), "{refused}");
+        assert!(
+            refused.to_string().contains("127.0.0.1 (loopback)"),
+            "{refused}"
+        );
         assert!(refused.to_string().contains("allow_networks"), "{refused}");
     }
 }

@@ -49,11 +49,15 @@ mod tests {
         let limit = PerHostLimit::new(2);
         let a1 = limit.acquire("a:80").await;
         let _a2 = limit.acquire("a:80").await;
-        let b = tokio::time::timeout(std::time::Duration::from_secs(5), limit.acquire("b:80")).await;
+        let b =
+            tokio::time::timeout(std::time::Duration::from_secs(5), limit.acquire("b:80")).await;
         assert!(b.is_ok(), "another host is not held up");
         let third = limit.acquire("a:80");
         tokio::pin!(third);
-        assert!(futures_poll_once(&mut third).await.is_none(), "a third for `a` waits");
+        assert!(
+            futures_poll_once(&mut third).await.is_none(),
+            "a third for `a` waits"
+        );
         drop(a1);
         assert!(third.await.is_some());
     }

@@ -45,7 +45,10 @@ impl std::fmt::Debug for HttpOptions {
             .field("timeout", &self.timeout)
             .field("allow_networks", &self.allow_networks)
             .field("follow_redirects", &self.follow_redirects)
-            .field("signing_secrets", &format_args!("[{} hidden]", self.signing_secrets.len()))
+            .field(
+                "signing_secrets",
+                &format_args!("[{} hidden]", self.signing_secrets.len()),
+            )
             .field("per_host_concurrency", &self.per_host_concurrency)
             .finish()
     }

@@ -219,15 +219,22 @@ impl HttpRequest {
         if self.url.len() > MAX_URL_BYTES {
             return Err(InvalidPayload::field(
                 "url",
-                format!("is {} bytes long, over the limit of {MAX_URL_BYTES}", self.url.len()),
+                format!(
+                    "is {} bytes long, over the limit of {MAX_URL_BYTES}",
+                    self.url.len()
+                ),
             ));
         }
-        let mut url = Url::parse(&self.url)
-            .map_err(|e| InvalidPayload::field("url", format!("`{}` is not a valid URL: {e}", self.url)))?;
+        let mut url = Url::parse(&self.url).map_err(|e| {
+            InvalidPayload::field("url", format!("`{}` is not a valid URL: {e}", self.url))
+        })?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(InvalidPayload::field(
                 "url",
-                format!("scheme `{}` is not allowed; use http or https", url.scheme()),
+                format!(
+                    "scheme `{}` is not allowed; use http or https",
+                    url.scheme()
+                ),
             ));
         }
         if url.host().is_none() {
@@ -274,8 +281,9 @@ fn check_header(name: &str, value: &str) -> Result<(), InvalidPayload> {
     }
     HeaderName::from_bytes(name.as_bytes())
         .map_err(|_| InvalidPayload::field(field(), "is not a valid header name"))?;
-    HeaderValue::from_str(value)
-        .map_err(|_| InvalidPayload::field(field(), "has a character not allowed in a header value"))?;
+    HeaderValue::from_str(value).map_err(|_| {
+        InvalidPayload::field(field(), "has a character not allowed in a header value")
+    })?;
     if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
         return Err(InvalidPayload::field(
             field(),
@@ -298,12 +306,21 @@ fn check_auth(auth: &Auth) -> Result<(), InvalidPayload> {
         }
         (Some(username), _, None) => {
             if username.contains(':') {
-                return Err(InvalidPayload::field("auth.username", "cannot contain `:` (Basic auth)"));
+                return Err(InvalidPayload::field(
+                    "auth.username",
+                    "cannot contain `:` (Basic auth)",
+                ));
             }
             Ok(())
         }
-        (None, Some(_), None) => Err(InvalidPayload::field("auth.username", "is required with a password")),
-        (None, None, None) => Err(InvalidPayload::field("auth", "give {username, password} or {bearer}")),
+        (None, Some(_), None) => Err(InvalidPayload::field(
+            "auth.username",
+            "is required with a password",
+        )),
+        (None, None, None) => Err(InvalidPayload::field(
+            "auth",
+            "give {username, password} or {bearer}",
+        )),
         _ => Err(InvalidPayload::field(
             "auth",
             "give either {username, password} or {bearer}, not both",
@@ -335,7 +352,8 @@ mod tests {
             Some("https://example.com/x?a=1&q=r+s")
         );
         assert!(matches!(r.body(), Ok(Body::Json(r#"{"name":"Luke"}"#))));
-        let r = parse(r#"{"url":"http://example.com","data":"plain text"}"#).unwrap_or_else(|e| panic!("{e}"));
+        let r = parse(r#"{"url":"http://example.com","data":"plain text"}"#)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(r.method, Method::Post);
         assert!(matches!(r.body(), Ok(Body::Text(t)) if t == "plain text"));
     }
@@ -345,13 +363,19 @@ mod tests {
         let e = parse(r#"{"url":"http://example.com","body":"x"}"#).unwrap_err();
         assert_eq!(e.field, "body");
         assert!(e.message.contains("unknown field `body`"), "{e}");
-        assert!(e.message.contains("`data`"), "the message lists the right name: {e}");
+        assert!(
+            e.message.contains("`data`"),
+            "the message lists the right name: {e}"
+        );
     }
 
     #[test]
     fn refuses_lower_case_and_unknown_methods() {
         for method in ["post", "FETCH"] {
-            let e = parse(&format!(r#"{{"method":"{method}","url":"http://example.com"}}"#)).unwrap_err();
+            let e = parse(&format!(
+                r#"{{"method":"{method}","url":"http://example.com"}}"#
+            ))
+            .unwrap_err();
             assert_eq!(e.field, "method", "{e}");
             assert!(e.message.contains("`POST`"), "{e}");
         }
@@ -375,12 +399,14 @@ mod tests {
 
     #[test]
     fn refuses_header_injection_and_reserved_headers() {
-        let e = parse(r#"{"url":"http://example.com","headers":{"X-A":"b\r\nX-Evil: 1"}}"#).unwrap_err();
+        let e = parse(r#"{"url":"http://example.com","headers":{"X-A":"b\r\nX-Evil: 1"}}"#)
+            .unwrap_err();
         assert_eq!(e.field, "headers.X-A");
         assert!(e.message.contains("CR or LF"), "{e}");
         let e = parse(r#"{"url":"http://example.com","headers":{"X-A\nB":"b"}}"#).unwrap_err();
         assert!(e.message.contains("CR or LF"), "{e}");
-        let e = parse(r#"{"url":"http://example.com","headers":{"Idempotency-Key":"k"}}"#).unwrap_err();
+        let e =
+            parse(r#"{"url":"http://example.com","headers":{"Idempotency-Key":"k"}}"#).unwrap_err();
         assert!(e.message.contains("set by the destination"), "{e}");
         let e = parse(r#"{"url":"http://example.com","auth":{"bearer":"a\r\nb"}}"#).unwrap_err();
         assert_eq!(e.field, "auth.bearer");
@@ -388,7 +414,8 @@ mod tests {
 
     #[test]
     fn refuses_mixed_auth_and_odd_data() {
-        let e = parse(r#"{"url":"http://example.com","auth":{"username":"u","bearer":"t"}}"#).unwrap_err();
+        let e = parse(r#"{"url":"http://example.com","auth":{"username":"u","bearer":"t"}}"#)
+            .unwrap_err();
         assert_eq!(e.field, "auth");
         let e = parse(r#"{"url":"http://example.com","auth":{"user":"u"}}"#).unwrap_err();
         assert_eq!(e.field, "auth.user");
@@ -407,6 +434,9 @@ mod tests {
         let bytes = serde_json::to_vec(&r).unwrap_or_default();
         let back: HttpRequest = parse_strict(&bytes).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(back, r);
-        assert!(!format!("{r:?}").contains("t0k"), "Debug never shows credentials");
+        assert!(
+            !format!("{r:?}").contains("t0k"),
+            "Debug never shows credentials"
+        );
     }
 }

@@ -33,10 +33,13 @@ impl WebhookSigner {
             .iter()
             .enumerate()
             .map(|(index, secret)| {
-                let encoded = secret.as_ref().strip_prefix("whsec_").ok_or(InvalidSecret {
-                    index,
-                    problem: "does not start with `whsec_`",
-                })?;
+                let encoded = secret
+                    .as_ref()
+                    .strip_prefix("whsec_")
+                    .ok_or(InvalidSecret {
+                        index,
+                        problem: "does not start with `whsec_`",
+                    })?;
                 let bytes = STANDARD.decode(encoded).map_err(|_| InvalidSecret {
                     index,
                     problem: "is not valid base64 after `whsec_`",

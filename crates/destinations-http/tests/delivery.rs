@@ -26,7 +26,8 @@ fn fast_retries() -> RetryPolicy {
 }
 
 fn hub_with(options: HttpOptions, retry: RetryPolicy) -> Hub {
-    let destination = destinations_http::HttpDestination::new(options).unwrap_or_else(|e| panic!("{e}"));
+    let destination =
+        destinations_http::HttpDestination::new(options).unwrap_or_else(|e| panic!("{e}"));
     Hub::builder()
         .destination(
             "http",
@@ -68,7 +69,11 @@ impl ConformanceTarget for HttpTarget {
     }
 
     fn payload(&self, marker: u64) -> serde_json::Value {
-        let url = self.receiver.as_ref().map(|r| r.url("/hook")).unwrap_or_default();
+        let url = self
+            .receiver
+            .as_ref()
+            .map(|r| r.url("/hook"))
+            .unwrap_or_default();
         json!({"method": "POST", "url": url, "data": {"marker": marker}})
     }
 
@@ -77,8 +82,15 @@ impl ConformanceTarget for HttpTarget {
     }
 
     async fn accepted_markers(&self) -> Vec<u64> {
-        let requests = self.receiver.as_ref().map(Receiver::accepted_requests).unwrap_or_default();
-        requests.iter().filter_map(|r| r.json()["marker"].as_u64()).collect()
+        let requests = self
+            .receiver
+            .as_ref()
+            .map(Receiver::accepted_requests)
+            .unwrap_or_default();
+        requests
+            .iter()
+            .filter_map(|r| r.json()["marker"].as_u64())
+            .collect()
     }
 }
 
@@ -119,7 +131,11 @@ async fn every_accepted_send_arrives_through_transient_failures() {
     receiver.wait_for_accepted(N as usize, WITHIN).await;
     hub.shutdown_within(WITHIN).await;
 
-    assert_eq!(receiver.accepted_keys(), ids, "N sends accepted → the same N ids received");
+    assert_eq!(
+        receiver.accepted_keys(),
+        ids,
+        "N sends accepted → the same N ids received"
+    );
     let accepted = receiver.accepted_requests();
     let distinct_bodies: HashSet<_> = accepted.iter().map(|r| r.json()["n"].as_u64()).collect();
     assert_eq!(distinct_bodies.len(), N as usize);
@@ -130,20 +146,33 @@ async fn every_accepted_send_arrives_through_transient_failures() {
         assert!(r.attempt == 1 || n % 5 != 0, "send {n} needed no retry");
     }
     for id in &ids {
-        let status = hub.status(id.parse().unwrap_or_default()).unwrap_or_else(|| panic!("status of {id}"));
+        let status = hub
+            .status(id.parse().unwrap_or_default())
+            .unwrap_or_else(|| panic!("status of {id}"));
         assert_eq!(status.state, State::Delivered, "{id}: {status:?}");
     }
     let timed_out = ids
         .iter()
         .filter_map(|id| hub.status(id.parse().unwrap_or_default()))
-        .filter(|s| s.attempts == 2 && s.last_error.as_deref().is_some_and(|e| e.contains("timed out")))
+        .filter(|s| {
+            s.attempts == 2
+                && s.last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("timed out"))
+        })
         .count();
-    assert_eq!(timed_out, (N / 5) as usize, "every slow first answer was a timeout, then retried");
+    assert_eq!(
+        timed_out,
+        (N / 5) as usize,
+        "every slow first answer was a timeout, then retried"
+    );
 }
 
 #[tokio::test]
 async fn a_permanent_4xx_dead_letters_at_once_with_status_and_body() {
-    let receiver = Receiver::scripted(|_| Reply::Full(404, vec![], "no such hook: check the URL".into())).await;
+    let receiver =
+        Receiver::scripted(|_| Reply::Full(404, vec![], "no such hook: check the URL".into()))
+            .await;
     let hub = loopback_hub();
     let id = hub
         .sender()
@@ -154,10 +183,16 @@ async fn a_permanent_4xx_dead_letters_at_once_with_status_and_body() {
     assert_eq!(status.state, State::Dead);
     assert_eq!(status.attempts, 1);
     let error = status.last_error.unwrap_or_default();
-    assert!(error.contains("HTTP 404 Not Found: no such hook"), "{error}");
+    assert!(
+        error.contains("HTTP 404 Not Found: no such hook"),
+        "{error}"
+    );
     let response = status.response.unwrap_or_else(|| panic!("response kept"));
     assert_eq!(response.status, Some(404));
-    assert_eq!(response.body_excerpt.as_deref(), Some("no such hook: check the URL"));
+    assert_eq!(
+        response.body_excerpt.as_deref(),
+        Some("no such hook: check the URL")
+    );
     let letters = hub.dead_letters(10);
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].envelope.id, id);
@@ -173,7 +208,11 @@ async fn error_bodies_are_cut_at_4_kib() {
         .http(HttpRequest::post(receiver.url("/")))
         .unwrap_or_else(|e| panic!("{e}"));
     hub.shutdown_within(WITHIN).await;
-    let excerpt = hub.status(id).and_then(|s| s.response).and_then(|r| r.body_excerpt).unwrap_or_default();
+    let excerpt = hub
+        .status(id)
+        .and_then(|s| s.response)
+        .and_then(|r| r.body_excerpt)
+        .unwrap_or_default();
     assert_eq!(excerpt.len(), 4096);
 }
 
@@ -195,7 +234,10 @@ async fn a_run_that_is_never_finished_sends_nothing() {
         .send()
         .http(HttpRequest::post(receiver.url("/never")))
         .unwrap_or_else(|e| panic!("{e}"));
-    assert!(failed.fail().await.unwrap_or_default().is_empty(), "on_run_error = discard by default");
+    assert!(
+        failed.fail().await.unwrap_or_default().is_empty(),
+        "on_run_error = discard by default"
+    );
     // A marker sent afterwards: once it has arrived, anything the runs leaked would have too.
     hub.sender()
         .http(HttpRequest::post(receiver.url("/marker")))
@@ -207,7 +249,10 @@ async fn a_run_that_is_never_finished_sends_nothing() {
 
 #[tokio::test]
 async fn shutdown_delivers_pending_work() {
-    let receiver = Receiver::scripted(|_| Reply::After(Duration::from_millis(20), Box::new(Reply::Status(200)))).await;
+    let receiver = Receiver::scripted(|_| {
+        Reply::After(Duration::from_millis(20), Box::new(Reply::Status(200)))
+    })
+    .await;
     let hub = loopback_hub();
     let run = hub.begin_run("late");
     for n in 0..100 {
@@ -219,7 +264,10 @@ async fn shutdown_delivers_pending_work() {
     let report = hub.shutdown_within(WITHIN).await;
     assert_eq!(report.abandoned, 0);
     assert_eq!(receiver.accepted_keys().len(), 100);
-    assert!(ids.iter().all(|id| hub.status(*id).map(|s| s.state) == Some(State::Delivered)));
+    assert!(
+        ids.iter()
+            .all(|id| hub.status(*id).map(|s| s.state) == Some(State::Delivered))
+    );
     let after = hub.sender().http(HttpRequest::post(receiver.url("/")));
     assert!(matches!(after, Err(SendError::ShuttingDown)), "{after:?}");
 }
@@ -234,7 +282,10 @@ async fn the_ssrf_guard_refuses_loopback_unless_allow_listed() {
         .unwrap_or_else(|e| panic!("{e}"));
     let by_name = hub
         .sender()
-        .http(HttpRequest::post(format!("http://localhost:{}/", receiver.addr().port())))
+        .http(HttpRequest::post(format!(
+            "http://localhost:{}/",
+            receiver.addr().port()
+        )))
         .unwrap_or_else(|e| panic!("{e}"));
     hub.shutdown_within(WITHIN).await;
     for id in [literal, by_name] {
@@ -245,22 +296,30 @@ async fn the_ssrf_guard_refuses_loopback_unless_allow_listed() {
         assert!(error.contains("127.0.0.1 (loopback)"), "{error}");
         assert!(error.contains("allow_networks"), "{error}");
     }
-    assert!(receiver.requests().is_empty(), "nothing reached the receiver");
+    assert!(
+        receiver.requests().is_empty(),
+        "nothing reached the receiver"
+    );
 }
 
 #[tokio::test]
 async fn redirects_are_not_followed_by_default() {
     let target = Receiver::start().await;
     let location = target.url("/elsewhere");
-    let receiver =
-        Receiver::scripted(move |_| Reply::Full(302, vec![("location", location.clone())], String::new())).await;
+    let receiver = Receiver::scripted(move |_| {
+        Reply::Full(302, vec![("location", location.clone())], String::new())
+    })
+    .await;
     let hub = loopback_hub();
     let id = hub
         .sender()
         .http(HttpRequest::post(receiver.url("/")))
         .unwrap_or_else(|e| panic!("{e}"));
     hub.shutdown_within(WITHIN).await;
-    let error = hub.status(id).and_then(|s| s.last_error).unwrap_or_default();
+    let error = hub
+        .status(id)
+        .and_then(|s| s.last_error)
+        .unwrap_or_default();
     assert!(error.contains("not followed"), "{error}");
     assert!(target.requests().is_empty());
 }
@@ -269,8 +328,14 @@ async fn redirects_are_not_followed_by_default() {
 async fn signatures_verify_with_an_independent_hmac() {
     let receiver = Receiver::start().await;
     let secret_bytes = b"a-32-byte-secret-for-the-tests!!";
-    let secret = format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(secret_bytes));
-    let old_secret = format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode([7u8; 24]));
+    let secret = format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(secret_bytes)
+    );
+    let old_secret = format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode([7u8; 24])
+    );
     let mut options = HttpOptions::allowing_loopback();
     options.signing_secrets = vec![secret, old_secret];
     let hub = hub_with(options, fast_retries());
@@ -280,16 +345,29 @@ async fn signatures_verify_with_an_independent_hmac() {
         .unwrap_or_else(|e| panic!("{e}"));
     hub.shutdown_within(WITHIN).await;
 
-    let request = receiver.requests().pop().unwrap_or_else(|| panic!("one request"));
+    let request = receiver
+        .requests()
+        .pop()
+        .unwrap_or_else(|| panic!("one request"));
     assert_eq!(request.header("webhook-id"), Some(id.to_string().as_str()));
-    assert_eq!(request.header("idempotency-key"), Some(id.to_string().as_str()));
+    assert_eq!(
+        request.header("idempotency-key"),
+        Some(id.to_string().as_str())
+    );
     let timestamp = request.header("webhook-timestamp").unwrap_or_default();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    assert!(now.abs_diff(timestamp.parse().unwrap_or(0)) < 300, "timestamp is now");
-    let signed = format!("{id}.{timestamp}.{}", String::from_utf8_lossy(&request.body));
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret_bytes).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        now.abs_diff(timestamp.parse().unwrap_or(0)) < 300,
+        "timestamp is now"
+    );
+    let signed = format!(
+        "{id}.{timestamp}.{}",
+        String::from_utf8_lossy(&request.body)
+    );
+    let mut mac =
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(secret_bytes).unwrap_or_else(|e| panic!("{e}"));
     mac.update(signed.as_bytes());
     let expected = format!(
         "v1,{}",
@@ -317,26 +395,56 @@ async fn requests_carry_method_headers_params_auth_and_text_bodies() {
         )
         .unwrap_or_else(|e| panic!("{e}"));
     hub.shutdown_within(WITHIN).await;
-    let request = receiver.requests().pop().unwrap_or_else(|| panic!("one request"));
+    let request = receiver
+        .requests()
+        .pop()
+        .unwrap_or_else(|| panic!("one request"));
     assert_eq!(request.method, "PUT");
     assert_eq!(request.uri, "/p?x=1&q=a+b");
     assert_eq!(request.header("x-custom"), Some("yes"));
     let basic = base64::engine::general_purpose::STANDARD.encode("luke:s3cret");
-    assert_eq!(request.header("authorization"), Some(format!("Basic {basic}").as_str()));
+    assert_eq!(
+        request.header("authorization"),
+        Some(format!("Basic {basic}").as_str())
+    );
     assert_eq!(&request.body[..], b"plain text");
-    assert_eq!(request.header("content-type"), None, "text is sent as it is");
+    assert_eq!(
+        request.header("content-type"),
+        None,
+        "text is sent as it is"
+    );
 }
 
 #[tokio::test]
 async fn strict_validation_names_the_field_through_the_json_path() {
     let hub = loopback_hub();
     let cases = [
-        (json!({"url": "http://127.0.0.1/", "body": {"a": 1}}), "body", "unknown field `body`"),
-        (json!({"method": "post", "url": "http://127.0.0.1/"}), "method", "unknown variant `post`"),
-        (json!({"method": "FETCH", "url": "http://127.0.0.1/"}), "method", "unknown variant `FETCH`"),
+        (
+            json!({"url": "http://127.0.0.1/", "body": {"a": 1}}),
+            "body",
+            "unknown field `body`",
+        ),
+        (
+            json!({"method": "post", "url": "http://127.0.0.1/"}),
+            "method",
+            "unknown variant `post`",
+        ),
+        (
+            json!({"method": "FETCH", "url": "http://127.0.0.1/"}),
+            "method",
+            "unknown variant `FETCH`",
+        ),
         (json!({"url": "ftp://127.0.0.1/f"}), "url", "scheme `ftp`"),
-        (json!({"url": "http://127.0.0.1/", "headers": {"X-A": "1\r\nX-B: 2"}}), "headers.X-A", "CR or LF"),
-        (json!({"url": "http://127.0.0.1/", "headers": {"X-A": 1}}), "headers.X-A", "invalid type"),
+        (
+            json!({"url": "http://127.0.0.1/", "headers": {"X-A": "1\r\nX-B: 2"}}),
+            "headers.X-A",
+            "CR or LF",
+        ),
+        (
+            json!({"url": "http://127.0.0.1/", "headers": {"X-A": 1}}),
+            "headers.X-A",
+            "invalid type",
+        ),
     ];
     for (payload, field, says) in cases {
         let bytes = bytes::Bytes::from(serde_json::to_vec(&payload).unwrap_or_default());
@@ -349,8 +457,14 @@ async fn strict_validation_names_the_field_through_the_json_path() {
         }
     }
     let too_big = json!({"url": "http://127.0.0.1/", "data": "x".repeat(2 * 1024 * 1024)});
-    assert!(matches!(hub.sender().to("http", &too_big), Err(SendError::TooLarge { .. })));
-    assert!(matches!(hub.sender().to("nope", &json!({})), Err(SendError::UnknownDestination { .. })));
+    assert!(matches!(
+        hub.sender().to("http", &too_big),
+        Err(SendError::TooLarge { .. })
+    ));
+    assert!(matches!(
+        hub.sender().to("nope", &json!({})),
+        Err(SendError::UnknownDestination { .. })
+    ));
     hub.shutdown_within(WITHIN).await;
 }
 
@@ -370,11 +484,27 @@ async fn instances_build_from_config_through_the_registry() {
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(hub.destinations(), vec![("hooks".to_owned(), "http")]);
-    let bad = InstanceConfig::from_table("hooks", json!({"kind": "http", "timout": "2s"})).unwrap_or_else(|e| panic!("{e}"));
-    let error = registry.build("http", "hooks", bad.options).err().map(|e| e.to_string()).unwrap_or_default();
-    assert!(error.contains("destinations.hooks") && error.contains("timout"), "{error}");
-    let bad = InstanceConfig::from_table("hooks", json!({"kind": "http", "signing_secrets": ["nope"]})).unwrap_or_else(|e| panic!("{e}"));
-    let error = registry.build("http", "hooks", bad.options).err().map(|e| e.to_string()).unwrap_or_default();
+    let bad = InstanceConfig::from_table("hooks", json!({"kind": "http", "timout": "2s"}))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let error = registry
+        .build("http", "hooks", bad.options)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        error.contains("destinations.hooks") && error.contains("timout"),
+        "{error}"
+    );
+    let bad = InstanceConfig::from_table(
+        "hooks",
+        json!({"kind": "http", "signing_secrets": ["nope"]}),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let error = registry
+        .build("http", "hooks", bad.options)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
     assert!(error.contains("whsec_"), "{error}");
     hub.shutdown().await;
 }

@@ -52,7 +52,11 @@ pub async fn run_all(target: &mut dyn ConformanceTarget) {
     flushes_a_partial_batch_on_shutdown(target).await;
 }
 
-async fn hub_for(target: &mut dyn ConformanceTarget, behaviour: SinkBehaviour, extra: serde_json::Value) -> Hub {
+async fn hub_for(
+    target: &mut dyn ConformanceTarget,
+    behaviour: SinkBehaviour,
+    extra: serde_json::Value,
+) -> Hub {
     let mut table = target.start_sink(behaviour).await;
     let object = table
         .as_object_mut()
@@ -69,7 +73,9 @@ async fn hub_for(target: &mut dyn ConformanceTarget, behaviour: SinkBehaviour, e
     Hub::builder()
         .config(HubConfig::default())
         .configured(&Registry::linked(), INSTANCE, config)
-        .unwrap_or_else(|e| panic!("{e} (is the destination crate named by the test, so it is linked?)"))
+        .unwrap_or_else(|e| {
+            panic!("{e} (is the destination crate named by the test, so it is linked?)")
+        })
         .build()
         .unwrap_or_else(|e| panic!("{e}"))
 }
@@ -104,7 +110,11 @@ fn states(hub: &Hub, ids: &[EventId]) -> HashMap<State, usize> {
 fn assert_each_marker_arrived(mut markers: Vec<u64>) {
     markers.sort_unstable();
     markers.dedup();
-    assert_eq!(markers, (0..SENDS).collect::<Vec<_>>(), "every send must arrive (duplicates allowed)");
+    assert_eq!(
+        markers,
+        (0..SENDS).collect::<Vec<_>>(),
+        "every send must arrive (duplicates allowed)"
+    );
 }
 
 /// Every accepted send arrives; every status says delivered.
@@ -112,7 +122,10 @@ pub async fn delivers_every_send_once_or_more(target: &mut dyn ConformanceTarget
     let hub = hub_for(target, SinkBehaviour::Accept, json!({})).await;
     let ids = send_all(target, &hub).await;
     settle(&hub).await;
-    assert_eq!(states(&hub, &ids), HashMap::from([(State::Delivered, SENDS as usize)]));
+    assert_eq!(
+        states(&hub, &ids),
+        HashMap::from([(State::Delivered, SENDS as usize)])
+    );
     assert_each_marker_arrived(target.accepted_markers().await);
 }
 
@@ -121,10 +134,17 @@ pub async fn retries_a_transient_failure(target: &mut dyn ConformanceTarget) {
     let hub = hub_for(target, SinkBehaviour::FailFirstAttempts(2), json!({})).await;
     let ids = send_all(target, &hub).await;
     settle(&hub).await;
-    assert_eq!(states(&hub, &ids), HashMap::from([(State::Delivered, SENDS as usize)]));
+    assert_eq!(
+        states(&hub, &ids),
+        HashMap::from([(State::Delivered, SENDS as usize)])
+    );
     for id in &ids {
         let status = hub.status(*id).unwrap_or_else(|| panic!("status of {id}"));
-        assert!(status.attempts >= 3, "{id} delivered after {} attempts, expected 3", status.attempts);
+        assert!(
+            status.attempts >= 3,
+            "{id} delivered after {} attempts, expected 3",
+            status.attempts
+        );
         assert!(status.last_error.is_some(), "the transient error is kept");
     }
     assert_each_marker_arrived(target.accepted_markers().await);
@@ -135,11 +155,17 @@ pub async fn dead_letters_a_permanent_failure(target: &mut dyn ConformanceTarget
     let hub = hub_for(target, SinkBehaviour::RejectPermanently, json!({})).await;
     let ids = send_all(target, &hub).await;
     settle(&hub).await;
-    assert_eq!(states(&hub, &ids), HashMap::from([(State::Dead, SENDS as usize)]));
+    assert_eq!(
+        states(&hub, &ids),
+        HashMap::from([(State::Dead, SENDS as usize)])
+    );
     let letters = hub.dead_letters(usize::MAX);
     assert_eq!(letters.len(), SENDS as usize);
     for letter in letters {
-        assert_eq!(letter.envelope.attempts, 1, "a permanent failure is not retried");
+        assert_eq!(
+            letter.envelope.attempts, 1,
+            "a permanent failure is not retried"
+        );
         assert!(!letter.reason.is_empty());
     }
     assert!(target.accepted_markers().await.is_empty());
@@ -172,6 +198,9 @@ pub async fn flushes_a_partial_batch_on_shutdown(target: &mut dyn ConformanceTar
         "nothing is delivered before the batch fills or shutdown flushes it"
     );
     settle(&hub).await;
-    assert_eq!(states(&hub, &ids), HashMap::from([(State::Delivered, SENDS as usize)]));
+    assert_eq!(
+        states(&hub, &ids),
+        HashMap::from([(State::Delivered, SENDS as usize)])
+    );
     assert_each_marker_arrived(target.accepted_markers().await);
 }

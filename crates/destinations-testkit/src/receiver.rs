@@ -90,7 +90,9 @@ impl Receiver {
     }
 
     /// A receiver that answers as `script` says.
-    pub async fn scripted(script: impl Fn(&ReceivedRequest) -> Reply + Send + Sync + 'static) -> Self {
+    pub async fn scripted(
+        script: impl Fn(&ReceivedRequest) -> Reply + Send + Sync + 'static,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap_or_else(|e| panic!("cannot bind a receiver on 127.0.0.1: {e}"));
@@ -112,7 +114,9 @@ impl Receiver {
         let state = (record.clone(), script, accepted_tx);
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let (record, script, accepted_tx) = state.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request| {
@@ -200,11 +204,20 @@ async fn handle(
     accepted_tx: Arc<watch::Sender<usize>>,
 ) -> Result<Response<Full<Bytes>>, DropConnection> {
     let (parts, body) = request.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let headers: Vec<(String, String)> = parts
         .headers
         .iter()
-        .map(|(n, v)| (n.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .map(|(n, v)| {
+            (
+                n.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
         .collect();
     let key = parts
         .headers
@@ -240,8 +253,26 @@ async fn handle(
                 reply = *then;
             }
             Reply::Drop => return Err(DropConnection),
-            Reply::Status(code) => return Ok(answer(code, Vec::new(), String::new(), &received, &record, &accepted_tx)),
-            Reply::Full(code, headers, body) => return Ok(answer(code, headers, body, &received, &record, &accepted_tx)),
+            Reply::Status(code) => {
+                return Ok(answer(
+                    code,
+                    Vec::new(),
+                    String::new(),
+                    &received,
+                    &record,
+                    &accepted_tx,
+                ));
+            }
+            Reply::Full(code, headers, body) => {
+                return Ok(answer(
+                    code,
+                    headers,
+                    body,
+                    &received,
+                    &record,
+                    &accepted_tx,
+                ));
+            }
         }
     }
 }
@@ -272,4 +303,3 @@ fn answer(
     }
     response
 }
-

@@ -34,11 +34,11 @@ pub mod prelude {
     pub use destinations_http::{HttpRequest, SendHttp};
 }
 
-/// Every destination kind enabled in this build, registered explicitly (not relying on
-/// link-time registration).
+/// Every destination kind in this build: those linked in (`inventory`, third-party crates
+/// included) plus every enabled feature's, registered explicitly in case a linker dropped one.
 pub fn registry() -> Registry {
     #[allow(unused_mut)]
-    let mut registry = Registry::new();
+    let mut registry = Registry::linked();
     #[cfg(feature = "http")]
     destinations_http::register(&mut registry);
     registry

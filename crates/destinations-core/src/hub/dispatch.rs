@@ -1,8 +1,8 @@
 //! One dispatcher per destination instance: pull → batch → deliver under a concurrency limit
 //! → record the outcome → schedule retries → dead-letter after the retry budget.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
@@ -53,13 +53,14 @@ impl Dispatcher {
         metrics: InstanceMetrics,
     ) -> JoinHandle<()> {
         let (retries, due_retries) = mpsc::unbounded_channel();
+        let consumer = hub.queue.consumer(&name);
         let policy = destination.batch_policy().with_overrides(&settings.batch);
         let concurrency = settings
             .concurrency
             .unwrap_or(InstanceSettings::DEFAULT_CONCURRENCY)
             .max(1);
         let lane = Arc::new(Lane {
-            name: name.clone(),
+            name,
             destination,
             retry: settings.retry,
             hub: hub.clone(),
@@ -70,7 +71,7 @@ impl Dispatcher {
             retries,
         });
         let dispatcher = Self {
-            consumer: hub.queue.consumer(&name),
+            consumer,
             lane,
             policy,
             due_retries,
@@ -100,7 +101,10 @@ impl Dispatcher {
                 () = sleep_until(self.open_deadline), if self.open_deadline.is_some() => self.flush().await,
                 () = self.lane.drained.notified(), if !intake_open => {}
             }
-            if !intake_open && self.open.is_empty() && self.lane.outstanding.load(Ordering::Acquire) == 0 {
+            if !intake_open
+                && self.open.is_empty()
+                && self.lane.outstanding.load(Ordering::Acquire) == 0
+            {
                 break;
             }
         }
@@ -201,7 +205,9 @@ impl Lane {
     }
 
     fn delivered(&self, envelope: &Envelope, response: Option<ResponseSummary>) {
-        self.hub.status.apply(envelope.id, Transition::Delivered(response));
+        self.hub
+            .status
+            .apply(envelope.id, Transition::Delivered(response));
         self.metrics.delivered.increment(1);
         self.hub.queue.settle(envelope);
         self.finished(1);
@@ -209,7 +215,10 @@ impl Lane {
 
     /// Envelopes that failed together are retried together, so a destination that writes a
     /// batch as one object writes the same object again.
-    fn schedule_retry(self: &Arc<Self>, failed: Vec<(Envelope, String, Option<Duration>, Option<ResponseSummary>)>) {
+    fn schedule_retry(
+        self: &Arc<Self>,
+        failed: Vec<(Envelope, String, Option<Duration>, Option<ResponseSummary>)>,
+    ) {
         let now = SystemTime::now();
         let attempts = failed.iter().map(|f| f.0.attempts).max().unwrap_or(0);
         let age = failed
@@ -228,7 +237,10 @@ impl Lane {
                             envelope.attempts,
                             humantime::format_duration(self.retry.max_age)
                         ),
-                        _ => format!("gave up after {} attempts; last error: {error}", envelope.attempts),
+                        _ => format!(
+                            "gave up after {} attempts; last error: {error}",
+                            envelope.attempts
+                        ),
                     };
                     self.dead(envelope, reason, response);
                 }
@@ -268,7 +280,9 @@ impl Lane {
     }
 
     fn abandon(&self, envelopes: Vec<Envelope>, reason: &str) {
-        self.hub.abandoned.fetch_add(envelopes.len(), Ordering::AcqRel);
+        self.hub
+            .abandoned
+            .fetch_add(envelopes.len(), Ordering::AcqRel);
         for envelope in envelopes {
             self.dead(envelope, reason.to_owned(), None);
         }
@@ -299,4 +313,3 @@ impl Lane {
         }
     }
 }
-

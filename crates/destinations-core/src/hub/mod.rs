@@ -174,7 +174,11 @@ impl HubBuilder {
         let mut instances = HashMap::new();
         let mut runtimes = Vec::new();
         for (name, destination, settings) in self.instances {
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
                 return Err(ConfigError::new(
                     &name,
                     "instance names use letters, digits, `_` and `-` only",
@@ -193,7 +197,12 @@ impl HubBuilder {
                 metrics: InstanceMetrics::new(&name),
                 destination: destination.clone(),
             };
-            runtimes.push((name.clone(), destination, settings, instance.metrics.clone()));
+            runtimes.push((
+                name.clone(),
+                destination,
+                settings,
+                instance.metrics.clone(),
+            ));
             instances.insert(name, instance);
         }
         let (give_up, _) = watch::channel(false);
@@ -214,7 +223,10 @@ impl HubBuilder {
                 Dispatcher::start(&shared, name, destination, &settings, metrics)
             })
             .collect();
-        *shared.dispatchers.lock().unwrap_or_else(PoisonError::into_inner) = handles;
+        *shared
+            .dispatchers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = handles;
         Ok(Hub { shared })
     }
 }
@@ -255,9 +267,19 @@ impl Hub {
         self.shared.status.get(id)
     }
 
+    /// The status of a send once it is delivered or dead, or as it is after `timeout`.
+    pub async fn wait_final(&self, id: EventId, timeout: Duration) -> Option<SendStatus> {
+        self.shared.status.wait_final(id, timeout).await
+    }
+
     /// The most recent dead letters, newest first.
     pub fn dead_letters(&self, limit: usize) -> Vec<DeadLetter> {
         self.shared.dead_letters.list(limit)
+    }
+
+    /// How many dead letters were dropped because the store was full.
+    pub fn dead_letters_evicted(&self) -> u64 {
+        self.shared.dead_letters.evicted()
     }
 
     /// Send dead letters again (all of them, or those with these ids), with a fresh retry
@@ -297,9 +319,11 @@ impl Hub {
 
     /// Ask every instance whether its target is reachable.
     pub async fn health(&self) -> Vec<(String, Result<(), HealthError>)> {
-        let checks = self.shared.instances.values().map(|i| async move {
-            (i.name.to_string(), i.destination.health().await)
-        });
+        let checks = self
+            .shared
+            .instances
+            .values()
+            .map(|i| async move { (i.name.to_string(), i.destination.health().await) });
         let mut results = futures::future::join_all(checks).await;
         results.sort_by(|a, b| a.0.cmp(&b.0));
         results
@@ -318,7 +342,8 @@ impl Hub {
     /// Stop taking sends, flush partial batches, and wait for pending deliveries up to the
     /// configured `shutdown_timeout`; whatever is still pending then is dead-lettered.
     pub async fn shutdown(&self) -> ShutdownReport {
-        self.shutdown_within(self.shared.config.shutdown_timeout).await
+        self.shutdown_within(self.shared.config.shutdown_timeout)
+            .await
     }
 
     /// [`shutdown`](Self::shutdown) with this deadline.
@@ -339,7 +364,10 @@ impl Hub {
         }
         let abandoned = self.shared.abandoned.load(Ordering::Acquire);
         if abandoned > 0 {
-            tracing::warn!(abandoned, "shutdown deadline passed: pending sends were dead-lettered");
+            tracing::warn!(
+                abandoned,
+                "shutdown deadline passed: pending sends were dead-lettered"
+            );
         }
         ShutdownReport { abandoned }
     }

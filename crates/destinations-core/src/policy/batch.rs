@@ -85,6 +85,9 @@ mod tests {
         let o: BatchPolicyOverrides =
             serde_json::from_str(r#"{"max_events": 3, "max_age": "2s"}"#).unwrap_or_default();
         let p = p.with_overrides(&o);
-        assert_eq!((p.max_events, p.max_bytes, p.max_age), (3, 100, Duration::from_secs(2)));
+        assert_eq!(
+            (p.max_events, p.max_bytes, p.max_age),
+            (3, 100, Duration::from_secs(2))
+        );
     }
 }

@@ -67,7 +67,12 @@ impl RetryPolicy {
 
     /// Decide after `attempts` failed attempts of a send that is `age` old, with the target's
     /// own wait if it gave one. Jitter comes from a fast thread-local generator.
-    pub fn decide(&self, attempts: u32, age: Duration, retry_after: Option<Duration>) -> RetryDecision {
+    pub fn decide(
+        &self,
+        attempts: u32,
+        age: Duration,
+        retry_after: Option<Duration>,
+    ) -> RetryDecision {
         self.decide_with_jitter(attempts, age, retry_after, fastrand::f64())
     }
 
@@ -116,8 +121,14 @@ mod tests {
     #[test]
     fn full_jitter_spans_zero_to_the_ceiling() {
         let p = RetryPolicy::default();
-        assert_eq!(p.decide_with_jitter(3, S(0), None, 0.0), RetryDecision::RetryIn(S(0)));
-        assert_eq!(p.decide_with_jitter(3, S(0), None, 0.5), RetryDecision::RetryIn(S(2)));
+        assert_eq!(
+            p.decide_with_jitter(3, S(0), None, 0.0),
+            RetryDecision::RetryIn(S(0))
+        );
+        assert_eq!(
+            p.decide_with_jitter(3, S(0), None, 0.5),
+            RetryDecision::RetryIn(S(2))
+        );
         for _ in 0..1000 {
             match p.decide(4, S(0), None) {
                 RetryDecision::RetryIn(d) => assert!(d <= S(8)),
@@ -129,25 +140,37 @@ mod tests {
     #[test]
     fn retry_after_is_a_floor_capped_by_max_delay() {
         let p = RetryPolicy::default();
-        assert_eq!(p.decide_with_jitter(1, S(0), Some(S(30)), 0.1), RetryDecision::RetryIn(S(30)));
-        assert_eq!(p.decide_with_jitter(1, S(0), Some(S(3600)), 0.1), RetryDecision::RetryIn(S(600)));
+        assert_eq!(
+            p.decide_with_jitter(1, S(0), Some(S(30)), 0.1),
+            RetryDecision::RetryIn(S(30))
+        );
+        assert_eq!(
+            p.decide_with_jitter(1, S(0), Some(S(3600)), 0.1),
+            RetryDecision::RetryIn(S(600))
+        );
     }
 
     #[test]
     fn stops_at_the_attempt_cap_and_the_age_cap() {
         let p = RetryPolicy::default();
-        assert_eq!(p.decide_with_jitter(12, S(0), None, 0.5), RetryDecision::AttemptsExhausted);
+        assert_eq!(
+            p.decide_with_jitter(12, S(0), None, 0.5),
+            RetryDecision::AttemptsExhausted
+        );
         assert_eq!(
             p.decide_with_jitter(5, S(24 * 3600 - 1), None, 0.9),
             RetryDecision::TooOld
         );
-        assert_eq!(RetryPolicy::never().decide(1, S(0), None), RetryDecision::AttemptsExhausted);
+        assert_eq!(
+            RetryPolicy::never().decide(1, S(0), None),
+            RetryDecision::AttemptsExhausted
+        );
     }
 
     #[test]
     fn reads_overrides_from_config_text() {
-        let p: RetryPolicy =
-            serde_json::from_str(r#"{"initial_delay":"10ms","max_attempts":3}"#).unwrap_or_default();
+        let p: RetryPolicy = serde_json::from_str(r#"{"initial_delay":"10ms","max_attempts":3}"#)
+            .unwrap_or_default();
         assert_eq!(p.initial_delay, Duration::from_millis(10));
         assert_eq!(p.max_attempts, 3);
         assert_eq!(p.max_delay, S(600));

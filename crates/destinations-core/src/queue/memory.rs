@@ -66,18 +66,21 @@ impl Queue for MemoryQueue {
         let Some(routes) = routes.as_ref() else {
             return Err(QueueFull::Closed);
         };
-        if let Some(e) = envelopes.iter().find(|e| !routes.contains_key(&e.destination)) {
+        if let Some(e) = envelopes
+            .iter()
+            .find(|e| !routes.contains_key(&e.destination))
+        {
             return Err(QueueFull::NoConsumer(e.destination.to_string()));
         }
         let count = envelopes.len();
         let bytes: usize = envelopes.iter().map(Envelope::size).sum();
-        Self::reserve(&self.events, count, self.capacity.max_events).map_err(|(pending, asked)| {
-            QueueFull::Events {
+        Self::reserve(&self.events, count, self.capacity.max_events).map_err(
+            |(pending, asked)| QueueFull::Events {
                 pending,
                 limit: self.capacity.max_events,
                 asked,
-            }
-        })?;
+            },
+        )?;
         if let Err((pending, asked)) = Self::reserve(&self.bytes, bytes, self.capacity.max_bytes) {
             self.events.fetch_sub(count, Ordering::AcqRel);
             return Err(QueueFull::Bytes {
@@ -156,18 +159,54 @@ mod tests {
             max_bytes: 100,
         });
         let mut c = q.consumer("a");
-        assert!(q.enqueue(vec![envelope("a", 10), envelope("a", 10)]).is_ok());
-        let full = q.enqueue(vec![envelope("a", 10), envelope("a", 10)]).unwrap_err();
-        assert!(matches!(full, QueueFull::Events { pending: 2, limit: 3, asked: 2 }), "{full}");
-        assert!(matches!(q.enqueue(vec![envelope("a", 90)]), Err(QueueFull::Bytes { .. })));
-        assert_eq!(q.depth(), QueueDepth { events: 2, bytes: 20 });
-        assert!(matches!(q.enqueue(vec![envelope("b", 1)]), Err(QueueFull::NoConsumer(_))));
+        assert!(
+            q.enqueue(vec![envelope("a", 10), envelope("a", 10)])
+                .is_ok()
+        );
+        let full = q
+            .enqueue(vec![envelope("a", 10), envelope("a", 10)])
+            .unwrap_err();
+        assert!(
+            matches!(
+                full,
+                QueueFull::Events {
+                    pending: 2,
+                    limit: 3,
+                    asked: 2
+                }
+            ),
+            "{full}"
+        );
+        assert!(matches!(
+            q.enqueue(vec![envelope("a", 90)]),
+            Err(QueueFull::Bytes { .. })
+        ));
+        assert_eq!(
+            q.depth(),
+            QueueDepth {
+                events: 2,
+                bytes: 20
+            }
+        );
+        assert!(matches!(
+            q.enqueue(vec![envelope("b", 1)]),
+            Err(QueueFull::NoConsumer(_))
+        ));
 
         let first = c.next().await;
         q.settle(first.as_ref().unwrap_or_else(|| panic!("an envelope")));
-        assert_eq!(q.depth(), QueueDepth { events: 1, bytes: 10 });
+        assert_eq!(
+            q.depth(),
+            QueueDepth {
+                events: 1,
+                bytes: 10
+            }
+        );
         q.close();
-        assert!(matches!(q.enqueue(vec![envelope("a", 1)]), Err(QueueFull::Closed)));
+        assert!(matches!(
+            q.enqueue(vec![envelope("a", 1)]),
+            Err(QueueFull::Closed)
+        ));
         assert!(c.next().await.is_some(), "drains after close");
         assert!(c.next().await.is_none(), "then ends");
     }

@@ -1,0 +1,204 @@
+//! Load programs for `cargo xtask bench`.
+//!
+//! - `destinations-bench receiver ADDR`: answers 200 to everything, counts requests, and
+//!   measures send-to-arrival latency from a `t` field (Unix nanoseconds) in JSON bodies.
+//!   `GET /stats` reports; `POST /reset` clears.
+//! - `destinations-bench http URL SENDS`: the library sends SENDS requests of 256 B through
+//!   the HTTP destination, in runs of 100, and prints one JSON line of results.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use destinations::http::{HttpOptions, HttpRequest, SendHttp};
+use destinations::{Hub, InstanceSettings};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+
+fn main() -> Result<(), String> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["receiver", addr] => runtime.block_on(receiver(addr)),
+        ["http", url, sends] => {
+            let sends = sends.parse().map_err(|_| "SENDS must be a number")?;
+            runtime.block_on(http_load(url, sends))
+        }
+        _ => Err("usage: destinations-bench receiver ADDR | http URL SENDS".into()),
+    }
+}
+
+fn unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+#[derive(Default)]
+struct Stats {
+    requests: AtomicU64,
+    latencies_us: Mutex<Vec<u64>>,
+}
+
+async fn receiver(addr: &str) -> Result<(), String> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    println!(
+        "receiving on {}",
+        listener.local_addr().map_err(|e| e.to_string())?
+    );
+    let stats = Arc::new(Stats::default());
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| answer(request, stats.clone()));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn answer(
+    request: Request<Incoming>,
+    stats: Arc<Stats>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = request.uri().path().to_owned();
+    let body = request
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    match path.as_str() {
+        "/stats" => {
+            let mut latencies = stats
+                .latencies_us
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            latencies.sort_unstable();
+            let at = |q: f64| {
+                latencies
+                    .get(((latencies.len() as f64 - 1.0) * q) as usize)
+                    .copied()
+            };
+            let report = json!({
+                "requests": stats.requests.load(Ordering::Relaxed),
+                "p50_us": at(0.5),
+                "p99_us": at(0.99),
+            });
+            Ok(Response::new(Full::new(Bytes::from(report.to_string()))))
+        }
+        "/reset" => {
+            stats.requests.store(0, Ordering::Relaxed);
+            stats
+                .latencies_us
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
+            Ok(Response::new(Full::new(Bytes::new())))
+        }
+        _ => {
+            stats.requests.fetch_add(1, Ordering::Relaxed);
+            if let Some(sent) = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["t"].as_u64())
+            {
+                let micros = unix_nanos().saturating_sub(sent) / 1000;
+                stats
+                    .latencies_us
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(micros);
+            }
+            Ok(Response::new(Full::new(Bytes::new())))
+        }
+    }
+}
+
+async fn http_load(url: &str, sends: usize) -> Result<(), String> {
+    let mut options = HttpOptions::allowing_loopback();
+    options.per_host_concurrency = 64;
+    let destination = destinations::http::HttpDestination::new(options)?;
+    let hub = Hub::builder()
+        .destination(
+            "http",
+            Arc::new(destination),
+            InstanceSettings {
+                concurrency: Some(64),
+                ..InstanceSettings::default()
+            },
+        )
+        .build()
+        .map_err(|e| e.to_string())?;
+    let padding = "x".repeat(200);
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < sends {
+        let run = hub.begin_run("bench");
+        for _ in 0..100.min(sends - sent) {
+            let body = json!({"t": unix_nanos(), "pad": padding});
+            run.send()
+                .http(HttpRequest::post(url).json(&body))
+                .map_err(|e| e.to_string())?;
+            sent += 1;
+        }
+        // Back off while the queue is full rather than failing the bench.
+        let mut run = Some(run);
+        while let Some(r) = run.take() {
+            let held = r.held();
+            match r.finish().await {
+                Ok(_) => {}
+                Err(destinations::SendError::QueueFull(_)) => {
+                    tokio::task::yield_now().await;
+                    sent -= held;
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+    let recorded = started.elapsed();
+    let report = hub.shutdown().await;
+    let elapsed = started.elapsed();
+    let rss_kib = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(str::to_owned)
+        })
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    println!(
+        "{}",
+        json!({
+            "sends": sends,
+            "seconds": elapsed.as_secs_f64(),
+            "sends_per_second": sends as f64 / elapsed.as_secs_f64(),
+            "record_seconds": recorded.as_secs_f64(),
+            "abandoned": report.abandoned,
+            "peak_rss_kib": rss_kib,
+        })
+    );
+    Ok(())
+}

@@ -1,0 +1,185 @@
+//! The server's configuration: `destinations.toml`, environment overrides, embedded defaults.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use destinations::{ConfigError, Hub, HubConfig, InstanceConfig, Registry};
+use serde::Deserialize;
+
+/// The configuration used when no file is given: every destination on, on safe local
+/// defaults, so a first try works with nothing else running.
+pub(crate) const EMBEDDED_DEFAULTS: &str = include_str!("../destinations.default.toml");
+
+/// Environment variables with this prefix override config keys: `DESTINATIONS__LISTEN`,
+/// `DESTINATIONS__HUB__SHUTDOWN_TIMEOUT`, `DESTINATIONS__DESTINATIONS__HTTP__TIMEOUT`.
+pub(crate) const ENV_PREFIX: &str = "DESTINATIONS__";
+
+/// The whole server configuration.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ServerConfig {
+    /// Address to listen on (default `127.0.0.1:8080`).
+    #[serde(default = "default_listen")]
+    pub(crate) listen: SocketAddr,
+    /// If set, `/v1/*` requires `Authorization: Bearer <api_token>`.
+    #[serde(default)]
+    pub(crate) api_token: Option<String>,
+    /// Largest request body accepted, in bytes (default 16 MiB).
+    #[serde(default = "default_max_request_bytes")]
+    pub(crate) max_request_bytes: usize,
+    /// The delivery engine's settings.
+    #[serde(default)]
+    pub(crate) hub: HubConfig,
+    /// Destination instances by name: `[destinations.NAME]` with `kind` and its options.
+    #[serde(default)]
+    pub(crate) destinations: BTreeMap<String, toml::Value>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+fn default_max_request_bytes() -> usize {
+    16 * 1024 * 1024
+}
+
+/// Where the configuration came from, for messages.
+#[derive(Debug, Clone)]
+pub(crate) enum Source {
+    File(String),
+    Embedded,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::File(path) => write!(f, "{path}"),
+            Self::Embedded => f.write_str("embedded defaults"),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Read the file (or the embedded defaults), apply environment overrides, check it.
+    pub(crate) fn load(path: Option<&Path>) -> anyhow::Result<(Self, Source)> {
+        let (text, source) = match path {
+            Some(path) => (
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config file {}", path.display()))?,
+                Source::File(path.display().to_string()),
+            ),
+            None => (EMBEDDED_DEFAULTS.to_owned(), Source::Embedded),
+        };
+        let mut table: toml::Table =
+            toml::from_str(&text).with_context(|| format!("{source} is not valid TOML"))?;
+        apply_env_overrides(&mut table, std::env::vars())?;
+        let config: Self =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let path = e.path().to_string();
+                anyhow::anyhow!("{source}: `{path}`: {}", e.into_inner())
+            })?;
+        Ok((config, source))
+    }
+
+    /// Split each instance table for the hub.
+    pub(crate) fn instances(&self) -> Result<Vec<(String, InstanceConfig)>, ConfigError> {
+        self.destinations
+            .iter()
+            .map(|(name, table)| {
+                let json = serde_json::to_value(table)
+                    .map_err(|e| ConfigError::new(name, e.to_string()))?;
+                Ok((name.clone(), InstanceConfig::from_table(name, json)?))
+            })
+            .collect()
+    }
+
+    /// Build the hub with every configured instance. Needs a Tokio runtime.
+    pub(crate) fn build_hub(&self, registry: &Registry) -> anyhow::Result<Hub> {
+        let mut builder = Hub::builder().config(self.hub.clone());
+        for (name, instance) in self.instances()? {
+            builder = builder.configured(registry, &name, instance)?;
+        }
+        Ok(builder.build()?)
+    }
+}
+
+/// Apply `DESTINATIONS__A__B=value` as `a.b = value`. A value that reads as TOML (a number, a
+/// boolean, an array, a quoted string) is taken as such; anything else is a plain string.
+pub(crate) fn apply_env_overrides(
+    table: &mut toml::Table,
+    vars: impl Iterator<Item = (String, String)>,
+) -> anyhow::Result<()> {
+    for (name, raw) in vars {
+        let Some(path) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let keys: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+        if keys.iter().any(String::is_empty) {
+            bail!("environment variable {name}: empty key segment");
+        }
+        let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.clone()));
+        let (last, parents) = keys
+            .split_last()
+            .unwrap_or_else(|| unreachable!("split yields one key at least"));
+        let mut node = &mut *table;
+        for key in parents {
+            let entry = node
+                .entry(key.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            node = match entry {
+                toml::Value::Table(t) => t,
+                _ => bail!("environment variable {name}: `{key}` is not a table in the config"),
+            };
+        }
+        node.insert(last.clone(), value);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_defaults_parse() {
+        let table: toml::Table = toml::from_str(EMBEDDED_DEFAULTS).unwrap_or_default();
+        let config: ServerConfig = toml::Value::Table(table)
+            .try_into()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(config.destinations.contains_key("http"));
+        assert_eq!(config.listen, default_listen());
+    }
+
+    #[test]
+    fn env_overrides_set_nested_keys_with_types() {
+        let mut table: toml::Table = toml::from_str(EMBEDDED_DEFAULTS).unwrap_or_default();
+        let vars = [
+            ("DESTINATIONS__LISTEN", "127.0.0.1:9999"),
+            ("DESTINATIONS__HUB__QUEUE__MAX_EVENTS", "10"),
+            ("DESTINATIONS__DESTINATIONS__HOOKS__KIND", "http"),
+            (
+                "DESTINATIONS__DESTINATIONS__HOOKS__ALLOW_NETWORKS",
+                r#"["10.0.0.0/8"]"#,
+            ),
+            ("UNRELATED", "x"),
+        ];
+        apply_env_overrides(
+            &mut table,
+            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let config: ServerConfig = toml::Value::Table(table)
+            .try_into()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.listen.port(), 9999);
+        assert_eq!(config.hub.queue.max_events, 10);
+        let hooks = &config.destinations["hooks"];
+        assert_eq!(hooks.get("kind").and_then(|k| k.as_str()), Some("http"));
+        assert!(hooks.get("allow_networks").is_some_and(|a| a.is_array()));
+    }
+}

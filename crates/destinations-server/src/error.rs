@@ -1,0 +1,67 @@
+//! API errors as `{"error": {"code", "message"}}` with the right status.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use destinations::{InvalidPayload, SendError};
+use serde_json::json;
+
+/// An API error.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn invalid(error: &InvalidPayload) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_payload",
+            error.to_string(),
+        )
+    }
+
+    pub(crate) fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// A send error, with the path of the send in the request prefixed to the field
+    /// (`sends[3].payload`).
+    pub(crate) fn from_send(error: SendError, field_prefix: &str) -> Self {
+        let status = match &error {
+            SendError::Invalid { .. }
+            | SendError::Serialize { .. }
+            | SendError::WrongKind { .. } => StatusCode::BAD_REQUEST,
+            SendError::UnknownDestination { .. } => StatusCode::NOT_FOUND,
+            SendError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            SendError::QueueFull(_) | SendError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            SendError::RunFinished { .. } => StatusCode::CONFLICT,
+        };
+        let code = error.code();
+        let message = match error {
+            SendError::Invalid { destination, error } => {
+                let error = error.within(field_prefix);
+                format!("send to `{destination}` refused: {error}")
+            }
+            other => other.to_string(),
+        };
+        Self::new(status, code, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(json!({"error": {"code": self.code, "message": self.message}}));
+        (self.status, body).into_response()
+    }
+}

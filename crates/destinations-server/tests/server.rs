@@ -1,0 +1,623 @@
+//! The `destinations` binary end to end: real server processes on 127.0.0.1, real receivers.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use destinations_testkit::{Receiver, Reply};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_destinations");
+const WITHIN: Duration = Duration::from_secs(60);
+
+/// A running `destinations serve`, killed when dropped.
+struct Server {
+    child: Child,
+    base: String,
+    http: reqwest::Client,
+}
+
+fn temp_config(text: &str) -> std::path::PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "destinations-test-{}-{}.toml",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    path
+}
+
+impl Server {
+    async fn start(config: Option<&str>) -> Self {
+        Self::start_with(config, &[]).await
+    }
+
+    async fn start_with(config: Option<&str>, env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(BIN);
+        command.args(["serve", "--listen", "127.0.0.1:0"]);
+        if let Some(text) = config {
+            command.arg("--config").arg(temp_config(text));
+        }
+        command
+            .env_remove("DESTINATIONS_CONFIG")
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
+        let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(WITHIN, lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("the server did not say where it listens"))
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("the server exited before listening"));
+        let addr = line
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line: {line}"))
+            .to_owned();
+        Self {
+            child,
+            base: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.post_raw(path, serde_json::to_vec(body).unwrap_or_default())
+            .await
+    }
+
+    async fn post_raw(&self, path: &str, body: Vec<u8>) -> (u16, Value) {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn text(&self, path: &str) -> String {
+        let response = self.http.get(format!("{}{path}", self.base)).send().await;
+        response
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+            .text()
+            .await
+            .unwrap_or_default()
+    }
+
+    /// The status of a send once it is final.
+    async fn final_status(&self, id: &str) -> Value {
+        let (code, status) = self.get(&format!("/v1/events/{id}?wait=30s")).await;
+        assert_eq!(code, 200, "{status}");
+        status
+    }
+
+    /// SIGTERM, then the exit status.
+    async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self
+            .child
+            .id()
+            .unwrap_or_else(|| panic!("the server already exited"));
+        let killed = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await;
+        assert!(killed.is_ok_and(|s| s.success()), "kill -TERM {pid}");
+        tokio::time::timeout(WITHIN, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("the server did not stop after SIGTERM"))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+fn error_code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("")
+}
+
+#[tokio::test]
+async fn embedded_defaults_deliver_a_send_and_report_it_delivered() {
+    let receiver = Receiver::start().await;
+    let server = Server::start(None).await;
+    let (code, body) = server
+        .post(
+            "/v1/send/http",
+            &json!({"url": receiver.url("/hook"), "data": {"name": "Luke"}}),
+        )
+        .await;
+    assert_eq!(code, 202, "{body}");
+    let id = body["id"].as_str().unwrap_or_default().to_owned();
+    let status = server.final_status(&id).await;
+    assert_eq!(status["state"], "delivered", "{status}");
+    assert_eq!(status["attempts"], 1);
+    assert_eq!(status["destination"], "http");
+    assert_eq!(status["id"], id.as_str());
+    assert_eq!(status["response"]["status"], 200);
+    let request = receiver
+        .requests()
+        .pop()
+        .unwrap_or_else(|| panic!("one request"));
+    assert_eq!(request.header("idempotency-key"), Some(id.as_str()));
+    assert_eq!(request.json(), json!({"name": "Luke"}));
+}
+
+#[tokio::test]
+async fn a_run_is_released_all_or_nothing() {
+    let receiver = Receiver::start().await;
+    let server = Server::start(None).await;
+    let mut sends: Vec<Value> = (0..3)
+        .map(|n| json!({"destination": "http", "payload": {"url": receiver.url("/refused-run"), "data": {"n": n}}}))
+        .collect();
+    sends.push(json!({"destination": "http", "payload": {"url": "gopher://127.0.0.1/"}}));
+    let (code, body) = server
+        .post("/v1/runs", &json!({"run_id": "bad", "sends": sends}))
+        .await;
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(error_code(&body), "invalid_payload");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("`sends[3].payload.url`") && message.contains("gopher"),
+        "{message}"
+    );
+
+    let sends: Vec<Value> = (0..100)
+        .map(|n| json!({"destination": "http", "payload": {"url": receiver.url("/good-run"), "data": {"n": n}}}))
+        .collect();
+    let (code, body) = server
+        .post("/v1/runs", &json!({"run_id": "good", "sends": sends}))
+        .await;
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(body["run_id"], "good");
+    let ids: Vec<String> = body["ids"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(ids.len(), 100);
+    receiver.wait_for_accepted(100, WITHIN).await;
+    assert_eq!(
+        receiver.accepted_keys(),
+        ids.iter().cloned().collect(),
+        "the same 100 ids arrived"
+    );
+    // The refused run's sends came first; once the good run has arrived they would have too.
+    assert!(receiver.requests().iter().all(|r| r.uri == "/good-run"));
+
+    let (code, body) = server
+        .post("/v1/runs", &json!({"sends": [{"destination": "http", "payload": {"url": receiver.url("/failed-run")}}], "failed": true}))
+        .await;
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(
+        body["ids"],
+        json!([]),
+        "a failed run is discarded by default"
+    );
+}
+
+#[tokio::test]
+async fn errors_carry_a_code_and_the_right_status() {
+    let server = Server::start(Some(
+        r#"
+        max_request_bytes = 4096
+        [destinations.http]
+        kind = "http"
+        allow_networks = ["127.0.0.0/8"]
+        max_payload_bytes = 200
+        "#,
+    ))
+    .await;
+    let (code, body) = server
+        .post("/v1/send/nowhere", &json!({"url": "http://127.0.0.1/"}))
+        .await;
+    assert_eq!(
+        (code, error_code(&body)),
+        (404, "unknown_destination"),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("configured: http")
+    );
+
+    let (code, body) = server
+        .post_raw("/v1/send/http", b"{\"url\":".to_vec())
+        .await;
+    assert_eq!(
+        (code, error_code(&body)),
+        (400, "invalid_payload"),
+        "{body}"
+    );
+
+    let (code, body) = server
+        .post(
+            "/v1/send/http",
+            &json!({"url": "http://127.0.0.1/", "data": "x".repeat(300)}),
+        )
+        .await;
+    assert_eq!(
+        (code, error_code(&body)),
+        (413, "payload_too_large"),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("max_payload_bytes")
+    );
+
+    let (code, body) = server.post_raw("/v1/send/http", vec![b' '; 8192]).await;
+    assert_eq!(
+        (code, error_code(&body)),
+        (413, "payload_too_large"),
+        "{body}"
+    );
+
+    let (code, body) = server
+        .post("/v1/runs", &json!({"sends": [], "extra": 1}))
+        .await;
+    assert_eq!(
+        (code, error_code(&body)),
+        (400, "invalid_payload"),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("`extra`")
+    );
+
+    let (code, body) = server
+        .get("/v1/events/01a208c6-6307-7f2f-8594-f5794d754c2e")
+        .await;
+    assert_eq!((code, error_code(&body)), (404, "not_found"), "{body}");
+    let (code, body) = server.get("/v1/events/not-an-id").await;
+    assert_eq!((code, error_code(&body)), (400, "invalid_id"), "{body}");
+    let (code, body) = server.get("/v2/anything").await;
+    assert_eq!((code, error_code(&body)), (404, "not_found"), "{body}");
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_503_and_loses_nothing_accepted() {
+    let open = Arc::new(AtomicBool::new(false));
+    let is_open = open.clone();
+    // Hold every request until the test opens the gate.
+    let receiver = Receiver::scripted(move |_| {
+        if is_open.load(Ordering::SeqCst) {
+            Reply::Status(200)
+        } else {
+            Reply::After(Duration::from_secs(3600), Box::new(Reply::Status(200)))
+        }
+    })
+    .await;
+    let server = Server::start(Some(
+        r#"
+        [hub.queue]
+        max_events = 3
+        [destinations.http]
+        kind = "http"
+        timeout = "500ms"
+        allow_networks = ["127.0.0.0/8"]
+        retry = { initial_delay = "10ms", max_delay = "50ms", max_attempts = 1000 }
+        "#,
+    ))
+    .await;
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let (code, body) = server
+            .post(
+                "/v1/send/http",
+                &json!({"url": receiver.url("/q"), "data": {"n": n}}),
+            )
+            .await;
+        assert_eq!(code, 202, "{body}");
+        ids.push(body["id"].as_str().unwrap_or_default().to_owned());
+    }
+    let (code, body) = server
+        .post("/v1/send/http", &json!({"url": receiver.url("/q")}))
+        .await;
+    assert_eq!((code, error_code(&body)), (503, "queue_full"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("queue.max_events")
+    );
+    open.store(true, Ordering::SeqCst);
+    for id in &ids {
+        assert_eq!(server.final_status(id).await["state"], "delivered");
+    }
+    let (code, _) = server
+        .post("/v1/send/http", &json!({"url": receiver.url("/q")}))
+        .await;
+    assert_eq!(code, 202, "room again once delivered");
+}
+
+#[tokio::test]
+async fn health_readiness_and_prometheus_metrics() {
+    let receiver = Receiver::start().await;
+    let server = Server::start(None).await;
+    assert_eq!(server.get("/healthz").await, (200, json!({"status": "ok"})));
+    let (code, body) = server.get("/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["destinations"]["http"]["ok"], true);
+    let (_, body) = server
+        .post("/v1/send/http", &json!({"url": receiver.url("/m")}))
+        .await;
+    server
+        .final_status(body["id"].as_str().unwrap_or_default())
+        .await;
+    let (code, _) = server
+        .post(
+            "/v1/send/http",
+            &json!({"url": receiver.url("/m"), "body": 1}),
+        )
+        .await;
+    assert_eq!(code, 400);
+    let metrics = server.text("/metrics").await;
+    for line in [
+        r#"destinations_sends_accepted_total{destination="http"} 1"#,
+        r#"destinations_delivered_total{destination="http"} 1"#,
+        r#"destinations_sends_rejected_total{destination="http",reason="invalid"} 1"#,
+        "destinations_queue_events 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "missing `{line}` in:\n{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains("destinations_delivery_seconds"),
+        "{metrics}"
+    );
+    let (code, body) = server.get("/v1/destinations").await;
+    assert_eq!(
+        (code, body),
+        (
+            200,
+            json!({"destinations": [{"name": "http", "kind": "http"}]})
+        )
+    );
+}
+
+#[tokio::test]
+async fn an_api_token_guards_the_api_but_not_health() {
+    let server = Server::start_with(None, &[("DESTINATIONS__API_TOKEN", "s3cret-token")]).await;
+    let (code, body) = server
+        .post("/v1/send/http", &json!({"url": "http://127.0.0.1:9/"}))
+        .await;
+    assert_eq!((code, error_code(&body)), (401, "unauthorized"));
+    assert_eq!(server.get("/healthz").await.0, 200);
+    let response = server
+        .http
+        .get(format!("{}/v1/destinations", server.base))
+        .bearer_auth("s3cret-token")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(response.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn sigterm_delivers_pending_work_before_exiting() {
+    let receiver = Receiver::scripted(|_| {
+        Reply::After(Duration::from_millis(100), Box::new(Reply::Status(200)))
+    })
+    .await;
+    let server = Server::start(Some(
+        r#"
+        [destinations.http]
+        kind = "http"
+        allow_networks = ["127.0.0.0/8"]
+        per_host_concurrency = 2
+        "#,
+    ))
+    .await;
+    let sends: Vec<Value> = (0..20)
+        .map(|n| json!({"destination": "http", "payload": {"url": receiver.url("/late"), "data": {"n": n}}}))
+        .collect();
+    let (code, body) = server.post("/v1/runs", &json!({"sends": sends})).await;
+    assert_eq!(code, 202, "{body}");
+    let exit = server.terminate().await;
+    assert!(exit.success(), "clean exit after delivering: {exit:?}");
+    assert_eq!(
+        receiver.accepted_keys().len(),
+        20,
+        "everything pending was delivered before exit"
+    );
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_with_the_reason_and_replayed() {
+    let accepting = Arc::new(AtomicBool::new(false));
+    let flag = accepting.clone();
+    let receiver = Receiver::scripted(move |_| {
+        if flag.load(Ordering::SeqCst) {
+            Reply::Status(200)
+        } else {
+            Reply::Full(410, vec![], "gone for now".into())
+        }
+    })
+    .await;
+    let server = Server::start(None).await;
+    let (_, body) = server
+        .post("/v1/send/http", &json!({"url": receiver.url("/dl")}))
+        .await;
+    let id = body["id"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(server.final_status(&id).await["state"], "dead");
+    let (code, body) = server.get("/v1/dead-letters").await;
+    assert_eq!(code, 200);
+    let letter = &body["dead_letters"][0];
+    assert_eq!(letter["id"], id.as_str());
+    assert!(
+        letter["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("HTTP 410 Gone: gone for now"),
+        "{letter}"
+    );
+    assert_eq!(letter["payload"]["url"], receiver.url("/dl"));
+
+    accepting.store(true, Ordering::SeqCst);
+    let (code, body) = server
+        .post("/v1/dead-letters/replay", &json!({"ids": [id]}))
+        .await;
+    assert_eq!((code, body["replayed"].clone()), (202, json!([id])));
+    assert_eq!(server.final_status(&id).await["state"], "delivered");
+    assert_eq!(
+        server.get("/v1/dead-letters").await.1["dead_letters"],
+        json!([])
+    );
+}
+
+async fn cli(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let output = Command::new(BIN)
+        .args(args)
+        .env_remove("DESTINATIONS_CONFIG")
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn cli_send_status_list_and_check() {
+    let receiver = Receiver::start().await;
+    let server = Server::start(None).await;
+    let payload = json!({"url": receiver.url("/cli"), "data": {"from": "cli"}}).to_string();
+    let (ok, out, err) = cli(&["send", "http", &payload, "--server", &server.base], &[]).await;
+    assert!(ok, "{err}");
+    let id = serde_json::from_str::<Value>(&out).unwrap_or_default()["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let (ok, out, err) = cli(
+        &["status", &id, "--wait", "30s", "--server", &server.base],
+        &[],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap_or_default()["state"],
+        "delivered",
+        "{out}"
+    );
+    let (ok, _, err) = cli(
+        &[
+            "send",
+            "http",
+            r#"{"url":"http://127.0.0.1/","body":1}"#,
+            "--server",
+            &server.base,
+        ],
+        &[],
+    )
+    .await;
+    assert!(!ok && err.contains("`body`"), "{err}");
+
+    let (ok, out, _) = cli(&["list"], &[]).await;
+    assert!(ok && out.lines().any(|l| l.starts_with("http ")), "{out}");
+
+    let (ok, out, err) = cli(&["check"], &[("DESTINATIONS__LISTEN", "127.0.0.1:9999")]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("config: embedded defaults") && out.contains("listen: 127.0.0.1:9999"),
+        "{out}"
+    );
+    assert!(out.contains("destination http: kind http"), "{out}");
+
+    let bad = temp_config("[destinations.hooks]\nkind = \"http\"\ntimout = \"2s\"\n");
+    let (ok, _, err) = cli(&["check", "--config", &bad.display().to_string()], &[]).await;
+    assert!(
+        !ok && err.contains("destinations.hooks") && err.contains("timout"),
+        "{err}"
+    );
+    let bad = temp_config("lisen = \"127.0.0.1:1\"\n");
+    let (ok, _, err) = cli(&["check", "--config", &bad.display().to_string()], &[]).await;
+    assert!(!ok && err.contains("lisen"), "{err}");
+    let bad = temp_config("[destinations.x]\nkind = \"carrier-pigeon\"\n");
+    let (ok, _, err) = cli(&["check", "--config", &bad.display().to_string()], &[]).await;
+    assert!(
+        !ok && err.contains("unknown kind `carrier-pigeon`"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn the_debug_receiver_prints_what_arrives() {
+    let probe = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = probe.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    drop(probe);
+    let mut child = Command::new(BIN)
+        .args(["receive", "--listen", &addr.to_string()])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut lines = BufReader::new(child.stdout.take().unwrap_or_else(|| panic!("stdout"))).lines();
+    let first = tokio::time::timeout(WITHIN, lines.next_line())
+        .await
+        .ok()
+        .and_then(|l| l.ok().flatten());
+    assert_eq!(first, Some(format!("receiving on http://{addr}")));
+    let response = reqwest::Client::new()
+        .post(format!("http://{addr}/hello"))
+        .json(&json!({"name": "Luke"}))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(response.status().as_u16(), 200);
+    let mut seen = Vec::new();
+    while let Ok(Ok(Some(line))) = tokio::time::timeout(WITHIN, lines.next_line()).await {
+        let done = line.trim() == "}";
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    assert_eq!(
+        seen.first().map(String::as_str),
+        Some("POST /hello"),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().any(|l| l.contains("\"name\": \"Luke\"")),
+        "{seen:?}"
+    );
+}
