@@ -137,8 +137,46 @@ fn setup() -> Result<(), String> {
     Ok(())
 }
 
+/// Run every test of the workspace and close with one summed line, `tests: N passed, M failed`,
+/// since cargo's own last line only speaks of the last test binary.
 fn test() -> Result<(), String> {
-    run("cargo", &["test", "--workspace", "--no-fail-fast"])
+    let args = ["test", "--workspace", "--no-fail-fast"];
+    println!("$ cargo {}", args.join(" "));
+    let mut child = Command::new("cargo")
+        .args(args)
+        .current_dir(root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    let stdout = child.stdout.take().ok_or("cargo has no stdout")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line.map_err(|e| e.to_string())?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                result
+                    .split(['.', ';'])
+                    .find_map(|part| {
+                        part.trim()
+                            .strip_suffix(word)
+                            .and_then(|n| n.trim().parse().ok())
+                    })
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+            ignored += count(" ignored");
+        }
+    }
+    let status = child.wait().map_err(|e| e.to_string())?;
+    println!();
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("the test suite failed ({status})"))
+    }
 }
 
 fn lint() -> Result<(), String> {
