@@ -159,18 +159,15 @@ async fn http_load(url: &str, sends: usize) -> Result<(), String> {
                 .map_err(|e| e.to_string())?;
             sent += 1;
         }
-        // Back off while the queue is full rather than failing the bench.
-        let mut run = Some(run);
-        while let Some(r) = run.take() {
-            let held = r.held();
-            match r.finish().await {
-                Ok(_) => {}
-                Err(destinations::SendError::QueueFull(_)) => {
-                    tokio::task::yield_now().await;
-                    sent -= held;
-                }
-                Err(e) => return Err(e.to_string()),
+        // A full queue refuses the whole run: record it again after yielding.
+        let held = run.held();
+        match run.finish().await {
+            Ok(_) => {}
+            Err(destinations::SendError::QueueFull(_)) => {
+                sent -= held;
+                tokio::task::yield_now().await;
             }
+            Err(e) => return Err(e.to_string()),
         }
     }
     let recorded = started.elapsed();

@@ -27,7 +27,7 @@ pub trait Destination: Send + Sync + 'static {
     }
 
     /// Deliver one batch and say, per envelope, what happened.
-    async fn deliver(&self, batch: Batch) -> BatchOutcome;
+    async fn deliver(&self, batch: &Batch) -> BatchOutcome;
 
     /// Can the target be reached at all? Used at startup and by `/readyz`.
     async fn health(&self) -> Result<(), HealthError> {

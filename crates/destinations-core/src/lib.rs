@@ -16,7 +16,7 @@
 //! impl Destination for Accept {
 //!     fn kind(&self) -> &'static str { "accept" }
 //!     fn validate(&self, _payload: &[u8]) -> Result<(), InvalidPayload> { Ok(()) }
-//!     async fn deliver(&self, _batch: Batch) -> BatchOutcome { BatchOutcome::All(Report::delivered()) }
+//!     async fn deliver(&self, _batch: &Batch) -> BatchOutcome { BatchOutcome::All(Report::delivered()) }
 //! }
 //!
 //! # #[tokio::main(flavor = "current_thread")]

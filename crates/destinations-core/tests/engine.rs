@@ -55,7 +55,7 @@ impl Destination for Scripted {
         self.policy
     }
 
-    async fn deliver(&self, batch: Batch) -> BatchOutcome {
+    async fn deliver(&self, batch: &Batch) -> BatchOutcome {
         let markers = batch
             .envelopes()
             .iter()

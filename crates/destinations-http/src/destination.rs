@@ -10,7 +10,7 @@ use destinations_core::{
     ResponseSummary, parse_strict,
 };
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
-use reqwest::{Client, StatusCode, Url, redirect};
+use reqwest::{Client, StatusCode, redirect};
 
 use crate::KIND;
 use crate::guard::{AddressGuard, GuardedResolver, Refused};
@@ -86,7 +86,7 @@ impl HttpDestination {
             Ok(parts) => parts,
             Err(e) => return Report::failed(e.to_string()),
         };
-        if let Err(refused) = self.check_literal_host(&url) {
+        if let Err(refused) = self.guard.check_url(&url) {
             return Report::failed(refused.to_string());
         }
         let host_key = format!(
@@ -119,19 +119,6 @@ impl HttpDestination {
             Ok(response) => classify(response, started).await,
             Err(error) => self.classify_error(&error, started),
         }
-    }
-
-    /// IP literals never reach the resolver, so the guard checks them here.
-    fn check_literal_host(&self, url: &Url) -> Result<(), Refused> {
-        let ip = match url.host() {
-            Some(url::Host::Ipv4(ip)) => ip.into(),
-            Some(url::Host::Ipv6(ip)) => ip.into(),
-            _ => return Ok(()),
-        };
-        self.guard.check(ip).map_err(|class| Refused {
-            host: url.host_str().unwrap_or_default().to_owned(),
-            addresses: vec![(ip, class)],
-        })
     }
 
     fn headers_and_body(
@@ -193,8 +180,8 @@ impl HttpDestination {
         }
         let message = if error.is_timeout() {
             format!(
-                "timed out after {} (the instance's `timeout`)",
-                humantime_short(self.timeout)
+                "timed out after {:?} (the instance's `timeout`)",
+                self.timeout
             )
         } else if error.is_connect() {
             format!("could not connect: {}", error_chain(error))
@@ -221,7 +208,7 @@ impl Destination for HttpDestination {
         parse_strict::<HttpRequest>(payload)?.check()
     }
 
-    async fn deliver(&self, batch: Batch) -> BatchOutcome {
+    async fn deliver(&self, batch: &Batch) -> BatchOutcome {
         match batch.envelopes() {
             [one] => BatchOutcome::Each(vec![self.deliver_one(one).await]),
             many => BatchOutcome::Each(
@@ -256,10 +243,11 @@ async fn classify(mut response: reqwest::Response, started: Instant) -> Report {
         elapsed_ms: started.elapsed().as_millis() as u64,
         body_excerpt: (!excerpt.is_empty()).then_some(excerpt),
     };
-    let described = describe(status, summary.body_excerpt.as_deref());
     if status.is_success() {
-        Report::delivered().with_response(summary)
-    } else if is_transient(status) {
+        return Report::delivered().with_response(summary);
+    }
+    let described = describe(status, summary.body_excerpt.as_deref());
+    if is_transient(status) {
         Report::retry_after(described, retry_after).with_response(summary)
     } else if status.is_redirection() {
         Report::failed(format!(
@@ -323,20 +311,9 @@ fn redirect_policy(follow: usize, guard: Arc<AddressGuard>) -> redirect::Policy 
         if attempt.previous().len() > follow {
             return attempt.error(format!("more than {follow} redirects"));
         }
-        let literal = match attempt.url().host() {
-            Some(url::Host::Ipv4(ip)) => Some(std::net::IpAddr::from(ip)),
-            Some(url::Host::Ipv6(ip)) => Some(ip.into()),
-            _ => None,
-        };
-        match literal.map(|ip| (ip, guard.check(ip))) {
-            Some((ip, Err(class))) => {
-                let host = attempt.url().host_str().unwrap_or_default().to_owned();
-                attempt.error(Refused {
-                    host,
-                    addresses: vec![(ip, class)],
-                })
-            }
-            _ => attempt.follow(),
+        match guard.check_url(attempt.url()) {
+            Ok(()) => attempt.follow(),
+            Err(refused) => attempt.error(refused),
         }
     })
 }
@@ -363,14 +340,6 @@ fn error_chain(error: &reqwest::Error) -> String {
         source = s.source();
     }
     text
-}
-
-fn humantime_short(d: Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
-    }
 }
 
 #[cfg(test)]

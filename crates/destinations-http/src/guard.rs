@@ -56,6 +56,20 @@ impl AddressGuard {
         }
     }
 
+    /// Check a URL whose host is an IP literal (literals never reach the resolver); a URL
+    /// with a host name passes here and is checked when it is resolved.
+    pub fn check_url(&self, url: &reqwest::Url) -> Result<(), Refused> {
+        let ip: IpAddr = match url.host() {
+            Some(url::Host::Ipv4(ip)) => ip.into(),
+            Some(url::Host::Ipv6(ip)) => ip.into(),
+            _ => return Ok(()),
+        };
+        self.check(ip).map_err(|class| Refused {
+            host: url.host_str().unwrap_or_default().to_owned(),
+            addresses: vec![(ip, class)],
+        })
+    }
+
     /// Check the addresses of `host`; keep those allowed, or say why none is.
     pub fn filter(
         &self,

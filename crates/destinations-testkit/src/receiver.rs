@@ -65,7 +65,7 @@ pub enum Reply {
 }
 
 /// Decides the reply to each request.
-pub type Script = Arc<dyn Fn(&ReceivedRequest) -> Reply + Send + Sync>;
+type Script = Arc<dyn Fn(&ReceivedRequest) -> Reply + Send + Sync>;
 
 #[derive(Default)]
 struct Record {
@@ -97,11 +97,6 @@ impl Receiver {
             .await
             .unwrap_or_else(|e| panic!("cannot bind a receiver on 127.0.0.1: {e}"));
         Self::serve(listener, Arc::new(script))
-    }
-
-    /// A receiver on a given address (to restart one where a previous one was).
-    pub async fn scripted_at(addr: SocketAddr, script: Script) -> std::io::Result<Self> {
-        Ok(Self::serve(TcpListener::bind(addr).await?, script))
     }
 
     fn serve(listener: TcpListener, script: Script) -> Self {

@@ -167,11 +167,13 @@ impl Lane {
         self.metrics.in_flight.increment(count as f64);
         self.metrics.batch_events.record(count as f64);
         let started = Instant::now();
-        let attempt = self.destination.deliver(Batch::new(envelopes.clone()));
+        // Lent, not cloned: the envelopes come back for the outcome.
+        let batch = Batch::new(envelopes);
         let outcome = tokio::select! {
-            outcome = attempt => Some(outcome),
+            outcome = self.destination.deliver(&batch) => Some(outcome),
             () = given_up(give_up) => None,
         };
+        let envelopes = batch.into_envelopes();
         self.metrics.delivery_seconds.record(started.elapsed());
         self.metrics.in_flight.decrement(count as f64);
         drop(permit);
@@ -210,7 +212,7 @@ impl Lane {
             .apply(envelope.id, Transition::Delivered(response));
         self.metrics.delivered.increment(1);
         self.hub.queue.settle(envelope);
-        self.finished(1);
+        self.finished();
     }
 
     /// Envelopes that failed together are retried together, so a destination that writes a
@@ -304,11 +306,11 @@ impl Lane {
             reason,
             died_at: SystemTime::now(),
         });
-        self.finished(1);
+        self.finished();
     }
 
-    fn finished(&self, count: usize) {
-        if self.outstanding.fetch_sub(count, Ordering::AcqRel) == count {
+    fn finished(&self) {
+        if self.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.drained.notify_one();
         }
     }
