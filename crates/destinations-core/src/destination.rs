@@ -26,6 +26,13 @@ pub trait Destination: Send + Sync + 'static {
         BatchPolicy::one_per_send()
     }
 
+    /// Which open batch a payload joins. Payloads of different groups never share a batch, and
+    /// each group fills and ages on its own (the S3 destination groups by bucket and prefix,
+    /// since one object lands in one place). Default: every payload in one group.
+    fn batch_group(&self, _payload: &[u8]) -> Option<String> {
+        None
+    }
+
     /// Deliver one batch and say, per envelope, what happened.
     async fn deliver(&self, batch: &Batch) -> BatchOutcome;
 

@@ -55,6 +55,11 @@ impl Destination for Scripted {
         self.policy
     }
 
+    fn batch_group(&self, payload: &[u8]) -> Option<String> {
+        let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
+        Some(value.get("group")?.as_str()?.to_owned())
+    }
+
     async fn deliver(&self, batch: &Batch) -> BatchOutcome {
         let markers = batch
             .envelopes()
@@ -187,6 +192,57 @@ async fn batches_flush_by_count_and_by_age() {
     assert!(attempts[0].0 - start < Duration::from_secs(1));
     assert_eq!(attempts[1].1, vec![3], "flushed by age");
     assert!(attempts[1].0 - start >= Duration::from_secs(60));
+    hub.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_group_fills_and_ages_on_its_own() {
+    let d = Arc::new(Scripted {
+        policy: BatchPolicy {
+            max_events: 3,
+            max_bytes: usize::MAX,
+            max_age: Duration::from_secs(60),
+        },
+        answer: Box::new(|_| Report::delivered()),
+        attempts: Mutex::new(Vec::new()),
+        hang: false,
+    });
+    let hub = hub(d.clone(), InstanceSettings::default(), HubConfig::default());
+    let start = Instant::now();
+    let grouped = |marker: u64, group: &str| {
+        hub.sender()
+            .to("d", &json!({ "marker": marker, "group": group }))
+            .unwrap_or_else(|e| panic!("{e}"));
+    };
+    for marker in 0..5 {
+        grouped(marker, if marker % 2 == 0 { "even" } else { "odd" });
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    grouped(5, "late");
+    tokio::time::sleep(Duration::from_secs(51)).await;
+    let batches: Vec<(Vec<u64>, Duration)> = d
+        .attempts()
+        .into_iter()
+        .map(|a| (a.1, a.0 - start))
+        .collect();
+    assert_eq!(batches.len(), 2, "{batches:?}");
+    assert_eq!(batches[0].0, vec![0, 2, 4], "a full group goes at once");
+    assert!(batches[0].1 < Duration::from_secs(1));
+    assert_eq!(
+        batches[1].0,
+        vec![1, 3],
+        "the other group waits for its own age"
+    );
+    assert!(batches[1].1 >= Duration::from_secs(60));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let attempts = d.attempts();
+    assert_eq!(
+        attempts.len(),
+        3,
+        "the late group ages from its own first send"
+    );
+    assert_eq!(attempts[2].1, vec![5]);
+    assert!(attempts[2].0 - start >= Duration::from_secs(70));
     hub.shutdown().await;
 }
 

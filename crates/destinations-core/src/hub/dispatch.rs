@@ -1,6 +1,8 @@
 //! One dispatcher per destination instance: pull → batch → deliver under a concurrency limit
 //! → record the outcome → schedule retries → dead-letter after the retry budget.
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -39,9 +41,17 @@ pub(super) struct Dispatcher {
     policy: BatchPolicy,
     consumer: Box<dyn QueueConsumer>,
     due_retries: mpsc::UnboundedReceiver<Vec<Envelope>>,
-    open: Vec<Envelope>,
-    open_bytes: usize,
-    open_deadline: Option<tokio::time::Instant>,
+    /// Batches still filling, one per group the destination names.
+    open: HashMap<Option<String>, OpenBatch>,
+    /// The earliest deadline among the open batches.
+    next_deadline: Option<tokio::time::Instant>,
+}
+
+/// A batch still filling: flushed when full or when its deadline passes.
+struct OpenBatch {
+    envelopes: Vec<Envelope>,
+    bytes: usize,
+    deadline: tokio::time::Instant,
 }
 
 impl Dispatcher {
@@ -75,9 +85,8 @@ impl Dispatcher {
             lane,
             policy,
             due_retries,
-            open: Vec::new(),
-            open_bytes: 0,
-            open_deadline: None,
+            open: HashMap::new(),
+            next_deadline: None,
         };
         tokio::spawn(dispatcher.run())
     }
@@ -95,10 +104,10 @@ impl Dispatcher {
                     }
                     None => {
                         intake_open = false;
-                        self.flush().await;
+                        self.flush_all().await;
                     }
                 },
-                () = sleep_until(self.open_deadline), if self.open_deadline.is_some() => self.flush().await,
+                () = sleep_until(self.next_deadline), if self.next_deadline.is_some() => self.flush_due().await,
                 () = self.lane.drained.notified(), if !intake_open => {}
             }
             if !intake_open
@@ -111,22 +120,54 @@ impl Dispatcher {
     }
 
     async fn push(&mut self, envelope: Envelope) {
-        if self.open.is_empty() && !self.policy.max_age.is_zero() {
-            self.open_deadline = Some(tokio::time::Instant::now() + self.policy.max_age);
+        if self.policy.max_age.is_zero() || self.policy.max_events <= 1 {
+            return self.deliver(vec![envelope]).await;
         }
-        self.open_bytes += envelope.size();
-        self.open.push(envelope);
-        if self.policy.is_full(self.open.len(), self.open_bytes) || self.policy.max_age.is_zero() {
-            self.flush().await;
+        let group = self.lane.destination.batch_group(&envelope.payload);
+        let mut entry = match self.open.entry(group) {
+            Entry::Occupied(entry) => entry,
+            Entry::Vacant(vacant) => {
+                let deadline = tokio::time::Instant::now() + self.policy.max_age;
+                if self.next_deadline.is_none_or(|next| deadline < next) {
+                    self.next_deadline = Some(deadline);
+                }
+                vacant.insert_entry(OpenBatch {
+                    envelopes: Vec::new(),
+                    bytes: 0,
+                    deadline,
+                })
+            }
+        };
+        let open = entry.get_mut();
+        open.bytes += envelope.size();
+        open.envelopes.push(envelope);
+        if self.policy.is_full(open.envelopes.len(), open.bytes) {
+            // A stale `next_deadline` only wakes `flush_due` early, which then recomputes it.
+            let full = entry.remove();
+            self.deliver(full.envelopes).await;
         }
     }
 
-    async fn flush(&mut self) {
-        self.open_deadline = None;
-        self.open_bytes = 0;
-        if !self.open.is_empty() {
-            let batch = std::mem::take(&mut self.open);
-            self.deliver(batch).await;
+    /// Deliver every open batch whose deadline has passed.
+    async fn flush_due(&mut self) {
+        let now = tokio::time::Instant::now();
+        let due: Vec<_> = self
+            .open
+            .extract_if(|_, open| open.deadline <= now)
+            .map(|(_, open)| open.envelopes)
+            .collect();
+        self.next_deadline = self.open.values().map(|open| open.deadline).min();
+        for envelopes in due {
+            self.deliver(envelopes).await;
+        }
+    }
+
+    /// Deliver every open batch, full or not (the intake closed).
+    async fn flush_all(&mut self) {
+        self.next_deadline = None;
+        let open = std::mem::take(&mut self.open);
+        for (_, batch) in open {
+            self.deliver(batch.envelopes).await;
         }
     }
 
