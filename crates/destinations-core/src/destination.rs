@@ -167,6 +167,9 @@ pub struct ResponseSummary {
     /// The start of an error body (at most 4 KiB), for failures.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub body_excerpt: Option<String>,
+    /// Where the target put it, when that is worth knowing: an object's key, a message id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
 }
 
 /// The outcome of a whole batch.

@@ -7,6 +7,8 @@ use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 
 /// Sends accepted into the queue, per destination instance.
 pub const SENDS_ACCEPTED: &str = "destinations_sends_accepted_total";
+/// Payload bytes of the sends accepted, per destination instance.
+pub const SEND_BYTES_ACCEPTED: &str = "destinations_send_bytes_accepted_total";
 /// Sends refused at send time, per destination instance and reason.
 pub const SENDS_REJECTED: &str = "destinations_sends_rejected_total";
 /// Delivery attempts per envelope, per destination instance and outcome.
@@ -30,6 +32,7 @@ pub const QUEUE_BYTES: &str = "destinations_queue_bytes";
 #[derive(Clone)]
 pub(crate) struct InstanceMetrics {
     pub(crate) accepted: Counter,
+    pub(crate) accepted_bytes: Counter,
     pub(crate) rejected_invalid: Counter,
     pub(crate) rejected_full: Counter,
     pub(crate) attempts_delivered: Counter,
@@ -47,6 +50,7 @@ impl InstanceMetrics {
         let d = instance.to_owned();
         Self {
             accepted: counter!(SENDS_ACCEPTED, "destination" => d.clone()),
+            accepted_bytes: counter!(SEND_BYTES_ACCEPTED, "destination" => d.clone()),
             rejected_invalid: counter!(SENDS_REJECTED, "destination" => d.clone(), "reason" => "invalid"),
             rejected_full: counter!(SENDS_REJECTED, "destination" => d.clone(), "reason" => "queue_full"),
             attempts_delivered: counter!(ATTEMPTS, "destination" => d.clone(), "outcome" => "delivered"),

@@ -174,6 +174,7 @@ impl HttpDestination {
             status: None,
             elapsed_ms: started.elapsed().as_millis() as u64,
             body_excerpt: None,
+            location: None,
         };
         if let Some(refused) = find_source::<Refused>(error) {
             return Report::failed(refused.to_string()).with_response(summary);
@@ -242,6 +243,7 @@ async fn classify(mut response: reqwest::Response, started: Instant) -> Report {
         status: Some(status.as_u16()),
         elapsed_ms: started.elapsed().as_millis() as u64,
         body_excerpt: (!excerpt.is_empty()).then_some(excerpt),
+        location: None,
     };
     if status.is_success() {
         return Report::delivered().with_response(summary);

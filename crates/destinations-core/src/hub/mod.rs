@@ -103,18 +103,21 @@ impl HubShared {
         }
         // Status first: a dispatcher may deliver before `enqueue` returns.
         self.status.queued(&envelopes);
-        let sent: Vec<(EventId, Arc<str>)> = envelopes
+        let sent: Vec<(EventId, Arc<str>, usize)> = envelopes
             .iter()
-            .map(|e| (e.id, e.destination.clone()))
+            .map(|e| (e.id, e.destination.clone(), e.size()))
             .collect();
         let result = self.queue.enqueue(envelopes);
         if result.is_err() {
-            self.status.forget(sent.iter().map(|(id, _)| *id));
+            self.status.forget(sent.iter().map(|(id, ..)| *id));
         }
-        for (_, name) in &sent {
+        for (_, name, size) in &sent {
             if let Some(instance) = self.instances.get(name) {
                 match result {
-                    Ok(()) => instance.metrics.accepted.increment(1),
+                    Ok(()) => {
+                        instance.metrics.accepted.increment(1);
+                        instance.metrics.accepted_bytes.increment(*size as u64);
+                    }
                     Err(_) => instance.metrics.rejected_full.increment(1),
                 }
             }
