@@ -1,0 +1,163 @@
+//! One batch as one object: newline-delimited JSON, compressed, under a key named by the time
+//! of the batch's first send and the SHA-256 of the object's bytes.
+
+use std::fmt::Write as _;
+use std::io::{self, Write};
+use std::time::SystemTime;
+
+use chrono::{DateTime, Utc};
+
+use crate::options::Compression;
+
+/// An object ready to upload.
+pub(crate) struct EncodedObject {
+    /// The compressed bytes.
+    pub(crate) bytes: Vec<u8>,
+    /// Lower-case hex SHA-256 of `bytes`.
+    pub(crate) digest: String,
+    /// The NDJSON size before compression.
+    pub(crate) plain_bytes: usize,
+}
+
+/// Encode these payloads (one JSON value each) as compressed NDJSON. The same payloads in the
+/// same order always give the same bytes, so a retried batch gets the same key.
+pub(crate) fn encode<'a>(
+    payloads: impl Iterator<Item = &'a str>,
+    compression: Compression,
+    level: Option<u32>,
+    size_hint: usize,
+) -> io::Result<EncodedObject> {
+    let mut plain_bytes = 0;
+    let bytes = match compression {
+        Compression::Gzip => {
+            let level = flate2::Compression::new(level.unwrap_or(1));
+            let mut encoder =
+                flate2::write::GzEncoder::new(Vec::with_capacity(size_hint / 4), level);
+            plain_bytes = write_lines(&mut encoder, payloads)?;
+            encoder.finish()?
+        }
+        Compression::Zstd => {
+            let level = level.map_or(3, |l| i32::try_from(l).unwrap_or(3));
+            let mut encoder = zstd::Encoder::new(Vec::with_capacity(size_hint / 4), level)?;
+            encoder.include_checksum(true)?;
+            plain_bytes = write_lines(&mut encoder, payloads)?;
+            encoder.finish()?
+        }
+        Compression::None => {
+            let mut plain = Vec::with_capacity(size_hint);
+            plain_bytes += write_lines(&mut plain, payloads)?;
+            plain
+        }
+    };
+    let digest = hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes).as_ref());
+    Ok(EncodedObject {
+        bytes,
+        digest,
+        plain_bytes,
+    })
+}
+
+/// Write each payload as one line. JSON strings cannot hold a raw line break, so the only
+/// line breaks a payload can carry are whitespace between tokens: dropping them keeps the
+/// value and makes it one line.
+fn write_lines<'a>(
+    out: &mut impl Write,
+    payloads: impl Iterator<Item = &'a str>,
+) -> io::Result<usize> {
+    let mut written = 0;
+    for payload in payloads {
+        let payload = payload.trim();
+        if payload.contains(['\n', '\r']) {
+            let one_line: Vec<u8> = payload
+                .bytes()
+                .filter(|b| *b != b'\n' && *b != b'\r')
+                .collect();
+            out.write_all(&one_line)?;
+            written += one_line.len();
+        } else {
+            out.write_all(payload.as_bytes())?;
+            written += payload.len();
+        }
+        out.write_all(b"\n")?;
+        written += 1;
+    }
+    Ok(written)
+}
+
+/// The key inside the bucket: `FOLDER/YYYY/MM/DD/HH/YYYY-MM-DD-HH-MM-SS-DIGEST.EXT`, in UTC.
+pub(crate) fn object_key(
+    folder: &str,
+    at: SystemTime,
+    digest: &str,
+    compression: Compression,
+) -> String {
+    let at: DateTime<Utc> = at.into();
+    format!(
+        "{folder}{}-{digest}.{}",
+        at.format("%Y/%m/%d/%H/%Y-%m-%d-%H-%M-%S"),
+        compression.extension()
+    )
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut text = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        let _ = write!(text, "{byte:02x}");
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+
+    #[test]
+    fn key_layout_matches_the_reference() {
+        let at = UNIX_EPOCH + Duration::from_secs(1_558_800_898); // 2019-05-25 16:14:58 UTC
+        let key = object_key("test/", at, &"ab".repeat(32), Compression::Gzip);
+        assert_eq!(
+            key,
+            format!(
+                "test/2019/05/25/16/2019-05-25-16-14-58-{}.gz",
+                "ab".repeat(32)
+            )
+        );
+    }
+
+    #[test]
+    fn pretty_payloads_become_one_line_and_the_bytes_are_deterministic() {
+        let payloads = ["{\n  \"a\": \"x\\ny\",\n  \"b\": [1,\r\n 2]\n}", "3"];
+        let one = encode(payloads.into_iter(), Compression::Gzip, None, 0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let two = encode(payloads.into_iter(), Compression::Gzip, None, 0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(one.bytes, two.bytes);
+        assert_eq!(one.digest, two.digest);
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(&one.bytes[..])
+            .read_to_string(&mut text)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(text, "{  \"a\": \"x\\ny\",  \"b\": [1, 2]}\n3\n");
+        assert_eq!(one.plain_bytes, text.len());
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}")))
+            .collect();
+        assert_eq!(lines[0]["a"], "x\ny");
+    }
+
+    #[test]
+    fn zstd_and_none_round_trip() {
+        let payloads = ["{\"n\":1}", "{\"n\":2}"];
+        let zstd = encode(payloads.into_iter(), Compression::Zstd, None, 0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let plain = zstd::decode_all(&zstd.bytes[..]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(plain, b"{\"n\":1}\n{\"n\":2}\n");
+        let none = encode(payloads.into_iter(), Compression::None, None, 0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(none.bytes, plain);
+    }
+}

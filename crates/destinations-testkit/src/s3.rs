@@ -1,0 +1,318 @@
+//! A real S3-compatible server on 127.0.0.1 (s3s-fs, which verifies SigV4 signatures), and a
+//! proxy in front of it that injects failures and counts requests.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
+
+/// The access key the test server accepts.
+pub const ACCESS_KEY: &str = "destinations-test";
+/// The secret key the test server accepts.
+pub const SECRET_KEY: &str = "destinations-test-secret";
+
+/// Where `cargo xtask setup` installs s3s-fs.
+pub fn s3s_fs_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("S3S_FS") {
+        return PathBuf::from(path);
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        let installed = Path::new(&home).join(".cache/destinations-tools/bin/s3s-fs");
+        if installed.is_file() {
+            return installed;
+        }
+    }
+    crate::require_command("s3s-fs", "the S3-compatible test server")
+}
+
+/// A folder of its own for one test, removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A new, empty folder under the system's temporary folder.
+    pub fn new(label: &str) -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "destinations-{label}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+        Self(path)
+    }
+
+    /// The folder.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// s3s-fs on a port of its own, storing into a temporary folder. Stopped (by its process id)
+/// when dropped.
+pub struct S3Server {
+    child: Option<Child>,
+    address: SocketAddr,
+    root: TempDir,
+}
+
+impl S3Server {
+    /// Start a server; fails the test, naming `cargo xtask setup`, if s3s-fs is missing.
+    pub async fn start() -> Self {
+        let port = free_port();
+        let mut server = Self {
+            child: None,
+            address: SocketAddr::from(([127, 0, 0, 1], port)),
+            root: TempDir::new("s3s"),
+        };
+        server.restart().await;
+        server
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// The listening address.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Create a bucket (a folder of the server's root).
+    pub fn create_bucket(&self, bucket: &str) {
+        let path = self.root.path().join(bucket);
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("cannot create bucket folder {}: {e}", path.display()));
+    }
+
+    /// Stop the server (its objects stay).
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Start the server again on the same port and folder.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let binary = s3s_fs_binary();
+        let mut child = Command::new(&binary)
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &self.address.port().to_string(),
+            ])
+            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+            .arg(self.root.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+        // s3s-fs prints nothing when ready: wait for its port to accept connections.
+        for _ in 0..500 {
+            if TcpStream::connect(self.address).await.is_ok() {
+                self.child = Some(child);
+                return;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "s3s-fs exited during startup ({status}) on {}",
+                    self.address
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("s3s-fs did not listen on {} within 10 s", self.address);
+    }
+}
+
+/// A port nobody listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port: {e}"))
+}
+
+/// What the proxy does to write requests (every method but GET and HEAD).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Forward everything.
+    None,
+    /// Answer `503 SlowDown` to the first `n` writes of each path, then forward.
+    FailFirstWrites(u32),
+    /// Answer every write with this status and S3 error code, e.g. `403 AccessDenied` or
+    /// `404 NoSuchBucket`.
+    RefuseWrites(u16, &'static str),
+}
+
+/// One request the proxy saw.
+#[derive(Clone, Debug)]
+pub struct ProxiedRequest {
+    /// The method.
+    pub method: String,
+    /// Path and query.
+    pub uri: String,
+    /// What the proxy answered itself, if it did not forward.
+    pub injected: Option<u16>,
+}
+
+/// An HTTP proxy on 127.0.0.1 in front of an S3 server: it forwards requests untouched (the
+/// `Host` header too, so signatures still verify), injects failures, and records what it saw.
+pub struct FaultProxy {
+    address: SocketAddr,
+    seen: Arc<Mutex<Vec<ProxiedRequest>>>,
+    task: JoinHandle<()>,
+}
+
+impl FaultProxy {
+    /// A proxy to `upstream` that applies `fault`.
+    pub async fn start(upstream: SocketAddr, fault: Fault) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("cannot bind the proxy: {e}"));
+        let address = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("proxy address: {e}"));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let task = tokio::spawn(serve(listener, upstream, fault, seen.clone()));
+        Self {
+            address,
+            seen,
+            task,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// Every request so far.
+    pub fn requests(&self) -> Vec<ProxiedRequest> {
+        self.seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+async fn serve(
+    listener: TcpListener,
+    upstream: SocketAddr,
+    fault: Fault,
+    seen: Arc<Mutex<Vec<ProxiedRequest>>>,
+) {
+    let writes_by_path = Arc::new(Mutex::new(std::collections::HashMap::<String, u32>::new()));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let seen = seen.clone();
+        let writes_by_path = writes_by_path.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request: Request<Incoming>| {
+                let seen = seen.clone();
+                let writes_by_path = writes_by_path.clone();
+                async move {
+                    let method = request.method().to_string();
+                    let uri = request.uri().to_string();
+                    let is_write = !matches!(method.as_str(), "GET" | "HEAD");
+                    let injected = if is_write {
+                        match fault {
+                            Fault::None => None,
+                            Fault::RefuseWrites(status, code) => Some((status, code)),
+                            Fault::FailFirstWrites(n) => {
+                                let mut counts = writes_by_path
+                                    .lock()
+                                    .unwrap_or_else(PoisonError::into_inner);
+                                let count =
+                                    counts.entry(request.uri().path().to_owned()).or_insert(0);
+                                *count += 1;
+                                (*count <= n).then_some((503, "SlowDown"))
+                            }
+                        }
+                    } else {
+                        None
+                    };
+                    seen.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(ProxiedRequest {
+                            method,
+                            uri,
+                            injected: injected.map(|(status, _)| status),
+                        });
+                    match injected {
+                        Some((status, code)) => Ok::<_, hyper::Error>(s3_error(status, code)),
+                        None => forward(upstream, request).await,
+                    }
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn s3_error(status: u16, code: &str) -> Response<ProxyBody> {
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>injected by the test proxy</Message></Error>"
+    );
+    let mut response = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() =
+        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    response
+}
+
+async fn forward(
+    upstream: SocketAddr,
+    request: Request<Incoming>,
+) -> Result<Response<ProxyBody>, hyper::Error> {
+    let Ok(stream) = TcpStream::connect(upstream).await else {
+        let mut response = s3_error(502, "BadGateway");
+        *response.status_mut() = hyper::StatusCode::BAD_GATEWAY;
+        return Ok(response);
+    };
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let response = sender.send_request(request).await?;
+    Ok(response.map(BodyExt::boxed))
+}
