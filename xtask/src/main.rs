@@ -113,8 +113,9 @@ fn is_root() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
-/// What the tests need. Today every test server is in-process (axum/hyper receivers on
-/// 127.0.0.1); later destinations add theirs here (S3, SMTP, NATS, a browser).
+/// What the tests need: toolchain components, and the servers the tests start on 127.0.0.1
+/// that are not in-process (s3s-fs, an S3-compatible server that verifies signatures).
+/// Idempotent: what is there is kept.
 fn setup() -> Result<(), String> {
     println!("xtask setup: checking what the tests need");
     for component in ["rustfmt", "clippy"] {
@@ -133,8 +134,50 @@ fn setup() -> Result<(), String> {
             run("rustup", &["component", "add", component])?;
         }
     }
+    install_s3s_fs()?;
     println!("xtask setup: ready");
     Ok(())
+}
+
+/// The version of s3s-fs the tests run against (0.17 needs a newer compiler).
+const S3S_FS_VERSION: &str = "0.14.1";
+
+/// Where setup installs the test servers it builds: outside the checkout, so a fresh clone on
+/// the same machine reuses them. The testkit looks here too.
+pub(crate) fn tools_root() -> PathBuf {
+    env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(env::temp_dir)
+        .join(".cache/destinations-tools")
+}
+
+fn install_s3s_fs() -> Result<(), String> {
+    let binary = tools_root().join("bin/s3s-fs");
+    let version = Command::new(&binary)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    if version == format!("s3s-fs {S3S_FS_VERSION}") {
+        println!("xtask setup: {version} at {}", binary.display());
+        return Ok(());
+    }
+    println!("xtask setup: building s3s-fs {S3S_FS_VERSION} (a few minutes, once)");
+    let root = tools_root();
+    let root = root.to_string_lossy();
+    run(
+        "cargo",
+        &[
+            "install",
+            "--locked",
+            "--quiet",
+            "--root",
+            &root,
+            &format!("s3s-fs@{S3S_FS_VERSION}"),
+            "--features",
+            "binary",
+        ],
+    )
 }
 
 /// Run every test of the workspace and close with one summed line, `tests: N passed, M failed`,

@@ -1,11 +1,13 @@
 //! The `destinations` binary end to end: real server processes on 127.0.0.1, real receivers.
 
+use std::io::Read;
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use destinations_testkit::{Receiver, Reply};
+use destinations_testkit::{Receiver, Reply, TempDir};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -16,6 +18,8 @@ const WITHIN: Duration = Duration::from_secs(60);
 /// A running `destinations serve`, killed when dropped.
 struct Server {
     child: Child,
+    /// The working folder when the test gave none (the embedded defaults write `./data`).
+    _dir: Option<TempDir>,
     base: String,
     http: reqwest::Client,
 }
@@ -37,7 +41,17 @@ impl Server {
     }
 
     async fn start_with(config: Option<&str>, env: &[(&str, &str)]) -> Self {
+        Self::start_in(config, env, None).await
+    }
+
+    /// Started from the folder `dir` (where the embedded defaults write `./data`).
+    async fn start_in(config: Option<&str>, env: &[(&str, &str)], dir: Option<&Path>) -> Self {
         let mut command = Command::new(BIN);
+        let own_dir = dir.is_none().then(|| TempDir::new("server"));
+        command.current_dir(
+            dir.or(own_dir.as_ref().map(TempDir::path))
+                .unwrap_or(Path::new(".")),
+        );
         command.args(["serve", "--listen", "127.0.0.1:0"]);
         if let Some(text) = config {
             command.arg("--config").arg(temp_config(text));
@@ -66,6 +80,7 @@ impl Server {
             .to_owned();
         Self {
             child,
+            _dir: own_dir,
             base: format!("http://{addr}"),
             http: reqwest::Client::new(),
         }
@@ -162,6 +177,77 @@ async fn embedded_defaults_deliver_a_send_and_report_it_delivered() {
         .unwrap_or_else(|| panic!("one request"));
     assert_eq!(request.header("idempotency-key"), Some(id.as_str()));
     assert_eq!(request.json(), json!({"name": "Luke"}));
+}
+
+#[tokio::test]
+async fn embedded_defaults_write_s3_sends_as_objects_under_data() {
+    let dir = TempDir::new("server-s3");
+    let server = Server::start_in(None, &[], Some(dir.path())).await;
+    let sends: Vec<Value> = (0..3)
+        .map(|n| json!({"destination": "s3", "payload": {"bucket": "analytics", "prefix": "signups", "payload": {"n": n}}}))
+        .collect();
+    let (code, body) = server.post("/v1/runs", &json!({"sends": sends})).await;
+    assert_eq!(code, 202, "{body}");
+    let id = body["ids"][0].as_str().unwrap_or_default().to_owned();
+    let (_, status) = server.get(&format!("/v1/events/{id}")).await;
+    assert_eq!(
+        status["state"], "queued",
+        "batched for up to a minute: {status}"
+    );
+    let (code, body) = server
+        .post(
+            "/v1/send/s3",
+            &json!({"bucket": "analytics", "prefix": "../escape", "payload": {}}),
+        )
+        .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("prefix"),
+        "{body}"
+    );
+
+    // SIGTERM flushes the open batch.
+    assert!(server.terminate().await.success());
+    let folder = dir.path().join("data/objects/analytics/signups");
+    let mut found = Vec::new();
+    let mut pending = vec![folder.clone()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if entry.path().is_dir() {
+                pending.push(entry.path());
+            } else {
+                found.push(entry.path());
+            }
+        }
+    }
+    assert_eq!(
+        found.len(),
+        1,
+        "one object under {}: {found:?}",
+        folder.display()
+    );
+    let relative = found[0]
+        .strip_prefix(&folder)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let parts: Vec<_> = relative
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(parts.len(), 5, "YYYY/MM/DD/HH/FILE: {relative:?}");
+    assert!(parts[4].starts_with(&format!(
+        "{}-{}-{}-{}-",
+        parts[0], parts[1], parts[2], parts[3]
+    )));
+    assert!(parts[4].ends_with(".gz"));
+    let bytes = std::fs::read(&found[0]).unwrap_or_else(|e| panic!("{e}"));
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(&bytes[..])
+        .read_to_string(&mut text)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(text, "{\"n\":0}\n{\"n\":1}\n{\"n\":2}\n");
 }
 
 #[tokio::test]
@@ -370,6 +456,7 @@ async fn health_readiness_and_prometheus_metrics() {
     let (code, body) = server.get("/readyz").await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["destinations"]["http"]["ok"], true);
+    assert_eq!(body["destinations"]["s3"]["ok"], true);
     let (_, body) = server
         .post("/v1/send/http", &json!({"url": receiver.url("/m")}))
         .await;
@@ -404,7 +491,7 @@ async fn health_readiness_and_prometheus_metrics() {
         (code, body),
         (
             200,
-            json!({"destinations": [{"name": "http", "kind": "http"}]})
+            json!({"destinations": [{"name": "http", "kind": "http"}, {"name": "s3", "kind": "s3"}]})
         )
     );
 }

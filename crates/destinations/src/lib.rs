@@ -1,11 +1,11 @@
 //! `destinations`: asynchronous, batched, at-least-once event delivery.
 //!
-//! A program records sends during a run — `send.http(...)` and, as their crates land, `s3`,
-//! `email`, `sse`, `emit` — and never waits on the network: everything a run sent is delivered
+//! A program records sends during a run — `send.http(...)`, `send.s3(...)` and, as their
+//! crates land, `email`, `sse`, `emit` — and never waits on the network: everything a run sent is delivered
 //! after it finishes, retried on transient failures, dead-lettered with a reason otherwise,
 //! with a status per send.
 //!
-//! Pick destinations with Cargo features (`http` is on by default). Naming this crate links
+//! Pick destinations with Cargo features (`http` and `s3` are on by default). Naming this crate links
 //! every enabled destination, so [`Registry::linked`] sees them.
 //!
 //! ```no_run
@@ -16,6 +16,7 @@
 //! let hub = destinations::hub_with_defaults()?;
 //! let run = hub.begin_run("workflow-42");
 //! run.send().http(HttpRequest::post("https://example.com/hook").json(&json!({"name": "Luke"})))?;
+//! run.send().s3(S3Send::new("analytics", "signups/", &json!({"name": "Luke"})))?;
 //! run.finish().await?;                 // hand every recorded send to the queue, atomically
 //! hub.shutdown().await;                // deliver what is pending before exiting
 //! # Ok(()) }
@@ -25,6 +26,8 @@ pub use destinations_core::*;
 
 #[cfg(feature = "http")]
 pub use destinations_http as http;
+#[cfg(feature = "s3")]
+pub use destinations_s3 as s3;
 
 /// Everything a sending program usually needs, typed sends included.
 pub mod prelude {
@@ -32,6 +35,8 @@ pub mod prelude {
 
     #[cfg(feature = "http")]
     pub use destinations_http::{HttpRequest, SendHttp};
+    #[cfg(feature = "s3")]
+    pub use destinations_s3::{S3Send, SendS3};
 }
 
 /// Every destination kind in this build: those linked in (`inventory`, third-party crates
@@ -41,11 +46,14 @@ pub fn registry() -> Registry {
     let mut registry = Registry::linked();
     #[cfg(feature = "http")]
     destinations_http::register(&mut registry);
+    #[cfg(feature = "s3")]
+    destinations_s3::register(&mut registry);
     registry
 }
 
 /// A hub with one instance per enabled kind, named after the kind, on its defaults. The `http`
-/// instance refuses non-public addresses, as in production.
+/// instance refuses non-public addresses, as in production; the `s3` instance writes objects
+/// under `./data/objects` (each bucket a folder).
 pub fn hub_with_defaults() -> Result<Hub, ConfigError> {
     let registry = registry();
     let mut builder = Hub::builder();

@@ -6,6 +6,9 @@ fn every_enabled_kind_is_registered() {
     if cfg!(feature = "http") {
         expected.push("http");
     }
+    if cfg!(feature = "s3") {
+        expected.push("s3");
+    }
     expected.sort_unstable();
     assert_eq!(
         destinations::Registry::linked().kinds(),
