@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 
 use crate::{apt_install, have, root};
 
-const SCENARIOS: [&str; 1] = ["http"];
+const SCENARIOS: [&str; 2] = ["http", "s3"];
 
 struct Options {
     quick: bool,
@@ -160,15 +160,7 @@ fn http_scenario(quick: bool) -> Result<(Row, String), String> {
     }
     let result = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     let stats = http_get(&format!("{url}/stats"))?;
-    let field = |json: &str, key: &str| -> f64 {
-        let needle = format!("\"{key}\":");
-        json.find(&needle)
-            .map(|at| &json[at + needle.len()..])
-            .and_then(|rest| rest.split([',', '}']).next())
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(f64::NAN)
-    };
-    let sends_per_second = field(&result, "sends_per_second");
+    let sends_per_second = json_field(&result, "sends_per_second");
     let row = Row {
         scenario: "http",
         measure: "sends/s, one request per send".into(),
@@ -177,10 +169,10 @@ fn http_scenario(quick: bool) -> Result<(Row, String), String> {
         reference: wrk_rps,
         notes: format!(
             "N={sends} × 256 B; send→arrival p50 {:.1} ms, p99 {:.1} ms; peak RSS {:.0} MiB; received {}",
-            field(&stats, "p50_us") / 1000.0,
-            field(&stats, "p99_us") / 1000.0,
-            field(&result, "peak_rss_kib") / 1024.0,
-            field(&stats, "requests"),
+            json_field(&stats, "p50_us") / 1000.0,
+            json_field(&stats, "p99_us") / 1000.0,
+            json_field(&result, "peak_rss_kib") / 1024.0,
+            json_field(&stats, "requests"),
         ),
     };
     let json = format!(
@@ -190,10 +182,133 @@ fn http_scenario(quick: bool) -> Result<(Row, String), String> {
     Ok((row, json))
 }
 
+/// Start s3s-fs (the test suite's S3-compatible server) on CPU 0 with a fresh folder holding a
+/// `bench` bucket; returns it and its endpoint.
+fn start_s3_server() -> Result<(Background, String, std::path::PathBuf), String> {
+    let binary = crate::tools_root().join("bin/s3s-fs");
+    if !binary.is_file() {
+        crate::setup()?;
+    }
+    let data = root().join("target/bench/s3s");
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(data.join("bench")).map_err(|e| e.to_string())?;
+    let port = free_port()?;
+    let child = pinned(0, &binary.display().to_string())
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--access-key", "bench", "--secret-key", "bench-secret"])
+        .arg(&data)
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start s3s-fs: {e}"))?;
+    let server = Background(child);
+    for _ in 0..500 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok((
+                server,
+                format!("http://127.0.0.1:{port}"),
+                data.join("bench"),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Err("s3s-fs did not listen within 10 s".into())
+}
+
+/// Files and bytes under a folder.
+fn folder_size(dir: &std::path::Path) -> (u64, u64) {
+    let (mut files, mut bytes) = (0, 0);
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if let Ok(meta) = entry.metadata() {
+                files += 1;
+                bytes += meta.len();
+            }
+        }
+    }
+    (files, bytes)
+}
+
+/// The library's events/s into gzip NDJSON objects on s3s-fs, beside `gzip -1` compressing the
+/// same NDJSON bytes on the same core.
+fn s3_scenario(quick: bool) -> Result<(Row, String), String> {
+    let (_server, endpoint, bucket) = start_s3_server()?;
+    let sends = if quick { 100_000 } else { 500_000 };
+    let ndjson = root().join("target/bench/events.ndjson");
+    let out = pinned(1, &bench_binary())
+        .args(["s3", &endpoint, &sends.to_string()])
+        .arg(&ndjson)
+        .output()
+        .map_err(|e| format!("cannot run the library load: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "library load failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let result = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let (objects, object_bytes) = folder_size(&bucket);
+    let ndjson_bytes = std::fs::metadata(&ndjson).map_or(0, |m| m.len());
+    // The reference: gzip -1 over the same bytes, on the load's core; best of three.
+    let mut gzip_seconds = f64::INFINITY;
+    let mut gzip_bytes = 0;
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let out = pinned(1, "gzip")
+            .args(["-1", "-c"])
+            .arg(&ndjson)
+            .output()
+            .map_err(|e| format!("gzip: {e}"))?;
+        gzip_seconds = gzip_seconds.min(started.elapsed().as_secs_f64());
+        gzip_bytes = out.stdout.len();
+    }
+    let gzip_events = sends as f64 / gzip_seconds;
+    let value = json_field(&result, "sends_per_second");
+    let row = Row {
+        scenario: "s3",
+        measure: "events/s into gzip NDJSON objects".into(),
+        value,
+        reference_name: "gzip -1, same NDJSON bytes".into(),
+        reference: gzip_events,
+        notes: format!(
+            "N={sends} × {:.0} B; {objects} objects, {:.1} MiB NDJSON → {:.1} MiB (gzip -1: {:.1} MiB); all delivered: {}; peak RSS {:.0} MiB",
+            ndjson_bytes as f64 / sends as f64,
+            ndjson_bytes as f64 / 1048576.0,
+            object_bytes as f64 / 1048576.0,
+            gzip_bytes as f64 / 1048576.0,
+            result.contains("\"all_delivered\":true"),
+            json_field(&result, "peak_rss_kib") / 1024.0,
+        ),
+    };
+    let json = format!(
+        r#"{{"scenario":"s3","library":{result},"objects":{objects},"object_bytes":{object_bytes},"ndjson_bytes":{ndjson_bytes},"gzip_seconds":{gzip_seconds},"gzip_bytes":{gzip_bytes}}}"#
+    );
+    let _ = std::fs::remove_file(&ndjson);
+    Ok((row, json))
+}
+
+/// A number field of a flat JSON object, or NaN.
+fn json_field(json: &str, key: &str) -> f64 {
+    let needle = format!("\"{key}\":");
+    json.find(&needle)
+        .map(|at| &json[at + needle.len()..])
+        .and_then(|rest| rest.split([',', '}']).next())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
 pub(crate) fn run(args: &[String]) -> Result<(), String> {
     let options = parse(args)?;
     let mut missing = Vec::new();
-    for (tool, package) in [("wrk", "wrk"), ("curl", "curl"), ("taskset", "util-linux")] {
+    for (tool, package) in [
+        ("wrk", "wrk"),
+        ("curl", "curl"),
+        ("taskset", "util-linux"),
+        ("gzip", "gzip"),
+    ] {
         if !have(tool) {
             missing.push(package);
         }
@@ -216,6 +331,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     for scenario in &options.scenarios {
         let (row, json) = match scenario.as_str() {
             "http" => http_scenario(options.quick)?,
+            "s3" => s3_scenario(options.quick)?,
             other => return Err(format!("scenario `{other}` is not built yet")),
         };
         rows.push(row);
@@ -223,7 +339,9 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!();
-    println!("machine: {cpus} CPUs; receiver pinned to CPU 0, load to CPU 1 (taskset)");
+    println!(
+        "machine: {cpus} CPUs; receiver / s3s-fs pinned to CPU 0, load and gzip to CPU 1 (taskset)"
+    );
     println!(
         "{:<6} {:<32} {:>12} {:>12} {:>7}  {:<30} notes",
         "scen.", "measure", "value", "reference", "ratio", "reference is"

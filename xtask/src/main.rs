@@ -116,7 +116,7 @@ fn is_root() -> bool {
 /// What the tests need: toolchain components, and the servers the tests start on 127.0.0.1
 /// that are not in-process (s3s-fs, an S3-compatible server that verifies signatures).
 /// Idempotent: what is there is kept.
-fn setup() -> Result<(), String> {
+pub(crate) fn setup() -> Result<(), String> {
     println!("xtask setup: checking what the tests need");
     for component in ["rustfmt", "clippy"] {
         let installed = Command::new("cargo")

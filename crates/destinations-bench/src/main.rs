@@ -5,6 +5,10 @@
 //!   `GET /stats` reports; `POST /reset` clears.
 //! - `destinations-bench http URL SENDS`: the library sends SENDS requests of 256 B through
 //!   the HTTP destination, in runs of 100, and prints one JSON line of results.
+//! - `destinations-bench s3 ENDPOINT SENDS NDJSON_OUT`: the library sends SENDS events of about
+//!   256 B through the S3 destination (gzip, default batching) to an S3-compatible server, prints
+//!   one JSON line of results, and writes the same events as NDJSON to NDJSON_OUT so the
+//!   reference (`gzip -1`) compresses exactly the bytes the objects hold.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,7 +38,14 @@ fn main() -> Result<(), String> {
             let sends = sends.parse().map_err(|_| "SENDS must be a number")?;
             runtime.block_on(http_load(url, sends))
         }
-        _ => Err("usage: destinations-bench receiver ADDR | http URL SENDS".into()),
+        ["s3", endpoint, sends, ndjson] => {
+            let sends = sends.parse().map_err(|_| "SENDS must be a number")?;
+            runtime.block_on(s3_load(endpoint, sends, ndjson))
+        }
+        _ => Err(
+            "usage: destinations-bench receiver ADDR | http URL SENDS | s3 ENDPOINT SENDS NDJSON_OUT"
+                .into(),
+        ),
     }
 }
 
@@ -173,7 +184,24 @@ async fn http_load(url: &str, sends: usize) -> Result<(), String> {
     let recorded = started.elapsed();
     let report = hub.shutdown().await;
     let elapsed = started.elapsed();
-    let rss_kib = std::fs::read_to_string("/proc/self/status")
+    let rss_kib = peak_rss_kib();
+    println!(
+        "{}",
+        json!({
+            "sends": sends,
+            "seconds": elapsed.as_secs_f64(),
+            "sends_per_second": sends as f64 / elapsed.as_secs_f64(),
+            "record_seconds": recorded.as_secs_f64(),
+            "abandoned": report.abandoned,
+            "peak_rss_kib": rss_kib,
+        })
+    );
+    Ok(())
+}
+
+/// This process's peak resident set, from `/proc/self/status`.
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
@@ -185,7 +213,66 @@ async fn http_load(url: &str, sends: usize) -> Result<(), String> {
                 .nth(1)
                 .and_then(|v| v.parse::<u64>().ok())
         })
-        .unwrap_or(0);
+        .unwrap_or(0)
+}
+
+/// One analytics-style event of about 256 bytes; fields vary as real events do, so the
+/// compressor has honest work.
+fn s3_event(n: usize) -> serde_json::Value {
+    const PAGES: [&str; 5] = [
+        "/",
+        "/pricing",
+        "/docs/getting-started",
+        "/blog/launch",
+        "/signup",
+    ];
+    json!({
+        "event": "page_view",
+        "n": n,
+        "at": 1_763_900_000_000u64 + n as u64 * 7,
+        "user": format!("u_{:08x}", fastrand::u32(..)),
+        "session": format!("{:016x}", fastrand::u64(..)),
+        "page": PAGES[n % PAGES.len()],
+        "referrer": "https://search.example.com/?q=event+delivery",
+        "ua": "Mozilla/5.0 (X11; Linux x86_64) Firefox/140.0",
+        "ms": fastrand::u32(5..3000),
+    })
+}
+
+async fn s3_load(endpoint: &str, sends: usize, ndjson: &str) -> Result<(), String> {
+    use std::io::Write as _;
+
+    use destinations::s3::{S3Destination, S3Options, S3Send, SendS3};
+
+    let options = S3Options::s3_compatible(endpoint, "bench", "bench-secret");
+    let destination = S3Destination::new("s3", options)?;
+    let hub = Hub::builder()
+        .destination("s3", Arc::new(destination), InstanceSettings::default())
+        .build()
+        .map_err(|e| e.to_string())?;
+    let events: Vec<serde_json::Value> = (0..sends).map(s3_event).collect();
+    let mut file = std::io::BufWriter::new(
+        std::fs::File::create(ndjson).map_err(|e| format!("{ndjson}: {e}"))?,
+    );
+    for event in &events {
+        serde_json::to_writer(&mut file, event).map_err(|e| e.to_string())?;
+        file.write_all(b"\n").map_err(|e| e.to_string())?;
+    }
+    file.flush().map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    for chunk in events.chunks(100) {
+        let run = hub.begin_run("bench");
+        for event in chunk {
+            run.send()
+                .s3(S3Send::new("bench", "events", event))
+                .map_err(|e| e.to_string())?;
+        }
+        run.finish().await.map_err(|e| e.to_string())?;
+    }
+    let recorded = started.elapsed();
+    let report = hub.shutdown().await;
+    let elapsed = started.elapsed();
+    let delivered = hub.dead_letters(1).is_empty() && report.abandoned == 0;
     println!(
         "{}",
         json!({
@@ -193,8 +280,8 @@ async fn http_load(url: &str, sends: usize) -> Result<(), String> {
             "seconds": elapsed.as_secs_f64(),
             "sends_per_second": sends as f64 / elapsed.as_secs_f64(),
             "record_seconds": recorded.as_secs_f64(),
-            "abandoned": report.abandoned,
-            "peak_rss_kib": rss_kib,
+            "all_delivered": delivered,
+            "peak_rss_kib": peak_rss_kib(),
         })
     );
     Ok(())

@@ -21,6 +21,14 @@ pub trait Destination: Send + Sync + 'static {
     /// Check one payload at send time. Strict: unknown fields are an error.
     fn validate(&self, payload: &[u8]) -> Result<(), InvalidPayload>;
 
+    /// The checks that depend on this instance's configuration — an allow-list of buckets or
+    /// recipients — for a payload whose shape a typed sender has already checked (see
+    /// [`Sender::checked`](crate::Sender::checked)). `validate` must make them too. Default:
+    /// none.
+    fn validate_for_instance(&self, _payload: &[u8]) -> Result<(), InvalidPayload> {
+        Ok(())
+    }
+
     /// How this destination wants its envelopes grouped. Default: one per send, at once.
     fn batch_policy(&self) -> BatchPolicy {
         BatchPolicy::one_per_send()

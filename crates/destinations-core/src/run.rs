@@ -59,7 +59,9 @@ impl Sender {
     }
 
     /// Send a payload a typed request already checked and serialized, to an instance of
-    /// `kind`. Destination crates' extension traits use this so that nothing is parsed twice.
+    /// `kind`. Destination crates' extension traits use this so that nothing is parsed twice;
+    /// only the instance's own rules
+    /// ([`validate_for_instance`](crate::Destination::validate_for_instance)) are checked.
     pub fn checked(
         &self,
         destination: &str,
@@ -75,6 +77,13 @@ impl Sender {
             });
         }
         self.check_size(instance, &payload)?;
+        if let Err(error) = instance.destination.validate_for_instance(&payload) {
+            instance.metrics.rejected_invalid.increment(1);
+            return Err(SendError::Invalid {
+                destination: destination.to_owned(),
+                error,
+            });
+        }
         self.record(instance, payload)
     }
 

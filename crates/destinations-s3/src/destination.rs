@@ -52,6 +52,20 @@ impl S3Destination {
             .map_err(|message| ConfigError::new(instance, message))
     }
 
+    /// Sends may only name the buckets the instance lists, when it lists any.
+    fn check_bucket_allowed(&self, bucket: &str) -> Result<(), InvalidPayload> {
+        if self.options.buckets.is_empty() || self.options.buckets.iter().any(|b| b == bucket) {
+            return Ok(());
+        }
+        Err(InvalidPayload::field(
+            "bucket",
+            format!(
+                "`{bucket}` is not one of this instance's buckets ({})",
+                self.options.buckets.join(", ")
+            ),
+        ))
+    }
+
     /// Write one group's object and say how it went.
     async fn write(&self, group: EncodedGroup) -> Report {
         let started = Instant::now();
@@ -248,17 +262,16 @@ impl Destination for S3Destination {
     fn validate(&self, payload: &[u8]) -> Result<(), InvalidPayload> {
         let send: S3Send = parse_strict(payload)?;
         send.check()?;
-        if !self.options.buckets.is_empty() && !self.options.buckets.contains(&send.bucket) {
-            return Err(InvalidPayload::field(
-                "bucket",
-                format!(
-                    "`{}` is not one of this instance's buckets ({})",
-                    send.bucket,
-                    self.options.buckets.join(", ")
-                ),
-            ));
+        self.check_bucket_allowed(&send.bucket)
+    }
+
+    fn validate_for_instance(&self, payload: &[u8]) -> Result<(), InvalidPayload> {
+        if self.options.buckets.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let route: Route<'_> = serde_json::from_slice(payload)
+            .map_err(|e| InvalidPayload::field("", e.to_string()))?;
+        self.check_bucket_allowed(&route.bucket)
     }
 
     fn batch_policy(&self) -> BatchPolicy {

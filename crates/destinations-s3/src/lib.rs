@@ -68,8 +68,7 @@ impl SendS3 for Sender {
     }
 
     fn s3_to(&self, instance: &str, send: S3Send) -> Result<EventId, SendError> {
-        // The instance's own checks (its bucket list) run in `json`; the typed value is
-        // serialized once.
+        // Checked here, serialized once; the instance adds its own rules (its bucket list).
         send.check().map_err(|error| SendError::Invalid {
             destination: instance.to_owned(),
             error,
@@ -78,6 +77,6 @@ impl SendS3 for Sender {
             destination: instance.to_owned(),
             message: e.to_string(),
         })?;
-        self.json(instance, Bytes::from(bytes))
+        self.checked(instance, KIND, Bytes::from(bytes))
     }
 }
