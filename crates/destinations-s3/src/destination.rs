@@ -7,8 +7,8 @@ use std::time::{Duration, Instant, SystemTime};
 use async_trait::async_trait;
 use bytes::Bytes;
 use destinations_core::{
-    Batch, BatchOutcome, BatchPolicy, ConfigError, Destination, HealthError, InvalidPayload,
-    Report, ResponseSummary, parse_strict,
+    Batch, BatchOutcome, BatchPolicy, ConfigError, Destination, EventId, HealthError,
+    InvalidPayload, Report, ResponseSummary, parse_strict,
 };
 use object_store::path::Path;
 use object_store::{
@@ -164,7 +164,7 @@ struct EncodedGroup {
 
 /// Parse, group and compress a batch's payloads, off the async threads.
 fn encode_groups(
-    payloads: &[(Bytes, SystemTime)],
+    payloads: &[(Bytes, SystemTime, EventId)],
     compression: Compression,
     level: Option<u32>,
 ) -> (Vec<EncodedGroup>, Vec<(usize, String)>) {
@@ -173,11 +173,12 @@ fn encode_groups(
         indices: Vec<usize>,
         lines: Vec<&'a str>,
         first_sent_at: SystemTime,
+        first_id: EventId,
         size: usize,
     }
     let mut groups: BTreeMap<(String, String), Gathering<'_>> = BTreeMap::new();
     let mut unreadable = Vec::new();
-    for (index, (payload, sent_at)) in payloads.iter().enumerate() {
+    for (index, (payload, sent_at, id)) in payloads.iter().enumerate() {
         match serde_json::from_slice::<Route<'_>>(payload) {
             Ok(route) => {
                 let group = groups
@@ -186,6 +187,7 @@ fn encode_groups(
                         indices: Vec::new(),
                         lines: Vec::new(),
                         first_sent_at: *sent_at,
+                        first_id: *id,
                         size: 0,
                     });
                 group.indices.push(index);
@@ -200,7 +202,14 @@ fn encode_groups(
     }
     let mut encoded = Vec::with_capacity(groups.len());
     for ((bucket, folder), group) in groups {
-        match encode(group.lines.into_iter(), compression, level, group.size) {
+        let label = group.first_id.to_string();
+        match encode(
+            group.lines.into_iter(),
+            &label,
+            compression,
+            level,
+            group.size,
+        ) {
             Ok(object) => encoded.push(EncodedGroup {
                 bucket,
                 folder,
@@ -288,10 +297,10 @@ impl Destination for S3Destination {
     }
 
     async fn deliver(&self, batch: &Batch) -> BatchOutcome {
-        let payloads: Vec<(Bytes, SystemTime)> = batch
+        let payloads: Vec<(Bytes, SystemTime, EventId)> = batch
             .envelopes()
             .iter()
-            .map(|e| (e.payload.clone(), e.created_at))
+            .map(|e| (e.payload.clone(), e.created_at, e.id))
             .collect();
         let (compression, level) = (self.options.compression, self.options.compression_level);
         let started = Instant::now();

@@ -20,25 +20,38 @@ pub(crate) struct EncodedObject {
 }
 
 /// Encode these payloads (one JSON value each) as compressed NDJSON. The same payloads in the
-/// same order always give the same bytes, so a retried batch gets the same key.
+/// same order, with the same `batch` label, always give the same bytes, so a retried batch gets
+/// the same key.
+///
+/// The label (the id of the batch's first send) goes into the compressed format's own metadata —
+/// the gzip header's comment, a zstd skippable frame — where every decoder ignores it. It keeps
+/// two different batches with identical payloads, flushed in the same second, from sharing a
+/// key and overwriting each other. Plain NDJSON has no such place (see `Compression::None`).
 pub(crate) fn encode<'a>(
     payloads: impl Iterator<Item = &'a str>,
+    batch: &str,
     compression: Compression,
     level: Option<u32>,
     size_hint: usize,
 ) -> io::Result<EncodedObject> {
+    let label = format!("destinations batch {batch}");
     let mut plain_bytes = 0;
     let bytes = match compression {
         Compression::Gzip => {
             let level = flate2::Compression::new(level.unwrap_or(1));
-            let mut encoder =
-                flate2::write::GzEncoder::new(Vec::with_capacity(size_hint / 4), level);
+            let mut encoder = flate2::GzBuilder::new()
+                .comment(label)
+                .write(Vec::with_capacity(size_hint / 4), level);
             plain_bytes = write_lines(&mut encoder, payloads)?;
             encoder.finish()?
         }
         Compression::Zstd => {
             let level = level.map_or(3, |l| i32::try_from(l).unwrap_or(3));
-            let mut encoder = zstd::Encoder::new(Vec::with_capacity(size_hint / 4), level)?;
+            let mut out = Vec::with_capacity(size_hint / 4 + label.len() + 8);
+            out.extend_from_slice(&ZSTD_SKIPPABLE_MAGIC.to_le_bytes());
+            out.extend_from_slice(&(label.len() as u32).to_le_bytes());
+            out.extend_from_slice(label.as_bytes());
+            let mut encoder = zstd::Encoder::new(out, level)?;
             encoder.include_checksum(true)?;
             plain_bytes = write_lines(&mut encoder, payloads)?;
             encoder.finish()?
@@ -56,6 +69,9 @@ pub(crate) fn encode<'a>(
         plain_bytes,
     })
 }
+
+/// The first magic number of zstd's skippable frames (RFC 8878, 3.1.2).
+const ZSTD_SKIPPABLE_MAGIC: u32 = 0x184D_2A50;
 
 /// Write each payload as one line. JSON strings cannot hold a raw line break, so the only
 /// line breaks a payload can carry are whitespace between tokens: dropping them keeps the
@@ -130,9 +146,9 @@ mod tests {
     #[test]
     fn pretty_payloads_become_one_line_and_the_bytes_are_deterministic() {
         let payloads = ["{\n  \"a\": \"x\\ny\",\n  \"b\": [1,\r\n 2]\n}", "3"];
-        let one = encode(payloads.into_iter(), Compression::Gzip, None, 0)
+        let one = encode(payloads.into_iter(), "b1", Compression::Gzip, None, 0)
             .unwrap_or_else(|e| panic!("{e}"));
-        let two = encode(payloads.into_iter(), Compression::Gzip, None, 0)
+        let two = encode(payloads.into_iter(), "b1", Compression::Gzip, None, 0)
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(one.bytes, two.bytes);
         assert_eq!(one.digest, two.digest);
@@ -150,13 +166,24 @@ mod tests {
     }
 
     #[test]
+    fn identical_payloads_of_different_batches_differ_in_bytes() {
+        for compression in [Compression::Gzip, Compression::Zstd] {
+            let one = encode(["{}"].into_iter(), "b1", compression, None, 0)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let two = encode(["{}"].into_iter(), "b2", compression, None, 0)
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_ne!(one.digest, two.digest, "{compression:?}");
+        }
+    }
+
+    #[test]
     fn zstd_and_none_round_trip() {
         let payloads = ["{\"n\":1}", "{\"n\":2}"];
-        let zstd = encode(payloads.into_iter(), Compression::Zstd, None, 0)
+        let zstd = encode(payloads.into_iter(), "b1", Compression::Zstd, None, 0)
             .unwrap_or_else(|e| panic!("{e}"));
         let plain = zstd::decode_all(&zstd.bytes[..]).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(plain, b"{\"n\":1}\n{\"n\":2}\n");
-        let none = encode(payloads.into_iter(), Compression::None, None, 0)
+        let none = encode(payloads.into_iter(), "b1", Compression::None, None, 0)
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(none.bytes, plain);
     }

@@ -160,7 +160,9 @@ pub enum Compression {
     Gzip,
     /// Zstandard, `.zst`: smaller and faster.
     Zstd,
-    /// Plain NDJSON, `.ndjson`.
+    /// Plain NDJSON, `.ndjson`. Holds nothing but the payloads, so two batches with identical
+    /// payloads flushed in the same second of one prefix share a key (the later overwrites the
+    /// earlier, identical object); the compressed formats label each batch to prevent that.
     None,
 }
 

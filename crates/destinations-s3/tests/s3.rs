@@ -322,6 +322,39 @@ async fn every_payload_lands_once_in_its_bucket_and_prefix_under_a_content_addre
 }
 
 #[tokio::test]
+async fn identical_batches_in_the_same_second_do_not_overwrite_each_other() {
+    let server = S3Server::start().await;
+    server.create_bucket("pings");
+    for compression in ["gzip", "zstd"] {
+        let hub = hub(s3_table(
+            &server.endpoint(),
+            json!({"compression": compression, "batch": {"max_events": 1}}),
+        ));
+        for _ in 0..20 {
+            hub.sender()
+                .s3(S3Send::new("pings", compression, &json!({"type": "ping"})))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert_eq!(hub.shutdown_within(Duration::from_secs(60)).await.abandoned, 0);
+    }
+    let objects = download(&server, "pings").await;
+    let count = |prefix: &str| objects.keys().filter(|k| k.starts_with(prefix)).count();
+    assert_eq!((count("gzip/"), count("zstd/")), (20, 20), "{:?}", objects.keys());
+    for (key, bytes) in &objects {
+        let text = if key.ends_with(".gz") {
+            gunzip(bytes)
+        } else {
+            String::from_utf8(zstd_decode(bytes)).unwrap_or_else(|e| panic!("{e}"))
+        };
+        assert_eq!(text, "{\"type\":\"ping\"}\n", "{key}");
+    }
+}
+
+fn zstd_decode(bytes: &[u8]) -> Vec<u8> {
+    zstd::decode_all(bytes).unwrap_or_else(|e| panic!("the object is not valid zstd: {e}"))
+}
+
+#[tokio::test]
 async fn a_batch_above_the_multipart_threshold_arrives_whole() {
     let server = S3Server::start().await;
     server.create_bucket("big");
