@@ -274,7 +274,7 @@ fn s3_scenario(quick: bool) -> Result<(Row, String), String> {
         reference_name: "gzip -1, same NDJSON bytes".into(),
         reference: gzip_events,
         notes: format!(
-            "N={sends} × {:.0} B; {objects} objects, {:.1} MiB NDJSON → {:.1} MiB (gzip -1: {:.1} MiB); all delivered: {}; peak RSS {:.0} MiB",
+            "N={sends} × {:.0} B; {objects} objects, {:.1} MiB NDJSON → {:.1} MiB (gzip -1: {:.1} MiB); all delivered: {}; peak RSS {:.0} MiB (incl. the events, built before timing)",
             ndjson_bytes as f64 / sends as f64,
             ndjson_bytes as f64 / 1048576.0,
             object_bytes as f64 / 1048576.0,

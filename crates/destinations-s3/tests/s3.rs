@@ -335,11 +335,19 @@ async fn identical_batches_in_the_same_second_do_not_overwrite_each_other() {
                 .s3(S3Send::new("pings", compression, &json!({"type": "ping"})))
                 .unwrap_or_else(|e| panic!("{e}"));
         }
-        assert_eq!(hub.shutdown_within(Duration::from_secs(60)).await.abandoned, 0);
+        assert_eq!(
+            hub.shutdown_within(Duration::from_secs(60)).await.abandoned,
+            0
+        );
     }
     let objects = download(&server, "pings").await;
     let count = |prefix: &str| objects.keys().filter(|k| k.starts_with(prefix)).count();
-    assert_eq!((count("gzip/"), count("zstd/")), (20, 20), "{:?}", objects.keys());
+    assert_eq!(
+        (count("gzip/"), count("zstd/")),
+        (20, 20),
+        "{:?}",
+        objects.keys()
+    );
     for (key, bytes) in &objects {
         let text = if key.ends_with(".gz") {
             gunzip(bytes)
@@ -723,6 +731,23 @@ fn bad_instance_options_are_refused_naming_the_option() {
             "{options}: {error:?} should mention {expected}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_memory_store_takes_sends_and_names_their_objects() {
+    let hub = hub(json!({"kind": "s3", "url": "memory://", "compression": "zstd"}));
+    let id = hub
+        .sender()
+        .s3(S3Send::new("scratch", "tmp", &json!({"marker": 1})))
+        .unwrap_or_else(|e| panic!("{e}"));
+    hub.shutdown().await;
+    let status = hub.status(id).unwrap_or_else(|| panic!("status"));
+    assert_eq!(status.state, State::Delivered);
+    let location = status.response.and_then(|r| r.location).unwrap_or_default();
+    assert!(
+        location.starts_with("scratch/tmp/") && location.ends_with(".zst"),
+        "{location}"
+    );
 }
 
 #[test]
