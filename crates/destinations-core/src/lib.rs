@@ -57,7 +57,7 @@ pub use envelope::{Envelope, EventId};
 pub use error::SendError;
 pub use hub::{Hub, HubBuilder, HubConfig, ShutdownReport};
 pub use payload::{InvalidPayload, parse_strict};
-pub use policy::{BatchPolicy, RetryPolicy};
+pub use policy::{BatchPolicy, RateLimit, RetryPolicy};
 pub use queue::{MemoryQueue, Queue, QueueCapacity, QueueDepth, QueueFull};
 pub use registry::{DestinationPlugin, Registry};
 pub use run::{Run, Sender};

@@ -1,7 +1,10 @@
-//! Delivery policies: how envelopes are grouped, and when a failure is tried again.
+//! Delivery policies: how envelopes are grouped, when a failure is tried again, and how fast a
+//! target may be sent to.
 
 mod batch;
+mod rate;
 mod retry;
 
 pub use batch::{BatchPolicy, BatchPolicyOverrides};
+pub use rate::RateLimit;
 pub use retry::{RetryDecision, RetryPolicy};
