@@ -32,7 +32,10 @@ impl RateLimit {
     /// together are spaced one interval apart.
     pub async fn acquire(&self) {
         let turn = {
-            let mut next_free = self.next_free.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut next_free = self
+                .next_free
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             let now = Instant::now();
             let turn = next_free.map_or(now, |free| free.max(now));
             *next_free = Some(turn + self.interval);
