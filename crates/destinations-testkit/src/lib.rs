@@ -4,10 +4,12 @@
 pub mod conformance;
 pub mod receiver;
 pub mod s3;
+pub mod smtp;
 
 pub use conformance::{ConformanceTarget, SinkBehaviour};
 pub use receiver::{ReceivedRequest, Receiver, Reply};
 pub use s3::{Fault, FaultProxy, S3Server, TempDir};
+pub use smtp::{CapturedMail, SmtpConfig, SmtpServer};
 
 /// Fail a test whose external server is missing, naming the command that installs it.
 pub fn require_command(command: &str, what: &str) -> std::path::PathBuf {
