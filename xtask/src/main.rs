@@ -114,7 +114,8 @@ fn is_root() -> bool {
 }
 
 /// What the tests need: toolchain components, and the servers the tests start on 127.0.0.1
-/// that are not in-process (s3s-fs, an S3-compatible server that verifies signatures).
+/// that are not in-process: s3s-fs (an S3-compatible server that verifies signatures) and
+/// aiosmtpd (an SMTP server, in a Python venv), plus openssl for test certificates.
 /// Idempotent: what is there is kept.
 pub(crate) fn setup() -> Result<(), String> {
     println!("xtask setup: checking what the tests need");
@@ -134,6 +135,15 @@ pub(crate) fn setup() -> Result<(), String> {
             run("rustup", &["component", "add", component])?;
         }
     }
+    let mut packages = Vec::new();
+    if !have("openssl") {
+        packages.push("openssl");
+    }
+    if !have("python3") {
+        packages.extend(["python3", "python3-venv"]);
+    }
+    apt_install(&packages)?;
+    install_aiosmtpd()?;
     install_s3s_fs()?;
     println!("xtask setup: ready");
     Ok(())
@@ -149,6 +159,44 @@ pub(crate) fn tools_root() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(env::temp_dir)
         .join(".cache/destinations-tools")
+}
+
+/// The aiosmtpd version the SMTP tests run against.
+const AIOSMTPD_VERSION: &str = "1.4.6";
+
+/// A venv with aiosmtpd, where the testkit looks for it.
+fn install_aiosmtpd() -> Result<(), String> {
+    let venv = tools_root().join("venv");
+    let python = venv.join("bin/python");
+    let installed = Command::new(&python)
+        .args(["-c", "import aiosmtpd; print(aiosmtpd.__version__)"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    if installed == AIOSMTPD_VERSION {
+        println!("xtask setup: aiosmtpd {installed} in {}", venv.display());
+        return Ok(());
+    }
+    let venv_text = venv.to_string_lossy();
+    if !python.is_file() {
+        let created = Command::new("python3")
+            .args(["-m", "venv", &venv_text])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !created {
+            // Debian's python3 needs its venv package for this.
+            apt_install(&["python3-venv"])?;
+            run("python3", &["-m", "venv", &venv_text])?;
+        }
+    }
+    run(
+        &venv.join("bin/pip").to_string_lossy(),
+        &[
+            "install",
+            "--quiet",
+            &format!("aiosmtpd=={AIOSMTPD_VERSION}"),
+        ],
+    )
 }
 
 fn install_s3s_fs() -> Result<(), String> {

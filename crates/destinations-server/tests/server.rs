@@ -251,6 +251,45 @@ async fn embedded_defaults_write_s3_sends_as_objects_under_data() {
 }
 
 #[tokio::test]
+async fn embedded_defaults_write_emails_to_the_outbox() {
+    let dir = TempDir::new("server-email");
+    let server = Server::start_in(None, &[], Some(dir.path())).await;
+    let (code, body) = server
+        .post(
+            "/v1/send/email",
+            &json!({"subject": "Deploy finished", "text": "v1.2.3 is live.", "html": "<p>v1.2.3 is <b>live</b>.</p>"}),
+        )
+        .await;
+    assert_eq!(code, 202, "{body}");
+    let id = body["id"].as_str().unwrap_or_default().to_owned();
+    let status = server.final_status(&id).await;
+    assert_eq!(status["state"], "delivered", "{status}");
+    let path = dir.path().join(format!("data/outbox/{id}.eml"));
+    assert_eq!(
+        status["response"]["location"],
+        format!("./data/outbox/{id}.eml")
+    );
+    let raw = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(raw.contains("Subject: Deploy finished"), "{raw}");
+    assert!(raw.contains("To: <owner@localhost>"), "{raw}");
+    assert!(raw.contains("multipart/alternative"), "{raw}");
+    let (code, body) = server
+        .post(
+            "/v1/send/email",
+            &json!({"subject": "x", "text": "y", "to": ["someone@else.test"]}),
+        )
+        .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("to[0]"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
 async fn a_run_is_released_all_or_nothing() {
     let receiver = Receiver::start().await;
     let server = Server::start(None).await;
@@ -457,6 +496,7 @@ async fn health_readiness_and_prometheus_metrics() {
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["destinations"]["http"]["ok"], true);
     assert_eq!(body["destinations"]["s3"]["ok"], true);
+    assert_eq!(body["destinations"]["email"]["ok"], true);
     let (_, body) = server
         .post("/v1/send/http", &json!({"url": receiver.url("/m")}))
         .await;
@@ -491,7 +531,11 @@ async fn health_readiness_and_prometheus_metrics() {
         (code, body),
         (
             200,
-            json!({"destinations": [{"name": "http", "kind": "http"}, {"name": "s3", "kind": "s3"}]})
+            json!({"destinations": [
+                {"name": "email", "kind": "email"},
+                {"name": "http", "kind": "http"},
+                {"name": "s3", "kind": "s3"},
+            ]})
         )
     );
 }

@@ -1,11 +1,11 @@
 //! `destinations`: asynchronous, batched, at-least-once event delivery.
 //!
-//! A program records sends during a run — `send.http(...)`, `send.s3(...)` and, as their
-//! crates land, `email`, `sse`, `emit` — and never waits on the network: everything a run sent is delivered
+//! A program records sends during a run — `send.http(...)`, `send.s3(...)`, `send.email(...)`
+//! and, as their crates land, `sse`, `emit` — and never waits on the network: everything a run sent is delivered
 //! after it finishes, retried on transient failures, dead-lettered with a reason otherwise,
 //! with a status per send.
 //!
-//! Pick destinations with Cargo features (`http` and `s3` are on by default). Naming this crate links
+//! Pick destinations with Cargo features (`http`, `s3` and `email` are on by default). Naming this crate links
 //! every enabled destination, so [`Registry::linked`] sees them.
 //!
 //! ```no_run
@@ -24,6 +24,8 @@
 
 pub use destinations_core::*;
 
+#[cfg(feature = "email")]
+pub use destinations_email as email;
 #[cfg(feature = "http")]
 pub use destinations_http as http;
 #[cfg(feature = "s3")]
@@ -33,6 +35,8 @@ pub use destinations_s3 as s3;
 pub mod prelude {
     pub use destinations_core::prelude::*;
 
+    #[cfg(feature = "email")]
+    pub use destinations_email::{Attachment, EmailSend, SendEmail};
     #[cfg(feature = "http")]
     pub use destinations_http::{HttpRequest, SendHttp};
     #[cfg(feature = "s3")]
@@ -48,12 +52,15 @@ pub fn registry() -> Registry {
     destinations_http::register(&mut registry);
     #[cfg(feature = "s3")]
     destinations_s3::register(&mut registry);
+    #[cfg(feature = "email")]
+    destinations_email::register(&mut registry);
     registry
 }
 
 /// A hub with one instance per enabled kind, named after the kind, on its defaults. The `http`
 /// instance refuses non-public addresses, as in production; the `s3` instance writes objects
-/// under `./data/objects` (each bucket a folder).
+/// under `./data/objects` (each bucket a folder); the `email` instance writes `.eml` files to
+/// `./data/outbox`, addressed to `owner@localhost`.
 pub fn hub_with_defaults() -> Result<Hub, ConfigError> {
     let registry = registry();
     let mut builder = Hub::builder();

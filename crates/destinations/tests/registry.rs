@@ -9,6 +9,9 @@ fn every_enabled_kind_is_registered() {
     if cfg!(feature = "s3") {
         expected.push("s3");
     }
+    if cfg!(feature = "email") {
+        expected.push("email");
+    }
     expected.sort_unstable();
     assert_eq!(
         destinations::Registry::linked().kinds(),
