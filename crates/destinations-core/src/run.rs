@@ -9,6 +9,7 @@ use crate::config::OnRunError;
 use crate::envelope::{Envelope, EventId};
 use crate::error::SendError;
 use crate::hub::{HubShared, Instance};
+use crate::payload::InvalidPayload;
 
 /// Records sends. Inside a run they are held until the run finishes; outside one they are
 /// released at once. Either way the caller never waits on the network.
@@ -85,6 +86,27 @@ impl Sender {
             });
         }
         self.record(instance, payload)
+    }
+
+    /// Send a typed request its destination crate defines: `check` it (the rules that need no
+    /// instance), serialize it once, and hand it to [`checked`](Self::checked). Destination
+    /// crates' extension traits (`SendHttp`, `SendS3`, ...) are this one call.
+    pub fn typed<T: Serialize>(
+        &self,
+        destination: &str,
+        kind: &'static str,
+        request: &T,
+        check: impl FnOnce(&T) -> Result<(), InvalidPayload>,
+    ) -> Result<EventId, SendError> {
+        check(request).map_err(|error| SendError::Invalid {
+            destination: destination.to_owned(),
+            error,
+        })?;
+        let bytes = serde_json::to_vec(request).map_err(|e| SendError::Serialize {
+            destination: destination.to_owned(),
+            message: e.to_string(),
+        })?;
+        self.checked(destination, kind, Bytes::from(bytes))
     }
 
     /// The run this sender records into, if any.

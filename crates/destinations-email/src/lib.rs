@@ -20,7 +20,6 @@ mod options;
 mod send;
 mod transport;
 
-use bytes::Bytes;
 use destinations_core::{DestinationPlugin, EventId, Registry, SendError, Sender};
 
 pub use destination::EmailDestination;
@@ -58,15 +57,7 @@ impl SendEmail for Sender {
     }
 
     fn email_to(&self, instance: &str, email: EmailSend) -> Result<EventId, SendError> {
-        // Checked here, serialized once; the instance adds its own rules (recipients, sizes).
-        email.check().map_err(|error| SendError::Invalid {
-            destination: instance.to_owned(),
-            error,
-        })?;
-        let bytes = serde_json::to_vec(&email).map_err(|e| SendError::Serialize {
-            destination: instance.to_owned(),
-            message: e.to_string(),
-        })?;
-        self.checked(instance, KIND, Bytes::from(bytes))
+        // The instance adds its own rules (recipients, sizes) when it takes the send.
+        self.typed(instance, KIND, &email, |email| email.check().map(drop))
     }
 }

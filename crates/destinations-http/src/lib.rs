@@ -21,7 +21,6 @@ mod options;
 mod request;
 mod signing;
 
-use bytes::Bytes;
 use destinations_core::{DestinationPlugin, EventId, Registry, SendError, Sender};
 
 pub use destination::HttpDestination;
@@ -61,14 +60,6 @@ impl SendHttp for Sender {
     }
 
     fn http_to(&self, instance: &str, request: HttpRequest) -> Result<EventId, SendError> {
-        request.check().map_err(|error| SendError::Invalid {
-            destination: instance.to_owned(),
-            error,
-        })?;
-        let bytes = serde_json::to_vec(&request).map_err(|e| SendError::Serialize {
-            destination: instance.to_owned(),
-            message: e.to_string(),
-        })?;
-        self.checked(instance, KIND, Bytes::from(bytes))
+        self.typed(instance, KIND, &request, HttpRequest::check)
     }
 }

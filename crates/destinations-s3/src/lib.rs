@@ -26,7 +26,6 @@ mod options;
 mod send;
 mod store;
 
-use bytes::Bytes;
 use destinations_core::{DestinationPlugin, EventId, Registry, SendError, Sender};
 
 pub use destination::S3Destination;
@@ -68,15 +67,7 @@ impl SendS3 for Sender {
     }
 
     fn s3_to(&self, instance: &str, send: S3Send) -> Result<EventId, SendError> {
-        // Checked here, serialized once; the instance adds its own rules (its bucket list).
-        send.check().map_err(|error| SendError::Invalid {
-            destination: instance.to_owned(),
-            error,
-        })?;
-        let bytes = serde_json::to_vec(&send).map_err(|e| SendError::Serialize {
-            destination: instance.to_owned(),
-            message: e.to_string(),
-        })?;
-        self.checked(instance, KIND, Bytes::from(bytes))
+        // The instance adds its own rules (its bucket list) when it takes the send.
+        self.typed(instance, KIND, &send, S3Send::check)
     }
 }

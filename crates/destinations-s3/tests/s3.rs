@@ -14,6 +14,7 @@ use destinations_s3::{S3Options, S3Send, SendS3};
 use destinations_testkit::s3::{ACCESS_KEY, SECRET_KEY};
 use destinations_testkit::{
     ConformanceTarget, Fault, FaultProxy, S3Server, SinkBehaviour, TempDir, conformance,
+    files_under,
 };
 use futures::TryStreamExt;
 use object_store::ObjectStore;
@@ -617,22 +618,6 @@ async fn a_partial_batch_is_written_when_its_age_is_reached() {
     assert_eq!(id, sha256_hex(&bytes));
     assert_eq!(markers(&gunzip(&bytes)), vec![0, 1, 2]);
     hub.shutdown().await;
-}
-
-fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut files = Vec::new();
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(dir) = pending.pop() {
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                pending.push(path);
-            } else {
-                files.push(path);
-            }
-        }
-    }
-    files
 }
 
 #[tokio::test]
