@@ -1,5 +1,6 @@
 //! The trait a destination implements, and what it answers for each envelope.
 
+use std::any::Any;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -13,8 +14,12 @@ use crate::policy::BatchPolicy;
 ///
 /// Kept small on purpose: validate a payload at send time, say how to batch, deliver a batch.
 /// Retries, concurrency, dead letters and status are the hub's job.
+///
+/// `Any` lets a program (the server) find the instances of a concrete destination type in a
+/// hub — to mount the SSE destination's HTTP routes, for one — see
+/// [`Hub::instances_of`](crate::Hub::instances_of).
 #[async_trait]
-pub trait Destination: Send + Sync + 'static {
+pub trait Destination: Any + Send + Sync {
     /// The kind this destination is (`http`, `s3`, ...), as registered.
     fn kind(&self) -> &'static str;
 
@@ -38,6 +43,13 @@ pub trait Destination: Send + Sync + 'static {
     /// each group fills and ages on its own (the S3 destination groups by bucket and prefix,
     /// since one object lands in one place). Default: every payload in one group.
     fn batch_group(&self, _payload: &[u8]) -> Option<String> {
+        None
+    }
+
+    /// The most batches this destination takes at once, whatever the instance's
+    /// `concurrency` says; `Some(1)` delivers strictly in order (the SSE destination publishes a
+    /// stream's events in the order they were sent). Default: no limit of its own.
+    fn max_concurrency(&self) -> Option<usize> {
         None
     }
 

@@ -413,3 +413,85 @@ async fn dead_letters_replay_with_their_ids_and_a_fresh_budget() {
     let status = hub.status(id).unwrap_or_else(|| panic!("status"));
     assert_eq!((status.state, status.attempts), (State::Delivered, 1));
 }
+
+#[tokio::test]
+async fn instances_of_a_type_are_found_by_downcasting() {
+    let d = Scripted::new(|_| Report::delivered());
+    let hub = hub(d.clone(), InstanceSettings::default(), HubConfig::default());
+    let found = hub.instances_of::<Scripted>();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].0, "d");
+    assert!(Arc::ptr_eq(&found[0].1, &d));
+    assert!(hub.instances_of::<Hanging>().is_empty());
+    hub.shutdown().await;
+}
+
+/// A destination whose own limit is one batch at a time: deliveries never overlap, whatever
+/// the instance's concurrency says.
+struct OneAtATime {
+    active: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+
+/// A second destination type, to show `instances_of` tells types apart.
+struct Hanging;
+
+#[async_trait]
+impl Destination for Hanging {
+    fn kind(&self) -> &'static str {
+        "hanging"
+    }
+    fn validate(&self, _: &[u8]) -> Result<(), InvalidPayload> {
+        Ok(())
+    }
+    async fn deliver(&self, _: &Batch) -> BatchOutcome {
+        std::future::pending().await
+    }
+}
+
+#[async_trait]
+impl Destination for OneAtATime {
+    fn kind(&self) -> &'static str {
+        "one-at-a-time"
+    }
+    fn validate(&self, _: &[u8]) -> Result<(), InvalidPayload> {
+        Ok(())
+    }
+    fn max_concurrency(&self) -> Option<usize> {
+        Some(1)
+    }
+    async fn deliver(&self, _: &Batch) -> BatchOutcome {
+        use std::sync::atomic::Ordering;
+        let now = self.active.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        self.active.fetch_sub(1, Ordering::SeqCst);
+        BatchOutcome::All(Report::delivered())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_destinations_own_concurrency_limit_wins() {
+    let d = Arc::new(OneAtATime {
+        active: Default::default(),
+        most: Default::default(),
+    });
+    let hub = Hub::builder()
+        .destination(
+            "d",
+            d.clone(),
+            InstanceSettings {
+                concurrency: Some(64),
+                ..InstanceSettings::default()
+            },
+        )
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    for marker in 0..20 {
+        hub.sender()
+            .to("d", &json!({ "marker": marker }))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    hub.shutdown_within(Duration::from_secs(60)).await;
+    assert_eq!(d.most.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

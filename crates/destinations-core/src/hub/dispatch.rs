@@ -68,6 +68,7 @@ impl Dispatcher {
         let concurrency = settings
             .concurrency
             .unwrap_or(InstanceSettings::DEFAULT_CONCURRENCY)
+            .min(destination.max_concurrency().unwrap_or(usize::MAX))
             .max(1);
         let lane = Arc::new(Lane {
             name,

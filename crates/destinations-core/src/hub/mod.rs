@@ -308,6 +308,23 @@ impl Hub {
         }
     }
 
+    /// The instances whose destination is a `T`, as (name, destination), sorted by name.
+    pub fn instances_of<T: Destination>(&self) -> Vec<(String, Arc<T>)> {
+        let mut found: Vec<(String, Arc<T>)> = self
+            .shared
+            .instances
+            .values()
+            .filter_map(|instance| {
+                let any: Arc<dyn std::any::Any + Send + Sync> = instance.destination.clone();
+                any.downcast::<T>()
+                    .ok()
+                    .map(|destination| (instance.name.to_string(), destination))
+            })
+            .collect();
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        found
+    }
+
     /// The configured instances as (name, kind), sorted by name.
     pub fn destinations(&self) -> Vec<(String, &'static str)> {
         let mut list: Vec<_> = self
