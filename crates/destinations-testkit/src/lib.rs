@@ -5,11 +5,13 @@ pub mod conformance;
 pub mod receiver;
 pub mod s3;
 pub mod smtp;
+pub mod sse;
 
 pub use conformance::{ConformanceTarget, SinkBehaviour};
 pub use receiver::{ReceivedRequest, Receiver, Reply};
 pub use s3::{Fault, FaultProxy, S3Server, TempDir};
 pub use smtp::{CapturedMail, SmtpConfig, SmtpServer};
+pub use sse::{SseClient, SseMessage};
 
 /// Every file below `dir`, at any depth (none if it does not exist).
 pub fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -1,0 +1,232 @@
+//! `GET ROUTE/{stream}`: replay, then live events, as `text/event-stream`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures::{Stream, StreamExt, stream};
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::options::SseOptions;
+use crate::send::check_name;
+use crate::streams::{Streams, Subscription};
+
+/// What the routes of one instance share.
+pub(crate) struct Served {
+    pub(crate) streams: Arc<Streams>,
+    pub(crate) options: SseOptions,
+    /// Set when the server stops: open responses end, new ones are refused.
+    pub(crate) closing: watch::Sender<bool>,
+}
+
+/// The instance's routes: `GET ROUTE/{stream}` (and `OPTIONS` for CORS preflights).
+pub(crate) fn router(served: Arc<Served>) -> Router {
+    let path = format!("{}/{{stream}}", served.options.route);
+    Router::new()
+        .route(&path, get(subscribe).options(preflight))
+        .with_state(served)
+}
+
+#[derive(Deserialize)]
+struct SubscribeQuery {
+    token: Option<String>,
+    #[serde(rename = "lastEventId")]
+    last_event_id: Option<String>,
+}
+
+async fn subscribe(
+    State(served): State<Arc<Served>>,
+    Path(name): Path<String>,
+    Query(query): Query<SubscribeQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let cors = allowed_origin(&served.options, &headers);
+    let mut response = match open(&served, &name, &query, &headers) {
+        Ok(subscription) => {
+            let mut closing = served.closing.subscribe();
+            let closed = async move {
+                let _ = closing.wait_for(|closing| *closing).await;
+            };
+            let events = events(subscription, &served.streams).take_until(closed);
+            let keepalive = KeepAlive::new()
+                .interval(served.options.keepalive)
+                .text("keepalive");
+            let mut response = Sse::new(events).keep_alive(keepalive).into_response();
+            let headers = response.headers_mut();
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            // Tell buffering proxies (nginx) to pass events through at once.
+            headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+            response
+        }
+        Err(refusal) => refusal.into_response(),
+    };
+    if let Some(origin) = cors {
+        let headers = response.headers_mut();
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        headers.insert(header::VARY, HeaderValue::from_static("origin"));
+    }
+    response
+}
+
+/// Check the stream name and its token, then subscribe.
+fn open(
+    served: &Served,
+    name: &str,
+    query: &SubscribeQuery,
+    headers: &HeaderMap,
+) -> Result<Subscription, Refusal> {
+    if *served.closing.borrow() {
+        return Err(Refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is stopping".to_owned(),
+        ));
+    }
+    check_name("stream", name)
+        .map_err(|e| Refusal(StatusCode::BAD_REQUEST, "invalid_stream", e.to_string()))?;
+    let accepted = tokens_for(&served.options, name);
+    if !accepted.is_empty() {
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let Some(given) = query.token.as_deref().or(bearer) else {
+            return Err(Refusal(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                format!(
+                    "stream `{name}` needs a read token: add ?token=... or Authorization: Bearer ..."
+                ),
+            ));
+        };
+        if !accepted
+            .iter()
+            .any(|token| constant_time_eq(token.as_bytes(), given.as_bytes()))
+        {
+            return Err(Refusal(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("that token does not open stream `{name}`"),
+            ));
+        }
+    }
+    let last_event_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .or(query.last_event_id.as_deref());
+    served
+        .streams
+        .subscribe(name, last_event_id)
+        .map_err(|full| {
+            Refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_subscribers",
+                format!(
+                    "{} subscribers already (max_subscribers); try again later",
+                    full.0
+                ),
+            )
+        })
+}
+
+/// The replay, then live events; if the subscriber fell a whole buffer behind, an `error`
+/// event saying so, and the end of the response.
+fn events(
+    subscription: Subscription,
+    streams: &Streams,
+) -> impl Stream<Item = Result<Event, Infallible>> + use<> {
+    let Subscription {
+        replay,
+        live,
+        overflowed,
+        _seat: seat,
+    } = subscription;
+    let live = stream::unfold((live, seat), |(mut live, seat)| async move {
+        live.recv().await.map(|event| (event, (live, seat)))
+    });
+    let delivered = streams.metrics.delivered.clone();
+    let behind = stream::once(async move {
+        overflowed.load(Ordering::Acquire).then(|| {
+            Event::default().event("error").data(
+                r#"{"error":"fell behind: more events were waiting than this connection's buffer holds","resume":"reconnect with the Last-Event-ID header (EventSource does it by itself)"}"#,
+            )
+        })
+    })
+    .filter_map(std::future::ready);
+    stream::iter(replay)
+        .chain(live)
+        .map(move |event| {
+            delivered.increment(1);
+            Event::default()
+                .id(&event.id)
+                .event(&event.channel)
+                .data(&event.data)
+        })
+        .chain(behind)
+        .map(Ok)
+}
+
+/// The tokens that open `stream`: its own and those for every stream (`*`).
+fn tokens_for<'a>(options: &'a SseOptions, stream: &str) -> Vec<&'a String> {
+    options
+        .tokens
+        .get(stream)
+        .into_iter()
+        .chain(options.tokens.get("*"))
+        .flatten()
+        .collect()
+}
+
+fn allowed_origin(options: &SseOptions, headers: &HeaderMap) -> Option<HeaderValue> {
+    let origin = headers.get(header::ORIGIN)?;
+    let text = origin.to_str().ok()?;
+    options
+        .cors_origins
+        .iter()
+        .any(|allowed| allowed == "*" || allowed == text)
+        .then(|| origin.clone())
+}
+
+async fn preflight(State(served): State<Arc<Served>>, headers: HeaderMap) -> Response {
+    let Some(origin) = allowed_origin(&served.options, &headers) else {
+        return StatusCode::FORBIDDEN.into_response();
+    };
+    (
+        StatusCode::NO_CONTENT,
+        [
+            (header::ACCESS_CONTROL_ALLOW_ORIGIN, origin),
+            (
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static("GET"),
+            ),
+            (
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                HeaderValue::from_static("authorization, last-event-id"),
+            ),
+            (header::VARY, HeaderValue::from_static("origin")),
+        ],
+    )
+        .into_response()
+}
+
+/// Why a subscription is refused: a status, a code and a message, as the API's errors are.
+struct Refusal(StatusCode, &'static str, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let Self(status, code, message) = self;
+        let body = serde_json::json!({"error": {"code": code, "message": message}});
+        (status, axum::Json(body)).into_response()
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,110 @@
+//! One SSE send, `{channel, payload, stream?}`, and the rules it is checked against at send
+//! time.
+
+use destinations_core::InvalidPayload;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// The longest channel (the SSE `event:` name) and stream name accepted.
+pub const MAX_NAME_CHARS: usize = 200;
+
+/// One event for a stream's subscribers.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SseSend {
+    /// The SSE `event:` name subscribers listen for.
+    pub channel: String,
+    /// The event's data, any JSON value.
+    pub payload: Box<RawValue>,
+    /// The stream; default the run's id, or `default` outside a run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
+}
+
+impl SseSend {
+    /// An event on `channel`. A payload that cannot be serialized is reported by
+    /// [`check`](Self::check), with the field named.
+    pub fn new<T: Serialize + ?Sized>(channel: impl Into<String>, payload: &T) -> Self {
+        Self {
+            channel: channel.into(),
+            payload: serde_json::value::to_raw_value(payload)
+                .unwrap_or_else(|_| unserializable_marker()),
+            stream: None,
+        }
+    }
+
+    /// The same event on the stream `stream` instead of the default.
+    pub fn on_stream(mut self, stream: impl Into<String>) -> Self {
+        self.stream = Some(stream.into());
+        self
+    }
+
+    /// A channel and stream name that fit on an SSE line and in a URL path segment.
+    pub fn check(&self) -> Result<(), InvalidPayload> {
+        check_name("channel", &self.channel)?;
+        if let Some(stream) = &self.stream {
+            check_name("stream", stream)?;
+        }
+        if self.payload.get() == UNSERIALIZABLE {
+            return Err(InvalidPayload::field(
+                "payload",
+                "the value could not be serialized as JSON",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What [`SseSend::new`] stores for a payload that does not serialize; no serializer writes it.
+const UNSERIALIZABLE: &str = "  null";
+
+fn unserializable_marker() -> Box<RawValue> {
+    RawValue::from_string(UNSERIALIZABLE.to_owned()).unwrap_or_else(|_| RawValue::NULL.to_owned())
+}
+
+/// 1 to 200 characters of letters, digits and `. _ - : ~ @ +`: safe on an SSE `event:` line, in
+/// a URL path segment and in logs.
+pub fn check_name(field: &str, name: &str) -> Result<(), InvalidPayload> {
+    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
+        return Err(InvalidPayload::field(
+            field,
+            format!("must be 1 to {MAX_NAME_CHARS} characters"),
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '~' | '@' | '+')))
+    {
+        return Err(InvalidPayload::field(
+            field,
+            format!("{c:?} is not allowed; use letters, digits and . _ - : ~ @ +"),
+        ));
+    }
+    Ok(())
+}
+
+/// The routing part of a stored send, read without copying the payload.
+#[derive(Deserialize)]
+pub(crate) struct Route<'a> {
+    #[serde(borrow)]
+    pub(crate) channel: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    pub(crate) payload: &'a RawValue,
+    #[serde(borrow, default)]
+    pub(crate) stream: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for good in ["orders", "p_abc123", "workflow-42", "a.b:c~d@e+f", "é"] {
+            assert!(check_name("channel", good).is_ok(), "{good}");
+        }
+        for bad in ["", "a b", "a\nb", "a/b", "a\rb", &"x".repeat(201)] {
+            assert!(check_name("channel", bad).is_err(), "{bad:?}");
+        }
+    }
+}
