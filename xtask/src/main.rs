@@ -115,7 +115,8 @@ fn is_root() -> bool {
 
 /// What the tests need: toolchain components, and the servers the tests start on 127.0.0.1
 /// that are not in-process: s3s-fs (an S3-compatible server that verifies signatures) and
-/// aiosmtpd (an SMTP server, in a Python venv), plus openssl for test certificates.
+/// aiosmtpd (an SMTP server, in a Python venv), Debian's chromium (the browser test), plus openssl
+/// for test certificates.
 /// Idempotent: what is there is kept.
 pub(crate) fn setup() -> Result<(), String> {
     println!("xtask setup: checking what the tests need");
@@ -141,6 +142,10 @@ pub(crate) fn setup() -> Result<(), String> {
     }
     if !have("python3") {
         packages.extend(["python3", "python3-venv"]);
+    }
+    // Headless Chromium runs the SSE destination's EventSource test.
+    if !have("chromium") {
+        packages.push("chromium");
     }
     apt_install(&packages)?;
     install_aiosmtpd()?;

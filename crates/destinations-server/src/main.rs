@@ -220,8 +220,16 @@ async fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Res
         prometheus,
         api_token: config.api_token.clone(),
     });
-    axum::serve(listener, api::router(state, config.max_request_bytes))
-        .with_graceful_shutdown(shutdown_signal())
+    // SSE streams are served beside the API, with their own read tokens, not the API token.
+    let streams = destinations::sse::routes(&hub).map_err(anyhow::Error::msg)?;
+    let app = api::router(state, config.max_request_bytes).merge(streams);
+    let stopping = hub.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            // Subscribers never hang up by themselves: end their responses so the server can stop.
+            destinations::sse::close(&stopping);
+        })
         .await
         .context("the server failed")?;
     tracing::info!("stopped taking requests; delivering what is pending");

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use destinations_testkit::{Receiver, Reply, TempDir, files_under};
+use destinations_testkit::{Receiver, Reply, SseClient, TempDir, files_under};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -277,6 +277,36 @@ async fn embedded_defaults_write_emails_to_the_outbox() {
 }
 
 #[tokio::test]
+async fn embedded_defaults_stream_sse_sends_to_subscribers_and_stop_cleanly() {
+    // An API token guards the API, not the streams (they have read tokens of their own).
+    let server = Server::start_with(None, &[("DESTINATIONS__API_TOKEN", "api-secret")]).await;
+    let http = reqwest::Client::new();
+    let mut stream = SseClient::open(&http, &format!("{}/v1/sse/default", server.base), &[]).await;
+    let response = http
+        .post(format!("{}/v1/send/sse", server.base))
+        .bearer_auth("api-secret")
+        .json(&json!({"channel": "greeting", "payload": {"hello": "world"}}))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(response.status().as_u16(), 202);
+    let id = response.json::<Value>().await.unwrap_or_default()["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let event = stream
+        .next_event()
+        .await
+        .unwrap_or_else(|| panic!("no event"));
+    assert_eq!(event.event.as_deref(), Some("greeting"));
+    assert_eq!(event.id.as_deref(), Some(id.as_str()));
+    assert_eq!(event.json(), json!({"hello": "world"}));
+    // SIGTERM ends the open stream instead of waiting for the subscriber to hang up.
+    assert!(server.terminate().await.success());
+    assert!(stream.next_event().await.is_none(), "the stream ended");
+}
+
+#[tokio::test]
 async fn a_run_is_released_all_or_nothing() {
     let receiver = Receiver::start().await;
     let server = Server::start(None).await;
@@ -522,6 +552,7 @@ async fn health_readiness_and_prometheus_metrics() {
                 {"name": "email", "kind": "email"},
                 {"name": "http", "kind": "http"},
                 {"name": "s3", "kind": "s3"},
+                {"name": "sse", "kind": "sse"},
             ]})
         )
     );

@@ -1,11 +1,11 @@
 //! `destinations`: asynchronous, batched, at-least-once event delivery.
 //!
-//! A program records sends during a run — `send.http(...)`, `send.s3(...)`, `send.email(...)`
-//! and, as their crates land, `sse`, `emit` — and never waits on the network: everything a run sent is delivered
+//! A program records sends during a run — `send.http(...)`, `send.s3(...)`, `send.email(...)`,
+//! `send.sse(...)` and, as its crate lands, `emit` — and never waits on the network: everything a run sent is delivered
 //! after it finishes, retried on transient failures, dead-lettered with a reason otherwise,
 //! with a status per send.
 //!
-//! Pick destinations with Cargo features (`http`, `s3` and `email` are on by default). Naming this crate links
+//! Pick destinations with Cargo features (`http`, `s3`, `email` and `sse` are on by default). Naming this crate links
 //! every enabled destination, so [`Registry::linked`] sees them.
 //!
 //! ```no_run
@@ -30,6 +30,8 @@ pub use destinations_email as email;
 pub use destinations_http as http;
 #[cfg(feature = "s3")]
 pub use destinations_s3 as s3;
+#[cfg(feature = "sse")]
+pub use destinations_sse as sse;
 
 /// Everything a sending program usually needs, typed sends included.
 pub mod prelude {
@@ -41,6 +43,8 @@ pub mod prelude {
     pub use destinations_http::{HttpRequest, SendHttp};
     #[cfg(feature = "s3")]
     pub use destinations_s3::{S3Send, SendS3};
+    #[cfg(feature = "sse")]
+    pub use destinations_sse::{SendSse, SseSend};
 }
 
 /// Every destination kind in this build: those linked in (`inventory`, third-party crates
@@ -54,13 +58,16 @@ pub fn registry() -> Registry {
     destinations_s3::register(&mut registry);
     #[cfg(feature = "email")]
     destinations_email::register(&mut registry);
+    #[cfg(feature = "sse")]
+    destinations_sse::register(&mut registry);
     registry
 }
 
 /// A hub with one instance per enabled kind, named after the kind, on its defaults. The `http`
 /// instance refuses non-public addresses, as in production; the `s3` instance writes objects
 /// under `./data/objects` (each bucket a folder); the `email` instance writes `.eml` files to
-/// `./data/outbox`, addressed to `owner@localhost`.
+/// `./data/outbox`, addressed to `owner@localhost`; the `sse` instance keeps streams in memory
+/// (serve them with `destinations::sse::routes(&hub)`).
 pub fn hub_with_defaults() -> Result<Hub, ConfigError> {
     let registry = registry();
     let mut builder = Hub::builder();

@@ -12,6 +12,9 @@ fn every_enabled_kind_is_registered() {
     if cfg!(feature = "email") {
         expected.push("email");
     }
+    if cfg!(feature = "sse") {
+        expected.push("sse");
+    }
     expected.sort_unstable();
     assert_eq!(
         destinations::Registry::linked().kinds(),
