@@ -664,6 +664,23 @@ async fn cli(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
 }
 
 #[tokio::test]
+async fn the_readme_configuration_example_is_valid() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
+        .unwrap_or_else(|e| panic!("README.md: {e}"));
+    let start = readme
+        .find("```toml\nlisten =")
+        .unwrap_or_else(|| panic!("the README has no configuration example"));
+    let block = &readme[start + "```toml\n".len()..];
+    let block = &block[..block.find("```").unwrap_or(block.len())];
+    let path = temp_config(block);
+    let (ok, stdout, stderr) = cli(&["check", "--config", &path.display().to_string()], &[]).await;
+    assert!(ok, "{stdout}{stderr}");
+    for kind in ["email", "http", "s3", "sse"] {
+        assert!(stdout.contains(&format!("kind {kind}")), "{stdout}");
+    }
+}
+
+#[tokio::test]
 async fn cli_send_status_list_and_check() {
     let receiver = Receiver::start().await;
     let server = Server::start(None).await;
