@@ -56,6 +56,11 @@ pub trait Destination: Any + Send + Sync {
     /// Deliver one batch and say, per envelope, what happened.
     async fn deliver(&self, batch: &Batch) -> BatchOutcome;
 
+    /// Called once when the hub that holds this instance is built: a destination that sends
+    /// into its hub (the emit destination fans an event out to its listeners as sends of their
+    /// own) keeps a [`WeakHub`](crate::hub::WeakHub) here. Default: nothing.
+    fn attach(&self, _hub: &crate::Hub) {}
+
     /// Can the target be reached at all? Used at startup and by `/readyz`.
     async fn health(&self) -> Result<(), HealthError> {
         Ok(())

@@ -39,6 +39,7 @@ pub mod envelope;
 pub mod error;
 pub mod hub;
 pub mod metrics;
+pub mod pattern;
 pub mod payload;
 pub mod policy;
 pub mod queue;
@@ -55,7 +56,8 @@ pub use destination::{
 };
 pub use envelope::{Envelope, EventId};
 pub use error::SendError;
-pub use hub::{Hub, HubBuilder, HubConfig, ShutdownReport};
+pub use hub::{DeadLetterObserver, Hub, HubBuilder, HubConfig, ShutdownReport, WeakHub};
+pub use pattern::glob_match;
 pub use payload::{InvalidPayload, parse_strict};
 pub use policy::{BatchPolicy, RateLimit, RetryPolicy};
 pub use queue::{MemoryQueue, Queue, QueueCapacity, QueueDepth, QueueFull};

@@ -343,11 +343,21 @@ impl Lane {
         );
         self.metrics.dead.increment(1);
         self.hub.queue.settle(&envelope);
-        self.hub.dead_letters.push(DeadLetter {
+        let letter = DeadLetter {
             envelope,
             reason,
             died_at: SystemTime::now(),
-        });
+        };
+        for observe in self
+            .hub
+            .dead_letter_observers
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+        {
+            observe(&letter);
+        }
+        self.hub.dead_letters.push(letter);
         self.finished();
     }
 

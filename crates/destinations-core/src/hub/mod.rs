@@ -4,7 +4,7 @@ mod dispatch;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
@@ -75,7 +75,13 @@ pub(crate) struct HubShared {
     /// Sends dead-lettered because the shutdown deadline passed.
     pub(crate) abandoned: AtomicUsize,
     dispatchers: Mutex<Vec<JoinHandle<()>>>,
+    /// Told of every dead letter, as it is made.
+    pub(crate) dead_letter_observers: RwLock<Vec<DeadLetterObserver>>,
 }
+
+/// Told of each dead letter as it is made (the emit destination turns them into `$errors`
+/// events). Runs on the delivery path: keep it quick and never block.
+pub type DeadLetterObserver = Arc<dyn Fn(&DeadLetter) + Send + Sync>;
 
 impl HubShared {
     pub(crate) fn instance(&self, name: &str) -> Result<&Instance, SendError> {
@@ -219,7 +225,14 @@ impl HubBuilder {
             give_up,
             abandoned: AtomicUsize::new(0),
             dispatchers: Mutex::new(Vec::new()),
+            dead_letter_observers: RwLock::new(Vec::new()),
         });
+        let hub = Hub {
+            shared: shared.clone(),
+        };
+        for instance in shared.instances.values() {
+            instance.destination.attach(&hub);
+        }
         let handles = runtimes
             .into_iter()
             .map(|(name, destination, settings, metrics)| {
@@ -230,7 +243,24 @@ impl HubBuilder {
             .dispatchers
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = handles;
-        Ok(Hub { shared })
+        Ok(hub)
+    }
+}
+
+/// A [`Hub`] that may be gone.
+#[derive(Clone, Debug)]
+pub struct WeakHub(Weak<HubShared>);
+
+impl WeakHub {
+    /// The hub, if it is still there.
+    pub fn upgrade(&self) -> Option<Hub> {
+        self.0.upgrade().map(|shared| Hub { shared })
+    }
+}
+
+impl std::fmt::Debug for HubShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubShared").finish_non_exhaustive()
     }
 }
 
@@ -250,6 +280,21 @@ pub struct Hub {
 }
 
 impl Hub {
+    /// A handle that does not keep the hub alive: for a destination that sends into its own
+    /// hub (see [`Destination::attach`]).
+    pub fn downgrade(&self) -> WeakHub {
+        WeakHub(Arc::downgrade(&self.shared))
+    }
+
+    /// Be told of every dead letter as it is made, from any instance.
+    pub fn on_dead_letter(&self, observer: DeadLetterObserver) {
+        self.shared
+            .dead_letter_observers
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(observer);
+    }
+
     /// Start building a hub.
     pub fn builder() -> HubBuilder {
         HubBuilder::default()
