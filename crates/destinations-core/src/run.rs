@@ -19,6 +19,9 @@ use crate::payload::InvalidPayload;
 pub struct Sender {
     hub: Arc<HubShared>,
     run: Option<Arc<RunBuffer>>,
+    /// Sends made by a destination while it delivers (emit fan-out): still taken while the
+    /// hub drains at shutdown.
+    internal: bool,
 }
 
 struct RunBuffer {
@@ -28,8 +31,12 @@ struct RunBuffer {
 }
 
 impl Sender {
-    pub(crate) fn detached(hub: Arc<HubShared>) -> Self {
-        Self { hub, run: None }
+    pub(crate) fn detached(hub: Arc<HubShared>, internal: bool) -> Self {
+        Self {
+            hub,
+            run: None,
+            internal,
+        }
     }
 
     /// Send any serializable payload to instance `destination`; the destination checks it.
@@ -131,7 +138,7 @@ impl Sender {
             None => {
                 let envelope = Envelope::new(instance.name.clone(), None, payload);
                 let id = envelope.id;
-                self.hub.release(vec![envelope])?;
+                self.hub.release(vec![envelope], self.internal)?;
                 Ok(id)
             }
             Some(run) => {
@@ -155,7 +162,7 @@ pub struct Run {
 }
 
 impl Run {
-    pub(crate) fn begin(hub: Arc<HubShared>, id: String) -> Self {
+    pub(crate) fn begin(hub: Arc<HubShared>, id: String, internal: bool) -> Self {
         let buffer = Arc::new(RunBuffer {
             id: id.into(),
             held: Mutex::new(Some(Vec::new())),
@@ -164,6 +171,7 @@ impl Run {
             sender: Sender {
                 hub,
                 run: Some(buffer),
+                internal,
             },
         }
     }
@@ -210,7 +218,7 @@ impl Run {
     pub async fn finish(self) -> Result<Vec<EventId>, SendError> {
         let envelopes = self.take();
         let ids = envelopes.iter().map(|e| e.id).collect();
-        self.sender.hub.release(envelopes)?;
+        self.sender.hub.release(envelopes, self.sender.internal)?;
         Ok(ids)
     }
 

@@ -45,6 +45,8 @@ pub(super) struct Dispatcher {
     open: HashMap<Option<String>, OpenBatch>,
     /// The earliest deadline among the open batches.
     next_deadline: Option<tokio::time::Instant>,
+    /// Shutdown has begun: flush, and batch no more.
+    draining: watch::Receiver<bool>,
 }
 
 /// A batch still filling: flushed when full or when its deadline passes.
@@ -88,6 +90,7 @@ impl Dispatcher {
             due_retries,
             open: HashMap::new(),
             next_deadline: None,
+            draining: hub.draining.subscribe(),
         };
         tokio::spawn(dispatcher.run())
     }
@@ -109,6 +112,11 @@ impl Dispatcher {
                     }
                 },
                 () = sleep_until(self.next_deadline), if self.next_deadline.is_some() => self.flush_due().await,
+                Ok(()) = self.draining.changed(), if !*self.draining.borrow() => {
+                    if *self.draining.borrow() {
+                        self.due_now();
+                    }
+                }
                 () = self.lane.drained.notified(), if !intake_open => {}
             }
             if !intake_open
@@ -128,7 +136,13 @@ impl Dispatcher {
         let mut entry = match self.open.entry(group) {
             Entry::Occupied(entry) => entry,
             Entry::Vacant(vacant) => {
-                let deadline = tokio::time::Instant::now() + self.policy.max_age;
+                // Draining: a batch takes what is ready now and goes as soon as nothing more is.
+                let wait = if *self.draining.borrow() {
+                    Duration::ZERO
+                } else {
+                    self.policy.max_age
+                };
+                let deadline = tokio::time::Instant::now() + wait;
                 if self.next_deadline.is_none_or(|next| deadline < next) {
                     self.next_deadline = Some(deadline);
                 }
@@ -146,6 +160,18 @@ impl Dispatcher {
             // A stale `next_deadline` only wakes `flush_due` early, which then recomputes it.
             let full = entry.remove();
             self.deliver(full.envelopes).await;
+        }
+    }
+
+    /// Shutdown began: every open batch is due now. The loop still takes what the queue holds
+    /// ready first (it is polled before deadlines), so batches stay as full as they can be.
+    fn due_now(&mut self) {
+        let now = tokio::time::Instant::now();
+        for open in self.open.values_mut() {
+            open.deadline = now;
+        }
+        if !self.open.is_empty() {
+            self.next_deadline = Some(now);
         }
     }
 
@@ -364,6 +390,7 @@ impl Lane {
     fn finished(&self) {
         if self.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.drained.notify_one();
+            self.hub.quiet.notify_waiters();
         }
     }
 }

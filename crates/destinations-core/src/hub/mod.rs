@@ -75,6 +75,12 @@ pub(crate) struct HubShared {
     /// Sends dead-lettered because the shutdown deadline passed.
     pub(crate) abandoned: AtomicUsize,
     dispatchers: Mutex<Vec<JoinHandle<()>>>,
+    /// Flips to `true` when shutdown begins: dispatchers flush their open batches and stop
+    /// waiting to fill new ones.
+    pub(crate) draining: watch::Sender<bool>,
+    /// Signalled whenever an instance has nothing outstanding, so shutdown can check whether
+    /// the whole hub is done.
+    pub(crate) quiet: tokio::sync::Notify,
     /// Told of every dead letter, as it is made.
     pub(crate) dead_letter_observers: RwLock<Vec<DeadLetterObserver>>,
 }
@@ -99,12 +105,17 @@ impl HubShared {
         names.join(", ")
     }
 
-    /// Hand envelopes to the queue, all or none.
-    pub(crate) fn release(&self, envelopes: Vec<Envelope>) -> Result<(), SendError> {
+    /// Hand envelopes to the queue, all or none. `internal` sends (made by a destination while
+    /// it delivers) are still taken while the hub drains at shutdown.
+    pub(crate) fn release(
+        &self,
+        envelopes: Vec<Envelope>,
+        internal: bool,
+    ) -> Result<(), SendError> {
         if envelopes.is_empty() {
             return Ok(());
         }
-        if !self.accepting.load(Ordering::Acquire) {
+        if !internal && !self.accepting.load(Ordering::Acquire) {
             return Err(SendError::ShuttingDown);
         }
         // Status first: a dispatcher may deliver before `enqueue` returns.
@@ -225,6 +236,8 @@ impl HubBuilder {
             give_up,
             abandoned: AtomicUsize::new(0),
             dispatchers: Mutex::new(Vec::new()),
+            draining: watch::Sender::new(false),
+            quiet: tokio::sync::Notify::new(),
             dead_letter_observers: RwLock::new(Vec::new()),
         });
         let hub = Hub {
@@ -302,12 +315,24 @@ impl Hub {
 
     /// Begin a run: its sends are held until [`Run::finish`].
     pub fn begin_run(&self, run_id: impl Into<String>) -> Run {
-        Run::begin(self.shared.clone(), run_id.into())
+        Run::begin(self.shared.clone(), run_id.into(), false)
     }
 
     /// A sender outside any run: each send is released at once.
     pub fn sender(&self) -> Sender {
-        Sender::detached(self.shared.clone())
+        Sender::detached(self.shared.clone(), false)
+    }
+
+    /// A sender for a destination that sends while it delivers (the emit destination's fan-out
+    /// and `$errors`): its sends are still taken while the hub drains at shutdown, so work in
+    /// flight can finish; refused once the hub has stopped.
+    pub fn internal_sender(&self) -> Sender {
+        Sender::detached(self.shared.clone(), true)
+    }
+
+    /// A run whose sends are internal (see [`internal_sender`](Self::internal_sender)).
+    pub fn begin_internal_run(&self, run_id: impl Into<String>) -> Run {
+        Run::begin(self.shared.clone(), run_id.into(), true)
     }
 
     /// The status of a send, while it is remembered.
@@ -344,7 +369,7 @@ impl Hub {
             })
             .collect();
         let ids = envelopes.iter().map(|e| e.id).collect();
-        match self.shared.release(envelopes) {
+        match self.shared.release(envelopes, false) {
             Ok(()) => Ok(ids),
             Err(e) => {
                 self.shared.dead_letters.restore(letters);
@@ -413,7 +438,23 @@ impl Hub {
 
     /// [`shutdown`](Self::shutdown) with this deadline.
     pub async fn shutdown_within(&self, timeout: Duration) -> ShutdownReport {
+        let deadline = tokio::time::Instant::now() + timeout;
         self.shared.accepting.store(false, Ordering::Release);
+        // Drain: open batches go out now, and what deliveries send (internal sends) is taken,
+        // until nothing is pending. Only then does the queue close.
+        self.shared.draining.send_replace(true);
+        loop {
+            let quiet = self.shared.quiet.notified();
+            tokio::pin!(quiet);
+            quiet.as_mut().enable();
+            if self.shared.queue.depth().events == 0 {
+                break;
+            }
+            tokio::select! {
+                () = quiet => {}
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+        }
         self.shared.queue.close();
         let handles: Vec<_> = std::mem::take(
             &mut *self
@@ -423,7 +464,7 @@ impl Hub {
                 .unwrap_or_else(PoisonError::into_inner),
         );
         let mut all = futures::future::join_all(handles);
-        if tokio::time::timeout(timeout, &mut all).await.is_err() {
+        if tokio::time::timeout_at(deadline, &mut all).await.is_err() {
             self.shared.give_up.send_replace(true);
             all.await;
         }
