@@ -1,0 +1,451 @@
+//! The emit destination. An emit is delivered by fanning it out: one send of its own per
+//! matching listener, queued into the same instance, so each listener is retried, dead-lettered
+//! and reported on its own and a failing one never holds up the rest.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use destinations_core::{
+    Batch, BatchOutcome, ConfigError, DeadLetter, Destination, Envelope, Hub, InvalidPayload,
+    Report, ResponseSummary, SendError, WeakHub, parse_strict,
+};
+use destinations_http::{HttpDestination, HttpOptions, HttpRequest};
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::KIND;
+use crate::history::{History, HistoryEntry, HistoryMetadata, RawEvent};
+use crate::send::{ERRORS_CHANNEL, EmitSend, event_object};
+use crate::subscriptions::{Subscription, Subscriptions, is_webhook};
+
+/// Options of an emit destination instance.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmitOptions {
+    /// How webhook listeners are called: the HTTP destination's options (timeout, SSRF guard
+    /// allow-list, signing secrets, per-host limit).
+    pub webhook: HttpOptions,
+    /// An event re-emitted more than this many times in a row is dead-lettered (default 8).
+    pub max_hops: u32,
+    /// Events kept per emitter for `GET /v1/emitters/{id}/events` (default 100).
+    pub history: usize,
+    /// Emitters whose history is kept; past it the idlest is forgotten (default 10 000).
+    pub max_emitters: usize,
+    /// Where subscriptions are saved, so they survive a restart (default: memory only).
+    pub subscriptions_file: Option<PathBuf>,
+    /// Turn every dead letter of every destination into an event on `$errors` (default true).
+    pub errors_channel: bool,
+}
+
+impl Default for EmitOptions {
+    fn default() -> Self {
+        Self {
+            webhook: HttpOptions::default(),
+            max_hops: 8,
+            history: 100,
+            max_emitters: 10_000,
+            subscriptions_file: None,
+            errors_channel: true,
+        }
+    }
+}
+
+/// An event as a listener receives it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Emitted {
+    /// `<ms>-<seq>`, as in the emitter's history.
+    pub id: String,
+    /// Who emitted it.
+    pub emitter_id: String,
+    /// The emit's send id.
+    pub emit_id: String,
+    /// The channel; none for the default one.
+    pub name: Option<String>,
+    /// The listener it is delivered to.
+    pub listener_id: String,
+    /// How many emits led to this one.
+    pub hops: u32,
+    /// The event.
+    pub event: Box<RawValue>,
+}
+
+impl Emitted {
+    /// The event as a JSON value.
+    pub fn event_json(&self) -> serde_json::Value {
+        serde_json::from_str(self.event.get()).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// An emit made in response to this event: emitted by this listener, one hop further, so
+    /// the loop guard can stop a cycle of listeners. Send it with `hub.internal_sender()`, so it
+    /// is taken while the hub drains at shutdown too.
+    pub fn follow_up<T: Serialize + ?Sized>(&self, event: &T) -> EmitSend {
+        let mut send = EmitSend::new(event).from_emitter(self.listener_id.clone());
+        send.hops = self.hops + 1;
+        send
+    }
+}
+
+/// What an in-process listener returns: `Err` asks for the delivery to be retried.
+pub type ListenerResult = Result<(), String>;
+
+type Handler = Arc<dyn Fn(Emitted) -> BoxFuture<'static, ListenerResult> + Send + Sync>;
+
+/// A send queued by the instance for one listener (never accepted from outside: the public
+/// shape refuses the `$delivery` field).
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Delivery {
+    #[serde(rename = "$delivery")]
+    emitted: Emitted,
+}
+
+/// The webhook body.
+#[derive(Serialize)]
+struct WebhookBody<'a> {
+    id: &'a str,
+    event: &'a RawValue,
+    metadata: WebhookMetadata<'a>,
+}
+
+#[derive(Serialize)]
+struct WebhookMetadata<'a> {
+    emitter_id: &'a str,
+    emit_id: &'a str,
+    name: Option<&'a str>,
+    listener_id: &'a str,
+    hops: u32,
+}
+
+/// Fans events out to listeners.
+pub struct EmitDestination {
+    options: EmitOptions,
+    pub(crate) subscriptions: Subscriptions,
+    pub(crate) history: History,
+    handlers: RwLock<HashMap<String, Handler>>,
+    webhooks: HttpDestination,
+    /// The hub and this instance's name in it, once attached.
+    attached: OnceLock<(WeakHub, String)>,
+}
+
+impl EmitDestination {
+    /// An instance with these options.
+    pub fn new(options: EmitOptions) -> Result<Self, String> {
+        if options.history == 0 || options.max_emitters == 0 {
+            return Err("`history` and `max_emitters` must be at least 1".to_owned());
+        }
+        Ok(Self {
+            subscriptions: Subscriptions::load(options.subscriptions_file.clone())?,
+            history: History::new(options.history, options.max_emitters),
+            handlers: RwLock::new(HashMap::new()),
+            webhooks: HttpDestination::new(options.webhook.clone())?,
+            attached: OnceLock::new(),
+            options,
+        })
+    }
+
+    /// Build an instance from its config options (the registry's entry point).
+    pub fn from_config(
+        instance: &str,
+        options: serde_json::Value,
+    ) -> Result<Arc<dyn Destination>, ConfigError> {
+        let options: EmitOptions = destinations_core::parse_options(instance, options)?;
+        Self::new(options)
+            .map(|d| Arc::new(d) as Arc<dyn Destination>)
+            .map_err(|message| ConfigError::new(instance, message))
+    }
+
+    /// Deliver events for `listener_id` to `handler`, in this process. An `Err` from the handler
+    /// retries the delivery with the instance's retry policy.
+    pub fn listen<F, Fut>(&self, listener_id: impl Into<String>, handler: F)
+    where
+        F: Fn(Emitted) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ListenerResult> + Send + 'static,
+    {
+        let handler: Handler = Arc::new(move |emitted| Box::pin(handler(emitted)));
+        self.handlers
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(listener_id.into(), handler);
+    }
+
+    /// Subscribe `listener_id` to emitters matching `emitter_id` on `event_name`; `false` if
+    /// the subscription existed already.
+    pub fn subscribe(&self, subscription: Subscription) -> Result<bool, String> {
+        subscription.check().map_err(|e| e.to_string())?;
+        self.subscriptions.add(subscription)
+    }
+
+    /// Remove a subscription; `false` if there was none.
+    pub fn unsubscribe(&self, subscription: &Subscription) -> Result<bool, String> {
+        self.subscriptions.remove(subscription)
+    }
+
+    /// Every subscription.
+    pub fn subscriptions(&self) -> Vec<Subscription> {
+        self.subscriptions.list()
+    }
+
+    /// The newest `limit` events of an emitter.
+    pub fn history(&self, emitter_id: &str, limit: usize) -> Vec<HistoryEntry> {
+        self.history.recent(emitter_id, limit)
+    }
+
+    fn hub(&self) -> Option<(Hub, &str)> {
+        let (hub, name) = self.attached.get()?;
+        Some((hub.upgrade()?, name.as_str()))
+    }
+
+    /// Deliver an emit: one queued send per listener, all or none, then the history.
+    async fn fan_out(&self, envelope: &Envelope, send: EmitSend) -> Report {
+        let emitter = send
+            .emitter_id
+            .as_deref()
+            .or(envelope.run.as_deref())
+            .unwrap_or("default")
+            .to_owned();
+        if send.hops > self.options.max_hops {
+            return Report::failed(format!(
+                "loop guard: this event follows {} emits in a row (max_hops is {}); a listener probably emits back to the emitter that reached it",
+                send.hops, self.options.max_hops
+            ));
+        }
+        let event: Box<RawValue> = match event_object(&send.event) {
+            Ok(event) => event.to_owned(),
+            Err(error) => return Report::failed(error.to_string()),
+        };
+        let Some((hub, instance)) = self.hub() else {
+            return Report::retry("the emit destination is not attached to a running hub");
+        };
+        let channel = send.channel.as_deref();
+        let listeners = self.subscriptions.listeners(&emitter, channel);
+        let id = self.history.next_id(&emitter);
+        if !listeners.is_empty() {
+            // Internal: taken while the hub drains at shutdown, so an emit still pending then
+            // reaches its listeners.
+            let run =
+                hub.begin_internal_run(envelope.run.as_deref().unwrap_or(&emitter).to_owned());
+            for listener_id in &listeners {
+                let delivery = Delivery {
+                    emitted: Emitted {
+                        id: id.clone(),
+                        emitter_id: emitter.clone(),
+                        emit_id: envelope.id.to_string(),
+                        name: send.channel.clone(),
+                        listener_id: listener_id.clone(),
+                        hops: send.hops,
+                        event: event.clone(),
+                    },
+                };
+                let queued = serde_json::to_vec(&delivery)
+                    .map_err(|e| SendError::Serialize {
+                        destination: instance.to_owned(),
+                        message: e.to_string(),
+                    })
+                    .and_then(|bytes| run.send().checked(instance, KIND, Bytes::from(bytes)));
+                if let Err(error) = queued {
+                    return Report::failed(format!(
+                        "cannot queue the delivery to `{listener_id}`: {error}"
+                    ));
+                }
+            }
+            match run.finish().await {
+                Ok(_) => {}
+                Err(SendError::QueueFull(full)) => {
+                    return Report::retry(format!(
+                        "the queue has no room for this emit's {} deliveries: {full}",
+                        listeners.len()
+                    ));
+                }
+                Err(error) => {
+                    return Report::failed(format!(
+                        "this emit did not reach its listeners: {error} (replay the dead letter once the hub runs again)"
+                    ));
+                }
+            }
+        }
+        self.history.record(HistoryEntry {
+            id,
+            event: RawEvent {
+                raw_event: Arc::from(event),
+            },
+            metadata: HistoryMetadata {
+                emitter_id: emitter,
+                emit_id: envelope.id.to_string(),
+                name: send.channel,
+            },
+        });
+        Report::delivered().with_response(ResponseSummary {
+            status: None,
+            elapsed_ms: 0,
+            body_excerpt: None,
+            location: Some(format!("{} listener(s)", listeners.len())),
+        })
+    }
+
+    /// Deliver one event to one listener.
+    async fn deliver_to(&self, envelope: &Envelope, emitted: Emitted) -> Report {
+        if is_webhook(&emitted.listener_id) {
+            return self.call_webhook(envelope, &emitted).await;
+        }
+        let handler = self
+            .handlers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&emitted.listener_id)
+            .cloned();
+        let Some(handler) = handler else {
+            return Report::failed(format!(
+                "no in-process listener `{}` is registered (EmitDestination::listen); replay this dead letter once it is",
+                emitted.listener_id
+            ));
+        };
+        match handler(emitted).await {
+            Ok(()) => Report::delivered(),
+            Err(error) => Report::retry(format!("the listener asked for a retry: {error}")),
+        }
+    }
+
+    /// POST the event to a webhook listener, exactly as the HTTP destination would deliver a
+    /// send: same guard, signing, retries classification, and the delivery's id as
+    /// `Idempotency-Key`.
+    async fn call_webhook(&self, envelope: &Envelope, emitted: &Emitted) -> Report {
+        let body = WebhookBody {
+            id: &emitted.id,
+            event: &emitted.event,
+            metadata: WebhookMetadata {
+                emitter_id: &emitted.emitter_id,
+                emit_id: &emitted.emit_id,
+                name: emitted.name.as_deref(),
+                listener_id: &emitted.listener_id,
+                hops: emitted.hops,
+            },
+        };
+        let request = HttpRequest::post(&emitted.listener_id)
+            .json(&body)
+            .header("x-destinations-emit-hops", emitted.hops.to_string());
+        if let Err(error) = request.check() {
+            return Report::failed(format!("the webhook listener cannot be called: {error}"));
+        }
+        let Ok(bytes) = serde_json::to_vec(&request) else {
+            return Report::failed("the webhook request could not be serialized");
+        };
+        let mut call = envelope.clone();
+        call.payload = Bytes::from(bytes);
+        let batch = Batch::new(vec![call]);
+        let outcome = self.webhooks.deliver(&batch).await;
+        outcome
+            .into_reports(1)
+            .pop()
+            .unwrap_or_else(|| Report::retry("the webhook gave no outcome"))
+    }
+
+    /// Turn a dead letter into an event on `$errors`, emitted by the run (or the destination)
+    /// whose send died.
+    fn report_dead_letter(&self, letter: &DeadLetter) {
+        let Some((hub, instance)) = self.hub() else {
+            return;
+        };
+        // A `$errors` event that cannot be delivered must not make another.
+        if &*letter.envelope.destination == instance
+            && mentions_errors_channel(&letter.envelope.payload)
+        {
+            return;
+        }
+        let payload: &RawValue =
+            serde_json::from_slice(&letter.envelope.payload).unwrap_or(RawValue::NULL);
+        let event = serde_json::json!({
+            "destination": &*letter.envelope.destination,
+            "send_id": letter.envelope.id.to_string(),
+            "run": letter.envelope.run.as_deref(),
+            "attempts": letter.envelope.attempts,
+            "error": letter.reason,
+            "payload": payload,
+        });
+        let mut send = EmitSend::new(&event).on_channel(ERRORS_CHANNEL);
+        send.emitter_id = Some(
+            letter
+                .envelope
+                .run
+                .as_deref()
+                .unwrap_or(&letter.envelope.destination)
+                .to_owned(),
+        );
+        let queued = serde_json::to_vec(&send)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                hub.internal_sender()
+                    .checked(instance, KIND, Bytes::from(bytes))
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(error) = queued {
+            tracing::warn!(%error, send = %letter.envelope.id, "a dead letter could not be emitted on $errors");
+        }
+    }
+}
+
+/// Whether a stored emit or delivery is on the `$errors` channel.
+fn mentions_errors_channel(payload: &[u8]) -> bool {
+    match serde_json::from_slice::<Delivery>(payload) {
+        Ok(delivery) => delivery.emitted.name.as_deref() == Some(ERRORS_CHANNEL),
+        Err(_) => serde_json::from_slice::<EmitSend>(payload)
+            .is_ok_and(|send| send.channel.as_deref() == Some(ERRORS_CHANNEL)),
+    }
+}
+
+#[async_trait]
+impl Destination for EmitDestination {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    fn validate(&self, payload: &[u8]) -> Result<(), InvalidPayload> {
+        let send: EmitSend = parse_strict(payload)?;
+        send.check()
+    }
+
+    fn attach(&self, hub: &Hub) {
+        let name = hub
+            .instances_of::<Self>()
+            .into_iter()
+            .find(|(_, instance)| std::ptr::eq(instance.as_ref(), self))
+            .map(|(name, _)| name);
+        let Some(name) = name else { return };
+        if self.attached.set((hub.downgrade(), name)).is_err() {
+            return;
+        }
+        if self.options.errors_channel {
+            let me = hub
+                .instances_of::<Self>()
+                .into_iter()
+                .find(|(_, instance)| std::ptr::eq(instance.as_ref(), self))
+                .map(|(_, instance)| Arc::downgrade(&instance));
+            if let Some(me) = me {
+                hub.on_dead_letter(Arc::new(move |letter| {
+                    if let Some(me) = me.upgrade() {
+                        me.report_dead_letter(letter);
+                    }
+                }));
+            }
+        }
+    }
+
+    async fn deliver(&self, batch: &Batch) -> BatchOutcome {
+        let mut reports = Vec::with_capacity(batch.len());
+        for envelope in batch.envelopes() {
+            let report = match serde_json::from_slice::<Delivery>(&envelope.payload) {
+                Ok(delivery) => self.deliver_to(envelope, delivery.emitted).await,
+                Err(_) => match serde_json::from_slice::<EmitSend>(&envelope.payload) {
+                    Ok(send) => self.fan_out(envelope, send).await,
+                    Err(e) => Report::failed(format!("the stored emit no longer parses: {e}")),
+                },
+            };
+            reports.push(report);
+        }
+        BatchOutcome::Each(reports)
+    }
+}
