@@ -31,7 +31,14 @@ type Shared = State<Arc<AppState>>;
 /// The longest `?wait=` a status request may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(60);
 
-pub(crate) fn router(state: Arc<AppState>, max_request_bytes: usize) -> Router {
+/// The API; `guarded` (the subscriptions API of the emit destination) sits behind the same
+/// token.
+pub(crate) fn router(state: Arc<AppState>, max_request_bytes: usize, guarded: Router) -> Router {
+    let guarded = if guarded.has_routes() {
+        guarded.route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+    } else {
+        guarded
+    };
     let api = Router::new()
         .route("/v1/runs", post(post_run))
         .route("/v1/send/{destination}", post(post_send))
@@ -46,8 +53,9 @@ pub(crate) fn router(state: Arc<AppState>, max_request_bytes: usize) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such endpoint; see README.md for the API") })
-        .layer(DefaultBodyLimit::max(max_request_bytes))
         .with_state(state)
+        .merge(guarded)
+        .layer(DefaultBodyLimit::max(max_request_bytes))
 }
 
 async fn require_token(State(state): Shared, request: Request, next: Next) -> Response {

@@ -222,7 +222,9 @@ async fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Res
     });
     // SSE streams are served beside the API, with their own read tokens, not the API token.
     let streams = destinations::sse::routes(&hub).map_err(anyhow::Error::msg)?;
-    let app = api::router(state, config.max_request_bytes).merge(streams);
+    // The subscriptions API is part of the API, behind its token.
+    let subscriptions = destinations::emit::routes(&hub).map_err(anyhow::Error::msg)?;
+    let app = api::router(state, config.max_request_bytes, subscriptions).merge(streams);
     let stopping = hub.clone();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {

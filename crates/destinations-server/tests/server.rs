@@ -307,6 +307,102 @@ async fn embedded_defaults_stream_sse_sends_to_subscribers_and_stop_cleanly() {
 }
 
 #[tokio::test]
+async fn subscriptions_and_emits_over_the_api() {
+    let receiver = Receiver::start().await;
+    let server = Server::start(None).await;
+    let hook = receiver.url("/listener");
+    let query = format!("/v1/subscriptions?emitter_id=p_*&listener_id={hook}&event_name=");
+    let (code, body) = server.post(&query, &json!(null)).await;
+    assert_eq!(code, 201, "{body}");
+    let (code, body) = server.post(&query, &json!(null)).await;
+    assert_eq!(
+        (code, &body["created"]),
+        (200, &json!(false)),
+        "idempotent: {body}"
+    );
+    let (code, body) = server
+        .post(
+            "/v1/subscriptions",
+            &json!({"emitter_id": "p_demo", "listener_id": "in-process", "event_name": "refunds"}),
+        )
+        .await;
+    assert_eq!(code, 201, "a JSON body works too: {body}");
+    let (_, body) = server.get("/v1/subscriptions").await;
+    assert_eq!(
+        body["subscriptions"].as_array().map(Vec::len),
+        Some(2),
+        "{body}"
+    );
+    let (code, body) = server
+        .post(
+            "/v1/subscriptions?emitter_id=p_*&listener_id=not%20a%20name",
+            &json!(null),
+        )
+        .await;
+    assert_eq!(code, 400, "{body}");
+
+    let (code, body) = server
+        .post(
+            "/v1/send/emit",
+            &json!({"event": {"order": 7}, "emitter_id": "p_demo"}),
+        )
+        .await;
+    assert_eq!(code, 202, "{body}");
+    let emit_id = body["id"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(server.final_status(&emit_id).await["state"], "delivered");
+    receiver.wait_for_accepted(1, WITHIN).await;
+    let delivered = receiver
+        .requests()
+        .pop()
+        .unwrap_or_else(|| panic!("no webhook call"));
+    assert_eq!(delivered.json()["event"], json!({"order": 7}));
+    assert_eq!(delivered.json()["metadata"]["emit_id"], emit_id.as_str());
+
+    let (_, body) = server.get("/v1/emitters/p_demo/events?limit=10").await;
+    let events = body["events"].as_array().cloned().unwrap_or_default();
+    assert_eq!(events.len(), 1, "{body}");
+    assert_eq!(events[0]["event"], json!({"raw_event": {"order": 7}}));
+    assert_eq!(
+        events[0]["metadata"],
+        json!({"emitter_id": "p_demo", "emit_id": emit_id, "name": null})
+    );
+
+    let response = server
+        .http
+        .delete(format!("{}{query}", server.base))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(response.status().as_u16(), 200);
+    let (_, body) = server
+        .post(
+            "/v1/send/emit",
+            &json!({"event": {"order": 8}, "emitter_id": "p_demo"}),
+        )
+        .await;
+    let status = server
+        .final_status(body["id"].as_str().unwrap_or_default())
+        .await;
+    assert_eq!(status["response"]["location"], "0 listener(s)", "{status}");
+    assert_eq!(receiver.requests().len(), 1, "unsubscribed: nothing more");
+}
+
+#[tokio::test]
+async fn the_api_token_guards_subscriptions_too() {
+    let server = Server::start_with(None, &[("DESTINATIONS__API_TOKEN", "api-secret")]).await;
+    let (code, body) = server.get("/v1/subscriptions").await;
+    assert_eq!(code, 401, "{body}");
+    let response = server
+        .http
+        .get(format!("{}/v1/subscriptions", server.base))
+        .bearer_auth("api-secret")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(response.status().as_u16(), 200);
+}
+
+#[tokio::test]
 async fn a_run_is_released_all_or_nothing() {
     let receiver = Receiver::start().await;
     let server = Server::start(None).await;
@@ -550,6 +646,7 @@ async fn health_readiness_and_prometheus_metrics() {
             200,
             json!({"destinations": [
                 {"name": "email", "kind": "email"},
+                {"name": "emit", "kind": "emit"},
                 {"name": "http", "kind": "http"},
                 {"name": "s3", "kind": "s3"},
                 {"name": "sse", "kind": "sse"},

@@ -1,11 +1,12 @@
 //! `destinations`: asynchronous, batched, at-least-once event delivery.
 //!
 //! A program records sends during a run — `send.http(...)`, `send.s3(...)`, `send.email(...)`,
-//! `send.sse(...)` and, as its crate lands, `emit` — and never waits on the network: everything a run sent is delivered
+//! `send.sse(...)`, `send.emit(...)` — and never waits on the network: everything a run sent is delivered
 //! after it finishes, retried on transient failures, dead-lettered with a reason otherwise,
 //! with a status per send.
 //!
-//! Pick destinations with Cargo features (`http`, `s3`, `email` and `sse` are on by default). Naming this crate links
+//! Pick destinations with Cargo features (`http`, `s3`, `email`, `sse` and `emit` are on by
+//! default). Naming this crate links
 //! every enabled destination, so [`Registry::linked`] sees them.
 //!
 //! ```no_run
@@ -26,6 +27,8 @@ pub use destinations_core::*;
 
 #[cfg(feature = "email")]
 pub use destinations_email as email;
+#[cfg(feature = "emit")]
+pub use destinations_emit as emit;
 #[cfg(feature = "http")]
 pub use destinations_http as http;
 #[cfg(feature = "s3")]
@@ -39,6 +42,8 @@ pub mod prelude {
 
     #[cfg(feature = "email")]
     pub use destinations_email::{Attachment, EmailSend, SendEmail};
+    #[cfg(feature = "emit")]
+    pub use destinations_emit::{EmitSend, Emitted, SendEmit};
     #[cfg(feature = "http")]
     pub use destinations_http::{HttpRequest, SendHttp};
     #[cfg(feature = "s3")]
@@ -60,6 +65,8 @@ pub fn registry() -> Registry {
     destinations_email::register(&mut registry);
     #[cfg(feature = "sse")]
     destinations_sse::register(&mut registry);
+    #[cfg(feature = "emit")]
+    destinations_emit::register(&mut registry);
     registry
 }
 
@@ -67,7 +74,8 @@ pub fn registry() -> Registry {
 /// instance refuses non-public addresses, as in production; the `s3` instance writes objects
 /// under `./data/objects` (each bucket a folder); the `email` instance writes `.eml` files to
 /// `./data/outbox`, addressed to `owner@localhost`; the `sse` instance keeps streams in memory
-/// (serve them with `destinations::sse::routes(&hub)`).
+/// (serve them with `destinations::sse::routes(&hub)`); the `emit` instance keeps subscriptions in
+/// memory (its webhooks refuse non-public addresses).
 pub fn hub_with_defaults() -> Result<Hub, ConfigError> {
     let registry = registry();
     let mut builder = Hub::builder();

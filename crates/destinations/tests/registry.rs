@@ -15,6 +15,9 @@ fn every_enabled_kind_is_registered() {
     if cfg!(feature = "sse") {
         expected.push("sse");
     }
+    if cfg!(feature = "emit") {
+        expected.push("emit");
+    }
     expected.sort_unstable();
     assert_eq!(
         destinations::Registry::linked().kinds(),
