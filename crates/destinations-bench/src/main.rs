@@ -24,8 +24,24 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 
+mod send_path;
+
 fn main() -> Result<(), String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let ["send-path", sends] = args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        let sends = sends.parse().map_err(|_| "SENDS must be a number")?;
+        // One core: a current-thread runtime.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        return runtime.block_on(send_path::send_path(sends));
+    }
     let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     match args
         .iter()
@@ -43,7 +59,7 @@ fn main() -> Result<(), String> {
             runtime.block_on(s3_load(endpoint, sends, ndjson))
         }
         _ => Err(
-            "usage: destinations-bench receiver ADDR | http URL SENDS | s3 ENDPOINT SENDS NDJSON_OUT"
+            "usage: destinations-bench receiver ADDR | http URL SENDS | s3 ENDPOINT SENDS NDJSON_OUT | send-path SENDS"
                 .into(),
         ),
     }

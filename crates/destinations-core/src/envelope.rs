@@ -10,16 +10,52 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// The id of one send: a UUIDv7, so ids sort by the time they were made.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct EventId(Uuid);
+
+/// Hashes by the id's random low 64 bits: with [`IdHasher`], a map keyed by send ids hashes
+/// without SipHash's cost on the send path.
+impl std::hash::Hash for EventId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.0.as_u64_pair().1);
+    }
+}
+
+/// A hasher for [`EventId`] keys (already random): spreads the bits with one multiply.
+#[derive(Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = (self.0 ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// A map keyed by send ids.
+pub type IdMap<V> = std::collections::HashMap<EventId, V, std::hash::BuildHasherDefault<IdHasher>>;
 
 impl EventId {
     /// A new id for a send made now.
     pub fn new() -> Self {
+        Self::at(SystemTime::now())
+    }
+
+    /// A new id for a send made at `time`.
+    pub fn at(time: SystemTime) -> Self {
         // Built from a thread-local fast generator rather than `Uuid::now_v7`, which asks the
         // OS for randomness on every call: ids are made on the send path.
-        let millis = SystemTime::now()
+        let millis = time
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         let random = fastrand::u128(..).to_le_bytes();
@@ -89,11 +125,12 @@ pub struct Envelope {
 impl Envelope {
     /// A fresh envelope for a send made now.
     pub fn new(destination: Arc<str>, run: Option<Arc<str>>, payload: Bytes) -> Self {
+        let now = SystemTime::now();
         Self {
-            id: EventId::new(),
+            id: EventId::at(now),
             destination,
             run,
-            created_at: SystemTime::now(),
+            created_at: now,
             attempts: 0,
             payload,
         }

@@ -54,7 +54,7 @@ pub use dead_letters::{DeadLetter, DeadLetterSummary, DeadLetters};
 pub use destination::{
     Batch, BatchOutcome, Destination, HealthError, Outcome, Report, ResponseSummary,
 };
-pub use envelope::{Envelope, EventId};
+pub use envelope::{Envelope, EventId, IdHasher, IdMap};
 pub use error::SendError;
 pub use hub::{DeadLetterObserver, Hub, HubBuilder, HubConfig, ShutdownReport, WeakHub};
 pub use pattern::glob_match;

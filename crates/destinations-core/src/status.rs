@@ -1,13 +1,13 @@
 //! Where each send is: queued, in flight, delivered, retrying, or dead — kept bounded.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use serde::{Serialize, Serializer};
 
 use crate::destination::ResponseSummary;
-use crate::envelope::{Envelope, EventId};
+use crate::envelope::{Envelope, EventId, IdMap};
 
 /// The state of one send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -112,8 +112,49 @@ pub struct StatusBook {
 
 #[derive(Default)]
 struct Inner {
-    by_id: HashMap<EventId, SendStatus>,
+    by_id: IdMap<Entry>,
     finished: VecDeque<EventId>,
+}
+
+/// What the book keeps of one send: small while it waits (most sends, most of the time), the
+/// rest boxed once something happened to it.
+struct Entry {
+    destination: Arc<str>,
+    run: Option<Arc<str>>,
+    created_at: SystemTime,
+    updated_at: SystemTime,
+    state: State,
+    attempts: u32,
+    detail: Option<Box<Detail>>,
+}
+
+#[derive(Default)]
+struct Detail {
+    last_error: Option<String>,
+    response: Option<ResponseSummary>,
+    next_attempt_at: Option<SystemTime>,
+}
+
+impl Entry {
+    fn status(&self, id: EventId) -> SendStatus {
+        let detail = self.detail.as_deref();
+        SendStatus {
+            id,
+            destination: self.destination.clone(),
+            run: self.run.clone(),
+            state: self.state,
+            attempts: self.attempts,
+            last_error: detail.and_then(|d| d.last_error.clone()),
+            response: detail.and_then(|d| d.response.clone()),
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            next_attempt_at: detail.and_then(|d| d.next_attempt_at),
+        }
+    }
+
+    fn detail(&mut self) -> &mut Detail {
+        self.detail.get_or_insert_with(Box::default)
+    }
 }
 
 impl StatusBook {
@@ -138,17 +179,14 @@ impl StatusBook {
         for e in envelopes {
             inner.by_id.insert(
                 e.id,
-                SendStatus {
-                    id: e.id,
+                Entry {
                     destination: e.destination.clone(),
                     run: e.run.clone(),
-                    state: State::Queued,
-                    attempts: e.attempts,
-                    last_error: None,
-                    response: None,
                     created_at: e.created_at,
                     updated_at: now,
-                    next_attempt_at: None,
+                    state: State::Queued,
+                    attempts: e.attempts,
+                    detail: None,
                 },
             );
         }
@@ -170,7 +208,9 @@ impl StatusBook {
             return;
         };
         status.updated_at = now;
-        status.next_attempt_at = None;
+        if let Some(detail) = status.detail.as_deref_mut() {
+            detail.next_attempt_at = None;
+        }
         match transition {
             Transition::Attempting => {
                 status.state = State::InFlight;
@@ -178,7 +218,9 @@ impl StatusBook {
             }
             Transition::Delivered(response) => {
                 status.state = State::Delivered;
-                status.response = response;
+                if response.is_some() || status.detail.is_some() {
+                    status.detail().response = response;
+                }
             }
             Transition::Retrying {
                 error,
@@ -186,14 +228,16 @@ impl StatusBook {
                 next_attempt_at,
             } => {
                 status.state = State::Retrying;
-                status.last_error = Some(error);
-                status.response = response;
-                status.next_attempt_at = Some(next_attempt_at);
+                let detail = status.detail();
+                detail.last_error = Some(error);
+                detail.response = response;
+                detail.next_attempt_at = Some(next_attempt_at);
             }
             Transition::Dead { error, response } => {
                 status.state = State::Dead;
-                status.last_error = Some(error);
-                status.response = response;
+                let detail = status.detail();
+                detail.last_error = Some(error);
+                detail.response = response;
             }
         }
         if status.state.is_final() {
@@ -233,7 +277,7 @@ impl StatusBook {
 
     /// The status of one send, if it is still remembered.
     pub fn get(&self, id: EventId) -> Option<SendStatus> {
-        self.lock().by_id.get(&id).cloned()
+        self.lock().by_id.get(&id).map(|entry| entry.status(id))
     }
 
     /// How many sends are remembered.

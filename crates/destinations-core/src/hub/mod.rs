@@ -120,22 +120,34 @@ impl HubShared {
         }
         // Status first: a dispatcher may deliver before `enqueue` returns.
         self.status.queued(&envelopes);
-        let sent: Vec<(EventId, Arc<str>, usize)> = envelopes
-            .iter()
-            .map(|e| (e.id, e.destination.clone(), e.size()))
-            .collect();
+        // Per destination: sends and bytes, counted in one pass (a run's sends usually go to
+        // a few instances), and the ids in case the queue refuses them.
+        let mut tally: Vec<(Arc<str>, u64, u64)> = Vec::new();
+        for envelope in &envelopes {
+            match tally
+                .iter_mut()
+                .find(|(name, ..)| Arc::ptr_eq(name, &envelope.destination))
+            {
+                Some((_, sends, bytes)) => {
+                    *sends += 1;
+                    *bytes += envelope.size() as u64;
+                }
+                None => tally.push((envelope.destination.clone(), 1, envelope.size() as u64)),
+            }
+        }
+        let ids: Vec<EventId> = envelopes.iter().map(|e| e.id).collect();
         let result = self.queue.enqueue(envelopes);
         if result.is_err() {
-            self.status.forget(sent.iter().map(|(id, ..)| *id));
+            self.status.forget(ids);
         }
-        for (_, name, size) in &sent {
+        for (name, sends, bytes) in &tally {
             if let Some(instance) = self.instances.get(name) {
                 match result {
                     Ok(()) => {
-                        instance.metrics.accepted.increment(1);
-                        instance.metrics.accepted_bytes.increment(*size as u64);
+                        instance.metrics.accepted.increment(*sends);
+                        instance.metrics.accepted_bytes.increment(*bytes);
                     }
-                    Err(_) => instance.metrics.rejected_full.increment(1),
+                    Err(_) => instance.metrics.rejected_full.increment(*sends),
                 }
             }
         }
