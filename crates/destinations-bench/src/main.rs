@@ -24,6 +24,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 
+mod memory;
 mod send_path;
 
 fn main() -> Result<(), String> {
@@ -54,12 +55,16 @@ fn main() -> Result<(), String> {
             let sends = sends.parse().map_err(|_| "SENDS must be a number")?;
             runtime.block_on(http_load(url, sends))
         }
+        ["memory", sends] => {
+            let sends = sends.parse().map_err(|_| "SENDS must be a number")?;
+            runtime.block_on(memory::memory(sends))
+        }
         ["s3", endpoint, sends, ndjson] => {
             let sends = sends.parse().map_err(|_| "SENDS must be a number")?;
             runtime.block_on(s3_load(endpoint, sends, ndjson))
         }
         _ => Err(
-            "usage: destinations-bench receiver ADDR | http URL SENDS | s3 ENDPOINT SENDS NDJSON_OUT | send-path SENDS"
+            "usage: destinations-bench receiver ADDR | http URL SENDS | s3 ENDPOINT SENDS NDJSON_OUT | send-path SENDS | memory SENDS"
                 .into(),
         ),
     }

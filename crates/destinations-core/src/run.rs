@@ -49,7 +49,7 @@ impl Sender {
             destination: destination.to_owned(),
             message: e.to_string(),
         })?;
-        self.json(destination, Bytes::from(bytes))
+        self.json(destination, exact(bytes))
     }
 
     /// Send a JSON payload to instance `destination`; the destination checks it.
@@ -113,7 +113,7 @@ impl Sender {
             destination: destination.to_owned(),
             message: e.to_string(),
         })?;
-        self.checked(destination, kind, Bytes::from(bytes))
+        self.checked(destination, kind, exact(bytes))
     }
 
     /// The run this sender records into, if any.
@@ -153,6 +153,15 @@ impl Sender {
             }
         }
     }
+}
+
+/// Serialized bytes to keep while the send is pending, without the spare capacity the
+/// serializer grew (up to half of it): queued sends hold exactly their bytes.
+fn exact(mut bytes: Vec<u8>) -> Bytes {
+    if bytes.capacity() - bytes.len() > bytes.len() / 8 {
+        bytes.shrink_to_fit();
+    }
+    Bytes::from(bytes)
 }
 
 /// One execution of a workflow, job or request handler. Its sends are held, and released
