@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 
 use crate::{apt_install, have, root};
 
-const SCENARIOS: [&str; 2] = ["http", "s3"];
+const SCENARIOS: [&str; 6] = ["send-path", "http", "ingest", "s3", "sse", "memory"];
 
 struct Options {
     quick: bool,
@@ -133,6 +133,8 @@ fn wrk(url: &str, seconds: u64) -> Result<f64, String> {
 
 struct Row {
     scenario: &'static str,
+    /// The issue's target for this figure.
+    goal: &'static str,
     measure: String,
     value: f64,
     reference_name: String,
@@ -163,6 +165,7 @@ fn http_scenario(quick: bool) -> Result<(Row, String), String> {
     let sends_per_second = json_field(&result, "sends_per_second");
     let row = Row {
         scenario: "http",
+        goal: "ratio ≥ 0.7",
         measure: "sends/s, one request per send".into(),
         value: sends_per_second,
         reference_name: "wrk -t1 -c64, same receiver".into(),
@@ -269,6 +272,7 @@ fn s3_scenario(quick: bool) -> Result<(Row, String), String> {
     let value = json_field(&result, "sends_per_second");
     let row = Row {
         scenario: "s3",
+        goal: "ratio ≥ 0.8",
         measure: "events/s into gzip NDJSON objects".into(),
         value,
         reference_name: "gzip -1, same NDJSON bytes".into(),
@@ -300,6 +304,276 @@ fn json_field(json: &str, key: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// Run the bench binary with these arguments on CPU 1; its one line of JSON.
+fn bench_json(args: &[&str]) -> Result<String, String> {
+    let out = pinned(1, &bench_binary())
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run the bench binary: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`destinations-bench {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// ns per send of recording and finishing runs, beside serializing the same payload once.
+fn send_path_scenario(quick: bool) -> Result<(Row, String), String> {
+    let sends = if quick { 200_000 } else { 1_000_000 };
+    let result = bench_json(&["send-path", &sends.to_string()])?;
+    let json_ns = json_field(&result, "json_send_ns");
+    let typed_ns = json_field(&result, "typed_http_send_ns");
+    let serialize_ns = json_field(&result, "serialize_ns");
+    let row = Row {
+        scenario: "send-path",
+        goal: "≤ 200 ns",
+        measure: "ns/send, record + finish (lower wins)".into(),
+        value: json_ns,
+        reference_name: "serde_json::to_vec of the payload".into(),
+        reference: serialize_ns,
+        notes: format!(
+            "N={sends}, one core, runs of 100; typed HTTP send (URL check, build, serialize): {typed_ns:.0} ns; {:.0} sends/s",
+            1e9 / json_ns
+        ),
+    };
+    Ok((
+        row,
+        format!(r#"{{"scenario":"send-path","result":{result}}}"#),
+    ))
+}
+
+/// RSS of queued sends behind a stopped receiver, beside the bytes they hold.
+fn memory_scenario(quick: bool) -> Result<(Row, String), String> {
+    let sends = if quick { 200_000 } else { 1_000_000 };
+    let result = bench_json(&["memory", &sends.to_string()])?;
+    let grown =
+        (json_field(&result, "rss_after_kib") - json_field(&result, "rss_before_kib")) * 1024.0;
+    let queued = json_field(&result, "queued_bytes");
+    let row = Row {
+        scenario: "memory",
+        goal: "ratio ≤ 1.5",
+        measure: "MiB RSS for queued sends (lower wins)".into(),
+        value: grown / 1048576.0,
+        reference_name: "MiB of payload bytes queued".into(),
+        reference: queued / 1048576.0,
+        notes: format!(
+            "{sends} sends of a 256 B body queued behind a receiver that never accepts; {:.0} B/send in memory, {:.0} B/send of payload",
+            grown / sends as f64,
+            queued / sends as f64
+        ),
+    };
+    Ok((row, format!(r#"{{"scenario":"memory","result":{result}}}"#)))
+}
+
+/// The server's `POST /v1/runs` (100 sends of 256 B a run) under wrk, beside wrk posting the
+/// same body to the counting receiver.
+fn ingest_scenario(quick: bool) -> Result<(Row, String), String> {
+    let (_receiver, receiver_url) = start_receiver()?;
+    let port = free_port()?;
+    let config = root().join("target/bench/ingest.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\n[hub.queue]\nmax_events = 5000000\nmax_bytes = 4294967296\n[destinations.http]\nkind = \"http\"\nallow_networks = [\"127.0.0.0/8\"]\n"
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let server_binary = root()
+        .join("target/release/destinations")
+        .display()
+        .to_string();
+    let mut server = pinned(0, &server_binary)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start the server: {e}"))?;
+    let stdout = server.stdout.take().ok_or("the server has no stdout")?;
+    let server = Background(server);
+    let mut first = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut first)
+        .map_err(|e| e.to_string())?;
+    if !first.starts_with("listening on") {
+        return Err(format!("the server did not start: {first}"));
+    }
+    let sends: Vec<String> = (0..100)
+        .map(|n| {
+            format!(
+                r#"{{"destination":"http","payload":{{"url":"{receiver_url}/ingested","data":{{"n":{n},"pad":"{}"}}}}}}"#,
+                "x".repeat(200)
+            )
+        })
+        .collect();
+    let body = format!(r#"{{"sends":[{}]}}"#, sends.join(","));
+    let seconds = if quick { 5 } else { 10 };
+    let reference = wrk_post(&format!("{receiver_url}/wrk"), &body, seconds)?;
+    let ingest = wrk_post(&format!("http://127.0.0.1:{port}/v1/runs"), &body, seconds)?;
+    drop(server);
+    let accepted = (ingest.requests - ingest.non_2xx) as f64 / ingest.seconds;
+    let reference_runs = reference.requests as f64 / reference.seconds;
+    let row = Row {
+        scenario: "ingest",
+        goal: "—",
+        measure: "sends/s into POST /v1/runs".into(),
+        value: accepted * 100.0,
+        reference_name: "wrk, same body, to the receiver".into(),
+        reference: reference_runs * 100.0,
+        notes: format!(
+            "runs of 100 × 256 B ({:.1} KiB a request) → the server (CPU 0) also delivers each to the receiver; {:.1} MB/s accepted; {} refused (queue full)",
+            body.len() as f64 / 1024.0,
+            accepted * body.len() as f64 / 1e6,
+            ingest.non_2xx
+        ),
+    };
+    let json = format!(
+        r#"{{"scenario":"ingest","requests":{},"refused":{},"seconds":{},"body_bytes":{},"reference_requests":{}}}"#,
+        ingest.requests,
+        ingest.non_2xx,
+        ingest.seconds,
+        body.len(),
+        reference.requests
+    );
+    Ok((row, json))
+}
+
+/// Start a server on CPU 0 that prints its address as its first line (`listening on` /
+/// `serving on`).
+fn start_printing(program: &str, args: &[&str]) -> Result<Background, String> {
+    let mut child = pinned(0, program)
+        .args(args)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {program}: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let child = Background(child);
+    let mut first = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut first)
+        .map_err(|e| e.to_string())?;
+    if !(first.starts_with("listening on") || first.starts_with("serving on")) {
+        return Err(format!("{program} did not start: {first}"));
+    }
+    Ok(child)
+}
+
+/// Fan-out to `subscribers` SSE subscribers at 1 000 events/s through the server (publish =
+/// `POST /v1/send/sse`, through the hub), beside a bare tokio broadcast server on the same
+/// clients.
+fn sse_scenario(subscribers: usize, events: usize) -> Result<(Row, String), String> {
+    let port = free_port()?;
+    let config = root().join("target/bench/sse.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\n[destinations.sse]\nkind = \"sse\"\nreplay = 0\nsubscriber_buffer = 1000000\n"
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let server_binary = root()
+        .join("target/release/destinations")
+        .display()
+        .to_string();
+    let config_text = config.display().to_string();
+    let clients = |stream: &str, publish: &str, style: &str| {
+        bench_json(&[
+            "sse-clients",
+            stream,
+            &subscribers.to_string(),
+            &events.to_string(),
+            "1000",
+            publish,
+            style,
+        ])
+    };
+    let server = start_printing(&server_binary, &["serve", "--config", &config_text])?;
+    let ours = clients(
+        &format!("http://127.0.0.1:{port}/v1/sse/bench"),
+        &format!("http://127.0.0.1:{port}/v1/send/sse"),
+        "destinations",
+    )?;
+    drop(server);
+    let reference_port = free_port()?;
+    let reference_addr = format!("127.0.0.1:{reference_port}");
+    let reference_server = start_printing(&bench_binary(), &["sse-reference", &reference_addr])?;
+    let reference = clients(
+        &format!("http://{reference_addr}/stream"),
+        &format!("http://{reference_addr}/publish"),
+        "reference",
+    )?;
+    drop(reference_server);
+    let row = Row {
+        scenario: "sse",
+        goal: "p99 ≤ 50 ms",
+        measure: format!("deliveries/s, {subscribers} subscribers"),
+        value: json_field(&ours, "deliveries_per_second"),
+        reference_name: "bare tokio broadcast server".into(),
+        reference: json_field(&reference, "deliveries_per_second"),
+        notes: format!(
+            "{events} events published at 1 000/s; p50 {:.1} ms, p99 {:.1} ms (reference p99 {:.1} ms); missing {}",
+            json_field(&ours, "p50_us") / 1000.0,
+            json_field(&ours, "p99_us") / 1000.0,
+            json_field(&reference, "p99_us") / 1000.0,
+            json_field(&ours, "missing"),
+        ),
+    };
+    let json = format!(
+        r#"{{"scenario":"sse","subscribers":{subscribers},"destinations":{ours},"reference":{reference}}}"#
+    );
+    Ok((row, json))
+}
+
+/// What wrk reported.
+struct WrkRun {
+    requests: u64,
+    non_2xx: u64,
+    seconds: f64,
+}
+
+/// wrk -t1 -c32 posting `body` to `url` for `seconds`, on CPU 1.
+fn wrk_post(url: &str, body: &str, seconds: u64) -> Result<WrkRun, String> {
+    let script = root().join("target/bench/post-body.lua");
+    let escaped = body.replace('\\', "\\\\").replace('"', "\\\"");
+    std::fs::write(
+        &script,
+        format!(
+            "wrk.method = \"POST\"\nwrk.body = \"{escaped}\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\n"
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let out = pinned(1, "wrk")
+        .args(["-t1", "-c32", &format!("-d{seconds}s"), "-s"])
+        .arg(&script)
+        .arg(url)
+        .output()
+        .map_err(|e| format!("wrk: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let requests = text
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .split_once(" requests in ")
+                .map(|(n, _)| n.trim().to_owned())
+        })
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| format!("could not read wrk's output:\n{text}"))?;
+    let non_2xx = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    Ok(WrkRun {
+        requests,
+        non_2xx,
+        seconds: seconds as f64,
+    })
+}
+
 pub(crate) fn run(args: &[String]) -> Result<(), String> {
     let options = parse(args)?;
     let mut missing = Vec::new();
@@ -329,13 +603,25 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     let mut rows = Vec::new();
     let mut reports = Vec::new();
     for scenario in &options.scenarios {
-        let (row, json) = match scenario.as_str() {
-            "http" => http_scenario(options.quick)?,
-            "s3" => s3_scenario(options.quick)?,
+        let results = match scenario.as_str() {
+            "send-path" => vec![send_path_scenario(options.quick)?],
+            "http" => vec![http_scenario(options.quick)?],
+            "ingest" => vec![ingest_scenario(options.quick)?],
+            "s3" => vec![s3_scenario(options.quick)?],
+            "sse" => {
+                let events = if options.quick { 300 } else { 1000 };
+                vec![
+                    sse_scenario(1000, events)?,
+                    sse_scenario(10_000, events / 3)?,
+                ]
+            }
+            "memory" => vec![memory_scenario(options.quick)?],
             other => return Err(format!("scenario `{other}` is not built yet")),
         };
-        rows.push(row);
-        reports.push(json);
+        for (row, json) in results {
+            rows.push(row);
+            reports.push(json);
+        }
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!();
@@ -343,21 +629,23 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         "machine: {cpus} CPUs; receiver / s3s-fs pinned to CPU 0, load and gzip to CPU 1 (taskset)"
     );
     println!(
-        "{:<6} {:<32} {:>12} {:>12} {:>7}  {:<30} notes",
-        "scen.", "measure", "value", "reference", "ratio", "reference is"
+        "{:<9} {:<38} {:>12} {:>12} {:>7}  {:<12} {:<34} notes",
+        "scen.", "measure", "value", "reference", "ratio", "goal", "reference is"
     );
     for r in &rows {
         println!(
-            "{:<6} {:<32} {:>12.0} {:>12.0} {:>7.2}  {:<30} {}",
+            "{:<9} {:<38} {:>12.0} {:>12.0} {:>7.2}  {:<12} {:<34} {}",
             r.scenario,
             r.measure,
             r.value,
             r.reference,
             r.value / r.reference,
+            r.goal,
             r.reference_name,
             r.notes
         );
     }
+    println!("queues    not measured: only the memory queue exists (no durable queue yet)");
     let report = format!(
         r#"{{"cpus":{cpus},"quick":{},"scenarios":[{}]}}"#,
         options.quick,

@@ -26,6 +26,7 @@ use serde_json::json;
 
 mod memory;
 mod send_path;
+mod sse;
 
 fn main() -> Result<(), String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -59,18 +60,30 @@ fn main() -> Result<(), String> {
             let sends = sends.parse().map_err(|_| "SENDS must be a number")?;
             runtime.block_on(memory::memory(sends))
         }
+        ["sse-reference", addr] => runtime.block_on(sse::reference(addr)),
+        ["sse-clients", url, subscribers, events, rate, publish, style] => {
+            let number = |text: &str| text.parse::<usize>().map_err(|_| format!("`{text}` must be a number"));
+            runtime.block_on(sse::clients(
+                url,
+                number(subscribers)?,
+                number(events)?,
+                number(rate)? as u64,
+                publish,
+                style,
+            ))
+        }
         ["s3", endpoint, sends, ndjson] => {
             let sends = sends.parse().map_err(|_| "SENDS must be a number")?;
             runtime.block_on(s3_load(endpoint, sends, ndjson))
         }
         _ => Err(
-            "usage: destinations-bench receiver ADDR | http URL SENDS | s3 ENDPOINT SENDS NDJSON_OUT | send-path SENDS | memory SENDS"
+            "usage: destinations-bench receiver ADDR | http URL SENDS | s3 ENDPOINT SENDS NDJSON_OUT | send-path SENDS | memory SENDS | sse-reference ADDR | sse-clients STREAM_URL SUBSCRIBERS EVENTS RATE PUBLISH_URL STYLE"
                 .into(),
         ),
     }
 }
 
-fn unix_nanos() -> u64 {
+pub(crate) fn unix_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)

@@ -24,7 +24,10 @@ fn rss_kib() -> u64 {
 pub(crate) async fn memory(sends: usize) -> Result<(), String> {
     // Listens, never accepts: connections wait in the backlog and no answer ever comes.
     let stopped = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    let url = format!("http://{}/stopped", stopped.local_addr().map_err(|e| e.to_string())?);
+    let url = format!(
+        "http://{}/stopped",
+        stopped.local_addr().map_err(|e| e.to_string())?
+    );
     let mut options = HttpOptions::allowing_loopback();
     options.timeout = Duration::from_secs(3600);
     let destination = destinations::http::HttpDestination::new(options)?;
