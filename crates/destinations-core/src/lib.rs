@@ -58,7 +58,7 @@ pub use envelope::{Envelope, EventId, IdHasher, IdMap};
 pub use error::SendError;
 pub use hub::{DeadLetterObserver, Hub, HubBuilder, HubConfig, ShutdownReport, WeakHub};
 pub use pattern::glob_match;
-pub use payload::{InvalidPayload, parse_strict};
+pub use payload::{InvalidPayload, check_name, check_serialized, parse_strict, raw_json};
 pub use policy::{BatchPolicy, RateLimit, RetryPolicy};
 pub use queue::{MemoryQueue, Queue, QueueCapacity, QueueDepth, QueueFull};
 pub use registry::{DestinationPlugin, Registry};

@@ -77,6 +77,55 @@ fn strip_position(message: &str) -> String {
     }
 }
 
+/// A value as JSON text, for a typed send's builder. A value that does not serialize (a map
+/// with non-string keys, a failing `Serialize`) becomes a marker that
+/// [`check_serialized`] reports, with the field named, when the send is checked.
+pub fn raw_json<T: serde::Serialize + ?Sized>(value: &T) -> Box<serde_json::value::RawValue> {
+    serde_json::value::to_raw_value(value).unwrap_or_else(|_| {
+        serde_json::value::RawValue::from_string(UNSERIALIZABLE.to_owned())
+            .unwrap_or_else(|_| serde_json::value::RawValue::NULL.to_owned())
+    })
+}
+
+/// Refuse a value [`raw_json`] could not serialize.
+pub fn check_serialized(
+    field: &str,
+    raw: &serde_json::value::RawValue,
+) -> Result<(), InvalidPayload> {
+    if raw.get() == UNSERIALIZABLE {
+        return Err(InvalidPayload::field(
+            field,
+            "the value could not be serialized as JSON",
+        ));
+    }
+    Ok(())
+}
+
+/// No serializer writes JSON with leading spaces, so this cannot be a real value.
+const UNSERIALIZABLE: &str = "  null";
+
+/// A name that fits on an SSE line, in a URL path segment and in logs: 1 to 200 characters of
+/// letters, digits and `. _ - : ~ @ +`.
+pub fn check_name(field: &str, name: &str) -> Result<(), InvalidPayload> {
+    const MAX_NAME_CHARS: usize = 200;
+    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
+        return Err(InvalidPayload::field(
+            field,
+            format!("must be 1 to {MAX_NAME_CHARS} characters"),
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '~' | '@' | '+')))
+    {
+        return Err(InvalidPayload::field(
+            field,
+            format!("{c:?} is not allowed; use letters, digits and . _ - : ~ @ +"),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -102,23 +102,7 @@ pub(crate) fn event_object(event: &RawValue) -> Result<&RawValue, InvalidPayload
 /// 1 to 200 characters of letters, digits and `. _ - : ~ @ +` (a leading `$` for built-in
 /// channels).
 pub fn check_name(field: &str, name: &str) -> Result<(), InvalidPayload> {
-    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
-        return Err(InvalidPayload::field(
-            field,
-            format!("must be 1 to {MAX_NAME_CHARS} characters"),
-        ));
-    }
-    let body = name.strip_prefix('$').unwrap_or(name);
-    if let Some(c) = body
-        .chars()
-        .find(|c| !(c.is_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '~' | '@' | '+')))
-    {
-        return Err(InvalidPayload::field(
-            field,
-            format!("{c:?} is not allowed; use letters, digits and . _ - : ~ @ +"),
-        ));
-    }
-    Ok(())
+    destinations_core::check_name(field, name.strip_prefix('$').unwrap_or(name))
 }
 
 #[cfg(test)]

@@ -31,8 +31,7 @@ impl S3Send {
         prefix: impl Into<String>,
         payload: &T,
     ) -> Self {
-        let payload =
-            serde_json::value::to_raw_value(payload).unwrap_or_else(|_| unserializable_marker());
+        let payload = destinations_core::raw_json(payload);
         Self {
             bucket: bucket.into(),
             prefix: prefix.into(),
@@ -45,22 +44,8 @@ impl S3Send {
     pub fn check(&self) -> Result<(), InvalidPayload> {
         check_bucket(&self.bucket)?;
         check_prefix(&self.prefix)?;
-        if self.payload.get() == UNSERIALIZABLE {
-            return Err(InvalidPayload::field(
-                "payload",
-                "the value could not be serialized as JSON",
-            ));
-        }
-        Ok(())
+        destinations_core::check_serialized("payload", &self.payload)
     }
-}
-
-/// What [`S3Send::new`] stores when the payload does not serialize: not a JSON value any
-/// serializer writes, so `check` can tell it apart.
-const UNSERIALIZABLE: &str = "  null";
-
-fn unserializable_marker() -> Box<RawValue> {
-    RawValue::from_string(UNSERIALIZABLE.to_owned()).unwrap_or_else(|_| RawValue::NULL.to_owned())
 }
 
 /// The routing part of a stored send, read without copying the payload.

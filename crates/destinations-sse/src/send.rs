@@ -27,8 +27,7 @@ impl SseSend {
     pub fn new<T: Serialize + ?Sized>(channel: impl Into<String>, payload: &T) -> Self {
         Self {
             channel: channel.into(),
-            payload: serde_json::value::to_raw_value(payload)
-                .unwrap_or_else(|_| unserializable_marker()),
+            payload: destinations_core::raw_json(payload),
             stream: None,
         }
     }
@@ -45,42 +44,14 @@ impl SseSend {
         if let Some(stream) = &self.stream {
             check_name("stream", stream)?;
         }
-        if self.payload.get() == UNSERIALIZABLE {
-            return Err(InvalidPayload::field(
-                "payload",
-                "the value could not be serialized as JSON",
-            ));
-        }
-        Ok(())
+        destinations_core::check_serialized("payload", &self.payload)
     }
-}
-
-/// What [`SseSend::new`] stores for a payload that does not serialize; no serializer writes it.
-const UNSERIALIZABLE: &str = "  null";
-
-fn unserializable_marker() -> Box<RawValue> {
-    RawValue::from_string(UNSERIALIZABLE.to_owned()).unwrap_or_else(|_| RawValue::NULL.to_owned())
 }
 
 /// 1 to 200 characters of letters, digits and `. _ - : ~ @ +`: safe on an SSE `event:` line, in
 /// a URL path segment and in logs.
 pub fn check_name(field: &str, name: &str) -> Result<(), InvalidPayload> {
-    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
-        return Err(InvalidPayload::field(
-            field,
-            format!("must be 1 to {MAX_NAME_CHARS} characters"),
-        ));
-    }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '~' | '@' | '+')))
-    {
-        return Err(InvalidPayload::field(
-            field,
-            format!("{c:?} is not allowed; use letters, digits and . _ - : ~ @ +"),
-        ));
-    }
-    Ok(())
+    destinations_core::check_name(field, name)
 }
 
 /// The routing part of a stored send, read without copying the payload.
