@@ -113,7 +113,9 @@ pub struct StatusBook {
 #[derive(Default)]
 struct Inner {
     by_id: IdMap<Entry>,
-    finished: VecDeque<EventId>,
+    /// Finished sends, oldest first, with the generation they finished in: a replayed dead
+    /// letter is queued again under its id, and only its latest finish may evict it.
+    finished: VecDeque<(EventId, u32)>,
 }
 
 /// What the book keeps of one send: small while it waits (most sends, most of the time), the
@@ -125,6 +127,8 @@ struct Entry {
     updated_at: SystemTime,
     state: State,
     attempts: u32,
+    /// How many times the send was queued again (dead-letter replays).
+    generation: u32,
     detail: Option<Box<Detail>>,
 }
 
@@ -177,6 +181,10 @@ impl StatusBook {
         let mut inner = self.lock();
         inner.by_id.reserve(envelopes.len());
         for e in envelopes {
+            let generation = inner
+                .by_id
+                .get(&e.id)
+                .map_or(0, |earlier| earlier.generation.wrapping_add(1));
             inner.by_id.insert(
                 e.id,
                 Entry {
@@ -186,6 +194,7 @@ impl StatusBook {
                     updated_at: now,
                     state: State::Queued,
                     attempts: e.attempts,
+                    generation,
                     detail: None,
                 },
             );
@@ -241,10 +250,14 @@ impl StatusBook {
             }
         }
         if status.state.is_final() {
-            inner.finished.push_back(id);
+            let generation = status.generation;
+            inner.finished.push_back((id, generation));
             while inner.finished.len() > self.retain_finished {
-                if let Some(old) = inner.finished.pop_front() {
-                    inner.by_id.remove(&old);
+                if let Some((old, finished_in)) = inner.finished.pop_front() {
+                    let current = inner.by_id.get(&old).map(|e| (e.generation, e.state));
+                    if current.is_some_and(|(g, state)| g == finished_in && state.is_final()) {
+                        inner.by_id.remove(&old);
+                    }
                 }
             }
             drop(inner);
@@ -330,5 +343,21 @@ mod tests {
             Some(State::Queued),
             "unfinished kept"
         );
+    }
+
+    #[test]
+    fn a_replayed_send_is_not_forgotten_for_its_earlier_finish() {
+        let book = StatusBook::new(1);
+        let a = Envelope::new("d".into(), None, Bytes::new());
+        let b = Envelope::new("d".into(), None, Bytes::new());
+        book.queued(&[a.clone(), b.clone()]);
+        let dead = || Transition::Dead {
+            error: "x".into(),
+            response: None,
+        };
+        book.apply(a.id, dead());
+        book.queued(std::slice::from_ref(&a)); // replayed under the same id
+        book.apply(b.id, dead()); // evicts a's earlier finish, not a itself
+        assert_eq!(book.get(a.id).map(|s| s.state), Some(State::Queued));
     }
 }

@@ -495,3 +495,21 @@ async fn a_destinations_own_concurrency_limit_wins() {
     hub.shutdown_within(Duration::from_secs(60)).await;
     assert_eq!(d.most.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_destination_that_panics_is_retried_and_shutdown_still_ends() {
+    let d = Scripted::new(|attempt| {
+        assert!(attempt > 1, "the first attempt panics");
+        Report::delivered()
+    });
+    let hub = hub(d.clone(), InstanceSettings::default(), HubConfig::default());
+    let id = send(&hub, 1);
+    let report = hub.shutdown_within(Duration::from_secs(3600)).await;
+    assert_eq!(report.abandoned, 0);
+    let status = hub.status(id).unwrap_or_else(|| panic!("status"));
+    assert_eq!((status.state, status.attempts), (State::Delivered, 2));
+    assert!(
+        status.last_error.unwrap_or_default().contains("panicked"),
+        "the panic is the recorded error"
+    );
+}

@@ -130,6 +130,8 @@ pub struct EmitDestination {
     webhooks: HttpDestination,
     /// The hub and this instance's name in it, once attached.
     attached: OnceLock<(WeakHub, String)>,
+    /// `$errors` events made per destination in the current second.
+    errors_window: std::sync::Mutex<HashMap<String, (u64, u32)>>,
 }
 
 impl EmitDestination {
@@ -144,6 +146,7 @@ impl EmitDestination {
             handlers: RwLock::new(HashMap::new()),
             webhooks: HttpDestination::new(options.webhook.clone())?,
             attached: OnceLock::new(),
+            errors_window: std::sync::Mutex::new(HashMap::new()),
             options,
         })
     }
@@ -344,6 +347,29 @@ impl EmitDestination {
             .unwrap_or_else(|| Report::retry("the webhook gave no outcome"))
     }
 
+    /// Whether another `$errors` event may be made for `destination` this second.
+    fn errors_allowed(&self, destination: &str) -> bool {
+        let second = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut windows = self
+            .errors_window
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let window = windows.entry(destination.to_owned()).or_insert((second, 0));
+        if window.0 != second {
+            *window = (second, 0);
+        }
+        window.1 += 1;
+        if window.1 == ERRORS_PER_SECOND + 1 {
+            tracing::warn!(
+                destination,
+                "more than {ERRORS_PER_SECOND} dead letters this second: their $errors events are skipped (they stay in the dead-letter list)"
+            );
+        }
+        window.1 <= ERRORS_PER_SECOND
+    }
+
     /// Turn a dead letter into an event on `$errors`, emitted by the run (or the destination)
     /// whose send died.
     fn report_dead_letter(&self, letter: &DeadLetter) {
@@ -356,8 +382,10 @@ impl EmitDestination {
         {
             return;
         }
-        let payload: &RawValue =
-            serde_json::from_slice(&letter.envelope.payload).unwrap_or(RawValue::NULL);
+        if !self.errors_allowed(&letter.envelope.destination) {
+            return;
+        }
+        let payload = redacted(&letter.envelope.payload);
         let event = serde_json::json!({
             "destination": &*letter.envelope.destination,
             "send_id": letter.envelope.id.to_string(),
@@ -387,6 +415,31 @@ impl EmitDestination {
         }
     }
 }
+
+/// The original send as `$errors` shows it: credentials (`auth`) removed and header values
+/// hidden, since `$errors` events go to listeners and into the history.
+fn redacted(payload: &[u8]) -> serde_json::Value {
+    let mut value: serde_json::Value = serde_json::from_slice(payload).unwrap_or_default();
+    if let Some(object) = value.as_object_mut() {
+        if object.remove("auth").is_some() {
+            object.insert(
+                "auth".into(),
+                serde_json::Value::String("[redacted]".into()),
+            );
+        }
+        if let Some(headers) = object.get_mut("headers").and_then(|h| h.as_object_mut()) {
+            for header in headers.values_mut() {
+                *header = serde_json::Value::String("[redacted]".into());
+            }
+        }
+    }
+    value
+}
+
+/// The most `$errors` events one destination makes a second: a listener whose own sends fail
+/// (an alert email through a broken SMTP server) cannot feed `$errors` without end. Dead
+/// letters past it stay in the dead-letter list; only their `$errors` event is skipped.
+const ERRORS_PER_SECOND: u32 = 100;
 
 /// Whether a stored emit or delivery is on the `$errors` channel.
 fn mentions_errors_channel(payload: &[u8]) -> bool {

@@ -94,20 +94,24 @@ impl Subscriptions {
         if list.contains(&subscription) {
             return Ok(false);
         }
-        list.push(subscription);
-        self.save(&list)?;
+        // Saved first: a subscription that could not be saved is not taken.
+        let mut changed = list.clone();
+        changed.push(subscription);
+        self.save(&changed)?;
+        *list = changed;
         Ok(true)
     }
 
     /// Remove one; `false` if there was no such subscription.
     pub(crate) fn remove(&self, subscription: &Subscription) -> Result<bool, String> {
         let mut list = self.list.write().unwrap_or_else(PoisonError::into_inner);
-        let before = list.len();
-        list.retain(|s| s != subscription);
-        if list.len() == before {
+        let mut changed = list.clone();
+        changed.retain(|s| s != subscription);
+        if changed.len() == list.len() {
             return Ok(false);
         }
-        self.save(&list)?;
+        self.save(&changed)?;
+        *list = changed;
         Ok(true)
     }
 

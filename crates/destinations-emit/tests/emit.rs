@@ -274,7 +274,10 @@ async fn a_dead_letter_of_another_destination_appears_on_errors() {
     let run = hub.begin_run("nightly-sync");
     let id = run
         .send()
-        .to("http", &json!({"url": gone.url("/hook"), "data": {"x": 1}}))
+        .to(
+            "http",
+            &json!({"url": gone.url("/hook"), "data": {"x": 1}, "headers": {"X-Token": "hunter2"}, "auth": {"bearer": "s3cret"}}),
+        )
         .unwrap_or_else(|e| panic!("{e}"));
     run.finish().await.unwrap_or_else(|e| panic!("{e}"));
     told.recv().await;

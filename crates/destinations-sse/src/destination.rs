@@ -30,6 +30,7 @@ impl SseDestination {
         let streams = Arc::new(Streams::new(
             instance,
             options.replay,
+            options.replay_bytes,
             options.subscriber_buffer,
             options.max_streams,
             options.max_subscribers,
@@ -98,10 +99,15 @@ impl Destination for SseDestination {
                         return Report::failed(format!("the stored send no longer parses: {e}"));
                     }
                 };
+                // A run id that is not a valid stream name (the API takes any) would name a
+                // stream nobody can open: such sends go to the default stream.
                 let stream = route
                     .stream
                     .as_deref()
-                    .or(envelope.run.as_deref())
+                    .or(envelope
+                        .run
+                        .as_deref()
+                        .filter(|run| crate::send::check_name("stream", run).is_ok()))
                     .unwrap_or(DEFAULT_STREAM);
                 self.served.streams.publish(
                     stream,

@@ -14,6 +14,9 @@ pub struct SseOptions {
     pub route: String,
     /// Events each stream keeps for replay and `Last-Event-ID` resume (default 100).
     pub replay: usize,
+    /// Bytes of event data each stream keeps for replay, at most (default 1 MiB; the newest
+    /// event is always kept).
+    pub replay_bytes: usize,
     /// How often an idle connection gets a `:keepalive` comment (default 15 s).
     #[serde(with = "duration_text")]
     pub keepalive: Duration,
@@ -38,6 +41,7 @@ impl Default for SseOptions {
         Self {
             route: "/v1/sse".to_owned(),
             replay: 100,
+            replay_bytes: 1024 * 1024,
             keepalive: Duration::from_secs(15),
             subscriber_buffer: 1024,
             tokens: BTreeMap::new(),
@@ -53,6 +57,7 @@ impl std::fmt::Debug for SseOptions {
         f.debug_struct("SseOptions")
             .field("route", &self.route)
             .field("replay", &self.replay)
+            .field("replay_bytes", &self.replay_bytes)
             .field("keepalive", &self.keepalive)
             .field("subscriber_buffer", &self.subscriber_buffer)
             .field("tokens", &self.tokens.keys().collect::<Vec<_>>())

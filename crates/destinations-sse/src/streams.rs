@@ -29,6 +29,8 @@ struct Subscriber {
 
 struct Stream {
     recent: VecDeque<Arc<Event>>,
+    /// The bytes `recent` holds.
+    recent_bytes: usize,
     subscribers: Vec<Subscriber>,
     last_active: Instant,
 }
@@ -37,6 +39,7 @@ struct Stream {
 pub(crate) struct Streams {
     by_name: Mutex<HashMap<String, Stream>>,
     replay: usize,
+    replay_bytes: usize,
     subscriber_buffer: usize,
     max_streams: usize,
     max_subscribers: usize,
@@ -74,6 +77,7 @@ impl Streams {
     pub(crate) fn new(
         instance: &str,
         replay: usize,
+        replay_bytes: usize,
         subscriber_buffer: usize,
         max_streams: usize,
         max_subscribers: usize,
@@ -81,6 +85,7 @@ impl Streams {
         Self {
             by_name: Mutex::new(HashMap::new()),
             replay,
+            replay_bytes,
             subscriber_buffer,
             max_streams,
             max_subscribers,
@@ -100,10 +105,12 @@ impl Streams {
             for stream in streams.values_mut() {
                 stream.subscribers.retain(|s| !s.queue.is_closed());
             }
+            // Streams nothing was published to go first (a client can make them by
+            // subscribing to new names), then the idlest.
             let idlest = streams
                 .iter()
                 .filter(|(_, s)| s.subscribers.is_empty())
-                .min_by_key(|(_, s)| s.last_active)
+                .min_by_key(|(_, s)| (!s.recent.is_empty(), s.last_active))
                 .map(|(n, _)| n.clone());
             if let Some(idlest) = idlest {
                 streams.remove(&idlest);
@@ -111,6 +118,7 @@ impl Streams {
         }
         streams.entry(name.to_owned()).or_insert_with(|| Stream {
             recent: VecDeque::with_capacity(self.replay.min(1024)),
+            recent_bytes: 0,
             subscribers: Vec::new(),
             last_active: Instant::now(),
         })
@@ -125,10 +133,15 @@ impl Streams {
         let stream = self.stream(&mut streams, name);
         stream.last_active = Instant::now();
         if self.replay > 0 {
-            if stream.recent.len() == self.replay {
-                stream.recent.pop_front();
-            }
+            stream.recent_bytes += event.data.len();
             stream.recent.push_back(event.clone());
+            while stream.recent.len() > self.replay
+                || (stream.recent_bytes > self.replay_bytes && stream.recent.len() > 1)
+            {
+                if let Some(old) = stream.recent.pop_front() {
+                    stream.recent_bytes -= old.data.len();
+                }
+            }
         }
         let metrics = &self.metrics;
         stream.subscribers.retain(
@@ -232,7 +245,7 @@ mod tests {
 
     #[test]
     fn replay_keeps_the_last_n_and_resumes_after_a_known_id() {
-        let streams = Streams::new("t", 3, 8, 10, 10);
+        let streams = Streams::new("t", 3, 1 << 20, 8, 10, 10);
         for n in 0..5 {
             streams.publish("s", event(n));
         }
@@ -256,7 +269,7 @@ mod tests {
 
     #[test]
     fn a_full_subscriber_is_cut_off_and_the_others_keep_receiving() {
-        let streams = Streams::new("t", 0, 2, 10, 10);
+        let streams = Streams::new("t", 0, 1 << 20, 2, 10, 10);
         let mut slow = streams
             .subscribe("s", None)
             .unwrap_or_else(|e| panic!("{e:?}"));
@@ -287,7 +300,7 @@ mod tests {
 
     #[test]
     fn subscribers_and_streams_are_bounded() {
-        let streams = Streams::new("t", 1, 1, 2, 2);
+        let streams = Streams::new("t", 1, 1 << 20, 1, 2, 2);
         let _a = streams
             .subscribe("a", None)
             .unwrap_or_else(|e| panic!("{e:?}"));

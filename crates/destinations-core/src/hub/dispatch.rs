@@ -7,13 +7,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+use futures::FutureExt;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::HubShared;
 use crate::config::InstanceSettings;
 use crate::dead_letters::DeadLetter;
-use crate::destination::{Batch, Destination, Outcome, ResponseSummary};
+use crate::destination::{Batch, BatchOutcome, Destination, Outcome, Report, ResponseSummary};
 use crate::envelope::Envelope;
 use crate::metrics::InstanceMetrics;
 use crate::policy::{BatchPolicy, RetryDecision, RetryPolicy};
@@ -47,6 +48,8 @@ pub(super) struct Dispatcher {
     next_deadline: Option<tokio::time::Instant>,
     /// Shutdown has begun: flush, and batch no more.
     draining: watch::Receiver<bool>,
+    /// Whether the open batches were made due for the drain already.
+    drain_applied: bool,
 }
 
 /// A batch still filling: flushed when full or when its deadline passes.
@@ -91,6 +94,7 @@ impl Dispatcher {
             open: HashMap::new(),
             next_deadline: None,
             draining: hub.draining.subscribe(),
+            drain_applied: false,
         };
         tokio::spawn(dispatcher.run())
     }
@@ -112,8 +116,9 @@ impl Dispatcher {
                     }
                 },
                 () = sleep_until(self.next_deadline), if self.next_deadline.is_some() => self.flush_due().await,
-                Ok(()) = self.draining.changed(), if !*self.draining.borrow() => {
-                    if *self.draining.borrow() {
+                Ok(()) = self.draining.changed(), if !self.drain_applied => {
+                    if *self.draining.borrow_and_update() {
+                        self.drain_applied = true;
                         self.due_now();
                     }
                 }
@@ -160,6 +165,15 @@ impl Dispatcher {
             // A stale `next_deadline` only wakes `flush_due` early, which then recomputes it.
             let full = entry.remove();
             self.deliver(full.envelopes).await;
+        }
+        // The loop looks at the queue before deadlines: while a backlog lasts, batches that
+        // came of age go out from here, not after the backlog.
+        if !*self.draining.borrow()
+            && self
+                .next_deadline
+                .is_some_and(|deadline| deadline <= tokio::time::Instant::now())
+        {
+            self.flush_due().await;
         }
     }
 
@@ -238,7 +252,19 @@ impl Lane {
         // Lent, not cloned: the envelopes come back for the outcome.
         let batch = Batch::new(envelopes);
         let outcome = tokio::select! {
-            outcome = self.destination.deliver(&batch) => Some(outcome),
+            // A destination (or a listener it calls) that panics must not take the batch with
+            // it: the batch is retried like any transient failure.
+            outcome = std::panic::AssertUnwindSafe(self.destination.deliver(&batch)).catch_unwind() => Some(
+                outcome.unwrap_or_else(|panic| {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    tracing::error!(destination = %self.name, %what, "the destination panicked while delivering");
+                    BatchOutcome::All(Report::retry(format!("the destination panicked while delivering: {what}")))
+                }),
+            ),
             () = given_up(give_up) => None,
         };
         let envelopes = batch.into_envelopes();
@@ -368,12 +394,13 @@ impl Lane {
             },
         );
         self.metrics.dead.increment(1);
-        self.hub.queue.settle(&envelope);
         let letter = DeadLetter {
             envelope,
             reason,
             died_at: SystemTime::now(),
         };
+        // Observers first, settle last: what they send (`$errors`) is queued before shutdown
+        // can see this send settled and the queue empty.
         for observe in self
             .hub
             .dead_letter_observers
@@ -381,8 +408,13 @@ impl Lane {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .iter()
         {
-            observe(&letter);
+            let observed =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| observe(&letter)));
+            if observed.is_err() {
+                tracing::error!(destination = %self.name, id = %letter.envelope.id, "a dead-letter observer panicked");
+            }
         }
+        self.hub.queue.settle(&letter.envelope);
         self.hub.dead_letters.push(letter);
         self.finished();
     }
