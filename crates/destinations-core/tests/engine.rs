@@ -513,3 +513,78 @@ async fn a_destination_that_panics_is_retried_and_shutdown_still_ends() {
         "the panic is the recorded error"
     );
 }
+
+/// Forwards every send it delivers to instance `d` as an internal send, as the emit destination
+/// fans out.
+struct Forwarder {
+    hub: std::sync::OnceLock<destinations_core::WeakHub>,
+}
+
+#[async_trait]
+impl Destination for Forwarder {
+    fn kind(&self) -> &'static str {
+        "forwarder"
+    }
+    fn validate(&self, _: &[u8]) -> Result<(), InvalidPayload> {
+        Ok(())
+    }
+    fn attach(&self, hub: &Hub) {
+        let _ = self.hub.set(hub.downgrade());
+    }
+    async fn deliver(&self, batch: &Batch) -> BatchOutcome {
+        let Some(hub) = self.hub.get().and_then(|h| h.upgrade()) else {
+            return BatchOutcome::All(Report::retry("no hub"));
+        };
+        for envelope in batch.envelopes() {
+            if let Err(e) = hub.internal_sender().json("d", envelope.payload.clone()) {
+                return BatchOutcome::All(Report::failed(e.to_string()));
+            }
+        }
+        BatchOutcome::All(Report::delivered())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_takes_the_sends_deliveries_make_and_flushes_aged_batches() {
+    let d = Arc::new(Scripted {
+        policy: BatchPolicy {
+            max_events: 100,
+            max_bytes: usize::MAX,
+            max_age: Duration::from_secs(3600),
+        },
+        answer: Box::new(|_| Report::delivered()),
+        attempts: Mutex::new(Vec::new()),
+        hang: false,
+    });
+    let hub = Hub::builder()
+        .destination("d", d.clone(), InstanceSettings::default())
+        .destination(
+            "forward",
+            Arc::new(Forwarder {
+                hub: std::sync::OnceLock::new(),
+            }),
+            InstanceSettings::default(),
+        )
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    for marker in 0..5 {
+        hub.sender()
+            .to("forward", &json!({ "marker": marker }))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    // Outside a delivery, the hub takes nothing once shutdown began.
+    let report = hub.shutdown_within(Duration::from_secs(60)).await;
+    assert_eq!(report.abandoned, 0);
+    assert!(matches!(
+        hub.sender().to("d", &json!({"marker": 9})),
+        Err(SendError::ShuttingDown)
+    ));
+    let mut delivered: Vec<u64> = d.attempts().into_iter().flat_map(|a| a.1).collect();
+    delivered.sort_unstable();
+    assert_eq!(
+        delivered,
+        vec![0, 1, 2, 3, 4],
+        "the forwarded sends were taken while draining, and their hour-long batch went out at once"
+    );
+    assert!(hub.dead_letters(10).is_empty());
+}
