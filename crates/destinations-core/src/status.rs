@@ -201,6 +201,37 @@ impl StatusBook {
         }
     }
 
+    /// Put back statuses as they were (a replay the queue refused).
+    pub(crate) fn restore(&self, statuses: Vec<SendStatus>) {
+        let mut inner = self.lock();
+        for status in statuses {
+            let detail = (status.last_error.is_some()
+                || status.response.is_some()
+                || status.next_attempt_at.is_some())
+            .then(|| {
+                Box::new(Detail {
+                    last_error: status.last_error,
+                    response: status.response,
+                    next_attempt_at: status.next_attempt_at,
+                })
+            });
+            let generation = inner.by_id.get(&status.id).map_or(0, |e| e.generation);
+            inner.by_id.insert(
+                status.id,
+                Entry {
+                    destination: status.destination,
+                    run: status.run,
+                    created_at: status.created_at,
+                    updated_at: status.updated_at,
+                    state: status.state,
+                    attempts: status.attempts,
+                    generation,
+                    detail,
+                },
+            );
+        }
+    }
+
     /// Forget these sends (they were refused after all).
     pub fn forget(&self, ids: impl IntoIterator<Item = EventId>) {
         let mut inner = self.lock();

@@ -588,3 +588,47 @@ async fn shutdown_takes_the_sends_deliveries_make_and_flushes_aged_batches() {
     );
     assert!(hub.dead_letters(10).is_empty());
 }
+
+#[tokio::test]
+async fn a_replay_the_queue_refuses_leaves_the_dead_letters_as_they_were() {
+    let dead = Scripted::new(|_| Report::failed("404"));
+    let stuck = Arc::new(Scripted {
+        policy: BatchPolicy::one_per_send(),
+        answer: Box::new(|_| Report::delivered()),
+        attempts: Mutex::new(Vec::new()),
+        hang: true,
+    });
+    let hub = Hub::builder()
+        .config(HubConfig {
+            queue: QueueCapacity {
+                max_events: 1,
+                max_bytes: 1 << 20,
+            },
+            ..HubConfig::default()
+        })
+        .destination("dead", dead, InstanceSettings::default())
+        .destination("stuck", stuck, InstanceSettings::default())
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let id = hub
+        .sender()
+        .to("dead", &json!({"marker": 1}))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let status = hub.wait_final(id, Duration::from_secs(30)).await;
+    assert_eq!(status.map(|s| s.state), Some(State::Dead));
+    // The only slot is taken by a send that never finishes.
+    hub.sender()
+        .to("stuck", &json!({"marker": 2}))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(
+        hub.replay_dead_letters(None),
+        Err(SendError::QueueFull(_))
+    ));
+    let status = hub
+        .status(id)
+        .unwrap_or_else(|| panic!("the status is kept"));
+    assert_eq!(status.state, State::Dead);
+    assert_eq!(status.last_error.as_deref(), Some("404"));
+    assert_eq!(hub.dead_letters(10).len(), 1, "still a dead letter");
+    hub.shutdown_within(Duration::ZERO).await;
+}

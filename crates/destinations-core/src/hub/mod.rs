@@ -380,10 +380,16 @@ impl Hub {
                 ..d.envelope.clone()
             })
             .collect();
-        let ids = envelopes.iter().map(|e| e.id).collect();
+        let ids: Vec<EventId> = envelopes.iter().map(|e| e.id).collect();
+        // If the queue refuses them, they stay dead letters, with their status as it was.
+        let statuses: Vec<SendStatus> = ids
+            .iter()
+            .filter_map(|id| self.shared.status.get(*id))
+            .collect();
         match self.shared.release(envelopes, false) {
             Ok(()) => Ok(ids),
             Err(e) => {
+                self.shared.status.restore(statuses);
                 self.shared.dead_letters.restore(letters);
                 Err(e)
             }
