@@ -278,7 +278,11 @@ async fn s3_load(endpoint: &str, sends: usize, ndjson: &str) -> Result<(), Strin
 
     use destinations::s3::{S3Destination, S3Options, S3Send, SendS3};
 
-    let options = S3Options::s3_compatible(endpoint, "bench", "bench-secret");
+    let mut options = S3Options::s3_compatible(endpoint, "bench", "bench-secret");
+    // `DESTINATIONS_BENCH_GZIP_LEVEL` tries another level (the default is the instance's).
+    options.compression_level = std::env::var("DESTINATIONS_BENCH_GZIP_LEVEL")
+        .ok()
+        .and_then(|level| level.parse().ok());
     let destination = S3Destination::new("s3", options)?;
     let hub = Hub::builder()
         .destination("s3", Arc::new(destination), InstanceSettings::default())

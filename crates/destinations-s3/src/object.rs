@@ -9,6 +9,10 @@ use chrono::{DateTime, Utc};
 
 use crate::options::Compression;
 
+/// gzip's default level here: zlib-rs at level 2 is within a few per cent of level 1's speed
+/// and writes objects about a third smaller (smaller than `gzip -1`'s).
+const DEFAULT_GZIP_LEVEL: u32 = 2;
+
 /// An object ready to upload.
 pub(crate) struct EncodedObject {
     /// The compressed bytes.
@@ -38,7 +42,7 @@ pub(crate) fn encode<'a>(
     let mut plain_bytes = 0;
     let bytes = match compression {
         Compression::Gzip => {
-            let level = flate2::Compression::new(level.unwrap_or(1));
+            let level = flate2::Compression::new(level.unwrap_or(DEFAULT_GZIP_LEVEL));
             let mut encoder = flate2::GzBuilder::new()
                 .comment(label)
                 .write(Vec::with_capacity(size_hint / 4), level);

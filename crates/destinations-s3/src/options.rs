@@ -36,7 +36,7 @@ pub struct S3Options {
     pub store_options: BTreeMap<String, String>,
     /// How objects are compressed: `gzip` (default), `zstd` or `none`.
     pub compression: Compression,
-    /// The compression level (gzip 0–9, default 1; zstd 1–22, default 3).
+    /// The compression level (gzip 0–9, default 2; zstd 1–22, default 3).
     pub compression_level: Option<u32>,
     /// Objects larger than this (after compression) go up as a multipart upload
     /// (default 8 MiB).
