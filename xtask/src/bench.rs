@@ -372,35 +372,10 @@ fn memory_scenario(quick: bool) -> Result<(Row, String), String> {
 /// same body to the counting receiver.
 fn ingest_scenario(quick: bool) -> Result<(Row, String), String> {
     let (_receiver, receiver_url) = start_receiver()?;
-    let port = free_port()?;
-    let config = root().join("target/bench/ingest.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\n[hub.queue]\nmax_events = 5000000\nmax_bytes = 4294967296\n[destinations.http]\nkind = \"http\"\nallow_networks = [\"127.0.0.0/8\"]\n"
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    let server_binary = root()
-        .join("target/release/destinations")
-        .display()
-        .to_string();
-    let mut server = pinned(0, &server_binary)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start the server: {e}"))?;
-    let stdout = server.stdout.take().ok_or("the server has no stdout")?;
-    let server = Background(server);
-    let mut first = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut first)
-        .map_err(|e| e.to_string())?;
-    if !first.starts_with("listening on") {
-        return Err(format!("the server did not start: {first}"));
-    }
+    let (server, port) = start_server(
+        "ingest",
+        "[hub.queue]\nmax_events = 5000000\nmax_bytes = 4294967296\n[destinations.http]\nkind = \"http\"\nallow_networks = [\"127.0.0.0/8\"]\n",
+    )?;
     let sends: Vec<String> = (0..100)
         .map(|n| {
             format!(
@@ -441,6 +416,21 @@ fn ingest_scenario(quick: bool) -> Result<(Row, String), String> {
     Ok((row, json))
 }
 
+/// The release `destinations` server on CPU 0, on a free port, with this config (written to
+/// `target/bench/NAME.toml`); it and its port.
+fn start_server(name: &str, config: &str) -> Result<(Background, u16), String> {
+    let port = free_port()?;
+    let path = root().join(format!("target/bench/{name}.toml"));
+    std::fs::write(&path, format!("listen = \"127.0.0.1:{port}\"\n{config}"))
+        .map_err(|e| e.to_string())?;
+    let binary = root()
+        .join("target/release/destinations")
+        .display()
+        .to_string();
+    let server = start_printing(&binary, &["serve", "--config", &path.display().to_string()])?;
+    Ok((server, port))
+}
+
 /// Start a server on CPU 0 that prints its address as its first line (`listening on` /
 /// `serving on`).
 fn start_printing(program: &str, args: &[&str]) -> Result<Background, String> {
@@ -466,20 +456,6 @@ fn start_printing(program: &str, args: &[&str]) -> Result<Background, String> {
 /// `POST /v1/send/sse`, through the hub), beside a bare tokio broadcast server on the same
 /// clients.
 fn sse_scenario(subscribers: usize, events: usize) -> Result<(Row, String), String> {
-    let port = free_port()?;
-    let config = root().join("target/bench/sse.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\n[destinations.sse]\nkind = \"sse\"\nreplay = 0\nsubscriber_buffer = 1000000\n"
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    let server_binary = root()
-        .join("target/release/destinations")
-        .display()
-        .to_string();
-    let config_text = config.display().to_string();
     let clients = |stream: &str, publish: &str, style: &str| {
         bench_json(&[
             "sse-clients",
@@ -491,7 +467,10 @@ fn sse_scenario(subscribers: usize, events: usize) -> Result<(Row, String), Stri
             style,
         ])
     };
-    let server = start_printing(&server_binary, &["serve", "--config", &config_text])?;
+    let (server, port) = start_server(
+        "sse",
+        "[destinations.sse]\nkind = \"sse\"\nreplay = 0\nsubscriber_buffer = 1000000\n",
+    )?;
     let ours = clients(
         &format!("http://127.0.0.1:{port}/v1/sse/bench"),
         &format!("http://127.0.0.1:{port}/v1/send/sse"),
