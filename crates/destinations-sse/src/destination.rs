@@ -111,11 +111,7 @@ impl Destination for SseDestination {
                     .unwrap_or(DEFAULT_STREAM);
                 self.served.streams.publish(
                     stream,
-                    Event {
-                        id: envelope.id.to_string(),
-                        channel: route.channel.into_owned(),
-                        data: route.payload.get().to_owned(),
-                    },
+                    Event::new(envelope.id.to_string(), &route.channel, route.payload.get()),
                 );
                 Report::delivered().with_response(ResponseSummary {
                     status: None,

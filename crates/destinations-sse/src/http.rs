@@ -3,11 +3,12 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use axum::Router;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::{Stream, StreamExt, stream};
@@ -54,12 +55,15 @@ async fn subscribe(
             let closed = async move {
                 let _ = closing.wait_for(|closing| *closing).await;
             };
-            let events = events(subscription, &served.streams).take_until(closed);
-            let keepalive = KeepAlive::new()
-                .interval(served.options.keepalive)
-                .text("keepalive");
-            let mut response = Sse::new(events).keep_alive(keepalive).into_response();
+            let frames = frames(subscription, &served.streams, served.options.keepalive)
+                .take_until(closed)
+                .map(Ok::<Bytes, Infallible>);
+            let mut response = Response::new(Body::from_stream(frames));
             let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             // Tell buffering proxies (nginx) to pass events through at once.
             headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
@@ -136,12 +140,17 @@ fn open(
         })
 }
 
-/// The replay, then live events; if the subscriber fell a whole buffer behind, an `error`
-/// event saying so, and the end of the response.
-fn events(
+/// The frame that tells a subscriber it fell behind, before its response ends.
+const FELL_BEHIND: &str = "event: error\ndata: {\"error\":\"fell behind: more events were waiting than this connection's buffer holds\",\"resume\":\"reconnect with the Last-Event-ID header (EventSource does it by itself)\"}\n\n";
+
+/// The replay, then live events, as the frames written when they were published (shared by
+/// every subscriber, nothing formatted per subscriber); a `:keepalive` comment every
+/// `keepalive`; if the subscriber fell a whole buffer behind, the `error` event, and the end.
+fn frames(
     subscription: Subscription,
     streams: &Streams,
-) -> impl Stream<Item = Result<Event, Infallible>> + use<> {
+    keepalive: Duration,
+) -> impl Stream<Item = Bytes> + use<> {
     let Subscription {
         replay,
         live,
@@ -153,24 +162,32 @@ fn events(
     });
     let delivered = streams.metrics.delivered.clone();
     let behind = stream::once(async move {
-        overflowed.load(Ordering::Acquire).then(|| {
-            Event::default().event("error").data(
-                r#"{"error":"fell behind: more events were waiting than this connection's buffer holds","resume":"reconnect with the Last-Event-ID header (EventSource does it by itself)"}"#,
-            )
-        })
+        overflowed
+            .load(Ordering::Acquire)
+            .then_some(Bytes::from_static(FELL_BEHIND.as_bytes()))
     })
     .filter_map(std::future::ready);
-    stream::iter(replay)
+    let events = stream::iter(replay)
         .chain(live)
         .map(move |event| {
             delivered.increment(1);
-            Event::default()
-                .id(&event.id)
-                .event(&event.channel)
-                .data(&event.data)
+            event.frame.clone()
         })
         .chain(behind)
-        .map(Ok)
+        .map(Some)
+        // The end of the events ends the response, keepalives or not.
+        .chain(stream::once(std::future::ready(None)));
+    let start = tokio::time::Instant::now() + keepalive;
+    let ticks = stream::unfold(
+        tokio::time::interval_at(start, keepalive),
+        |mut ticks| async move {
+            ticks.tick().await;
+            Some((Some(Bytes::from_static(b":keepalive\n\n")), ticks))
+        },
+    );
+    stream::select(events, ticks)
+        .take_while(|frame| std::future::ready(frame.is_some()))
+        .filter_map(std::future::ready)
 }
 
 /// The tokens that open `stream`: its own and those for every stream (`*`).

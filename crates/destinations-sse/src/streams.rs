@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
+use bytes::Bytes;
 use metrics::{Counter, Gauge, counter, gauge};
 use tokio::sync::mpsc;
 
@@ -14,10 +15,32 @@ use tokio::sync::mpsc;
 pub(crate) struct Event {
     /// The send's id: the SSE `id:`.
     pub(crate) id: String,
-    /// The SSE `event:` name.
-    pub(crate) channel: String,
-    /// The payload's JSON: the SSE `data:`.
-    pub(crate) data: String,
+    /// The event as it goes on the wire (`id:`, `event:`, `data:` lines and a blank line),
+    /// written once when published and shared by every subscriber.
+    pub(crate) frame: Bytes,
+}
+
+impl Event {
+    /// An event with its frame. `channel` is one line (checked at send time); the data's line
+    /// breaks (pretty-printed JSON) become `data:` lines, which a client joins back.
+    pub(crate) fn new(id: String, channel: &str, data: &str) -> Self {
+        let mut frame = String::with_capacity(id.len() + channel.len() + data.len() + 24);
+        frame.push_str("id: ");
+        frame.push_str(&id);
+        frame.push_str("\nevent: ");
+        frame.push_str(channel);
+        frame.push('\n');
+        for line in data.split("\r\n").flat_map(|l| l.split(['\r', '\n'])) {
+            frame.push_str("data: ");
+            frame.push_str(line);
+            frame.push('\n');
+        }
+        frame.push('\n');
+        Self {
+            id,
+            frame: Bytes::from(frame),
+        }
+    }
 }
 
 /// A subscriber as the publisher sees it.
@@ -133,13 +156,13 @@ impl Streams {
         let stream = self.stream(&mut streams, name);
         stream.last_active = Instant::now();
         if self.replay > 0 {
-            stream.recent_bytes += event.data.len();
+            stream.recent_bytes += event.frame.len();
             stream.recent.push_back(event.clone());
             while stream.recent.len() > self.replay
                 || (stream.recent_bytes > self.replay_bytes && stream.recent.len() > 1)
             {
                 if let Some(old) = stream.recent.pop_front() {
-                    stream.recent_bytes -= old.data.len();
+                    stream.recent_bytes -= old.frame.len();
                 }
             }
         }
@@ -232,11 +255,16 @@ mod tests {
     use super::*;
 
     fn event(n: usize) -> Event {
-        Event {
-            id: format!("id-{n}"),
-            channel: "c".into(),
-            data: n.to_string(),
-        }
+        Event::new(format!("id-{n}"), "c", &n.to_string())
+    }
+
+    #[test]
+    fn frames_carry_every_data_line() {
+        let event = Event::new("1".into(), "tick", "{\n  \"a\": 1\r\n}");
+        assert_eq!(
+            event.frame,
+            "id: 1\nevent: tick\ndata: {\ndata:   \"a\": 1\ndata: }\n\n"
+        );
     }
 
     fn ids(events: &[Arc<Event>]) -> Vec<String> {
