@@ -112,24 +112,38 @@ pub struct StatusBook {
 
 #[derive(Default)]
 struct Inner {
+    /// Instance names; entries keep an index.
+    names: Vec<Arc<str>>,
     by_id: IdMap<Entry>,
     /// Finished sends, oldest first, with the generation they finished in: a replayed dead
     /// letter is queued again under its id, and only its latest finish may evict it.
-    finished: VecDeque<(EventId, u32)>,
+    finished: VecDeque<(EventId, u16)>,
 }
 
 /// What the book keeps of one send: small while it waits (most sends, most of the time), the
 /// rest boxed once something happened to it.
+///
+/// Kept compact because a million waiting sends means a million entries: the instance as an
+/// index into the book's names, times in milliseconds.
 struct Entry {
-    destination: Arc<str>,
     run: Option<Arc<str>>,
-    created_at: SystemTime,
-    updated_at: SystemTime,
-    state: State,
-    attempts: u32,
-    /// How many times the send was queued again (dead-letter replays).
-    generation: u32,
+    created_ms: u64,
+    updated_ms: u64,
     detail: Option<Box<Detail>>,
+    attempts: u32,
+    destination: u16,
+    /// How many times the send was queued again (dead-letter replays).
+    generation: u16,
+    state: State,
+}
+
+fn to_ms(time: SystemTime) -> u64 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn from_ms(ms: u64) -> SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)
 }
 
 #[derive(Default)]
@@ -139,19 +153,37 @@ struct Detail {
     next_attempt_at: Option<SystemTime>,
 }
 
+impl Inner {
+    /// The index of an instance name, added on first sight (instances are few).
+    fn name_index(&mut self, name: &Arc<str>) -> u16 {
+        let found = self
+            .names
+            .iter()
+            .position(|known| Arc::ptr_eq(known, name) || **known == **name);
+        let index = found.unwrap_or_else(|| {
+            self.names.push(name.clone());
+            self.names.len() - 1
+        });
+        u16::try_from(index).unwrap_or(u16::MAX)
+    }
+}
+
 impl Entry {
-    fn status(&self, id: EventId) -> SendStatus {
+    fn status(&self, id: EventId, names: &[Arc<str>]) -> SendStatus {
         let detail = self.detail.as_deref();
         SendStatus {
             id,
-            destination: self.destination.clone(),
+            destination: names
+                .get(usize::from(self.destination))
+                .cloned()
+                .unwrap_or_else(|| Arc::from("")),
             run: self.run.clone(),
             state: self.state,
             attempts: self.attempts,
             last_error: detail.and_then(|d| d.last_error.clone()),
             response: detail.and_then(|d| d.response.clone()),
-            created_at: self.created_at,
-            updated_at: self.updated_at,
+            created_at: from_ms(self.created_ms),
+            updated_at: from_ms(self.updated_ms),
             next_attempt_at: detail.and_then(|d| d.next_attempt_at),
         }
     }
@@ -177,10 +209,11 @@ impl StatusBook {
 
     /// Record these envelopes as queued.
     pub fn queued(&self, envelopes: &[Envelope]) {
-        let now = SystemTime::now();
+        let now = to_ms(SystemTime::now());
         let mut inner = self.lock();
         inner.by_id.reserve(envelopes.len());
         for e in envelopes {
+            let destination = inner.name_index(&e.destination);
             let generation = inner
                 .by_id
                 .get(&e.id)
@@ -188,10 +221,10 @@ impl StatusBook {
             inner.by_id.insert(
                 e.id,
                 Entry {
-                    destination: e.destination.clone(),
+                    destination,
                     run: e.run.clone(),
-                    created_at: e.created_at,
-                    updated_at: now,
+                    created_ms: to_ms(e.created_at),
+                    updated_ms: now,
                     state: State::Queued,
                     attempts: e.attempts,
                     generation,
@@ -216,13 +249,14 @@ impl StatusBook {
                 })
             });
             let generation = inner.by_id.get(&status.id).map_or(0, |e| e.generation);
+            let destination = inner.name_index(&status.destination);
             inner.by_id.insert(
                 status.id,
                 Entry {
-                    destination: status.destination,
+                    destination,
                     run: status.run,
-                    created_at: status.created_at,
-                    updated_at: status.updated_at,
+                    created_ms: to_ms(status.created_at),
+                    updated_ms: to_ms(status.updated_at),
                     state: status.state,
                     attempts: status.attempts,
                     generation,
@@ -242,12 +276,12 @@ impl StatusBook {
 
     /// Apply a change to one send.
     pub fn apply(&self, id: EventId, transition: Transition) {
-        let now = SystemTime::now();
+        let now = to_ms(SystemTime::now());
         let mut inner = self.lock();
         let Some(status) = inner.by_id.get_mut(&id) else {
             return;
         };
-        status.updated_at = now;
+        status.updated_ms = now;
         if let Some(detail) = status.detail.as_deref_mut() {
             detail.next_attempt_at = None;
         }
@@ -321,7 +355,11 @@ impl StatusBook {
 
     /// The status of one send, if it is still remembered.
     pub fn get(&self, id: EventId) -> Option<SendStatus> {
-        self.lock().by_id.get(&id).map(|entry| entry.status(id))
+        let inner = self.lock();
+        inner
+            .by_id
+            .get(&id)
+            .map(|entry| entry.status(id, &inner.names))
     }
 
     /// How many sends are remembered.
