@@ -107,30 +107,6 @@ fn start_receiver() -> Result<(Background, String), String> {
     Ok((Background(child), format!("http://127.0.0.1:{port}")))
 }
 
-/// wrk with a 256-byte JSON POST body, the same shape the library sends.
-fn wrk(url: &str, seconds: u64) -> Result<f64, String> {
-    let script = root().join("target/bench/post.lua");
-    let body = format!(r#"{{"t":0,"pad":"{}"}}"#, "x".repeat(200));
-    std::fs::write(
-        &script,
-        format!(
-            "wrk.method = \"POST\"\nwrk.body = '{body}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\n"
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    let out = pinned(1, "wrk")
-        .args(["-t1", "-c64", &format!("-d{seconds}s"), "-s"])
-        .arg(&script)
-        .arg(format!("{url}/wrk"))
-        .output()
-        .map_err(|e| format!("wrk: {e}"))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| l.strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| format!("could not read wrk's output:\n{text}"))
-}
-
 struct Row {
     scenario: &'static str,
     /// The issue's target for this figure.
@@ -147,7 +123,10 @@ struct Row {
 fn http_scenario(quick: bool) -> Result<(Row, String), String> {
     let (_receiver, url) = start_receiver()?;
     let seconds = if quick { 5 } else { 10 };
-    let wrk_rps = wrk(&url, seconds)?;
+    // wrk with a 256-byte JSON body, the same shape the library sends.
+    let body = format!(r#"{{"t":0,"pad":"{}"}}"#, "x".repeat(200));
+    let reference = wrk_post(&format!("{url}/wrk"), &body, seconds, 64)?;
+    let wrk_rps = reference.requests as f64 / reference.seconds;
     http_get(&format!("{url}/reset"))?;
     let sends = if quick { 50_000 } else { 200_000 };
     let out = pinned(1, &bench_binary())
@@ -386,8 +365,13 @@ fn ingest_scenario(quick: bool) -> Result<(Row, String), String> {
         .collect();
     let body = format!(r#"{{"sends":[{}]}}"#, sends.join(","));
     let seconds = if quick { 5 } else { 10 };
-    let reference = wrk_post(&format!("{receiver_url}/wrk"), &body, seconds)?;
-    let ingest = wrk_post(&format!("http://127.0.0.1:{port}/v1/runs"), &body, seconds)?;
+    let reference = wrk_post(&format!("{receiver_url}/wrk"), &body, seconds, 32)?;
+    let ingest = wrk_post(
+        &format!("http://127.0.0.1:{port}/v1/runs"),
+        &body,
+        seconds,
+        32,
+    )?;
     drop(server);
     let accepted = (ingest.requests - ingest.non_2xx) as f64 / ingest.seconds;
     let reference_runs = reference.requests as f64 / reference.seconds;
@@ -514,8 +498,8 @@ struct WrkRun {
     seconds: f64,
 }
 
-/// wrk -t1 -c32 posting `body` to `url` for `seconds`, on CPU 1.
-fn wrk_post(url: &str, body: &str, seconds: u64) -> Result<WrkRun, String> {
+/// wrk -t1 with `connections` posting `body` to `url` for `seconds`, on CPU 1.
+fn wrk_post(url: &str, body: &str, seconds: u64, connections: u32) -> Result<WrkRun, String> {
     let script = root().join("target/bench/post-body.lua");
     let escaped = body.replace('\\', "\\\\").replace('"', "\\\"");
     std::fs::write(
@@ -526,7 +510,12 @@ fn wrk_post(url: &str, body: &str, seconds: u64) -> Result<WrkRun, String> {
     )
     .map_err(|e| e.to_string())?;
     let out = pinned(1, "wrk")
-        .args(["-t1", "-c32", &format!("-d{seconds}s"), "-s"])
+        .args([
+            "-t1",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "-s",
+        ])
         .arg(&script)
         .arg(url)
         .output()

@@ -60,7 +60,7 @@ pub use hub::{DeadLetterObserver, Hub, HubBuilder, HubConfig, ShutdownReport, We
 pub use pattern::glob_match;
 pub use payload::{InvalidPayload, check_name, check_serialized, parse_strict, raw_json};
 pub use policy::{BatchPolicy, RateLimit, RetryPolicy};
-pub use queue::{MemoryQueue, Queue, QueueCapacity, QueueDepth, QueueFull};
+pub use queue::{MemoryQueue, Queue, QueueCapacity, QueueDepth, QueueFull, Refused};
 pub use registry::{DestinationPlugin, Registry};
 pub use run::{Run, Sender};
 pub use status::{SendStatus, State};

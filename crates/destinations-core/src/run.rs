@@ -45,11 +45,8 @@ impl Sender {
         destination: &str,
         payload: &T,
     ) -> Result<EventId, SendError> {
-        let bytes = serde_json::to_vec(payload).map_err(|e| SendError::Serialize {
-            destination: destination.to_owned(),
-            message: e.to_string(),
-        })?;
-        self.json(destination, exact(bytes))
+        let bytes = serialize(destination, payload)?;
+        self.json(destination, bytes)
     }
 
     /// Send a JSON payload to instance `destination`; the destination checks it.
@@ -109,11 +106,8 @@ impl Sender {
             destination: destination.to_owned(),
             error,
         })?;
-        let bytes = serde_json::to_vec(request).map_err(|e| SendError::Serialize {
-            destination: destination.to_owned(),
-            message: e.to_string(),
-        })?;
-        self.checked(destination, kind, exact(bytes))
+        let bytes = serialize(destination, request)?;
+        self.checked(destination, kind, bytes)
     }
 
     /// The run this sender records into, if any.
@@ -155,13 +149,29 @@ impl Sender {
     }
 }
 
-/// Serialized bytes to keep while the send is pending, without the spare capacity the
-/// serializer grew (up to half of it): queued sends hold exactly their bytes.
-fn exact(mut bytes: Vec<u8>) -> Bytes {
-    if bytes.capacity() - bytes.len() > bytes.len() / 8 {
-        bytes.shrink_to_fit();
-    }
-    Bytes::from(bytes)
+thread_local! {
+    /// Where sends are serialized before their bytes are copied out exactly: one allocation of
+    /// the right size per send, no growing and no spare capacity held while it is pending.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The largest scratch buffer kept between sends.
+const SCRATCH_KEEP: usize = 64 * 1024;
+
+fn serialize<T: Serialize + ?Sized>(destination: &str, value: &T) -> Result<Bytes, SendError> {
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        scratch.clear();
+        let written = serde_json::to_writer(&mut *scratch, value);
+        let bytes = written.map(|()| Bytes::copy_from_slice(&scratch));
+        if scratch.capacity() > SCRATCH_KEEP {
+            *scratch = Vec::new();
+        }
+        bytes.map_err(|e| SendError::Serialize {
+            destination: destination.to_owned(),
+            message: e.to_string(),
+        })
+    })
 }
 
 /// One execution of a workflow, job or request handler. Its sends are held, and released

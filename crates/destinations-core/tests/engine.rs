@@ -29,6 +29,34 @@ impl Scripted {
         })
     }
 
+    /// Batches of up to `max_events`, flushed after `max_age`, answered by `answer`.
+    fn batching(
+        max_events: usize,
+        max_age: Duration,
+        answer: impl Fn(u32) -> Report + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            policy: BatchPolicy {
+                max_events,
+                max_bytes: usize::MAX,
+                max_age,
+            },
+            answer: Box::new(answer),
+            attempts: Mutex::new(Vec::new()),
+            hang: false,
+        })
+    }
+
+    /// Never answers.
+    fn hanging() -> Arc<Self> {
+        Arc::new(Self {
+            policy: BatchPolicy::one_per_send(),
+            answer: Box::new(|_| Report::delivered()),
+            attempts: Mutex::new(Vec::new()),
+            hang: true,
+        })
+    }
+
     fn attempts(&self) -> Vec<(Instant, Vec<u64>, u32)> {
         self.attempts
             .lock()
@@ -169,16 +197,7 @@ async fn the_attempt_budget_ends_in_a_dead_letter_with_the_reason() {
 
 #[tokio::test(start_paused = true)]
 async fn batches_flush_by_count_and_by_age() {
-    let d = Arc::new(Scripted {
-        policy: BatchPolicy {
-            max_events: 3,
-            max_bytes: usize::MAX,
-            max_age: Duration::from_secs(60),
-        },
-        answer: Box::new(|_| Report::delivered()),
-        attempts: Mutex::new(Vec::new()),
-        hang: false,
-    });
+    let d = Scripted::batching(3, Duration::from_secs(60), |_| Report::delivered());
     let hub = hub(d.clone(), InstanceSettings::default(), HubConfig::default());
     let start = Instant::now();
     for marker in 0..4 {
@@ -197,16 +216,7 @@ async fn batches_flush_by_count_and_by_age() {
 
 #[tokio::test(start_paused = true)]
 async fn each_group_fills_and_ages_on_its_own() {
-    let d = Arc::new(Scripted {
-        policy: BatchPolicy {
-            max_events: 3,
-            max_bytes: usize::MAX,
-            max_age: Duration::from_secs(60),
-        },
-        answer: Box::new(|_| Report::delivered()),
-        attempts: Mutex::new(Vec::new()),
-        hang: false,
-    });
+    let d = Scripted::batching(3, Duration::from_secs(60), |_| Report::delivered());
     let hub = hub(d.clone(), InstanceSettings::default(), HubConfig::default());
     let start = Instant::now();
     let grouped = |marker: u64, group: &str| {
@@ -248,21 +258,12 @@ async fn each_group_fills_and_ages_on_its_own() {
 
 #[tokio::test(start_paused = true)]
 async fn a_batch_that_fails_is_retried_as_the_same_batch() {
-    let d = Arc::new(Scripted {
-        policy: BatchPolicy {
-            max_events: 3,
-            max_bytes: usize::MAX,
-            max_age: Duration::from_secs(1),
-        },
-        answer: Box::new(|attempt| {
-            if attempt == 1 {
-                Report::retry("throttled")
-            } else {
-                Report::delivered()
-            }
-        }),
-        attempts: Mutex::new(Vec::new()),
-        hang: false,
+    let d = Scripted::batching(3, Duration::from_secs(1), |attempt| {
+        if attempt == 1 {
+            Report::retry("throttled")
+        } else {
+            Report::delivered()
+        }
     });
     let hub = hub(d.clone(), InstanceSettings::default(), HubConfig::default());
     for marker in 0..3 {
@@ -283,12 +284,7 @@ async fn a_full_queue_refuses_a_whole_run_and_keeps_nothing_of_it() {
         ..HubConfig::default()
     };
     // Hang deliveries so nothing leaves the queue while we fill it.
-    let hanging = Arc::new(Scripted {
-        policy: BatchPolicy::one_per_send(),
-        answer: Box::new(|_| Report::delivered()),
-        attempts: Mutex::new(Vec::new()),
-        hang: true,
-    });
+    let hanging = Scripted::hanging();
     let hub = hub(hanging.clone(), InstanceSettings::default(), config);
     let run = hub.begin_run("big");
     let ids: Vec<EventId> = (0..5)
@@ -546,16 +542,7 @@ impl Destination for Forwarder {
 
 #[tokio::test(start_paused = true)]
 async fn shutdown_takes_the_sends_deliveries_make_and_flushes_aged_batches() {
-    let d = Arc::new(Scripted {
-        policy: BatchPolicy {
-            max_events: 100,
-            max_bytes: usize::MAX,
-            max_age: Duration::from_secs(3600),
-        },
-        answer: Box::new(|_| Report::delivered()),
-        attempts: Mutex::new(Vec::new()),
-        hang: false,
-    });
+    let d = Scripted::batching(100, Duration::from_secs(3600), |_| Report::delivered());
     let hub = Hub::builder()
         .destination("d", d.clone(), InstanceSettings::default())
         .destination(
@@ -592,12 +579,7 @@ async fn shutdown_takes_the_sends_deliveries_make_and_flushes_aged_batches() {
 #[tokio::test]
 async fn a_replay_the_queue_refuses_leaves_the_dead_letters_as_they_were() {
     let dead = Scripted::new(|_| Report::failed("404"));
-    let stuck = Arc::new(Scripted {
-        policy: BatchPolicy::one_per_send(),
-        answer: Box::new(|_| Report::delivered()),
-        attempts: Mutex::new(Vec::new()),
-        hang: true,
-    });
+    let stuck = Scripted::hanging();
     let hub = Hub::builder()
         .config(HubConfig {
             queue: QueueCapacity {

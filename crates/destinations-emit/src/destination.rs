@@ -462,28 +462,23 @@ impl Destination for EmitDestination {
     }
 
     fn attach(&self, hub: &Hub) {
-        let name = hub
+        let Some((name, me)) = hub
             .instances_of::<Self>()
             .into_iter()
             .find(|(_, instance)| std::ptr::eq(instance.as_ref(), self))
-            .map(|(name, _)| name);
-        let Some(name) = name else { return };
+        else {
+            return;
+        };
         if self.attached.set((hub.downgrade(), name)).is_err() {
             return;
         }
         if self.options.errors_channel {
-            let me = hub
-                .instances_of::<Self>()
-                .into_iter()
-                .find(|(_, instance)| std::ptr::eq(instance.as_ref(), self))
-                .map(|(_, instance)| Arc::downgrade(&instance));
-            if let Some(me) = me {
-                hub.on_dead_letter(Arc::new(move |letter| {
-                    if let Some(me) = me.upgrade() {
-                        me.report_dead_letter(letter);
-                    }
-                }));
-            }
+            let me = Arc::downgrade(&me);
+            hub.on_dead_letter(Arc::new(move |letter| {
+                if let Some(me) = me.upgrade() {
+                    me.report_dead_letter(letter);
+                }
+            }));
         }
     }
 

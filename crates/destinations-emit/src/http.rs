@@ -33,6 +33,24 @@ struct SubscriptionQuery {
     event_name: Option<String>,
 }
 
+/// A valid subscription taken from a request, or the 400 that says what is wrong.
+struct RequestedSubscription(Subscription);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for RequestedSubscription {
+    type Rejection = Response;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, Response> {
+        let invalid =
+            |message: String| refuse(StatusCode::BAD_REQUEST, "invalid_subscription", &message);
+        let Query(query) = Query::<SubscriptionQuery>::try_from_uri(request.uri())
+            .map_err(|e| invalid(e.body_text()))?;
+        let body = Bytes::from_request(request, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        subscription(query, &body).map(Self).map_err(invalid)
+    }
+}
+
 fn subscription(query: SubscriptionQuery, body: &Bytes) -> Result<Subscription, String> {
     let subscription =
         if query.listener_id.is_some() || query.emitter_id.is_some() || body.is_empty() {
@@ -52,13 +70,8 @@ fn subscription(query: SubscriptionQuery, body: &Bytes) -> Result<Subscription, 
 
 async fn subscribe(
     State(emit): State<Arc<EmitDestination>>,
-    Query(query): Query<SubscriptionQuery>,
-    body: Bytes,
+    RequestedSubscription(subscription): RequestedSubscription,
 ) -> Response {
-    let subscription = match subscription(query, &body) {
-        Ok(subscription) => subscription,
-        Err(message) => return refuse(StatusCode::BAD_REQUEST, "invalid_subscription", &message),
-    };
     match emit.subscribe(subscription.clone()) {
         Ok(created) => {
             let status = if created {
@@ -78,13 +91,8 @@ async fn subscribe(
 
 async fn unsubscribe(
     State(emit): State<Arc<EmitDestination>>,
-    Query(query): Query<SubscriptionQuery>,
-    body: Bytes,
+    RequestedSubscription(subscription): RequestedSubscription,
 ) -> Response {
-    let subscription = match subscription(query, &body) {
-        Ok(subscription) => subscription,
-        Err(message) => return refuse(StatusCode::BAD_REQUEST, "invalid_subscription", &message),
-    };
     match emit.unsubscribe(&subscription) {
         Ok(true) => axum::Json(json!({"deleted": subscription})).into_response(),
         Ok(false) => refuse(

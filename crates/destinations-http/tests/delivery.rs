@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use base64::Engine;
 use destinations_core::prelude::*;
-use destinations_core::{HubConfig, InstanceConfig, Registry};
+use destinations_core::{HubConfig, InstanceConfig, Registry, SendStatus};
 use destinations_http::{HttpOptions, HttpRequest, SendHttp};
 use destinations_testkit::conformance::{self, ConformanceTarget, SinkBehaviour};
 use destinations_testkit::{Receiver, Reply};
@@ -43,6 +43,15 @@ fn hub_with(options: HttpOptions, retry: RetryPolicy) -> Hub {
 
 fn loopback_hub() -> Hub {
     hub_with(HttpOptions::allowing_loopback(), fast_retries())
+}
+
+/// Send one request through a loopback hub, let the hub finish; the hub and the send's status.
+async fn status_of_one(request: HttpRequest) -> (Hub, SendStatus) {
+    let hub = loopback_hub();
+    let id = hub.sender().http(request).unwrap_or_else(|e| panic!("{e}"));
+    hub.shutdown_within(WITHIN).await;
+    let status = hub.status(id).unwrap_or_else(|| panic!("status of {id}"));
+    (hub, status)
 }
 
 struct HttpTarget {
@@ -173,13 +182,8 @@ async fn a_permanent_4xx_dead_letters_at_once_with_status_and_body() {
     let receiver =
         Receiver::scripted(|_| Reply::Full(404, vec![], "no such hook: check the URL".into()))
             .await;
-    let hub = loopback_hub();
-    let id = hub
-        .sender()
-        .http(HttpRequest::post(receiver.url("/missing")).json(&json!({"a": 1})))
-        .unwrap_or_else(|e| panic!("{e}"));
-    hub.shutdown_within(WITHIN).await;
-    let status = hub.status(id).unwrap_or_else(|| panic!("status"));
+    let (hub, status) =
+        status_of_one(HttpRequest::post(receiver.url("/missing")).json(&json!({"a": 1}))).await;
     assert_eq!(status.state, State::Dead);
     assert_eq!(status.attempts, 1);
     let error = status.last_error.unwrap_or_default();
@@ -195,22 +199,16 @@ async fn a_permanent_4xx_dead_letters_at_once_with_status_and_body() {
     );
     let letters = hub.dead_letters(10);
     assert_eq!(letters.len(), 1);
-    assert_eq!(letters[0].envelope.id, id);
+    assert_eq!(letters[0].envelope.id, status.id);
     assert_eq!(receiver.requests().len(), 1, "not retried");
 }
 
 #[tokio::test]
 async fn error_bodies_are_cut_at_4_kib() {
     let receiver = Receiver::scripted(|_| Reply::Full(400, vec![], "x".repeat(100_000))).await;
-    let hub = loopback_hub();
-    let id = hub
-        .sender()
-        .http(HttpRequest::post(receiver.url("/")))
-        .unwrap_or_else(|e| panic!("{e}"));
-    hub.shutdown_within(WITHIN).await;
-    let excerpt = hub
-        .status(id)
-        .and_then(|s| s.response)
+    let (_, status) = status_of_one(HttpRequest::post(receiver.url("/"))).await;
+    let excerpt = status
+        .response
         .and_then(|r| r.body_excerpt)
         .unwrap_or_default();
     assert_eq!(excerpt.len(), 4096);
@@ -310,16 +308,8 @@ async fn redirects_are_not_followed_by_default() {
         Reply::Full(302, vec![("location", location.clone())], String::new())
     })
     .await;
-    let hub = loopback_hub();
-    let id = hub
-        .sender()
-        .http(HttpRequest::post(receiver.url("/")))
-        .unwrap_or_else(|e| panic!("{e}"));
-    hub.shutdown_within(WITHIN).await;
-    let error = hub
-        .status(id)
-        .and_then(|s| s.last_error)
-        .unwrap_or_default();
+    let (_, status) = status_of_one(HttpRequest::post(receiver.url("/"))).await;
+    let error = status.last_error.unwrap_or_default();
     assert!(error.contains("not followed"), "{error}");
     assert!(target.requests().is_empty());
 }

@@ -59,6 +59,11 @@ async fn publish(hub: &Hub, stream: &str, range: std::ops::Range<u64>) -> Vec<Ev
     ids
 }
 
+/// Read `count` events, returning their `n` only.
+async fn numbers(client: &mut SseClient, count: usize) -> Vec<u64> {
+    read(client, count).await.into_iter().map(|e| e.0).collect()
+}
+
 /// Read `count` events, returning their `n` and ids.
 async fn read(client: &mut SseClient, count: usize) -> Vec<(u64, String)> {
     let mut got = Vec::new();
@@ -111,22 +116,14 @@ async fn resuming_by_last_event_id_loses_and_repeats_nothing() {
         &[("last-event-id", &last)],
     )
     .await;
-    let resumed: Vec<u64> = read(&mut header, 50)
-        .await
-        .into_iter()
-        .map(|e| e.0)
-        .collect();
+    let resumed = numbers(&mut header, 50).await;
     assert_eq!(
         resumed,
         (10..60).collect::<Vec<_>>(),
         "from the event after {last}"
     );
     let mut query = SseClient::open(&http, &format!("{base}/orders?lastEventId={last}"), &[]).await;
-    let resumed: Vec<u64> = read(&mut query, 50)
-        .await
-        .into_iter()
-        .map(|e| e.0)
-        .collect();
+    let resumed = numbers(&mut query, 50).await;
     assert_eq!(
         resumed,
         (10..60).collect::<Vec<_>>(),
@@ -277,16 +274,13 @@ async fn a_thousand_subscribers_all_receive_a_burst() {
     publish(&hub, "burst", 0..50).await;
     let readers: Vec<_> = clients
         .into_iter()
-        .map(|mut client| tokio::spawn(async move { read(&mut client, 50).await }))
+        .map(|mut client| tokio::spawn(async move { numbers(&mut client, 50).await }))
         .collect();
     for reader in readers {
-        let got: Vec<u64> = reader
-            .await
-            .unwrap_or_default()
-            .into_iter()
-            .map(|e| e.0)
-            .collect();
-        assert_eq!(got, (0..50).collect::<Vec<_>>());
+        assert_eq!(
+            reader.await.unwrap_or_default(),
+            (0..50).collect::<Vec<_>>()
+        );
     }
     hub.shutdown().await;
 }

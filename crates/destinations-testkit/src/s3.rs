@@ -179,13 +179,22 @@ pub struct ProxiedRequest {
     pub uri: String,
     /// What the proxy answered itself, if it did not forward.
     pub injected: Option<u16>,
+    /// The status the client got (502 when the server behind was down).
+    pub status: u16,
+}
+
+/// What the proxy saw, and a signal for each new request answered.
+#[derive(Default)]
+struct Seen {
+    requests: Mutex<Vec<ProxiedRequest>>,
+    changed: tokio::sync::Notify,
 }
 
 /// An HTTP proxy on 127.0.0.1 in front of an S3 server: it forwards requests untouched (the
 /// `Host` header too, so signatures still verify), injects failures, and records what it saw.
 pub struct FaultProxy {
     address: SocketAddr,
-    seen: Arc<Mutex<Vec<ProxiedRequest>>>,
+    seen: Arc<Seen>,
     task: JoinHandle<()>,
 }
 
@@ -198,7 +207,7 @@ impl FaultProxy {
         let address = listener
             .local_addr()
             .unwrap_or_else(|e| panic!("proxy address: {e}"));
-        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::new(Seen::default());
         let task = tokio::spawn(serve(listener, upstream, fault, seen.clone()));
         Self {
             address,
@@ -215,9 +224,29 @@ impl FaultProxy {
     /// Every request so far.
     pub fn requests(&self) -> Vec<ProxiedRequest> {
         self.seen
+            .requests
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Wait (up to a minute) until the requests answered so far satisfy `done`.
+    pub async fn wait_for(&self, done: impl Fn(&[ProxiedRequest]) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let changed = self.seen.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if done(&self.requests()) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                panic!(
+                    "the proxy never saw what was awaited: {:?}",
+                    self.requests()
+                );
+            }
+        }
     }
 }
 
@@ -229,12 +258,7 @@ impl Drop for FaultProxy {
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
-async fn serve(
-    listener: TcpListener,
-    upstream: SocketAddr,
-    fault: Fault,
-    seen: Arc<Mutex<Vec<ProxiedRequest>>>,
-) {
+async fn serve(listener: TcpListener, upstream: SocketAddr, fault: Fault, seen: Arc<Seen>) {
     let writes_by_path = Arc::new(Mutex::new(std::collections::HashMap::<String, u32>::new()));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -267,17 +291,21 @@ async fn serve(
                     } else {
                         None
                     };
-                    seen.lock()
+                    let answer = match injected {
+                        Some((status, code)) => Ok::<_, hyper::Error>(s3_error(status, code)),
+                        None => forward(upstream, request).await,
+                    };
+                    seen.requests
+                        .lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .push(ProxiedRequest {
                             method,
                             uri,
                             injected: injected.map(|(status, _)| status),
+                            status: answer.as_ref().map_or(502, |a| a.status().as_u16()),
                         });
-                    match injected {
-                        Some((status, code)) => Ok::<_, hyper::Error>(s3_error(status, code)),
-                        None => forward(upstream, request).await,
-                    }
+                    seen.changed.notify_waiters();
+                    answer
                 }
             });
             let _ = hyper::server::conn::http1::Builder::new()

@@ -121,7 +121,7 @@ impl HubShared {
         // Status first: a dispatcher may deliver before `enqueue` returns.
         self.status.queued(&envelopes);
         // Per destination: sends and bytes, counted in one pass (a run's sends usually go to
-        // a few instances), and the ids in case the queue refuses them.
+        // a few instances).
         let mut tally: Vec<(Arc<str>, u64, u64)> = Vec::new();
         for envelope in &envelopes {
             match tally
@@ -135,11 +135,12 @@ impl HubShared {
                 None => tally.push((envelope.destination.clone(), 1, envelope.size() as u64)),
             }
         }
-        let ids: Vec<EventId> = envelopes.iter().map(|e| e.id).collect();
-        let result = self.queue.enqueue(envelopes);
-        if result.is_err() {
-            self.status.forget(ids);
-        }
+        // Refused envelopes come back, so their statuses can be forgotten without keeping a
+        // list of ids on every release.
+        let result = self.queue.enqueue(envelopes).map_err(|refused| {
+            self.status.forget(refused.envelopes.iter().map(|e| e.id));
+            refused.why
+        });
         for (name, sends, bytes) in &tally {
             if let Some(instance) = self.instances.get(name) {
                 match result {

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use super::{Queue, QueueConsumer, QueueDepth, QueueFull};
+use super::{Queue, QueueConsumer, QueueDepth, QueueFull, Refused};
 use crate::envelope::Envelope;
 
 /// Bounds of the in-memory queue. Everything pending counts, retries included.
@@ -60,12 +60,13 @@ impl MemoryQueue {
     }
 }
 
-impl Queue for MemoryQueue {
-    fn enqueue(&self, envelopes: Vec<Envelope>) -> Result<(), QueueFull> {
-        let routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(routes) = routes.as_ref() else {
-            return Err(QueueFull::Closed);
-        };
+impl MemoryQueue {
+    /// Reserve room for every envelope, or none and say why.
+    fn admit(
+        &self,
+        routes: &HashMap<Arc<str>, mpsc::UnboundedSender<Envelope>>,
+        envelopes: &[Envelope],
+    ) -> Result<(), QueueFull> {
         if let Some(e) = envelopes
             .iter()
             .find(|e| !routes.contains_key(&e.destination))
@@ -88,6 +89,22 @@ impl Queue for MemoryQueue {
                 limit: self.capacity.max_bytes,
                 asked,
             });
+        }
+        Ok(())
+    }
+}
+
+impl Queue for MemoryQueue {
+    fn enqueue(&self, envelopes: Vec<Envelope>) -> Result<(), Refused> {
+        let routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(routes) = routes.as_ref() else {
+            return Err(Refused {
+                why: QueueFull::Closed,
+                envelopes,
+            });
+        };
+        if let Err(why) = self.admit(routes, &envelopes) {
+            return Err(Refused { why, envelopes });
         }
         for envelope in envelopes {
             if let Some(route) = routes.get(&envelope.destination) {
@@ -163,9 +180,11 @@ mod tests {
             q.enqueue(vec![envelope("a", 10), envelope("a", 10)])
                 .is_ok()
         );
-        let full = q
+        let refused = q
             .enqueue(vec![envelope("a", 10), envelope("a", 10)])
             .unwrap_err();
+        assert_eq!(refused.envelopes.len(), 2, "refused envelopes come back");
+        let full = refused.why;
         assert!(
             matches!(
                 full,
@@ -178,7 +197,7 @@ mod tests {
             "{full}"
         );
         assert!(matches!(
-            q.enqueue(vec![envelope("a", 90)]),
+            q.enqueue(vec![envelope("a", 90)]).map_err(|r| r.why),
             Err(QueueFull::Bytes { .. })
         ));
         assert_eq!(
@@ -189,7 +208,7 @@ mod tests {
             }
         );
         assert!(matches!(
-            q.enqueue(vec![envelope("b", 1)]),
+            q.enqueue(vec![envelope("b", 1)]).map_err(|r| r.why),
             Err(QueueFull::NoConsumer(_))
         ));
 
@@ -204,7 +223,7 @@ mod tests {
         );
         q.close();
         assert!(matches!(
-            q.enqueue(vec![envelope("a", 1)]),
+            q.enqueue(vec![envelope("a", 1)]).map_err(|r| r.why),
             Err(QueueFull::Closed)
         ));
         assert!(c.next().await.is_some(), "drains after close");

@@ -14,8 +14,8 @@ use crate::envelope::Envelope;
 /// An envelope occupies the queue until it is [`settle`](Queue::settle)d: delivered or
 /// dead-lettered, retries included, so the queue's bound is a bound on everything pending.
 pub trait Queue: Send + Sync + 'static {
-    /// Accept every envelope or none.
-    fn enqueue(&self, envelopes: Vec<Envelope>) -> Result<(), QueueFull>;
+    /// Accept every envelope or none; refused ones come back with the reason.
+    fn enqueue(&self, envelopes: Vec<Envelope>) -> Result<(), Refused>;
     /// The consumer side of one destination instance; called once per instance.
     fn consumer(&self, destination: &str) -> Box<dyn QueueConsumer>;
     /// The envelope has left the queue for good (delivered or dead-lettered).
@@ -40,6 +40,15 @@ pub struct QueueDepth {
     pub events: usize,
     /// Their payload bytes.
     pub bytes: usize,
+}
+
+/// Envelopes the queue did not take, handed back with the reason.
+#[derive(Debug)]
+pub struct Refused {
+    /// Why.
+    pub why: QueueFull,
+    /// The envelopes, untouched.
+    pub envelopes: Vec<Envelope>,
 }
 
 /// The queue refused the sends.
