@@ -204,15 +204,21 @@ async fn http_load(url: &str, sends: usize) -> Result<(), String> {
                 .map_err(|e| e.to_string())?;
             sent += 1;
         }
-        // A full queue refuses the whole run: record it again after yielding.
-        let held = run.held();
-        match run.finish().await {
-            Ok(_) => {}
-            Err(destinations::SendError::QueueFull(_)) => {
-                sent -= held;
-                tokio::task::yield_now().await;
+        // A full queue waits for room, then refuses the whole run: finish it again.
+        let mut run = run;
+        loop {
+            match run.finish().await {
+                Ok(_) => break,
+                Err(refused)
+                    if matches!(
+                        refused.error,
+                        destinations::SendError::Queue(destinations::QueueError::Full(_))
+                    ) =>
+                {
+                    run = refused.into_run();
+                }
+                Err(e) => return Err(e.to_string()),
             }
-            Err(e) => return Err(e.to_string()),
         }
     }
     let recorded = started.elapsed();
@@ -317,7 +323,12 @@ async fn s3_load(endpoint: &str, sends: usize, ndjson: &str) -> Result<(), Strin
     let recorded = started.elapsed();
     let report = hub.shutdown().await;
     let elapsed = started.elapsed();
-    let delivered = hub.dead_letters(1).is_empty() && report.abandoned == 0;
+    let delivered = hub
+        .dead_letters(1)
+        .await
+        .map_err(|e| e.to_string())?
+        .is_empty()
+        && report.abandoned == 0;
     println!(
         "{}",
         json!({

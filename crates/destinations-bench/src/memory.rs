@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use destinations::http::{HttpOptions, HttpRequest, SendHttp};
-use destinations::{Hub, HubConfig, InstanceSettings, QueueCapacity};
+use destinations::{Hub, HubConfig, InstanceSettings, QueueBounds, QueueConfig};
 use serde_json::json;
 
 /// This process's resident set now, from `/proc/self/status`.
@@ -33,9 +33,12 @@ pub(crate) async fn memory(sends: usize) -> Result<(), String> {
     let destination = destinations::http::HttpDestination::new(options)?;
     let hub = Hub::builder()
         .config(HubConfig {
-            queue: QueueCapacity {
-                max_events: sends + 1000,
-                max_bytes: usize::MAX / 2,
+            queue: QueueConfig {
+                bounds: QueueBounds {
+                    max_events: sends + 1000,
+                    max_bytes: usize::MAX / 2,
+                },
+                ..QueueConfig::default()
             },
             ..HubConfig::default()
         })

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use destinations::http::{HttpOptions, HttpRequest, SendHttp};
 use destinations::{
     Batch, BatchOutcome, Destination, Hub, HubConfig, InstanceSettings, InvalidPayload,
-    QueueCapacity, Report,
+    QueueBounds, QueueConfig, Report,
 };
 use serde_json::json;
 
@@ -36,9 +36,12 @@ fn hub(sends: usize) -> Result<Hub, String> {
     let http = destinations::http::HttpDestination::new(HttpOptions::allowing_loopback())?;
     Hub::builder()
         .config(HubConfig {
-            queue: QueueCapacity {
-                max_events: sends * 2 + 1000,
-                max_bytes: usize::MAX / 2,
+            queue: QueueConfig {
+                bounds: QueueBounds {
+                    max_events: sends * 2 + 1000,
+                    max_bytes: usize::MAX / 2,
+                },
+                ..QueueConfig::default()
             },
             ..HubConfig::default()
         })

@@ -1,9 +1,12 @@
 //! Configuration shared by every destination instance, and how an instance's table is split
 //! between the hub and the destination's own options.
 
+use std::time::Duration;
+
 use serde::Deserialize;
 
 use crate::policy::{BatchPolicyOverrides, RetryPolicy};
+use crate::queue::{InstanceShare, QueueBounds};
 
 /// What to do with a run's sends when the run fails.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -30,15 +33,85 @@ pub struct InstanceSettings {
     pub concurrency: Option<usize>,
     /// Largest payload accepted at send time, in bytes (default 1 MiB).
     pub max_payload_bytes: Option<usize>,
+    /// This instance's part of the queue: its own bound and its reserved share.
+    #[serde(default)]
+    pub queue: InstanceShare,
 }
 
 impl InstanceSettings {
     /// The keys of an instance table that belong to the hub rather than to the destination.
-    pub const KEYS: [&'static str; 4] = ["retry", "batch", "concurrency", "max_payload_bytes"];
+    pub const KEYS: [&'static str; 5] = [
+        "retry",
+        "batch",
+        "concurrency",
+        "max_payload_bytes",
+        "queue",
+    ];
     /// Default for [`concurrency`](Self::concurrency).
     pub const DEFAULT_CONCURRENCY: usize = 256;
     /// Default for [`max_payload_bytes`](Self::max_payload_bytes).
     pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
+}
+
+/// The queue (`[hub.queue]`): its kind, its bounds, how long a send waits for room, and the
+/// backend's own options (`path`, `sync` for `sqlite`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueueConfig {
+    /// The backend: `memory` (the library's default) or one a backend crate provides
+    /// (`sqlite`).
+    pub kind: String,
+    /// Bounds of everything pending.
+    pub bounds: QueueBounds,
+    /// How long a send waits for room before it is refused (default 5 s).
+    pub wait: Duration,
+    /// The rest of the table, for the backend to read strictly.
+    pub options: serde_json::Map<String, serde_json::Value>,
+}
+
+impl QueueConfig {
+    /// The default wait for room.
+    pub const DEFAULT_WAIT: Duration = Duration::from_secs(5);
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            kind: "memory".to_owned(),
+            bounds: QueueBounds::default(),
+            wait: Self::DEFAULT_WAIT,
+            options: serde_json::Map::new(),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for QueueConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut table = serde_json::Map::<String, serde_json::Value>::deserialize(d)?;
+        let mut config = Self::default();
+        if let Some(kind) = table.remove("kind") {
+            config.kind = kind
+                .as_str()
+                .ok_or_else(|| {
+                    D::Error::custom("`kind` must be a string (\"memory\" or \"sqlite\")")
+                })?
+                .to_owned();
+        }
+        let mut bounds = serde_json::Map::new();
+        for key in ["max_events", "max_bytes"] {
+            if let Some(value) = table.remove(key) {
+                bounds.insert(key.to_owned(), value);
+            }
+        }
+        config.bounds = serde_json::from_value(serde_json::Value::Object(bounds))
+            .map_err(|e| D::Error::custom(e.to_string()))?;
+        if let Some(wait) = table.remove("wait") {
+            config.wait = duration_text::deserialize(wait)
+                .map_err(|e| D::Error::custom(format!("`wait`: {e}")))?;
+        }
+        config.options = table;
+        Ok(config)
+    }
 }
 
 /// One `[destinations.NAME]` table, split: its kind, the hub's settings, the destination's
@@ -53,11 +126,10 @@ pub struct InstanceConfig {
     pub options: serde_json::Value,
 }
 
-/// An instance table could not be read.
+/// A config table could not be read: an instance's, or the hub's.
 #[derive(Debug, thiserror::Error)]
-#[error("destinations.{instance}: {message}")]
 pub struct ConfigError {
-    /// The instance name.
+    /// The instance name (empty for the hub's own settings).
     pub instance: String,
     /// What is wrong.
     pub message: String,
@@ -69,6 +141,21 @@ impl ConfigError {
         Self {
             instance: instance.to_owned(),
             message: message.into(),
+        }
+    }
+
+    /// A problem with the hub's own settings; the message names the key.
+    pub fn hub(message: impl Into<String>) -> Self {
+        Self::new("", message)
+    }
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.instance.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "destinations.{}: {}", self.instance, self.message)
         }
     }
 }
@@ -137,14 +224,27 @@ pub mod duration_text {
         Human(String),
     }
 
+    /// The longest duration a setting takes: longer ones would overflow the clocks they are
+    /// added to.
+    const LONGEST: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
     fn parse(text: Text) -> Result<Duration, String> {
-        match text {
-            Text::Seconds(s) if s >= 0.0 && s.is_finite() => Ok(Duration::from_secs_f64(s)),
-            Text::Seconds(s) => Err(format!("{s} is not a duration")),
+        let duration = match text {
+            Text::Seconds(s) if s >= 0.0 && s.is_finite() && s <= LONGEST.as_secs_f64() => {
+                Duration::from_secs_f64(s)
+            }
+            Text::Seconds(s) => return Err(format!("{s} is not a duration of at most 100 years")),
             Text::Human(h) => humantime::parse_duration(&h).map_err(|e| {
                 format!("`{h}` is not a duration ({e}); write e.g. \"500ms\", \"30s\", \"10m\"")
-            }),
+            })?,
+        };
+        if duration > LONGEST {
+            return Err(format!(
+                "{} is longer than the longest duration a setting takes, 100 years",
+                humantime::format_duration(duration)
+            ));
         }
+        Ok(duration)
     }
 
     /// Read a duration.

@@ -1,17 +1,19 @@
-//! Sends given up on, kept with the reason, listable and replayable.
+//! Sends given up on, kept with the reason, listable page by page and replayable.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Mutex, PoisonError};
 use std::time::SystemTime;
 
+use async_trait::async_trait;
 use serde::Serialize;
 
 use crate::envelope::{Envelope, EventId};
+use crate::queue::{DeadLetterStore, QueueError};
 
 /// One send given up on.
 #[derive(Clone, Debug)]
 pub struct DeadLetter {
-    /// The send as it was accepted.
+    /// The send as it was accepted, with the attempts it made.
     pub envelope: Envelope,
     /// Why it was given up on.
     pub reason: String,
@@ -33,7 +35,9 @@ pub struct DeadLetterSummary {
     pub attempts: u32,
     /// Why it was given up on.
     pub reason: String,
-    /// When, RFC 3339.
+    /// When it was sent, RFC 3339.
+    pub created_at: String,
+    /// When it was given up on, RFC 3339.
     pub died_at: String,
     /// The payload.
     pub payload: serde_json::Value,
@@ -47,13 +51,55 @@ impl From<&DeadLetter> for DeadLetterSummary {
             run: d.envelope.run.as_deref().map(str::to_owned),
             attempts: d.envelope.attempts,
             reason: d.reason.clone(),
+            created_at: humantime::format_rfc3339_millis(d.envelope.created_at).to_string(),
             died_at: humantime::format_rfc3339_millis(d.died_at).to_string(),
             payload: serde_json::from_slice(&d.envelope.payload).unwrap_or_default(),
         }
     }
 }
 
-/// The most recent dead letters, up to a capacity (the oldest are dropped past it, and counted).
+/// Which dead letters to list or replay; every condition given must hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeadLetterFilter {
+    /// Only these sends.
+    pub ids: Option<Vec<EventId>>,
+    /// Only sends to this destination instance.
+    pub destination: Option<String>,
+    /// Only those that died at or after this time.
+    pub since: Option<SystemTime>,
+    /// Only those that died before this time.
+    pub until: Option<SystemTime>,
+}
+
+impl DeadLetterFilter {
+    /// Whether `letter` matches (`ids` as a set, for large lists).
+    pub fn matches(&self, letter: &DeadLetter, ids: Option<&HashSet<EventId>>) -> bool {
+        ids.is_none_or(|ids| ids.contains(&letter.envelope.id))
+            && self
+                .destination
+                .as_deref()
+                .is_none_or(|d| *letter.envelope.destination == *d)
+            && self.since.is_none_or(|since| letter.died_at >= since)
+            && self.until.is_none_or(|until| letter.died_at < until)
+    }
+
+    /// The ids as a set, if the filter names any.
+    pub fn id_set(&self) -> Option<HashSet<EventId>> {
+        self.ids.as_ref().map(|ids| ids.iter().copied().collect())
+    }
+}
+
+/// One page of dead letters, newest first.
+#[derive(Clone, Debug, Default)]
+pub struct DeadLetterPage {
+    /// The letters.
+    pub letters: Vec<DeadLetter>,
+    /// Where the next page starts, if there is one (pass it as `after`).
+    pub next: Option<String>,
+}
+
+/// The most recent dead letters in memory, up to a capacity (the oldest are dropped past it,
+/// and counted).
 pub struct DeadLetters {
     capacity: usize,
     inner: Mutex<Inner>,
@@ -61,7 +107,9 @@ pub struct DeadLetters {
 
 #[derive(Default)]
 struct Inner {
-    letters: VecDeque<DeadLetter>,
+    /// Oldest first, each with its sequence number (the page cursor).
+    letters: VecDeque<(u64, DeadLetter)>,
+    next_seq: u64,
     evicted: u64,
 }
 
@@ -81,22 +129,13 @@ impl DeadLetters {
     /// Keep a dead letter.
     pub fn push(&self, letter: DeadLetter) {
         let mut inner = self.lock();
-        inner.letters.push_back(letter);
+        let seq = inner.next_seq;
+        inner.next_seq += 1;
+        inner.letters.push_back((seq, letter));
         while inner.letters.len() > self.capacity {
             inner.letters.pop_front();
             inner.evicted += 1;
         }
-    }
-
-    /// The most recent `limit`, newest first.
-    pub fn list(&self, limit: usize) -> Vec<DeadLetter> {
-        self.lock()
-            .letters
-            .iter()
-            .rev()
-            .take(limit)
-            .cloned()
-            .collect()
     }
 
     /// How many are kept.
@@ -109,26 +148,107 @@ impl DeadLetters {
         self.len() == 0
     }
 
-    /// How many were dropped because the store was full.
-    pub fn evicted(&self) -> u64 {
-        self.lock().evicted
-    }
-
-    /// Take out the dead letters with these ids (all of them if `ids` is `None`), oldest first.
-    pub fn take(&self, ids: Option<&[EventId]>) -> Vec<DeadLetter> {
+    /// Take out the dead letters with these ids, oldest first.
+    pub fn take(&self, ids: &[EventId]) -> Vec<DeadLetter> {
+        let wanted: HashSet<EventId> = ids.iter().copied().collect();
         let mut inner = self.lock();
         let (taken, kept): (Vec<_>, Vec<_>) = inner
             .letters
             .drain(..)
-            .partition(|d| ids.is_none_or(|ids| ids.contains(&d.envelope.id)));
+            .partition(|(_, d)| wanted.contains(&d.envelope.id));
         inner.letters = kept.into();
-        taken
+        taken.into_iter().map(|(_, d)| d).collect()
+    }
+}
+
+#[async_trait]
+impl DeadLetterStore for DeadLetters {
+    async fn list(
+        &self,
+        filter: &DeadLetterFilter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<DeadLetterPage, QueueError> {
+        let before = match after {
+            Some(cursor) => cursor.parse::<u64>().map_err(|_| {
+                QueueError::Unavailable(format!(
+                    "`{cursor}` is not a dead-letter cursor of this server"
+                ))
+            })?,
+            None => u64::MAX,
+        };
+        let ids = filter.id_set();
+        let inner = self.lock();
+        let mut matching = inner
+            .letters
+            .iter()
+            .rev()
+            .filter(|(seq, letter)| *seq < before && filter.matches(letter, ids.as_ref()));
+        let letters: Vec<(u64, DeadLetter)> = matching
+            .by_ref()
+            .take(limit)
+            .map(|(seq, letter)| (*seq, letter.clone()))
+            .collect();
+        let more = matching.next().is_some();
+        let next = more
+            .then(|| letters.last().map(|(seq, _)| seq.to_string()))
+            .flatten();
+        Ok(DeadLetterPage {
+            letters: letters.into_iter().map(|(_, d)| d).collect(),
+            next,
+        })
     }
 
-    /// Put letters back (a replay that could not be enqueued).
-    pub fn restore(&self, letters: Vec<DeadLetter>) {
-        for letter in letters {
-            self.push(letter);
+    async fn evicted(&self) -> Result<u64, QueueError> {
+        Ok(self.lock().evicted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn letter(to: &str) -> DeadLetter {
+        DeadLetter {
+            envelope: Envelope::new(to.into(), None, Bytes::from_static(b"{}")),
+            reason: "x".into(),
+            died_at: SystemTime::now(),
         }
+    }
+
+    #[tokio::test]
+    async fn pages_newest_first_with_a_filter_and_a_cursor() {
+        let store = DeadLetters::new(10);
+        let letters: Vec<_> = (0..5)
+            .map(|i| letter(if i % 2 == 0 { "a" } else { "b" }))
+            .collect();
+        for l in &letters {
+            store.push(l.clone());
+        }
+        let only_a = DeadLetterFilter {
+            destination: Some("a".into()),
+            ..DeadLetterFilter::default()
+        };
+        let first = store.list(&only_a, None, 2).await.unwrap_or_default();
+        let ids: Vec<_> = first.letters.iter().map(|l| l.envelope.id).collect();
+        assert_eq!(ids, [letters[4].envelope.id, letters[2].envelope.id]);
+        let rest = store
+            .list(&only_a, first.next.as_deref(), 2)
+            .await
+            .unwrap_or_default();
+        assert_eq!(rest.letters.len(), 1);
+        assert_eq!(rest.letters[0].envelope.id, letters[0].envelope.id);
+        assert!(rest.next.is_none(), "the last page says so");
+    }
+
+    #[tokio::test]
+    async fn the_oldest_are_evicted_and_counted() {
+        let store = DeadLetters::new(2);
+        for _ in 0..3 {
+            store.push(letter("a"));
+        }
+        assert_eq!(store.len(), 2);
+        assert_eq!(store.evicted().await.ok(), Some(1));
     }
 }

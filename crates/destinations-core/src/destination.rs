@@ -4,7 +4,7 @@ use std::any::Any;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::envelope::Envelope;
 use crate::payload::InvalidPayload;
@@ -182,7 +182,7 @@ impl From<Outcome> for Report {
 }
 
 /// What a target answered, kept short.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ResponseSummary {
     /// A protocol status code (HTTP status, SMTP reply code), if there is one.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -68,6 +68,16 @@ impl EventId {
     pub fn as_uuid(&self) -> Uuid {
         self.0
     }
+
+    /// The id's 16 bytes (what a durable queue stores).
+    pub fn to_bytes(self) -> [u8; 16] {
+        self.0.into_bytes()
+    }
+
+    /// An id from its 16 bytes.
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(Uuid::from_bytes(bytes))
+    }
 }
 
 impl Default for EventId {
@@ -120,6 +130,9 @@ pub struct Envelope {
     pub attempts: u32,
     /// The destination's request as JSON bytes.
     pub payload: Bytes,
+    /// When the send's retry budget (`retry.max_age`) began: when it was accepted, or last
+    /// replayed. On this process's monotonic clock, so a wall-clock jump cannot age it.
+    budget_since: Option<tokio::time::Instant>,
 }
 
 impl Envelope {
@@ -133,12 +146,71 @@ impl Envelope {
             created_at: now,
             attempts: 0,
             payload,
+            budget_since: None,
+        }
+    }
+
+    /// An envelope as a durable queue stored it: `budget_started` is when its retry budget
+    /// began ([`budget_started_at`](Self::budget_started_at) when it was stored).
+    pub fn restored(
+        id: EventId,
+        destination: Arc<str>,
+        run: Option<Arc<str>>,
+        created_at: SystemTime,
+        attempts: u32,
+        payload: Bytes,
+        budget_started: SystemTime,
+    ) -> Self {
+        let ago = SystemTime::now()
+            .duration_since(budget_started)
+            .unwrap_or_default();
+        let now = tokio::time::Instant::now();
+        Self {
+            id,
+            destination,
+            run,
+            created_at,
+            attempts,
+            payload,
+            budget_since: Some(now.checked_sub(ago).unwrap_or(now)),
         }
     }
 
     /// The payload's size in bytes.
     pub fn size(&self) -> usize {
         self.payload.len()
+    }
+
+    /// Start the retry budget now, unless it has started (the hub does this as it accepts a
+    /// send; [`restart_budget`](Self::restart_budget) for a replay).
+    pub fn start_budget(&mut self, now: tokio::time::Instant) {
+        self.budget_since.get_or_insert(now);
+    }
+
+    /// Start a fresh retry budget now (a replayed dead letter).
+    pub fn restart_budget(&mut self, now: tokio::time::Instant) {
+        self.budget_since = Some(now);
+    }
+
+    /// How much of the retry budget is spent: the time since the send was accepted (or last
+    /// replayed), on the monotonic clock; from `created_at` if it never was.
+    pub fn age(&self) -> Duration {
+        match self.budget_since {
+            Some(since) => since.elapsed(),
+            None => SystemTime::now()
+                .duration_since(self.created_at)
+                .unwrap_or_default(),
+        }
+    }
+
+    /// When the retry budget began, by the wall clock (what a durable queue stores).
+    pub fn budget_started_at(&self) -> SystemTime {
+        match self.budget_since {
+            Some(since) => SystemTime::now()
+                .checked_sub(since.elapsed())
+                .unwrap_or(self.created_at),
+            None => self.created_at,
+        }
     }
 }
 

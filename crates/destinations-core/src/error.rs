@@ -1,7 +1,7 @@
 //! Why a send was refused.
 
 use crate::payload::InvalidPayload;
-use crate::queue::QueueFull;
+use crate::queue::QueueError;
 
 /// A send was refused; nothing was recorded.
 #[derive(Debug, thiserror::Error)]
@@ -46,9 +46,9 @@ pub enum SendError {
         /// The instance's limit.
         limit: usize,
     },
-    /// The queue has no room.
+    /// The queue refused: no room, unavailable, or closed.
     #[error(transparent)]
-    QueueFull(#[from] QueueFull),
+    Queue(#[from] QueueError),
     /// The hub is shutting down and takes no more sends.
     #[error("the hub is shutting down and takes no more sends")]
     ShuttingDown,
@@ -76,8 +76,10 @@ impl SendError {
             Self::WrongKind { .. } => "wrong_kind",
             Self::Invalid { .. } | Self::Serialize { .. } => "invalid_payload",
             Self::TooLarge { .. } => "payload_too_large",
-            Self::QueueFull(QueueFull::Closed) | Self::ShuttingDown => "shutting_down",
-            Self::QueueFull(_) => "queue_full",
+            Self::Queue(QueueError::Closed) | Self::ShuttingDown => "shutting_down",
+            Self::Queue(QueueError::Full(_)) => "queue_full",
+            Self::Queue(QueueError::Unavailable(_)) => "queue_unavailable",
+            Self::Queue(QueueError::NoConsumer(_)) => "no_consumer",
             Self::RunFinished { .. } => "run_finished",
         }
     }

@@ -28,7 +28,7 @@
 //! let id = run.send().to("accept", &serde_json::json!({"hello": "world"}))?;
 //! run.finish().await?;                 // nothing left the process before this line
 //! hub.shutdown().await;                // delivers what is pending
-//! assert_eq!(hub.status(id).map(|s| s.state), Some(State::Delivered));
+//! assert_eq!(hub.status(id).await?.map(|s| s.state), Some(State::Delivered));
 //! # Ok(()) }
 //! ```
 
@@ -49,8 +49,12 @@ pub mod status;
 
 pub use inventory;
 
-pub use config::{ConfigError, InstanceConfig, InstanceSettings, OnRunError, parse_options};
-pub use dead_letters::{DeadLetter, DeadLetterSummary, DeadLetters};
+pub use config::{
+    ConfigError, InstanceConfig, InstanceSettings, OnRunError, QueueConfig, parse_options,
+};
+pub use dead_letters::{
+    DeadLetter, DeadLetterFilter, DeadLetterPage, DeadLetterSummary, DeadLetters,
+};
 pub use destination::{
     Batch, BatchOutcome, Destination, HealthError, Outcome, Report, ResponseSummary,
 };
@@ -60,10 +64,14 @@ pub use hub::{DeadLetterObserver, Hub, HubBuilder, HubConfig, ShutdownReport, We
 pub use pattern::glob_match;
 pub use payload::{InvalidPayload, check_name, check_serialized, parse_strict, raw_json};
 pub use policy::{BatchPolicy, RateLimit, RetryPolicy};
-pub use queue::{MemoryQueue, Queue, QueueCapacity, QueueDepth, QueueFull, Refused};
+pub use queue::{
+    CapacityFull, DeadLetterStore, Durability, InstanceShare, Leased, MemoryQueue, Queue,
+    QueueBounds, QueueConsumer, QueueDepth, QueueError, Refused, RetryBatch, Settled, Settlement,
+    StatusStore,
+};
 pub use registry::{DestinationPlugin, Registry};
-pub use run::{Run, Sender};
-pub use status::{SendStatus, State};
+pub use run::{FinishError, Run, Sender};
+pub use status::{FinalWaiters, SendStatus, State, StatusBook, StatusRetention};
 
 /// What a program that sends, or a destination crate, usually needs.
 pub mod prelude {

@@ -23,9 +23,9 @@ pub const DELIVERY_SECONDS: &str = "destinations_delivery_seconds";
 pub const BATCH_EVENTS: &str = "destinations_batch_events";
 /// Envelopes in a delivery attempt right now, per destination instance.
 pub const IN_FLIGHT: &str = "destinations_in_flight";
-/// Sends pending in the queue (retries included).
+/// Sends pending in the queue (retries included), per destination instance.
 pub const QUEUE_EVENTS: &str = "destinations_queue_events";
-/// Payload bytes pending in the queue.
+/// Payload bytes pending in the queue, per destination instance.
 pub const QUEUE_BYTES: &str = "destinations_queue_bytes";
 
 /// Metric handles of one destination instance.
@@ -65,8 +65,10 @@ impl InstanceMetrics {
     }
 }
 
-/// Publish the queue's depth (called when metrics are scraped).
-pub fn record_queue_depth(depth: crate::queue::QueueDepth) {
-    gauge!(QUEUE_EVENTS).set(depth.events as f64);
-    gauge!(QUEUE_BYTES).set(depth.bytes as f64);
+/// Publish what is pending per destination instance (called when metrics are scraped).
+pub fn record_queue_depths(per_instance: &[(String, crate::queue::QueueDepth)]) {
+    for (instance, depth) in per_instance {
+        gauge!(QUEUE_EVENTS, "destination" => instance.clone()).set(depth.events as f64);
+        gauge!(QUEUE_BYTES, "destination" => instance.clone()).set(depth.bytes as f64);
+    }
 }

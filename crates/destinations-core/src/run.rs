@@ -51,16 +51,35 @@ impl Sender {
 
     /// Send a JSON payload to instance `destination`; the destination checks it.
     pub fn json(&self, destination: &str, payload: Bytes) -> Result<EventId, SendError> {
+        let instance = self.validated(destination, &payload)?;
+        self.record(instance, payload)
+    }
+
+    /// Send a JSON payload to instance `destination` outside any run, and resolve once it is in
+    /// the queue (durable, for a durable queue), waiting up to `hub.queue.wait` for room.
+    pub async fn json_now(&self, destination: &str, payload: Bytes) -> Result<EventId, SendError> {
+        let instance = self.validated(destination, &payload)?;
+        let envelope = Envelope::new(instance.name.clone(), None, payload);
+        let id = envelope.id;
+        self.hub
+            .release(vec![envelope], self.internal)
+            .await
+            .map_err(|(error, _)| error)?;
+        Ok(id)
+    }
+
+    /// The instance, once the payload passed its size limit and its checks.
+    fn validated(&self, destination: &str, payload: &[u8]) -> Result<&Instance, SendError> {
         let instance = self.hub.instance(destination)?;
-        self.check_size(instance, &payload)?;
-        if let Err(error) = instance.destination.validate(&payload) {
+        self.check_size(instance, payload)?;
+        if let Err(error) = instance.destination.validate(payload) {
             instance.metrics.rejected_invalid.increment(1);
             return Err(SendError::Invalid {
                 destination: destination.to_owned(),
                 error,
             });
         }
-        self.record(instance, payload)
+        Ok(instance)
     }
 
     /// Send a payload a typed request already checked and serialized, to an instance of
@@ -132,7 +151,7 @@ impl Sender {
             None => {
                 let envelope = Envelope::new(instance.name.clone(), None, payload);
                 let id = envelope.id;
-                self.hub.release(vec![envelope], self.internal)?;
+                self.hub.release_detached(envelope, self.internal)?;
                 Ok(id)
             }
             Some(run) => {
@@ -232,18 +251,39 @@ impl Run {
             .unwrap_or_default()
     }
 
-    /// The run succeeded: release every send it recorded, atomically (all are queued, or
-    /// none and the error says why). Returns their ids.
-    pub async fn finish(self) -> Result<Vec<EventId>, SendError> {
+    /// Hold these sends again (a refused finish).
+    fn put_back(&self, envelopes: Vec<Envelope>) {
+        *self
+            .buffer()
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(envelopes);
+    }
+
+    /// The run succeeded: release every send it recorded, atomically. Resolves once they are
+    /// in the queue (durable, for a durable queue), waiting up to `hub.queue.wait` for room;
+    /// returns their ids. If the queue refuses them, none is queued and the error gives the
+    /// run back, its sends still held, so that `finish` can be tried again.
+    pub async fn finish(self) -> Result<Vec<EventId>, FinishError> {
         let envelopes = self.take();
         let ids = envelopes.iter().map(|e| e.id).collect();
-        self.sender.hub.release(envelopes, self.sender.internal)?;
-        Ok(ids)
+        match self
+            .sender
+            .hub
+            .release(envelopes, self.sender.internal)
+            .await
+        {
+            Ok(()) => Ok(ids),
+            Err((error, envelopes)) => {
+                self.put_back(envelopes);
+                Err(FinishError { error, run: self })
+            }
+        }
     }
 
     /// The run failed: its sends are discarded or delivered, as `on_run_error` says. Returns
     /// the ids released (none when discarded).
-    pub async fn fail(self) -> Result<Vec<EventId>, SendError> {
+    pub async fn fail(self) -> Result<Vec<EventId>, FinishError> {
         match self.sender.hub.config.on_run_error {
             OnRunError::Deliver => self.finish().await,
             OnRunError::Discard => {
@@ -274,5 +314,48 @@ impl Drop for Run {
                 "run dropped without finish: its sends were discarded"
             );
         }
+    }
+}
+
+/// A run whose sends the queue refused: why, and the run itself, its sends still held, to
+/// [`finish`](Run::finish) again later or to [`discard`](Run::discard).
+pub struct FinishError {
+    /// Why the sends were refused.
+    pub error: SendError,
+    run: Run,
+}
+
+impl FinishError {
+    /// The run, with every send it recorded.
+    pub fn into_run(self) -> Run {
+        self.run
+    }
+}
+
+impl std::fmt::Debug for FinishError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FinishError")
+            .field("error", &self.error)
+            .field("run", &self.run.id())
+            .field("held", &self.run.held())
+            .finish()
+    }
+}
+
+impl std::fmt::Display for FinishError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.error, f)
+    }
+}
+
+impl std::error::Error for FinishError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.source()
+    }
+}
+
+impl From<FinishError> for SendError {
+    fn from(refused: FinishError) -> Self {
+        refused.error
     }
 }

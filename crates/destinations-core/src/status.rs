@@ -1,13 +1,17 @@
 //! Where each send is: queued, in flight, delivered, retrying, or dead — kept bounded.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
+use async_trait::async_trait;
 use serde::{Serialize, Serializer};
+use tokio::sync::oneshot;
 
 use crate::destination::ResponseSummary;
 use crate::envelope::{Envelope, EventId, IdMap};
+use crate::queue::{QueueError, Settlement, StatusStore};
 
 /// The state of one send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -79,8 +83,11 @@ fn rfc3339_option<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, 
 /// A change to a send's status.
 #[derive(Clone, Debug)]
 pub enum Transition {
-    /// An attempt starts.
-    Attempting,
+    /// An attempt starts; the send has made this many attempts, this one included.
+    Attempting {
+        /// Attempts made, this one included.
+        attempts: u32,
+    },
     /// Delivered.
     Delivered(Option<ResponseSummary>),
     /// Failed; another attempt at this time.
@@ -101,13 +108,75 @@ pub enum Transition {
     },
 }
 
-/// The statuses of recent sends: every unfinished send, plus the most recent finished ones up
-/// to a retention count (older finished ones are forgotten first).
+/// Those waiting for sends to become final (`?wait=`), keyed by send id: a finish wakes only
+/// the waiters of that send.
+#[derive(Default)]
+pub struct FinalWaiters {
+    /// How many waiters are registered; zero keeps the settle path free of the lock.
+    count: AtomicUsize,
+    waiting: Mutex<IdMap<Vec<oneshot::Sender<()>>>>,
+}
+
+impl FinalWaiters {
+    fn lock(&self) -> std::sync::MutexGuard<'_, IdMap<Vec<oneshot::Sender<()>>>> {
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Be told when `id` becomes final. The receiver resolves then (or errs if the waiter is
+    /// dropped).
+    pub fn register(&self, id: EventId) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.lock().entry(id).or_default().push(tx);
+        self.count.fetch_add(1, Ordering::AcqRel);
+        rx
+    }
+
+    /// These sends became final: wake their waiters.
+    pub fn finished<'a>(&self, ids: impl IntoIterator<Item = &'a EventId>) {
+        if self.count.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut waiting = self.lock();
+        for id in ids {
+            if let Some(senders) = waiting.remove(id) {
+                self.count.fetch_sub(senders.len(), Ordering::AcqRel);
+                for sender in senders {
+                    let _ = sender.send(());
+                }
+            }
+        }
+    }
+
+    /// Drop the registrations of `id` whose waiters gave up.
+    pub fn forget_closed(&self, id: EventId) {
+        let mut waiting = self.lock();
+        if let Some(senders) = waiting.get_mut(&id) {
+            let before = senders.len();
+            senders.retain(|s| !s.is_closed());
+            self.count
+                .fetch_sub(before - senders.len(), Ordering::AcqRel);
+            if senders.is_empty() {
+                waiting.remove(&id);
+            }
+        }
+    }
+}
+
+/// How long finished sends stay queryable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatusRetention {
+    /// Most finished sends remembered (older ones are forgotten first).
+    pub count: usize,
+    /// Longest a finished send is remembered.
+    pub age: Duration,
+}
+
+/// The statuses of recent sends, in memory: every unfinished send, plus the most recent
+/// finished ones within the retention (older finished ones are forgotten first).
 pub struct StatusBook {
-    retain_finished: usize,
+    retention: StatusRetention,
     inner: Mutex<Inner>,
-    /// Woken whenever a send reaches a final state.
-    finished: tokio::sync::Notify,
+    waiters: FinalWaiters,
 }
 
 #[derive(Default)]
@@ -115,9 +184,9 @@ struct Inner {
     /// Instance names; entries keep an index.
     names: Vec<Arc<str>>,
     by_id: IdMap<Entry>,
-    /// Finished sends, oldest first, with the generation they finished in: a replayed dead
-    /// letter is queued again under its id, and only its latest finish may evict it.
-    finished: VecDeque<(EventId, u16)>,
+    /// Finished sends, oldest first, with the generation they finished in (a replayed dead
+    /// letter is queued again under its id, and only its latest finish may evict it) and when.
+    finished: VecDeque<(EventId, u16, u64)>,
 }
 
 /// What the book keeps of one send: small while it waits (most sends, most of the time), the
@@ -143,7 +212,7 @@ fn to_ms(time: SystemTime) -> u64 {
 }
 
 fn from_ms(ms: u64) -> SystemTime {
-    std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)
+    std::time::UNIX_EPOCH + Duration::from_millis(ms)
 }
 
 #[derive(Default)]
@@ -165,6 +234,71 @@ impl Inner {
             self.names.len() - 1
         });
         u16::try_from(index).unwrap_or(u16::MAX)
+    }
+
+    /// Apply a change to one send; `true` if it became final.
+    fn apply(&mut self, id: EventId, transition: Transition, now: u64) -> bool {
+        let Some(status) = self.by_id.get_mut(&id) else {
+            return false;
+        };
+        status.updated_ms = now;
+        if let Some(detail) = status.detail.as_deref_mut() {
+            detail.next_attempt_at = None;
+        }
+        match transition {
+            Transition::Attempting { attempts } => {
+                status.state = State::InFlight;
+                status.attempts = attempts;
+            }
+            Transition::Delivered(response) => {
+                status.state = State::Delivered;
+                if response.is_some() || status.detail.is_some() {
+                    status.detail().response = response;
+                }
+            }
+            Transition::Retrying {
+                error,
+                response,
+                next_attempt_at,
+            } => {
+                status.state = State::Retrying;
+                let detail = status.detail();
+                detail.last_error = Some(error);
+                detail.response = response;
+                detail.next_attempt_at = Some(next_attempt_at);
+            }
+            Transition::Dead { error, response } => {
+                status.state = State::Dead;
+                let detail = status.detail();
+                detail.last_error = Some(error);
+                detail.response = response;
+            }
+        }
+        if !status.state.is_final() {
+            return false;
+        }
+        let generation = status.generation;
+        self.finished.push_back((id, generation, now));
+        true
+    }
+
+    /// Forget the oldest finished sends beyond the retention.
+    fn evict(&mut self, retention: StatusRetention, now: u64) {
+        let max_age = retention.age.as_millis() as u64;
+        while self.finished.len() > retention.count
+            || self
+                .finished
+                .front()
+                .is_some_and(|(_, _, at)| now.saturating_sub(*at) > max_age)
+        {
+            let Some((old, finished_in, _)) = self.finished.pop_front() else {
+                break;
+            };
+            let current = self.by_id.get(&old).map(|e| (e.generation, e.state));
+            if current.is_some_and(|(g, state)| g == finished_in && state.is_final()) {
+                self.by_id.remove(&old);
+            }
+        }
     }
 }
 
@@ -194,12 +328,12 @@ impl Entry {
 }
 
 impl StatusBook {
-    /// A book that remembers up to `retain_finished` finished sends.
-    pub fn new(retain_finished: usize) -> Self {
+    /// A book that remembers finished sends within `retention`.
+    pub fn new(retention: StatusRetention) -> Self {
         Self {
-            retain_finished,
+            retention,
             inner: Mutex::new(Inner::default()),
-            finished: tokio::sync::Notify::new(),
+            waiters: FinalWaiters::default(),
         }
     }
 
@@ -207,7 +341,7 @@ impl StatusBook {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Record these envelopes as queued.
+    /// Record these envelopes as queued (again, for a replay: a new generation).
     pub fn queued(&self, envelopes: &[Envelope]) {
         let now = to_ms(SystemTime::now());
         let mut inner = self.lock();
@@ -234,123 +368,54 @@ impl StatusBook {
         }
     }
 
-    /// Put back statuses as they were (a replay the queue refused).
-    pub(crate) fn restore(&self, statuses: Vec<SendStatus>) {
-        let mut inner = self.lock();
-        for status in statuses {
-            let detail = (status.last_error.is_some()
-                || status.response.is_some()
-                || status.next_attempt_at.is_some())
-            .then(|| {
-                Box::new(Detail {
-                    last_error: status.last_error,
-                    response: status.response,
-                    next_attempt_at: status.next_attempt_at,
-                })
-            });
-            let generation = inner.by_id.get(&status.id).map_or(0, |e| e.generation);
-            let destination = inner.name_index(&status.destination);
-            inner.by_id.insert(
-                status.id,
-                Entry {
-                    destination,
-                    run: status.run,
-                    created_ms: to_ms(status.created_at),
-                    updated_ms: to_ms(status.updated_at),
-                    state: status.state,
-                    attempts: status.attempts,
-                    generation,
-                    detail,
-                },
-            );
-        }
-    }
-
-    /// Forget these sends (they were refused after all).
-    pub fn forget(&self, ids: impl IntoIterator<Item = EventId>) {
-        let mut inner = self.lock();
-        for id in ids {
-            inner.by_id.remove(&id);
-        }
-    }
-
-    /// Apply a change to one send.
+    /// Apply one change to one send.
     pub fn apply(&self, id: EventId, transition: Transition) {
         let now = to_ms(SystemTime::now());
         let mut inner = self.lock();
-        let Some(status) = inner.by_id.get_mut(&id) else {
-            return;
-        };
-        status.updated_ms = now;
-        if let Some(detail) = status.detail.as_deref_mut() {
-            detail.next_attempt_at = None;
-        }
-        match transition {
-            Transition::Attempting => {
-                status.state = State::InFlight;
-                status.attempts += 1;
-            }
-            Transition::Delivered(response) => {
-                status.state = State::Delivered;
-                if response.is_some() || status.detail.is_some() {
-                    status.detail().response = response;
-                }
-            }
-            Transition::Retrying {
-                error,
-                response,
-                next_attempt_at,
-            } => {
-                status.state = State::Retrying;
-                let detail = status.detail();
-                detail.last_error = Some(error);
-                detail.response = response;
-                detail.next_attempt_at = Some(next_attempt_at);
-            }
-            Transition::Dead { error, response } => {
-                status.state = State::Dead;
-                let detail = status.detail();
-                detail.last_error = Some(error);
-                detail.response = response;
-            }
-        }
-        if status.state.is_final() {
-            let generation = status.generation;
-            inner.finished.push_back((id, generation));
-            while inner.finished.len() > self.retain_finished {
-                if let Some((old, finished_in)) = inner.finished.pop_front() {
-                    let current = inner.by_id.get(&old).map(|e| (e.generation, e.state));
-                    if current.is_some_and(|(g, state)| g == finished_in && state.is_final()) {
-                        inner.by_id.remove(&old);
-                    }
-                }
-            }
+        if inner.apply(id, transition, now) {
+            inner.evict(self.retention, now);
             drop(inner);
-            self.finished.notify_waiters();
+            self.waiters.finished([&id]);
         }
     }
 
-    /// The status of one send once it is final (delivered or dead), or as it is when `timeout`
-    /// passes first. `None` if the send is unknown.
-    pub async fn wait_final(
-        &self,
-        id: EventId,
-        timeout: std::time::Duration,
-    ) -> Option<SendStatus> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            // Register interest before looking, so a change in between is not missed.
-            let finished = self.finished.notified();
-            tokio::pin!(finished);
-            finished.as_mut().enable();
-            let status = self.get(id)?;
-            if status.state.is_final() {
-                return Some(status);
-            }
-            if tokio::time::timeout_at(deadline, finished).await.is_err() {
-                return self.get(id);
+    /// Apply a settlement's changes, under one lock.
+    pub fn settled(&self, settlement: &Settlement) {
+        let now = to_ms(SystemTime::now());
+        let mut inner = self.lock();
+        for s in &settlement.delivered {
+            inner.apply(
+                s.envelope.id,
+                Transition::Delivered(s.response.clone()),
+                now,
+            );
+        }
+        if let Some(retry) = &settlement.retry {
+            for s in &retry.sends {
+                inner.apply(
+                    s.envelope.id,
+                    Transition::Retrying {
+                        error: s.error.clone().unwrap_or_default(),
+                        response: s.response.clone(),
+                        next_attempt_at: retry.at,
+                    },
+                    now,
+                );
             }
         }
+        for s in &settlement.dead {
+            inner.apply(
+                s.envelope.id,
+                Transition::Dead {
+                    error: s.error.clone().unwrap_or_default(),
+                    response: s.response.clone(),
+                },
+                now,
+            );
+        }
+        inner.evict(self.retention, now);
+        drop(inner);
+        self.waiters.finished(settlement.finished().map(|e| &e.id));
     }
 
     /// The status of one send, if it is still remembered.
@@ -373,19 +438,51 @@ impl StatusBook {
     }
 }
 
+#[async_trait]
+impl StatusStore for StatusBook {
+    async fn get(&self, id: EventId) -> Result<Option<SendStatus>, QueueError> {
+        Ok(StatusBook::get(self, id))
+    }
+
+    fn attempting(&self, envelopes: &[Envelope]) {
+        let now = to_ms(SystemTime::now());
+        let mut inner = self.lock();
+        for e in envelopes {
+            inner.apply(
+                e.id,
+                Transition::Attempting {
+                    attempts: e.attempts,
+                },
+                now,
+            );
+        }
+    }
+
+    fn waiters(&self) -> &FinalWaiters {
+        &self.waiters
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use bytes::Bytes;
 
+    fn keep(count: usize) -> StatusRetention {
+        StatusRetention {
+            count,
+            age: Duration::from_secs(3600),
+        }
+    }
+
     #[test]
     fn walks_the_states_and_forgets_old_finished_sends_first() {
-        let book = StatusBook::new(1);
+        let book = StatusBook::new(keep(1));
         let a = Envelope::new("d".into(), None, Bytes::new());
         let b = Envelope::new("d".into(), None, Bytes::new());
         let c = Envelope::new("d".into(), None, Bytes::new());
         book.queued(&[a.clone(), b.clone(), c.clone()]);
-        book.apply(a.id, Transition::Attempting);
+        book.apply(a.id, Transition::Attempting { attempts: 1 });
         let s = book.get(a.id).unwrap_or_else(|| panic!("known"));
         assert_eq!((s.state, s.attempts), (State::InFlight, 1));
         book.apply(
@@ -416,7 +513,7 @@ mod tests {
 
     #[test]
     fn a_replayed_send_is_not_forgotten_for_its_earlier_finish() {
-        let book = StatusBook::new(1);
+        let book = StatusBook::new(keep(1));
         let a = Envelope::new("d".into(), None, Bytes::new());
         let b = Envelope::new("d".into(), None, Bytes::new());
         book.queued(&[a.clone(), b.clone()]);
@@ -428,5 +525,39 @@ mod tests {
         book.queued(std::slice::from_ref(&a)); // replayed under the same id
         book.apply(b.id, dead()); // evicts a's earlier finish, not a itself
         assert_eq!(book.get(a.id).map(|s| s.state), Some(State::Queued));
+    }
+
+    #[test]
+    fn finished_sends_older_than_the_retention_age_are_forgotten() {
+        let book = StatusBook::new(StatusRetention {
+            count: 100,
+            age: Duration::ZERO,
+        });
+        let a = Envelope::new("d".into(), None, Bytes::new());
+        let b = Envelope::new("d".into(), None, Bytes::new());
+        book.queued(&[a.clone(), b.clone()]);
+        book.apply(a.id, Transition::Delivered(None));
+        std::thread::sleep(Duration::from_millis(5));
+        book.apply(b.id, Transition::Delivered(None));
+        assert!(book.get(a.id).is_none(), "older than the age");
+    }
+
+    #[tokio::test]
+    async fn a_finish_wakes_only_the_waiters_of_that_send() {
+        let book = StatusBook::new(keep(10));
+        let a = Envelope::new("d".into(), None, Bytes::new());
+        let b = Envelope::new("d".into(), None, Bytes::new());
+        book.queued(&[a.clone(), b.clone()]);
+        let mut on_a = book.waiters().register(a.id);
+        let mut on_b = book.waiters().register(b.id);
+        book.apply(a.id, Transition::Delivered(None));
+        assert!(on_a.try_recv().is_ok(), "a's waiter woken");
+        assert!(on_b.try_recv().is_err(), "b's waiter still waits");
+        let waited = book.wait_final(b.id, Duration::from_millis(10)).await;
+        assert_eq!(
+            waited.ok().flatten().map(|s| s.state),
+            Some(State::Queued),
+            "as it is at the timeout"
+        );
     }
 }

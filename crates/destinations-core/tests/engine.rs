@@ -7,8 +7,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use destinations_core::prelude::*;
-use destinations_core::{HubConfig, OnRunError, QueueCapacity, QueueFull};
+use destinations_core::{
+    CapacityFull, DeadLetterFilter, HubConfig, InstanceShare, OnRunError, QueueBounds, QueueConfig,
+    QueueError, SendStatus,
+};
 use serde_json::json;
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 /// Records each delivery attempt (when, which markers) and answers as its script says.
@@ -17,6 +21,9 @@ struct Scripted {
     answer: Box<dyn Fn(u32) -> Report + Send + Sync>,
     attempts: Mutex<Vec<(Instant, Vec<u64>, u32)>>,
     hang: bool,
+    /// Each delivery takes a permit first (none at the start: deliveries wait until the test
+    /// adds some).
+    gate: Option<Arc<Semaphore>>,
 }
 
 impl Scripted {
@@ -26,7 +33,21 @@ impl Scripted {
             answer: Box::new(answer),
             attempts: Mutex::new(Vec::new()),
             hang: false,
+            gate: None,
         })
+    }
+
+    /// Delivers once the test opens the gate, one delivery per permit added.
+    fn gated() -> (Arc<Self>, Arc<Semaphore>) {
+        let gate = Arc::new(Semaphore::new(0));
+        let d = Arc::new(Self {
+            policy: BatchPolicy::one_per_send(),
+            answer: Box::new(|_| Report::delivered()),
+            attempts: Mutex::new(Vec::new()),
+            hang: false,
+            gate: Some(gate.clone()),
+        });
+        (d, gate)
     }
 
     /// Batches of up to `max_events`, flushed after `max_age`, answered by `answer`.
@@ -44,6 +65,7 @@ impl Scripted {
             answer: Box::new(answer),
             attempts: Mutex::new(Vec::new()),
             hang: false,
+            gate: None,
         })
     }
 
@@ -54,6 +76,7 @@ impl Scripted {
             answer: Box::new(|_| Report::delivered()),
             attempts: Mutex::new(Vec::new()),
             hang: true,
+            gate: None,
         })
     }
 
@@ -102,6 +125,11 @@ impl Destination for Scripted {
         if self.hang {
             std::future::pending::<()>().await;
         }
+        if let Some(gate) = &self.gate
+            && let Ok(permit) = gate.acquire().await
+        {
+            permit.forget();
+        }
         BatchOutcome::All((self.answer)(attempt))
     }
 }
@@ -118,6 +146,41 @@ fn send(hub: &Hub, marker: u64) -> EventId {
     hub.sender()
         .to("d", &json!({ "marker": marker }))
         .unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn status(hub: &Hub, id: EventId) -> SendStatus {
+    hub.status(id)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("send {id} has no status"))
+}
+
+async fn final_status(hub: &Hub, id: EventId) -> SendStatus {
+    hub.wait_final(id, Duration::from_secs(3600))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("send {id} has no status"))
+}
+
+async fn dead_letters(hub: &Hub) -> Vec<destinations_core::DeadLetter> {
+    hub.dead_letters(usize::MAX)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Hub settings with these queue bounds, no waiting for room.
+fn bounded(max_events: usize) -> HubConfig {
+    HubConfig {
+        queue: QueueConfig {
+            bounds: QueueBounds {
+                max_events,
+                max_bytes: 1 << 20,
+            },
+            wait: Duration::ZERO,
+            ..QueueConfig::default()
+        },
+        ..HubConfig::default()
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -144,7 +207,7 @@ async fn retries_back_off_exponentially_within_full_jitter() {
     }
     let total = attempts[5].0 - attempts[0].0;
     assert!(total <= Duration::from_secs(1 + 2 + 4 + 8 + 16));
-    let status = hub.status(id).unwrap_or_else(|| panic!("status"));
+    let status = status(&hub, id).await;
     assert_eq!((status.state, status.attempts), (State::Delivered, 6));
     assert_eq!(status.last_error.as_deref(), Some("503"));
 }
@@ -164,7 +227,7 @@ async fn retry_after_is_honoured() {
     let attempts = d.attempts();
     assert_eq!(attempts.len(), 2);
     assert!(attempts[1].0 - attempts[0].0 >= Duration::from_secs(42));
-    assert_eq!(hub.status(id).map(|s| s.state), Some(State::Delivered));
+    assert_eq!(status(&hub, id).await.state, State::Delivered);
 }
 
 #[tokio::test(start_paused = true)]
@@ -181,9 +244,9 @@ async fn the_attempt_budget_ends_in_a_dead_letter_with_the_reason() {
     let id = send(&hub, 7);
     hub.shutdown_within(Duration::from_secs(3600)).await;
     assert_eq!(d.attempts().len(), 3);
-    let status = hub.status(id).unwrap_or_else(|| panic!("status"));
+    let status = status(&hub, id).await;
     assert_eq!(status.state, State::Dead);
-    let letters = hub.dead_letters(10);
+    let letters = dead_letters(&hub).await;
     assert_eq!(letters.len(), 1);
     assert_eq!(
         letters[0].reason,
@@ -276,16 +339,9 @@ async fn a_batch_that_fails_is_retried_as_the_same_batch() {
 
 #[tokio::test]
 async fn a_full_queue_refuses_a_whole_run_and_keeps_nothing_of_it() {
-    let config = HubConfig {
-        queue: QueueCapacity {
-            max_events: 3,
-            max_bytes: 1 << 20,
-        },
-        ..HubConfig::default()
-    };
     // Hang deliveries so nothing leaves the queue while we fill it.
     let hanging = Scripted::hanging();
-    let hub = hub(hanging.clone(), InstanceSettings::default(), config);
+    let hub = hub(hanging.clone(), InstanceSettings::default(), bounded(3));
     let run = hub.begin_run("big");
     let ids: Vec<EventId> = (0..5)
         .map(|m| {
@@ -294,32 +350,41 @@ async fn a_full_queue_refuses_a_whole_run_and_keeps_nothing_of_it() {
                 .unwrap_or_else(|e| panic!("{e}"))
         })
         .collect();
-    match run.finish().await {
-        Err(SendError::QueueFull(QueueFull::Events {
+    let refused = run
+        .finish()
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("refused"));
+    match &refused.error {
+        SendError::Queue(QueueError::Full(CapacityFull {
             pending: 0,
             limit: 3,
             asked: 5,
+            ..
         })) => {}
         other => panic!("expected queue full, got {other:?}"),
     }
-    assert!(
-        ids.iter().all(|id| hub.status(*id).is_none()),
-        "nothing of the run was kept"
-    );
+    for id in &ids {
+        assert!(
+            hub.status(*id).await.ok().flatten().is_none(),
+            "nothing of the run was kept"
+        );
+    }
     assert_eq!(hub.queue_depth().events, 0);
+    assert_eq!(refused.into_run().held(), 5, "the run comes back whole");
     for m in 0..3 {
         send(&hub, m);
     }
     let refused = hub.sender().to("d", &json!({"marker": 9}));
     let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(
-        message.contains("queue is full") && message.contains("queue.max_events"),
+        message.contains("queue is full for `d`") && message.contains("queue.max_events"),
         "{message}"
     );
     // Everything accepted is accounted for at shutdown: dead-lettered with the reason.
     let report = hub.shutdown_within(Duration::from_millis(50)).await;
     assert_eq!(report.abandoned, 3);
-    let letters = hub.dead_letters(10);
+    let letters = dead_letters(&hub).await;
     assert_eq!(letters.len(), 3);
     assert!(
         letters
@@ -332,17 +397,137 @@ async fn a_full_queue_refuses_a_whole_run_and_keeps_nothing_of_it() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_refused_finish_gives_the_run_back_to_finish_again() {
+    let (d, gate) = Scripted::gated();
+    let hub = hub(d.clone(), InstanceSettings::default(), bounded(2));
+    let first = hub.begin_run("first");
+    for m in 0..2 {
+        first
+            .send()
+            .to("d", &json!({ "marker": m }))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    first.finish().await.unwrap_or_else(|e| panic!("{e}"));
+    let second = hub.begin_run("second");
+    let ids: Vec<EventId> = (2..4)
+        .map(|m| {
+            second
+                .send()
+                .to("d", &json!({ "marker": m }))
+                .unwrap_or_else(|e| panic!("{e}"))
+        })
+        .collect();
+    let refused = second
+        .finish()
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("the queue is full"));
+    assert!(
+        matches!(refused.error, SendError::Queue(QueueError::Full(_))),
+        "{refused}"
+    );
+    let second = refused.into_run();
+    gate.add_permits(2);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        second.finish().await.unwrap_or_else(|e| panic!("{e}")),
+        ids,
+        "the same sends"
+    );
+    gate.add_permits(2);
+    hub.shutdown_within(Duration::from_secs(60)).await;
+    let mut markers: Vec<u64> = d.attempts().into_iter().flat_map(|a| a.1).collect();
+    markers.sort_unstable();
+    assert_eq!(markers, [0, 1, 2, 3]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_instance_makes_a_run_wait_for_room_instead_of_refusing() {
+    let (d, gate) = Scripted::gated();
+    let mut config = bounded(1);
+    config.queue.wait = Duration::from_secs(5);
+    let hub = hub(d.clone(), InstanceSettings::default(), config);
+    send(&hub, 0);
+    let waiting = tokio::spawn({
+        let hub = hub.clone();
+        async move {
+            let run = hub.begin_run("r");
+            run.send()
+                .to("d", &json!({"marker": 1}))
+                .unwrap_or_else(|e| panic!("{e}"));
+            run.finish().await.map_err(|e| e.error)
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!waiting.is_finished(), "waits while the instance is full");
+    gate.add_permits(1);
+    let released = waiting.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        released.map(|ids| ids.len()).ok(),
+        Some(1),
+        "taken once the first was delivered"
+    );
+    // And refused at the bound when no room comes.
+    let started = Instant::now();
+    let run = hub.begin_run("late");
+    run.send()
+        .to("d", &json!({"marker": 2}))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(run.finish().await.is_err());
+    assert_eq!(started.elapsed(), Duration::from_secs(5));
+    gate.add_permits(10);
+    hub.shutdown_within(Duration::from_secs(60)).await;
+}
+
+#[tokio::test]
+async fn one_stuck_instance_does_not_make_another_refuse() {
+    let stuck = Scripted::hanging();
+    let ok = Scripted::new(|_| Report::delivered());
+    let hub = Hub::builder()
+        .config(bounded(10))
+        .destination("stuck", stuck, InstanceSettings::default())
+        .destination("ok", ok.clone(), InstanceSettings::default())
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The stuck instance takes what it may: its reserved share and the shared overflow.
+    let mut taken = 0;
+    while hub.sender().to("stuck", &json!({"marker": taken})).is_ok() {
+        taken += 1;
+    }
+    assert_eq!(
+        taken, 8,
+        "10 in all: its 2 reserved and the 6 shared, not the other's 2"
+    );
+    let full = hub
+        .sender()
+        .to("stuck", &json!({"marker": 99}))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        full.contains("`stuck` is past its reserved share"),
+        "{full}"
+    );
+    let id = hub
+        .sender()
+        .to("ok", &json!({"marker": 1}))
+        .unwrap_or_else(|e| panic!("the other instance still takes sends: {e}"));
+    assert_eq!(final_status(&hub, id).await.state, State::Delivered);
+    hub.shutdown_within(Duration::ZERO).await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn shutdown_dead_letters_a_retry_that_is_not_due_before_the_deadline() {
     let d = Scripted::new(|_| Report::retry_after("busy", Some(Duration::from_secs(300))));
     let hub = hub(d.clone(), InstanceSettings::default(), HubConfig::default());
     let id = send(&hub, 1);
     let report = hub.shutdown_within(Duration::from_secs(10)).await;
     assert_eq!(report.abandoned, 1);
-    let status = hub.status(id).unwrap_or_else(|| panic!("status"));
+    let status = status(&hub, id).await;
     assert_eq!(status.state, State::Dead);
     let error = status.last_error.unwrap_or_default();
     assert!(
-        error.contains("waiting to retry") && error.contains("busy"),
+        error.contains("waited to retry") && error.contains("busy"),
         "{error}"
     );
 }
@@ -386,7 +571,7 @@ async fn sends_are_validated_and_a_finished_run_takes_no_more() {
 }
 
 #[tokio::test]
-async fn dead_letters_replay_with_their_ids_and_a_fresh_budget() {
+async fn dead_letters_replay_with_their_ids_their_time_and_a_fresh_budget() {
     let fail = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let flag = fail.clone();
     let d = Scripted::new(move |_| {
@@ -398,16 +583,66 @@ async fn dead_letters_replay_with_their_ids_and_a_fresh_budget() {
     });
     let hub = hub(d.clone(), InstanceSettings::default(), HubConfig::default());
     let id = send(&hub, 1);
-    // Wait for the dead letter through the status, yielding to the runtime between looks.
-    while hub.status(id).map(|s| s.state) != Some(State::Dead) {
-        tokio::task::yield_now().await;
-    }
+    let dead = final_status(&hub, id).await;
+    assert_eq!(dead.state, State::Dead);
     fail.store(false, std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(hub.replay_dead_letters(None).unwrap_or_default(), vec![id]);
-    assert!(hub.dead_letters(10).is_empty());
+    let replayed = hub
+        .replay_dead_letters(&DeadLetterFilter::default(), 1000)
+        .await
+        .unwrap_or_default();
+    assert_eq!(replayed, vec![id]);
+    assert!(dead_letters(&hub).await.is_empty());
     hub.shutdown().await;
-    let status = hub.status(id).unwrap_or_else(|| panic!("status"));
+    let status = status(&hub, id).await;
     assert_eq!((status.state, status.attempts), (State::Delivered, 1));
+    assert_eq!(
+        status.created_at, dead.created_at,
+        "a replay keeps when it was sent"
+    );
+}
+
+#[tokio::test]
+async fn replay_selects_by_destination_and_a_replayed_send_can_die_again() {
+    let a = Scripted::new(|_| Report::failed("404"));
+    let b = Scripted::new(|_| Report::failed("404"));
+    let hub = Hub::builder()
+        .destination("a", a.clone(), InstanceSettings::default())
+        .destination("b", b, InstanceSettings::default())
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let to = |name: &str| {
+        hub.sender()
+            .to(name, &json!({"marker": 1}))
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let (ia, ib) = (to("a"), to("b"));
+    final_status(&hub, ia).await;
+    final_status(&hub, ib).await;
+    let only_a = DeadLetterFilter {
+        destination: Some("a".into()),
+        ..DeadLetterFilter::default()
+    };
+    let replayed = hub
+        .replay_dead_letters(&only_a, 1000)
+        .await
+        .unwrap_or_default();
+    assert_eq!(replayed, vec![ia], "only a's letter");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let again = final_status(&hub, ia).await;
+    assert_eq!(
+        (again.state, again.attempts),
+        (State::Dead, 1),
+        "dead again, counted afresh"
+    );
+    let letters: Vec<EventId> = dead_letters(&hub)
+        .await
+        .iter()
+        .map(|l| l.envelope.id)
+        .collect();
+    assert_eq!(letters.len(), 2);
+    assert!(letters.contains(&ia) && letters.contains(&ib));
+    assert_eq!(a.attempts().len(), 2);
+    hub.shutdown().await;
 }
 
 #[tokio::test]
@@ -502,7 +737,7 @@ async fn a_destination_that_panics_is_retried_and_shutdown_still_ends() {
     let id = send(&hub, 1);
     let report = hub.shutdown_within(Duration::from_secs(3600)).await;
     assert_eq!(report.abandoned, 0);
-    let status = hub.status(id).unwrap_or_else(|| panic!("status"));
+    let status = status(&hub, id).await;
     assert_eq!((status.state, status.attempts), (State::Delivered, 2));
     assert!(
         status.last_error.unwrap_or_default().contains("panicked"),
@@ -573,7 +808,7 @@ async fn shutdown_takes_the_sends_deliveries_make_and_flushes_aged_batches() {
         vec![0, 1, 2, 3, 4],
         "the forwarded sends were taken while draining, and their hour-long batch went out at once"
     );
-    assert!(hub.dead_letters(10).is_empty());
+    assert!(dead_letters(&hub).await.is_empty());
 }
 
 #[tokio::test]
@@ -581,14 +816,18 @@ async fn a_replay_the_queue_refuses_leaves_the_dead_letters_as_they_were() {
     let dead = Scripted::new(|_| Report::failed("404"));
     let stuck = Scripted::hanging();
     let hub = Hub::builder()
-        .config(HubConfig {
-            queue: QueueCapacity {
-                max_events: 1,
-                max_bytes: 1 << 20,
+        .config(bounded(2))
+        .destination(
+            "dead",
+            dead,
+            InstanceSettings {
+                queue: InstanceShare {
+                    max_events: Some(1),
+                    ..InstanceShare::default()
+                },
+                ..InstanceSettings::default()
             },
-            ..HubConfig::default()
-        })
-        .destination("dead", dead, InstanceSettings::default())
+        )
         .destination("stuck", stuck, InstanceSettings::default())
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
@@ -596,21 +835,117 @@ async fn a_replay_the_queue_refuses_leaves_the_dead_letters_as_they_were() {
         .sender()
         .to("dead", &json!({"marker": 1}))
         .unwrap_or_else(|e| panic!("{e}"));
-    let status = hub.wait_final(id, Duration::from_secs(30)).await;
-    assert_eq!(status.map(|s| s.state), Some(State::Dead));
-    // The only slot is taken by a send that never finishes.
-    hub.sender()
-        .to("stuck", &json!({"marker": 2}))
-        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(final_status(&hub, id).await.state, State::Dead);
+    // The shared room is taken by sends that never finish.
+    while hub.sender().to("stuck", &json!({"marker": 2})).is_ok() {}
     assert!(matches!(
-        hub.replay_dead_letters(None),
-        Err(SendError::QueueFull(_))
+        hub.replay_dead_letters(&DeadLetterFilter::default(), 1000)
+            .await,
+        Err(SendError::Queue(QueueError::Full(_)))
     ));
-    let status = hub
-        .status(id)
-        .unwrap_or_else(|| panic!("the status is kept"));
+    let status = status(&hub, id).await;
     assert_eq!(status.state, State::Dead);
     assert_eq!(status.last_error.as_deref(), Some("404"));
-    assert_eq!(hub.dead_letters(10).len(), 1, "still a dead letter");
+    assert_eq!(dead_letters(&hub).await.len(), 1, "still a dead letter");
     hub.shutdown_within(Duration::ZERO).await;
+}
+
+/// Panics naming the batch group of marker 1.
+struct PanickyGroups(Arc<Scripted>);
+
+#[async_trait]
+impl Destination for PanickyGroups {
+    fn kind(&self) -> &'static str {
+        "panicky"
+    }
+    fn validate(&self, payload: &[u8]) -> Result<(), InvalidPayload> {
+        self.0.validate(payload)
+    }
+    fn batch_policy(&self) -> BatchPolicy {
+        BatchPolicy {
+            max_events: 10,
+            max_bytes: usize::MAX,
+            max_age: Duration::from_secs(1),
+        }
+    }
+    fn batch_group(&self, payload: &[u8]) -> Option<String> {
+        assert!(
+            !payload.starts_with(br#"{"marker":1}"#),
+            "no group for marker 1"
+        );
+        None
+    }
+    async fn deliver(&self, batch: &Batch) -> BatchOutcome {
+        self.0.deliver(batch).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_destination_that_panics_naming_a_group_loses_nothing() {
+    let d = Scripted::new(|_| Report::delivered());
+    let hub = Hub::builder()
+        .destination(
+            "d",
+            Arc::new(PanickyGroups(d.clone())),
+            InstanceSettings::default(),
+        )
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ids: Vec<EventId> = (0..4).map(|m| send(&hub, m)).collect();
+    let report = hub.shutdown_within(Duration::from_secs(60)).await;
+    assert_eq!(report.abandoned, 0);
+    for id in ids {
+        assert_eq!(status(&hub, id).await.state, State::Delivered);
+    }
+    let mut markers: Vec<u64> = d.attempts().into_iter().flat_map(|a| a.1).collect();
+    markers.sort_unstable();
+    assert_eq!(markers, [0, 1, 2, 3]);
+    assert_eq!(hub.queue_depth().events, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn extreme_retry_settings_cannot_hang_shutdown() {
+    let d = Scripted::new(|_| Report::retry_after("503", Some(Duration::MAX)));
+    let settings = InstanceSettings {
+        retry: serde_json::from_value(json!({"max_delay": "99years", "max_age": "99years"}))
+            .unwrap_or_else(|e| panic!("{e}")),
+        ..InstanceSettings::default()
+    };
+    let hub = hub(d.clone(), settings, HubConfig::default());
+    let id = send(&hub, 1);
+    let report = hub.shutdown_within(Duration::from_secs(1)).await;
+    assert_eq!(report.abandoned, 1, "given up at the deadline, not hung");
+    assert_eq!(status(&hub, id).await.state, State::Dead);
+    assert!(
+        serde_json::from_value::<RetryPolicy>(json!({"max_delay": "300000000000y"})).is_err(),
+        "durations past 100 years are refused at config time"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_budget_ages_on_the_monotonic_clock() {
+    // The paused clock moves tokio's monotonic time only: the budget must run out on it.
+    let d = Scripted::new(|_| Report::retry_after("busy", Some(Duration::from_secs(4))));
+    let settings = InstanceSettings {
+        retry: RetryPolicy {
+            max_age: Duration::from_secs(10),
+            ..RetryPolicy::default()
+        },
+        ..InstanceSettings::default()
+    };
+    let hub = hub(d.clone(), settings, HubConfig::default());
+    let id = send(&hub, 1);
+    let dead = final_status(&hub, id).await;
+    assert_eq!(dead.state, State::Dead);
+    assert_eq!(
+        d.attempts().len(),
+        3,
+        "at 0 s, 4 s and 8 s; the next would start after 10 s"
+    );
+    assert!(
+        dead.last_error
+            .unwrap_or_default()
+            .contains("more than 10s after the send")
+    );
+    hub.shutdown().await;
 }

@@ -219,7 +219,7 @@ async fn every_send_arrives_once_with_its_headers_both_bodies_over_tls_as_the_us
             format!("{id}@example.com"),
             "the Message-ID carries the send id"
         );
-        let status = hub.status(ids[n]).unwrap_or_else(|| panic!("status"));
+        let status = destinations_testkit::status(&hub, ids[n]).await;
         assert_eq!(status.state, State::Delivered);
         let response = status.response.unwrap_or_else(|| panic!("a reply"));
         assert_eq!(response.status, Some(250));
@@ -295,7 +295,7 @@ async fn a_wrong_password_is_a_dead_letter_with_the_servers_reply_and_fails_heal
         .email(EmailSend::text("hi", "there"))
         .unwrap_or_else(|e| panic!("{e}"));
     hub.shutdown_within(Duration::from_secs(60)).await;
-    let letters = hub.dead_letters(10);
+    let letters = destinations_testkit::dead_letters(&hub).await;
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].envelope.attempts, 1, "not retried");
     assert!(
@@ -327,7 +327,7 @@ async fn a_deferred_recipient_is_retried_until_accepted_and_a_refused_one_is_dea
         .email(EmailSend::text("never", "x").to(["never@example.com"]))
         .unwrap_or_else(|e| panic!("{e}"));
     hub.shutdown_within(Duration::from_secs(60)).await;
-    let later = hub.status(later).unwrap_or_else(|| panic!("status"));
+    let later = destinations_testkit::status(&hub, later).await;
     assert_eq!((later.state, later.attempts), (State::Delivered, 3));
     assert!(
         later
@@ -336,7 +336,7 @@ async fn a_deferred_recipient_is_retried_until_accepted_and_a_refused_one_is_dea
             .is_some_and(|e| e.contains("451")),
         "{later:?}"
     );
-    let never = hub.status(never).unwrap_or_else(|| panic!("status"));
+    let never = destinations_testkit::status(&hub, never).await;
     assert_eq!((never.state, never.attempts), (State::Dead, 1));
     let error = never.last_error.unwrap_or_default();
     assert!(
@@ -456,9 +456,9 @@ async fn the_outbox_holds_one_parseable_eml_file_per_send() {
             message.body_html(0).as_deref().map(str::trim_end),
             Some("<i>html</i>")
         );
-        let location = hub
-            .status(*id)
-            .and_then(|s| s.response)
+        let location = destinations_testkit::status(&hub, *id)
+            .await
+            .response
             .and_then(|r| r.location);
         assert_eq!(
             location,
@@ -511,7 +511,7 @@ async fn starttls_is_required_unless_opportunistic_and_implicit_tls_works() {
         .email(EmailSend::text("s", "x"))
         .unwrap_or_else(|e| panic!("{e}"));
     strict.shutdown_within(Duration::from_secs(60)).await;
-    let letters = strict.dead_letters(10);
+    let letters = destinations_testkit::dead_letters(&strict).await;
     assert_eq!(letters.len(), 1);
     assert!(
         letters[0].reason.contains("does not offer STARTTLS"),
@@ -525,7 +525,11 @@ async fn starttls_is_required_unless_opportunistic_and_implicit_tls_works() {
         .email(EmailSend::text("o", "x"))
         .unwrap_or_else(|e| panic!("{e}"));
     relaxed.shutdown_within(Duration::from_secs(60)).await;
-    assert!(relaxed.dead_letters(10).is_empty());
+    assert!(
+        destinations_testkit::dead_letters(&relaxed)
+            .await
+            .is_empty()
+    );
     let mails = plain.messages();
     assert_eq!(mails.len(), 1);
     assert!(!mails[0].tls);
@@ -550,9 +554,12 @@ async fn starttls_is_required_unless_opportunistic_and_implicit_tls_works() {
         .unwrap_or_else(|e| panic!("{e}"));
     hub.shutdown_within(Duration::from_secs(60)).await;
     assert!(
-        hub.dead_letters(10).is_empty(),
+        destinations_testkit::dead_letters(&hub).await.is_empty(),
         "{:?}",
-        hub.dead_letters(10).first().map(|l| &l.reason)
+        destinations_testkit::dead_letters(&hub)
+            .await
+            .first()
+            .map(|l| &l.reason)
     );
     let mails = implicit.messages();
     assert_eq!(mails.len(), 1);
@@ -571,7 +578,7 @@ async fn an_untrusted_certificate_is_a_dead_letter() {
         .email(EmailSend::text("s", "x"))
         .unwrap_or_else(|e| panic!("{e}"));
     hub.shutdown_within(Duration::from_secs(60)).await;
-    let letters = hub.dead_letters(10);
+    let letters = destinations_testkit::dead_letters(&hub).await;
     assert_eq!(letters.len(), 1);
     assert!(
         letters[0].reason.to_lowercase().contains("certificate"),

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use destinations_core::{
     Batch, BatchOutcome, ConfigError, DeadLetter, Destination, Envelope, Hub, InvalidPayload,
-    Report, ResponseSummary, SendError, WeakHub, parse_strict,
+    QueueError, Report, ResponseSummary, SendError, WeakHub, parse_strict,
 };
 use destinations_http::{HttpDestination, HttpOptions, HttpRequest};
 use futures::future::BoxFuture;
@@ -256,19 +256,18 @@ impl EmitDestination {
                     ));
                 }
             }
-            match run.finish().await {
-                Ok(_) => {}
-                Err(SendError::QueueFull(full)) => {
-                    return Report::retry(format!(
+            // Inside a delivery the listeners' sends are queued with this emit's settlement;
+            // a refusal can only come from a queue that is full or stopping.
+            if let Err(refused) = run.finish().await {
+                return match refused.error {
+                    SendError::Queue(QueueError::Full(full)) => Report::retry(format!(
                         "the queue has no room for this emit's {} deliveries: {full}",
                         listeners.len()
-                    ));
-                }
-                Err(error) => {
-                    return Report::failed(format!(
+                    )),
+                    error => Report::failed(format!(
                         "this emit did not reach its listeners: {error} (replay the dead letter once the hub runs again)"
-                    ));
-                }
+                    )),
+                };
             }
         }
         self.history.record(HistoryEntry {

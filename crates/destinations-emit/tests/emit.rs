@@ -80,7 +80,10 @@ async fn one_emit_reaches_every_matching_subscriber_once() {
     hub.shutdown_within(Duration::from_secs(60)).await;
 
     for id in [order, refund] {
-        assert_eq!(hub.status(id).map(|s| s.state), Some(State::Delivered));
+        assert_eq!(
+            destinations_testkit::state(&hub, id).await,
+            Some(State::Delivered)
+        );
     }
     let bodies = |r: &Receiver| {
         r.accepted_requests()
@@ -133,7 +136,10 @@ async fn unsubscribing_stops_delivery() {
     assert_eq!(removed, Ok(true));
     let after = emit(&hub, "e", None, &json!({"n": 2}));
     hub.shutdown_within(Duration::from_secs(60)).await;
-    assert_eq!(hub.status(after).map(|s| s.state), Some(State::Delivered));
+    assert_eq!(
+        destinations_testkit::state(&hub, after).await,
+        Some(State::Delivered)
+    );
     let got = got.lock().unwrap_or_else(PoisonError::into_inner);
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].event_json(), json!({"n": 1}));
@@ -181,7 +187,7 @@ async fn a_failing_listener_is_retried_without_holding_up_the_others() {
     );
     assert_eq!(flaky.accepted_keys().len(), 1);
     assert_eq!(steady.requests().len(), 1);
-    assert!(hub.dead_letters(10).is_empty());
+    assert!(destinations_testkit::dead_letters(&hub).await.is_empty());
 }
 
 #[tokio::test]
@@ -246,7 +252,7 @@ async fn a_loop_of_listeners_stops_at_the_hop_limit() {
     }
     emit(&hub, "a", None, &json!({"start": true}));
     hub.shutdown_within(Duration::from_secs(60)).await;
-    let letters = hub.dead_letters(10);
+    let letters = destinations_testkit::dead_letters(&hub).await;
     assert_eq!(
         letters.len(),
         1,

@@ -50,7 +50,7 @@ async fn status_of_one(request: HttpRequest) -> (Hub, SendStatus) {
     let hub = loopback_hub();
     let id = hub.sender().http(request).unwrap_or_else(|e| panic!("{e}"));
     hub.shutdown_within(WITHIN).await;
-    let status = hub.status(id).unwrap_or_else(|| panic!("status of {id}"));
+    let status = destinations_testkit::status(&hub, id).await;
     (hub, status)
 }
 
@@ -154,15 +154,14 @@ async fn every_accepted_send_arrives_through_transient_failures() {
         let n = r.json()["n"].as_u64().unwrap_or(0);
         assert!(r.attempt == 1 || n % 5 != 0, "send {n} needed no retry");
     }
+    let mut statuses = Vec::new();
     for id in &ids {
-        let status = hub
-            .status(id.parse().unwrap_or_default())
-            .unwrap_or_else(|| panic!("status of {id}"));
+        let status = destinations_testkit::status(&hub, id.parse().unwrap_or_default()).await;
         assert_eq!(status.state, State::Delivered, "{id}: {status:?}");
+        statuses.push(status);
     }
-    let timed_out = ids
+    let timed_out = statuses
         .iter()
-        .filter_map(|id| hub.status(id.parse().unwrap_or_default()))
         .filter(|s| {
             s.attempts == 2
                 && s.last_error
@@ -197,7 +196,7 @@ async fn a_permanent_4xx_dead_letters_at_once_with_status_and_body() {
         response.body_excerpt.as_deref(),
         Some("no such hook: check the URL")
     );
-    let letters = hub.dead_letters(10);
+    let letters = destinations_testkit::dead_letters(&hub).await;
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].envelope.id, status.id);
     assert_eq!(receiver.requests().len(), 1, "not retried");
@@ -262,10 +261,12 @@ async fn shutdown_delivers_pending_work() {
     let report = hub.shutdown_within(WITHIN).await;
     assert_eq!(report.abandoned, 0);
     assert_eq!(receiver.accepted_keys().len(), 100);
-    assert!(
-        ids.iter()
-            .all(|id| hub.status(*id).map(|s| s.state) == Some(State::Delivered))
-    );
+    for id in &ids {
+        assert_eq!(
+            destinations_testkit::state(&hub, *id).await,
+            Some(State::Delivered)
+        );
+    }
     let after = hub.sender().http(HttpRequest::post(receiver.url("/")));
     assert!(matches!(after, Err(SendError::ShuttingDown)), "{after:?}");
 }
@@ -287,7 +288,7 @@ async fn the_ssrf_guard_refuses_loopback_unless_allow_listed() {
         .unwrap_or_else(|e| panic!("{e}"));
     hub.shutdown_within(WITHIN).await;
     for id in [literal, by_name] {
-        let status = hub.status(id).unwrap_or_else(|| panic!("status"));
+        let status = destinations_testkit::status(&hub, id).await;
         assert_eq!(status.state, State::Dead, "{status:?}");
         assert_eq!(status.attempts, 1, "a refusal is permanent");
         let error = status.last_error.unwrap_or_default();

@@ -311,7 +311,7 @@ async fn every_payload_lands_once_in_its_bucket_and_prefix_under_a_content_addre
 
     // Each send's status names the object it went into.
     for id in ids {
-        let status = hub.status(id).unwrap_or_else(|| panic!("status of {id}"));
+        let status = destinations_testkit::status(&hub, id).await;
         assert_eq!(status.state, State::Delivered);
         let location = status
             .response
@@ -449,7 +449,7 @@ async fn the_server_stopped_mid_run_loses_and_duplicates_nothing() {
     let (run, before) = send_run(0);
     run.finish().await.unwrap_or_else(|e| panic!("{e}"));
     for id in &before {
-        let status = hub.wait_final(*id, Duration::from_secs(30)).await;
+        let status = destinations_testkit::final_status(&hub, *id, Duration::from_secs(30)).await;
         assert_eq!(status.map(|s| s.state), Some(State::Delivered));
     }
 
@@ -469,12 +469,17 @@ async fn the_server_stopped_mid_run_loses_and_duplicates_nothing() {
         0
     );
     for id in before.iter().chain(&during) {
-        assert_eq!(hub.status(*id).map(|s| s.state), Some(State::Delivered));
+        assert_eq!(
+            destinations_testkit::state(&hub, *id).await,
+            Some(State::Delivered)
+        );
     }
-    let retried = during
-        .iter()
-        .filter(|id| hub.status(**id).is_some_and(|s| s.attempts >= 2))
-        .count();
+    let mut retried = 0;
+    for id in &during {
+        if destinations_testkit::status(&hub, *id).await.attempts >= 2 {
+            retried += 1;
+        }
+    }
     assert!(retried > 0, "some sends were retried through the outage");
     let mut all: Vec<u64> = download(&server, "outage")
         .await
@@ -513,7 +518,7 @@ async fn wrong_credentials_dead_letter_with_the_stores_reason_and_fail_health() 
         hub.shutdown_within(Duration::from_secs(60)).await.abandoned,
         0
     );
-    let letters = hub.dead_letters(usize::MAX);
+    let letters = destinations_testkit::dead_letters(&hub).await;
     assert_eq!(letters.len(), 5);
     for letter in &letters {
         assert_eq!(
@@ -528,7 +533,10 @@ async fn wrong_credentials_dead_letter_with_the_stores_reason_and_fail_health() 
         );
     }
     for id in ids {
-        assert_eq!(hub.status(id).map(|s| s.state), Some(State::Dead));
+        assert_eq!(
+            destinations_testkit::state(&hub, id).await,
+            Some(State::Dead)
+        );
     }
     assert!(download(&server, "locked").await.is_empty());
 }
@@ -553,7 +561,7 @@ async fn a_missing_bucket_fails_health_and_dead_letters_a_write() {
         .s3(S3Send::new("nowhere", "", &json!({"marker": 1})))
         .unwrap_or_else(|e| panic!("{e}"));
     hub.shutdown_within(Duration::from_secs(60)).await;
-    let letters = hub.dead_letters(10);
+    let letters = destinations_testkit::dead_letters(&hub).await;
     assert_eq!(letters.len(), 1);
     assert!(
         letters[0].reason.contains("bucket does not exist")
@@ -590,14 +598,17 @@ async fn a_partial_batch_is_written_when_its_age_is_reached() {
         })
         .collect();
     tokio::time::sleep(Duration::from_secs(59)).await;
-    assert_eq!(hub.status(ids[0]).map(|s| s.state), Some(State::Queued));
+    assert_eq!(
+        destinations_testkit::state(&hub, ids[0]).await,
+        Some(State::Queued)
+    );
     assert!(
         !folder.path().join("local").exists(),
         "nothing written before the age"
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     for id in &ids {
-        let status = hub.wait_final(*id, Duration::from_secs(5)).await;
+        let status = destinations_testkit::final_status(&hub, *id, Duration::from_secs(5)).await;
         assert_eq!(status.map(|s| s.state), Some(State::Delivered));
     }
     let files = files_under(&folder.path().join("local"));
@@ -720,7 +731,7 @@ async fn a_memory_store_takes_sends_and_names_their_objects() {
         .s3(S3Send::new("scratch", "tmp", &json!({"marker": 1})))
         .unwrap_or_else(|e| panic!("{e}"));
     hub.shutdown().await;
-    let status = hub.status(id).unwrap_or_else(|| panic!("status"));
+    let status = destinations_testkit::status(&hub, id).await;
     assert_eq!(status.state, State::Delivered);
     let location = status.response.and_then(|r| r.location).unwrap_or_default();
     assert!(

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
-use destinations::{DeadLetterSummary, EventId, Hub, parse_strict};
+use destinations::{DeadLetterFilter, DeadLetterSummary, EventId, Hub, parse_strict};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use serde_json::json;
@@ -24,6 +24,8 @@ pub(crate) struct AppState {
     pub(crate) hub: Hub,
     pub(crate) prometheus: Option<PrometheusHandle>,
     pub(crate) api_token: Option<String>,
+    /// Largest request body accepted.
+    pub(crate) max_request_bytes: usize,
 }
 
 type Shared = State<Arc<AppState>>;
@@ -31,9 +33,13 @@ type Shared = State<Arc<AppState>>;
 /// The longest `?wait=` a status request may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(60);
 
+/// The most dead letters one listing or replay call takes.
+const MAX_DEAD_LETTERS: usize = 1000;
+
 /// The API; `guarded` (the subscriptions API of the emit destination) sits behind the same
 /// token.
-pub(crate) fn router(state: Arc<AppState>, max_request_bytes: usize, guarded: Router) -> Router {
+pub(crate) fn router(state: Arc<AppState>, guarded: Router) -> Router {
+    let max_request_bytes = state.max_request_bytes;
     let guarded = if guarded.has_routes() {
         guarded.route_layer(middleware::from_fn_with_state(state.clone(), require_token))
     } else {
@@ -81,19 +87,27 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The body, or a JSON error: 413 past the size limit.
-fn body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                "the request body is over the server's max_request_bytes",
-            )
-        } else {
-            ApiError::new(rejection.status(), "bad_request", rejection.body_text())
-        }
-    })
+/// Read the body, up to the server's limit; 413 past it.
+async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, state.max_request_bytes)
+        .await
+        .map_err(|error| {
+            let too_large = std::error::Error::source(&error)
+                .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "the request body is over the server's max_request_bytes",
+                )
+            } else {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("the request body could not be read: {error}"),
+                )
+            }
+        })
 }
 
 #[derive(Deserialize)]
@@ -114,12 +128,15 @@ struct RunSend {
     payload: Box<RawValue>,
 }
 
-/// `POST /v1/runs`: validate every send, then enqueue all or none.
-async fn post_run(
-    State(state): Shared,
-    raw: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let raw = body(raw)?;
+/// `POST /v1/runs`: validate every send, then enqueue all or none. A queue with no room for
+/// anything refuses before the body is read (after waiting up to `hub.queue.wait` for room).
+async fn post_run(State(state): Shared, body: Body) -> Result<Response, ApiError> {
+    state
+        .hub
+        .wait_for_room(None)
+        .await
+        .map_err(|e| ApiError::from_send(e, ""))?;
+    let raw = read_body(&state, body).await?;
     let request: RunRequest = parse_strict(&raw).map_err(|e| ApiError::invalid(&e))?;
     let run_id = request
         .run_id
@@ -136,7 +153,7 @@ async fn post_run(
     } else {
         run.finish().await
     }
-    .map_err(|e| ApiError::from_send(e, "sends"))?;
+    .map_err(|refused| ApiError::from_send(refused.error, "sends"))?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({"run_id": run_id, "ids": ids})),
@@ -144,17 +161,25 @@ async fn post_run(
         .into_response())
 }
 
-/// `POST /v1/send/{destination}`: one send outside any run.
+/// `POST /v1/send/{destination}`: one send outside any run, answered once it is queued. An
+/// instance with no room refuses before the body is read.
 async fn post_send(
     State(state): Shared,
     Path(destination): Path<String>,
-    raw: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let raw = body(raw)?;
+    state
+        .hub
+        .wait_for_room(Some(&destination))
+        .await
+        .map_err(|e| ApiError::from_send(e, ""))?;
+    let raw = read_body(&state, body).await?;
+    // Answered once the send is as durable as the queue makes it.
     let id = state
         .hub
         .sender()
-        .json(&destination, raw)
+        .json_now(&destination, raw)
+        .await
         .map_err(|e| ApiError::from_send(e, ""))?;
     Ok((StatusCode::ACCEPTED, Json(json!({"id": id}))).into_response())
 }
@@ -188,8 +213,9 @@ async fn get_event(
             })?;
             state.hub.wait_final(id, wait.min(MAX_WAIT)).await
         }
-        None => state.hub.status(id),
-    };
+        None => state.hub.status(id).await,
+    }
+    .map_err(|e| ApiError::from_send(e.into(), ""))?;
     let status = status.ok_or_else(|| {
         ApiError::not_found(format!(
             "no send with id {id}: unknown, not yet released by its run, or finished long enough ago to be forgotten (hub.status_retention)"
@@ -208,45 +234,140 @@ async fn get_destinations(State(state): Shared) -> Response {
     Json(json!({ "destinations": list })).into_response()
 }
 
-#[derive(Deserialize)]
+/// Which dead letters: `destination`, and a time range on when they died (RFC 3339).
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct LimitQuery {
+struct DeadLetterQuery {
+    /// At most this many (capped at 1 000).
     limit: Option<usize>,
+    /// The `next` of the previous page.
+    after: Option<String>,
+    destination: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
 }
 
-async fn get_dead_letters(State(state): Shared, Query(query): Query<LimitQuery>) -> Response {
-    let letters: Vec<DeadLetterSummary> = state
+fn time(field: &str, text: Option<&str>) -> Result<Option<std::time::SystemTime>, ApiError> {
+    text.map(|text| {
+        humantime::parse_rfc3339_weak(text).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_payload",
+                format!("`{field}`: `{text}` is not a time ({e}); write e.g. 2026-12-01T10:00:00Z"),
+            )
+        })
+    })
+    .transpose()
+}
+
+fn limit(asked: Option<usize>) -> Result<usize, ApiError> {
+    match asked {
+        None => Ok(100),
+        Some(0) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_payload",
+            "`limit` must be at least 1",
+        )),
+        Some(n) => Ok(n.min(MAX_DEAD_LETTERS)),
+    }
+}
+
+/// `GET /v1/dead-letters?limit=&after=&destination=&since=&until=`: newest first, a page at a
+/// time.
+async fn get_dead_letters(
+    State(state): Shared,
+    Query(query): Query<DeadLetterQuery>,
+) -> Result<Response, ApiError> {
+    let filter = DeadLetterFilter {
+        ids: None,
+        destination: query.destination,
+        since: time("since", query.since.as_deref())?,
+        until: time("until", query.until.as_deref())?,
+    };
+    let unavailable = |e: destinations::QueueError| ApiError::from_send(e.into(), "");
+    let page = state
         .hub
-        .dead_letters(query.limit.unwrap_or(100))
-        .iter()
-        .map(DeadLetterSummary::from)
-        .collect();
-    Json(json!({"dead_letters": letters, "evicted": state.hub.dead_letters_evicted()}))
-        .into_response()
+        .dead_letter_page(&filter, query.after.as_deref(), limit(query.limit)?)
+        .await
+        .map_err(unavailable)?;
+    let evicted = state
+        .hub
+        .dead_letters_evicted()
+        .await
+        .map_err(unavailable)?;
+    let letters: Vec<DeadLetterSummary> =
+        page.letters.iter().map(DeadLetterSummary::from).collect();
+    Ok(
+        Json(json!({"dead_letters": letters, "next": page.next, "evicted": evicted}))
+            .into_response(),
+    )
 }
 
+/// Which dead letters to replay: by ids, by destination, by when they died; all of them when
+/// nothing is given. Up to `limit` (at most 1 000) per call.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct ReplayRequest {
     #[serde(default)]
     ids: Option<Vec<EventId>>,
+    #[serde(default)]
+    destination: Option<String>,
+    #[serde(default)]
+    since: Option<String>,
+    #[serde(default)]
+    until: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
 }
 
-async fn post_replay(
-    State(state): Shared,
-    raw: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let raw = body(raw)?;
+/// `POST /v1/dead-letters/replay`: in one step, so a refusal replays none.
+async fn post_replay(State(state): Shared, body: Body) -> Result<Response, ApiError> {
+    let raw = read_body(&state, body).await?;
     let request: ReplayRequest = if raw.is_empty() {
         ReplayRequest::default()
     } else {
         parse_strict(&raw).map_err(|e| ApiError::invalid(&e))?
     };
+    if let Some(ids) = &request.ids
+        && ids.len() > MAX_DEAD_LETTERS
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_payload",
+            format!(
+                "`ids`: {} ids, at most {MAX_DEAD_LETTERS} per call",
+                ids.len()
+            ),
+        ));
+    }
+    let limit = match (&request.ids, request.limit) {
+        (Some(ids), None) => ids.len().max(1),
+        (_, asked) => limit(asked.or(Some(MAX_DEAD_LETTERS)))?,
+    };
+    let filter = DeadLetterFilter {
+        ids: request.ids,
+        destination: request.destination,
+        since: time("since", request.since.as_deref())?,
+        until: time("until", request.until.as_deref())?,
+    };
     let replayed = state
         .hub
-        .replay_dead_letters(request.ids.as_deref())
+        .replay_dead_letters(&filter, limit)
+        .await
         .map_err(|e| ApiError::from_send(e, ""))?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "replayed": replayed }))).into_response())
+    // Whether more letters match (the caller replays again for them).
+    let more = !state
+        .hub
+        .dead_letter_page(&filter, None, 1)
+        .await
+        .map_err(|e| ApiError::from_send(e.into(), ""))?
+        .letters
+        .is_empty();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "replayed": replayed, "more": more })),
+    )
+        .into_response())
 }
 
 async fn healthz() -> Response {
@@ -288,7 +409,7 @@ async fn readyz(State(state): Shared) -> Response {
 }
 
 async fn metrics(State(state): Shared) -> Response {
-    destinations::metrics::record_queue_depth(state.hub.queue_depth());
+    destinations::metrics::record_queue_depths(&state.hub.queue_depths());
     let text = state
         .prometheus
         .as_ref()

@@ -177,7 +177,7 @@ mod tests {
             .try_into()
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(config.listen.port(), 9999);
-        assert_eq!(config.hub.queue.max_events, 10);
+        assert_eq!(config.hub.queue.bounds.max_events, 10);
         let hooks = &config.destinations["hooks"];
         assert_eq!(hooks.get("kind").and_then(|k| k.as_str()), Some("http"));
         assert!(hooks.get("allow_networks").is_some_and(|a| a.is_array()));

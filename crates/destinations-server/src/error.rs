@@ -3,7 +3,7 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use destinations::{InvalidPayload, SendError};
+use destinations::{InvalidPayload, QueueError, SendError};
 use serde_json::json;
 
 /// An API error.
@@ -44,7 +44,8 @@ impl ApiError {
             | SendError::WrongKind { .. } => StatusCode::BAD_REQUEST,
             SendError::UnknownDestination { .. } => StatusCode::NOT_FOUND,
             SendError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            SendError::QueueFull(_) | SendError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            SendError::Queue(QueueError::NoConsumer(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+            SendError::Queue(_) | SendError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             SendError::RunFinished { .. } => StatusCode::CONFLICT,
         };
         let code = error.code();
@@ -62,6 +63,10 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = Json(json!({"error": {"code": self.code, "message": self.message}}));
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            // Full, unavailable or stopping: worth trying again shortly.
+            return (self.status, [(axum::http::header::RETRY_AFTER, "1")], body).into_response();
+        }
         (self.status, body).into_response()
     }
 }

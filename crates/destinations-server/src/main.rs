@@ -219,12 +219,13 @@ async fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Res
         hub: hub.clone(),
         prometheus,
         api_token: config.api_token.clone(),
+        max_request_bytes: config.max_request_bytes,
     });
     // SSE streams are served beside the API, with their own read tokens, not the API token.
     let streams = destinations::sse::routes(&hub).map_err(anyhow::Error::msg)?;
     // The subscriptions API is part of the API, behind its token.
     let subscriptions = destinations::emit::routes(&hub).map_err(anyhow::Error::msg)?;
-    let app = api::router(state, config.max_request_bytes, subscriptions).merge(streams);
+    let app = api::router(state, subscriptions).merge(streams);
     let stopping = hub.clone();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {

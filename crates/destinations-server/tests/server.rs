@@ -628,7 +628,7 @@ async fn health_readiness_and_prometheus_metrics() {
         r#"destinations_sends_accepted_total{destination="http"} 1"#,
         r#"destinations_delivered_total{destination="http"} 1"#,
         r#"destinations_sends_rejected_total{destination="http",reason="invalid"} 1"#,
-        "destinations_queue_events 0",
+        r#"destinations_queue_events{destination="http"} 0"#,
     ] {
         assert!(
             metrics.lines().any(|l| l == line),

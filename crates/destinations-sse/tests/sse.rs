@@ -53,7 +53,7 @@ async fn publish(hub: &Hub, stream: &str, range: std::ops::Range<u64>) -> Vec<Ev
         ids.push(id);
     }
     for id in &ids {
-        let status = hub.wait_final(*id, Duration::from_secs(30)).await;
+        let status = destinations_testkit::final_status(hub, *id, Duration::from_secs(30)).await;
         assert_eq!(status.map(|s| s.state), Some(State::Delivered));
     }
     ids

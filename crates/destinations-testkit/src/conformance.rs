@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use destinations_core::{EventId, Hub, HubConfig, InstanceConfig, Registry, SendError, State};
+use destinations_core::{
+    EventId, Hub, HubConfig, InstanceConfig, Registry, SendError, SendStatus, State,
+};
 use serde_json::json;
 
 /// How the sink behaves in one case.
@@ -95,13 +97,17 @@ async fn settle(hub: &Hub) {
     assert_eq!(report.abandoned, 0, "shutdown had to abandon sends");
 }
 
-fn states(hub: &Hub, ids: &[EventId]) -> HashMap<State, usize> {
+async fn status(hub: &Hub, id: EventId) -> SendStatus {
+    hub.status(id)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("send {id} has no status"))
+}
+
+async fn states(hub: &Hub, ids: &[EventId]) -> HashMap<State, usize> {
     let mut counts = HashMap::new();
     for id in ids {
-        let state = hub
-            .status(*id)
-            .unwrap_or_else(|| panic!("send {id} has no status"))
-            .state;
+        let state = status(hub, *id).await.state;
         *counts.entry(state).or_insert(0) += 1;
     }
     counts
@@ -123,7 +129,7 @@ pub async fn delivers_every_send_once_or_more(target: &mut dyn ConformanceTarget
     let ids = send_all(target, &hub).await;
     settle(&hub).await;
     assert_eq!(
-        states(&hub, &ids),
+        states(&hub, &ids).await,
         HashMap::from([(State::Delivered, SENDS as usize)])
     );
     assert_each_marker_arrived(target.accepted_markers().await);
@@ -135,11 +141,11 @@ pub async fn retries_a_transient_failure(target: &mut dyn ConformanceTarget) {
     let ids = send_all(target, &hub).await;
     settle(&hub).await;
     assert_eq!(
-        states(&hub, &ids),
+        states(&hub, &ids).await,
         HashMap::from([(State::Delivered, SENDS as usize)])
     );
     for id in &ids {
-        let status = hub.status(*id).unwrap_or_else(|| panic!("status of {id}"));
+        let status = status(&hub, *id).await;
         assert!(
             status.attempts >= 3,
             "{id} delivered after {} attempts, expected 3",
@@ -156,10 +162,13 @@ pub async fn dead_letters_a_permanent_failure(target: &mut dyn ConformanceTarget
     let ids = send_all(target, &hub).await;
     settle(&hub).await;
     assert_eq!(
-        states(&hub, &ids),
+        states(&hub, &ids).await,
         HashMap::from([(State::Dead, SENDS as usize)])
     );
-    let letters = hub.dead_letters(usize::MAX);
+    let letters = hub
+        .dead_letters(usize::MAX)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(letters.len(), SENDS as usize);
     for letter in letters {
         assert_eq!(
@@ -199,7 +208,7 @@ pub async fn flushes_a_partial_batch_on_shutdown(target: &mut dyn ConformanceTar
     );
     settle(&hub).await;
     assert_eq!(
-        states(&hub, &ids),
+        states(&hub, &ids).await,
         HashMap::from([(State::Delivered, SENDS as usize)])
     );
     assert_each_marker_arrived(target.accepted_markers().await);

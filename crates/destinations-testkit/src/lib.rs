@@ -2,12 +2,14 @@
 //! every destination runs.
 
 pub mod conformance;
+pub mod inspect;
 pub mod receiver;
 pub mod s3;
 pub mod smtp;
 pub mod sse;
 
 pub use conformance::{ConformanceTarget, SinkBehaviour};
+pub use inspect::{dead_letters, final_status, state, status};
 pub use receiver::{ReceivedRequest, Receiver, Reply};
 pub use s3::{Fault, FaultProxy, S3Server, TempDir};
 pub use smtp::{CapturedMail, SmtpConfig, SmtpServer};

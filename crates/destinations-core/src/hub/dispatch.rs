@@ -1,25 +1,32 @@
-//! One dispatcher per destination instance: pull → batch → deliver under a concurrency limit
-//! → record the outcome → schedule retries → dead-letter after the retry budget.
+//! One dispatcher per destination instance: lease → batch → deliver under a concurrency limit
+//! → settle the attempt (delivered, retry at a time, or dead) with the sends it made.
+//!
+//! The queue owns the envelopes throughout: the dispatcher leases them, and each attempt ends
+//! in one settlement. Retry timing and attempt counts live in the queue; the dispatcher only
+//! decides, with the instance's retry policy, when the next attempt should be.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::FutureExt;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::task::{JoinHandle, JoinSet};
 
-use super::HubShared;
+use super::follow_up::Collector;
+use super::{HubShared, Lifecycle};
 use crate::config::InstanceSettings;
 use crate::dead_letters::DeadLetter;
-use crate::destination::{Batch, BatchOutcome, Destination, Outcome, Report, ResponseSummary};
+use crate::destination::{Batch, BatchOutcome, Destination, Outcome, Report};
 use crate::envelope::Envelope;
 use crate::metrics::InstanceMetrics;
 use crate::policy::{BatchPolicy, RetryDecision, RetryPolicy};
-use crate::queue::QueueConsumer;
-use crate::status::Transition;
+use crate::queue::{Leased, QueueConsumer, RetryBatch, Settled, Settlement};
+
+/// The most envelopes leased at once.
+const LEASE: usize = 256;
 
 /// What a dispatcher's delivery tasks share.
 struct Lane {
@@ -28,28 +35,25 @@ struct Lane {
     retry: RetryPolicy,
     hub: Arc<HubShared>,
     metrics: InstanceMetrics,
+    consumer: Arc<dyn QueueConsumer>,
     concurrency: Arc<Semaphore>,
-    /// Envelopes taken from the queue and not yet delivered or dead.
-    outstanding: AtomicUsize,
-    /// Signalled when `outstanding` drops to zero.
-    drained: Notify,
-    /// Envelopes whose retry is due, delivered again as the batch they failed in.
-    retries: mpsc::UnboundedSender<Vec<Envelope>>,
+    /// Whether the queue outlives the process (what is given up on at the deadline is then
+    /// left for the next start, not dead-lettered).
+    durable: bool,
 }
 
 pub(super) struct Dispatcher {
     lane: Arc<Lane>,
     policy: BatchPolicy,
-    consumer: Box<dyn QueueConsumer>,
-    due_retries: mpsc::UnboundedReceiver<Vec<Envelope>>,
+    /// What the lease task hands over.
+    leases: mpsc::Receiver<Leased>,
     /// Batches still filling, one per group the destination names.
     open: HashMap<Option<String>, OpenBatch>,
     /// The earliest deadline among the open batches.
     next_deadline: Option<tokio::time::Instant>,
-    /// Shutdown has begun: flush, and batch no more.
-    draining: watch::Receiver<bool>,
-    /// Whether the open batches were made due for the drain already.
-    drain_applied: bool,
+    lifecycle: watch::Receiver<Lifecycle>,
+    /// Delivery attempts under way.
+    attempts: JoinSet<()>,
 }
 
 /// A batch still filling: flushed when full or when its deadline passes.
@@ -62,13 +66,13 @@ struct OpenBatch {
 impl Dispatcher {
     pub(super) fn start(
         hub: &Arc<HubShared>,
-        name: Arc<str>,
-        destination: Arc<dyn Destination>,
+        name: &Arc<str>,
         settings: &InstanceSettings,
-        metrics: InstanceMetrics,
     ) -> JoinHandle<()> {
-        let (retries, due_retries) = mpsc::unbounded_channel();
-        let consumer = hub.queue.consumer(&name);
+        let Some(instance) = hub.instances.get(name) else {
+            return tokio::spawn(async {});
+        };
+        let destination = instance.destination.clone();
         let policy = destination.batch_policy().with_overrides(&settings.batch);
         let concurrency = settings
             .concurrency
@@ -76,25 +80,24 @@ impl Dispatcher {
             .min(destination.max_concurrency().unwrap_or(usize::MAX))
             .max(1);
         let lane = Arc::new(Lane {
-            name,
+            name: name.clone(),
             destination,
             retry: settings.retry,
             hub: hub.clone(),
-            metrics,
+            metrics: instance.metrics.clone(),
+            consumer: instance.consumer.clone(),
             concurrency: Arc::new(Semaphore::new(concurrency)),
-            outstanding: AtomicUsize::new(0),
-            drained: Notify::new(),
-            retries,
+            durable: hub.queue.durability().is_durable(),
         });
+        let leases = lease_task(lane.consumer.clone());
         let dispatcher = Self {
-            consumer,
             lane,
             policy,
-            due_retries,
+            leases,
             open: HashMap::new(),
             next_deadline: None,
-            draining: hub.draining.subscribe(),
-            drain_applied: false,
+            lifecycle: hub.lifecycle.subscribe(),
+            attempts: JoinSet::new(),
         };
         tokio::spawn(dispatcher.run())
     }
@@ -104,45 +107,78 @@ impl Dispatcher {
         loop {
             tokio::select! {
                 biased;
-                Some(batch) = self.due_retries.recv() => self.deliver(batch).await,
-                next = self.consumer.next(), if intake_open => match next {
-                    Some(envelope) => {
-                        self.lane.outstanding.fetch_add(1, Ordering::AcqRel);
-                        self.push(envelope).await;
+                leased = self.leases.recv(), if intake_open => match leased {
+                    Some(Leased::Retry(batch)) => self.deliver(batch).await,
+                    Some(Leased::Ready(envelopes)) => {
+                        for envelope in envelopes {
+                            self.push(envelope).await;
+                        }
                     }
                     None => {
                         intake_open = false;
-                        self.flush_all().await;
+                        self.intake_closed().await;
                     }
                 },
                 () = sleep_until(self.next_deadline), if self.next_deadline.is_some() => self.flush_due().await,
-                Ok(()) = self.draining.changed(), if !self.drain_applied => {
-                    if *self.draining.borrow_and_update() {
-                        self.drain_applied = true;
+                Ok(()) = self.lifecycle.changed() => {
+                    if *self.lifecycle.borrow_and_update() == Lifecycle::Draining {
                         self.due_now();
                     }
                 }
-                () = self.lane.drained.notified(), if !intake_open => {}
+                Some(joined) = self.attempts.join_next(), if !self.attempts.is_empty() => {
+                    if let Err(error) = joined {
+                        tracing::error!(destination = %self.lane.name, %error, "a delivery task failed");
+                    }
+                }
             }
-            if !intake_open
-                && self.open.is_empty()
-                && self.lane.outstanding.load(Ordering::Acquire) == 0
-            {
+            if !intake_open && self.open.is_empty() && self.attempts.is_empty() {
                 break;
             }
         }
+    }
+
+    /// The queue leases no more: a memory queue flushes what is still filling (or gives it up
+    /// at the deadline); a durable one gives it back for the next start.
+    async fn intake_closed(&mut self) {
+        self.next_deadline = None;
+        let open: Vec<Vec<Envelope>> = self.open.drain().map(|(_, b)| b.envelopes).collect();
+        if self.lane.durable {
+            for envelopes in open {
+                self.lane.consumer.release(envelopes).await;
+            }
+            return;
+        }
+        for envelopes in open {
+            self.deliver(envelopes).await;
+        }
+    }
+
+    /// Which group a payload batches in; a destination that panics here batches it alone
+    /// rather than taking the dispatcher down.
+    fn group_of(&self, envelope: &Envelope) -> Option<String> {
+        let destination = &self.lane.destination;
+        std::panic::catch_unwind(AssertUnwindSafe(|| destination.batch_group(&envelope.payload)))
+            .unwrap_or_else(|_| {
+                tracing::error!(destination = %self.lane.name, id = %envelope.id, "the destination panicked naming a batch group; the send is batched in the default group");
+                None
+            })
+    }
+
+    fn draining(&self) -> bool {
+        *self.lifecycle.borrow() >= Lifecycle::Draining
     }
 
     async fn push(&mut self, envelope: Envelope) {
         if self.policy.max_age.is_zero() || self.policy.max_events <= 1 {
             return self.deliver(vec![envelope]).await;
         }
-        let group = self.lane.destination.batch_group(&envelope.payload);
+        let group = self.group_of(&envelope);
+        let draining = self.draining();
         let mut entry = match self.open.entry(group) {
             Entry::Occupied(entry) => entry,
             Entry::Vacant(vacant) => {
                 // Draining: a batch takes what is ready now and goes as soon as nothing more is.
-                let wait = if *self.draining.borrow() {
+                let wait = if draining {
                     Duration::ZERO
                 } else {
                     self.policy.max_age
@@ -168,7 +204,7 @@ impl Dispatcher {
         }
         // The loop looks at the queue before deadlines: while a backlog lasts, batches that
         // came of age go out from here, not after the backlog.
-        if !*self.draining.borrow()
+        if !draining
             && self
                 .next_deadline
                 .is_some_and(|deadline| deadline <= tokio::time::Instant::now())
@@ -203,21 +239,30 @@ impl Dispatcher {
         }
     }
 
-    /// Deliver every open batch, full or not (the intake closed).
-    async fn flush_all(&mut self) {
-        self.next_deadline = None;
-        let open = std::mem::take(&mut self.open);
-        for (_, batch) in open {
-            self.deliver(batch.envelopes).await;
-        }
-    }
-
     /// Wait for a concurrency slot, then deliver in a task of its own.
-    async fn deliver(&self, envelopes: Vec<Envelope>) {
+    async fn deliver(&mut self, envelopes: Vec<Envelope>) {
         let permit = self.lane.concurrency.clone().acquire_owned().await;
         let Ok(permit) = permit else { return };
-        tokio::spawn(self.lane.clone().deliver(envelopes, permit));
+        self.attempts
+            .spawn(self.lane.clone().attempt(envelopes, permit));
     }
+}
+
+/// Lease from the queue in a task of its own, so that a lease is never cut short by the
+/// dispatcher's other work; hands over one lease at a time.
+fn lease_task(consumer: Arc<dyn QueueConsumer>) -> mpsc::Receiver<Leased> {
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        while let Some(leased) = consumer.lease(LEASE).await {
+            if let Err(returned) = tx.send(leased).await {
+                // The dispatcher is gone: give the envelopes back.
+                let (Leased::Ready(envelopes) | Leased::Retry(envelopes)) = returned.0;
+                consumer.release(envelopes).await;
+                return;
+            }
+        }
+    });
+    rx
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
@@ -227,202 +272,245 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// Resolves once the hub gives up on pending work (the shutdown deadline passed).
-async fn given_up(mut give_up: watch::Receiver<bool>) {
+/// Resolves once the hub gives up on deliveries under way (the shutdown deadline passed).
+async fn given_up(mut lifecycle: watch::Receiver<Lifecycle>) {
     // An error means the hub is gone, which is giving up too.
-    let _ = give_up.wait_for(|gave_up| *gave_up).await;
+    let _ = lifecycle.wait_for(|l| *l == Lifecycle::GivenUp).await;
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
 }
 
 impl Lane {
-    async fn deliver(self: Arc<Self>, mut envelopes: Vec<Envelope>, permit: OwnedSemaphorePermit) {
-        let give_up = self.hub.give_up.subscribe();
-        if *give_up.borrow() {
+    /// One delivery attempt of a batch, settled.
+    async fn attempt(self: Arc<Self>, mut envelopes: Vec<Envelope>, permit: OwnedSemaphorePermit) {
+        let lifecycle = self.hub.lifecycle.subscribe();
+        if *lifecycle.borrow() == Lifecycle::GivenUp {
             drop(permit);
-            self.abandon(envelopes, "the shutdown deadline passed before delivery");
+            self.give_up(envelopes, "the shutdown deadline passed before delivery")
+                .await;
             return;
         }
         for envelope in &mut envelopes {
             envelope.attempts += 1;
-            self.hub.status.apply(envelope.id, Transition::Attempting);
         }
+        self.hub.queue.statuses().attempting(&envelopes);
         let count = envelopes.len();
         self.metrics.in_flight.increment(count as f64);
         self.metrics.batch_events.record(count as f64);
         let started = Instant::now();
+        let collector = Collector::new(&self.hub);
         // Lent, not cloned: the envelopes come back for the outcome.
         let batch = Batch::new(envelopes);
+        let delivery =
+            collector.scope(AssertUnwindSafe(self.destination.deliver(&batch)).catch_unwind());
         let outcome = tokio::select! {
             // A destination (or a listener it calls) that panics must not take the batch with
             // it: the batch is retried like any transient failure.
-            outcome = std::panic::AssertUnwindSafe(self.destination.deliver(&batch)).catch_unwind() => Some(
-                outcome.unwrap_or_else(|panic| {
-                    let what = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_owned())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_default();
-                    tracing::error!(destination = %self.name, %what, "the destination panicked while delivering");
-                    BatchOutcome::All(Report::retry(format!("the destination panicked while delivering: {what}")))
-                }),
-            ),
-            () = given_up(give_up) => None,
+            outcome = delivery => Some(outcome.unwrap_or_else(|panic| {
+                let what = panic_message(panic.as_ref());
+                tracing::error!(destination = %self.name, %what, "the destination panicked while delivering");
+                BatchOutcome::All(Report::retry(format!("the destination panicked while delivering: {what}")))
+            })),
+            () = given_up(lifecycle) => None,
         };
         let envelopes = batch.into_envelopes();
         self.metrics.delivery_seconds.record(started.elapsed());
         self.metrics.in_flight.decrement(count as f64);
         drop(permit);
         let Some(outcome) = outcome else {
-            self.abandon(
+            self.give_up(
                 envelopes,
                 "the shutdown deadline passed during a delivery attempt; its result is unknown",
-            );
+            )
+            .await;
             return;
         };
-        let mut failed_transiently = Vec::new();
+        let mut settlement = self.judge(envelopes, outcome);
+        if !self.durable
+            && self.hub.lifecycle() >= Lifecycle::Stopping
+            && let Some(retry) = settlement.retry.take()
+        {
+            // A memory queue that stopped cannot hold a retry.
+            for mut settled in retry.sends {
+                settled.error = Some(format!(
+                    "the hub stopped before the next attempt was due; last error: {}",
+                    settled.error.unwrap_or_default()
+                ));
+                settlement.dead.push(settled);
+            }
+        }
+        self.observe_dead(&settlement, &collector);
+        settlement.follow_ups = collector.take();
+        self.settle(settlement).await;
+    }
+
+    /// Sort an attempt's reports into a settlement, deciding when failed sends are tried
+    /// again.
+    fn judge(&self, envelopes: Vec<Envelope>, outcome: BatchOutcome) -> Settlement {
+        let count = envelopes.len();
+        let mut settlement = Settlement::default();
+        let mut failed = Vec::new();
+        let mut retry_after = None;
         for (envelope, report) in envelopes.into_iter().zip(outcome.into_reports(count)) {
             match report.outcome {
                 Outcome::Delivered => {
                     self.metrics.attempts_delivered.increment(1);
-                    self.delivered(&envelope, report.response);
+                    settlement.delivered.push(Settled {
+                        envelope,
+                        error: None,
+                        response: report.response,
+                    });
                 }
                 Outcome::Failed { error } => {
                     self.metrics.attempts_failed.increment(1);
-                    self.dead(envelope, error, report.response);
+                    settlement.dead.push(Settled {
+                        envelope,
+                        error: Some(error),
+                        response: report.response,
+                    });
                 }
                 Outcome::Retry { error, after } => {
                     self.metrics.attempts_retry.increment(1);
-                    failed_transiently.push((envelope, error, after, report.response));
+                    retry_after = retry_after.max(after);
+                    failed.push(Settled {
+                        envelope,
+                        error: Some(error),
+                        response: report.response,
+                    });
                 }
             }
         }
-        if !failed_transiently.is_empty() {
-            self.schedule_retry(failed_transiently);
+        if failed.is_empty() {
+            return settlement;
         }
-    }
-
-    fn delivered(&self, envelope: &Envelope, response: Option<ResponseSummary>) {
-        self.hub
-            .status
-            .apply(envelope.id, Transition::Delivered(response));
-        self.metrics.delivered.increment(1);
-        self.hub.queue.settle(envelope);
-        self.finished();
-    }
-
-    /// Envelopes that failed together are retried together, so a destination that writes a
-    /// batch as one object writes the same object again.
-    fn schedule_retry(
-        self: &Arc<Self>,
-        failed: Vec<(Envelope, String, Option<Duration>, Option<ResponseSummary>)>,
-    ) {
-        let now = SystemTime::now();
-        let attempts = failed.iter().map(|f| f.0.attempts).max().unwrap_or(0);
+        // Envelopes that failed together are retried together, so a destination that writes
+        // a batch as one object writes the same object again.
+        let attempts = failed
+            .iter()
+            .map(|f| f.envelope.attempts)
+            .max()
+            .unwrap_or(0);
         let age = failed
             .iter()
-            .filter_map(|f| now.duration_since(f.0.created_at).ok())
+            .map(|f| f.envelope.age())
             .max()
             .unwrap_or_default();
-        let retry_after = failed.iter().filter_map(|f| f.2).max();
-        let wait = match self.retry.decide(attempts, age, retry_after) {
-            RetryDecision::RetryIn(wait) => wait,
+        match self.retry.decide(attempts, age, retry_after) {
+            RetryDecision::RetryIn(wait) => {
+                let at = SystemTime::now()
+                    .checked_add(wait)
+                    .unwrap_or_else(SystemTime::now);
+                tracing::debug!(destination = %self.name, count = failed.len(), ?wait, "retry scheduled");
+                settlement.retry = Some(RetryBatch {
+                    sends: failed,
+                    wait,
+                    at,
+                });
+            }
             decision => {
-                for (envelope, error, _, response) in failed {
+                for mut settled in failed {
+                    let error = settled.error.take().unwrap_or_default();
                     let reason = match decision {
                         RetryDecision::TooOld => format!(
                             "gave up after {} attempts: the next would start more than {} after the send; last error: {error}",
-                            envelope.attempts,
+                            settled.envelope.attempts,
                             humantime::format_duration(self.retry.max_age)
                         ),
                         _ => format!(
                             "gave up after {} attempts; last error: {error}",
-                            envelope.attempts
+                            settled.envelope.attempts
                         ),
                     };
-                    self.dead(envelope, reason, response);
-                }
-                return;
-            }
-        };
-        let next_attempt_at = now + wait;
-        let mut envelopes = Vec::with_capacity(failed.len());
-        let mut last_error = String::new();
-        for (envelope, error, _, response) in failed {
-            self.hub.status.apply(
-                envelope.id,
-                Transition::Retrying {
-                    error: error.clone(),
-                    response,
-                    next_attempt_at,
-                },
-            );
-            last_error = error;
-            envelopes.push(envelope);
-        }
-        tracing::debug!(destination = %self.name, count = envelopes.len(), ?wait, error = %last_error, "retry scheduled");
-        let lane = self.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                () = tokio::time::sleep(wait) => {
-                    if let Err(returned) = lane.retries.send(envelopes) {
-                        lane.abandon(returned.0, "the dispatcher stopped before the retry was due");
-                    }
-                }
-                () = given_up(lane.hub.give_up.subscribe()) => {
-                    let reason = format!("the shutdown deadline passed while waiting to retry; last error: {last_error}");
-                    lane.abandon(envelopes, &reason);
+                    settled.error = Some(reason);
+                    settlement.dead.push(settled);
                 }
             }
-        });
-    }
-
-    fn abandon(&self, envelopes: Vec<Envelope>, reason: &str) {
-        self.hub
-            .abandoned
-            .fetch_add(envelopes.len(), Ordering::AcqRel);
-        for envelope in envelopes {
-            self.dead(envelope, reason.to_owned(), None);
         }
+        settlement
     }
 
-    fn dead(&self, envelope: Envelope, reason: String, response: Option<ResponseSummary>) {
-        tracing::warn!(destination = %self.name, id = %envelope.id, attempts = envelope.attempts, %reason, "dead-lettered");
-        self.hub.status.apply(
-            envelope.id,
-            Transition::Dead {
-                error: reason.clone(),
-                response,
-            },
-        );
-        self.metrics.dead.increment(1);
-        let letter = DeadLetter {
-            envelope,
-            reason,
-            died_at: SystemTime::now(),
-        };
-        // Observers first, settle last: what they send (`$errors`) is queued before shutdown
-        // can see this send settled and the queue empty.
-        for observe in self
+    /// Tell the observers of each dead letter; what they send joins the settlement.
+    fn observe_dead(&self, settlement: &Settlement, collector: &Collector) {
+        if settlement.dead.is_empty() {
+            return;
+        }
+        let observers = self
             .hub
             .dead_letter_observers
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-        {
-            let observed =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| observe(&letter)));
-            if observed.is_err() {
-                tracing::error!(destination = %self.name, id = %letter.envelope.id, "a dead-letter observer panicked");
+            .clone();
+        let died_at = SystemTime::now();
+        for settled in &settlement.dead {
+            let reason = settled.error.clone().unwrap_or_default();
+            tracing::warn!(destination = %self.name, id = %settled.envelope.id, attempts = settled.envelope.attempts, %reason, "dead-lettered");
+            if observers.is_empty() {
+                continue;
+            }
+            let letter = DeadLetter {
+                envelope: settled.envelope.clone(),
+                reason,
+                died_at,
+            };
+            for observe in &observers {
+                let observed = collector
+                    .sync_scope(|| std::panic::catch_unwind(AssertUnwindSafe(|| observe(&letter))));
+                if observed.is_err() {
+                    tracing::error!(destination = %self.name, id = %letter.envelope.id, "a dead-letter observer panicked");
+                }
             }
         }
-        self.hub.queue.settle(&letter.envelope);
-        self.hub.dead_letters.push(letter);
-        self.finished();
     }
 
-    fn finished(&self) {
-        if self.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.drained.notify_one();
+    /// Apply a settlement: the sends it made are counted before it lands and the room of those
+    /// it finishes is given back after, so the queue never looks empty in between. A backend
+    /// that fails to settle (a disk error) is asked again until it does, or the hub gives up.
+    async fn settle(&self, mut settlement: Settlement) {
+        let now = tokio::time::Instant::now();
+        for envelope in &mut settlement.follow_ups {
+            envelope.start_budget(now);
+        }
+        let made = self.hub.tally(&settlement.follow_ups);
+        self.hub.capacity.force(&made);
+        self.hub.count_accepted(&made);
+        let finished = self.hub.tally(settlement.finished());
+        let mut wait = Duration::from_millis(50);
+        loop {
+            match self.consumer.settle(&settlement).await {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::error!(destination = %self.name, %error, "could not record the outcome of a delivery attempt; trying again");
+                    if self.hub.lifecycle() == Lifecycle::GivenUp {
+                        // A durable queue delivers these again at the next start.
+                        return;
+                    }
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        self.metrics
+            .delivered
+            .increment(settlement.delivered.len() as u64);
+        self.metrics.dead.increment(settlement.dead.len() as u64);
+        self.hub.capacity.release(&finished);
+        if !finished.is_empty() {
             self.hub.quiet.notify_waiters();
         }
+    }
+
+    /// The shutdown deadline passed with these envelopes in hand: a memory queue dead-letters
+    /// them with the reason; a durable queue keeps them (the lease dies with the process).
+    async fn give_up(&self, envelopes: Vec<Envelope>, reason: &str) {
+        if self.durable {
+            return;
+        }
+        self.hub.abandon(envelopes, reason).await;
     }
 }

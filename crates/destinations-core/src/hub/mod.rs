@@ -1,42 +1,55 @@
-//! The hub: owns the destination instances, the queue, and one dispatcher per instance.
+//! The hub: owns the destination instances, the queue, its capacity, and one dispatcher per
+//! instance.
 
+mod detached;
 mod dispatch;
+pub(crate) mod follow_up;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde::Deserialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::{ConfigError, InstanceConfig, InstanceSettings, OnRunError, duration_text};
-use crate::dead_letters::{DeadLetter, DeadLetters};
+use crate::config::{
+    ConfigError, InstanceConfig, InstanceSettings, OnRunError, QueueConfig, duration_text,
+};
+use crate::dead_letters::{DeadLetter, DeadLetterFilter, DeadLetterPage};
 use crate::destination::{Destination, HealthError};
 use crate::envelope::{Envelope, EventId};
 use crate::error::SendError;
 use crate::metrics::InstanceMetrics;
-use crate::queue::{MemoryQueue, Queue, QueueCapacity, QueueDepth};
+use crate::queue::{
+    Capacity, Durability, MemoryQueue, Queue, QueueConsumer, QueueDepth, QueueError, Settled,
+    Settlement, Tally,
+};
 use crate::registry::Registry;
 use crate::run::{Run, Sender};
-use crate::status::{SendStatus, StatusBook};
+use crate::status::{SendStatus, StatusRetention};
 
+use detached::Detached;
 use dispatch::Dispatcher;
 
 /// Settings of the hub as a whole.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HubConfig {
-    /// Bounds of the in-memory queue.
-    pub queue: QueueCapacity,
+    /// The queue: its kind, bounds, and how long a send waits for room.
+    pub queue: QueueConfig,
     /// How many finished sends keep a queryable status (default 100 000).
     pub status_retention: usize,
+    /// How long a finished send keeps a queryable status (default 24 h).
+    #[serde(with = "duration_text")]
+    pub status_max_age: Duration,
     /// How many dead letters are kept (default 10 000).
     pub dead_letter_capacity: usize,
     /// What a failed run does with its sends.
     pub on_run_error: OnRunError,
-    /// How long shutdown waits for pending deliveries before dead-lettering them.
+    /// How long shutdown waits for deliveries under way (and, for a memory queue, for the
+    /// queue to drain) before giving up on them.
     #[serde(with = "duration_text")]
     pub shutdown_timeout: Duration,
 }
@@ -44,11 +57,22 @@ pub struct HubConfig {
 impl Default for HubConfig {
     fn default() -> Self {
         Self {
-            queue: QueueCapacity::default(),
+            queue: QueueConfig::default(),
             status_retention: 100_000,
+            status_max_age: Duration::from_secs(24 * 3600),
             dead_letter_capacity: 10_000,
             on_run_error: OnRunError::Discard,
             shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl HubConfig {
+    /// How long finished statuses are kept.
+    pub fn status_retention(&self) -> StatusRetention {
+        StatusRetention {
+            count: self.status_retention,
+            age: self.status_max_age,
         }
     }
 }
@@ -60,33 +84,47 @@ pub(crate) struct Instance {
     pub(crate) destination: Arc<dyn Destination>,
     pub(crate) max_payload_bytes: usize,
     pub(crate) metrics: InstanceMetrics,
+    /// Its slot in the hub's [`Capacity`].
+    pub(crate) slot: usize,
+    pub(crate) consumer: Arc<dyn QueueConsumer>,
+}
+
+/// Where the hub is in its life. Only ever moves forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Lifecycle {
+    /// Taking sends, delivering.
+    Running,
+    /// Shutting down a memory queue: sends from outside are refused; open batches go out now;
+    /// sends deliveries make are still taken, until nothing is pending.
+    Draining,
+    /// The queue leases no more; deliveries under way finish.
+    Stopping,
+    /// The shutdown deadline passed: deliveries under way are given up on.
+    GivenUp,
 }
 
 /// What the hub shares with its senders and dispatchers.
 pub(crate) struct HubShared {
     pub(crate) config: HubConfig,
     pub(crate) instances: HashMap<Arc<str>, Instance>,
+    /// Instance names by capacity slot.
+    slots: Vec<Arc<str>>,
     pub(crate) queue: Arc<dyn Queue>,
-    pub(crate) status: StatusBook,
-    pub(crate) dead_letters: DeadLetters,
-    accepting: AtomicBool,
-    /// Flips to `true` when the shutdown deadline passes: pending work is dead-lettered.
-    pub(crate) give_up: watch::Sender<bool>,
-    /// Sends dead-lettered because the shutdown deadline passed.
+    pub(crate) capacity: Capacity,
+    pub(crate) lifecycle: watch::Sender<Lifecycle>,
+    /// Sends dead-lettered (memory queue) or lost because the shutdown deadline passed.
     pub(crate) abandoned: AtomicUsize,
     dispatchers: Mutex<Vec<JoinHandle<()>>>,
-    /// Flips to `true` when shutdown begins: dispatchers flush their open batches and stop
-    /// waiting to fill new ones.
-    pub(crate) draining: watch::Sender<bool>,
-    /// Signalled whenever an instance has nothing outstanding, so shutdown can check whether
-    /// the whole hub is done.
+    /// Signalled whenever sends leave the queue, so shutdown can see it empty.
     pub(crate) quiet: tokio::sync::Notify,
     /// Told of every dead letter, as it is made.
     pub(crate) dead_letter_observers: RwLock<Vec<DeadLetterObserver>>,
+    pub(crate) detached: Detached,
 }
 
 /// Told of each dead letter as it is made (the emit destination turns them into `$errors`
-/// events). Runs on the delivery path: keep it quick and never block.
+/// events). Runs on the delivery path: keep it quick and never block. Internal sends it makes
+/// are queued with the dead letter, in one step.
 pub type DeadLetterObserver = Arc<dyn Fn(&DeadLetter) + Send + Sync>;
 
 impl HubShared {
@@ -105,54 +143,173 @@ impl HubShared {
         names.join(", ")
     }
 
-    /// Hand envelopes to the queue, all or none. `internal` sends (made by a destination while
-    /// it delivers) are still taken while the hub drains at shutdown.
-    pub(crate) fn release(
+    pub(crate) fn lifecycle(&self) -> Lifecycle {
+        *self.lifecycle.borrow()
+    }
+
+    /// Whether sends are taken: from outside only while running; internal ones (made by
+    /// deliveries) while a memory queue drains too.
+    fn accepting(&self, internal: bool) -> Result<(), SendError> {
+        match self.lifecycle() {
+            Lifecycle::Running => Ok(()),
+            Lifecycle::Draining if internal => Ok(()),
+            _ => Err(SendError::ShuttingDown),
+        }
+    }
+
+    /// Sends and bytes per instance slot.
+    pub(crate) fn tally<'a>(&self, envelopes: impl IntoIterator<Item = &'a Envelope>) -> Tally {
+        let mut tally = Tally::default();
+        let mut last: Option<(&Arc<str>, usize)> = None;
+        for envelope in envelopes {
+            let slot = match last {
+                Some((name, slot)) if Arc::ptr_eq(name, &envelope.destination) => slot,
+                _ => match self.instances.get(&envelope.destination) {
+                    Some(instance) => {
+                        last = Some((&envelope.destination, instance.slot));
+                        instance.slot
+                    }
+                    None => continue,
+                },
+            };
+            tally.add(slot, envelope.size());
+        }
+        tally
+    }
+
+    fn metrics_of(&self, slot: usize) -> Option<&InstanceMetrics> {
+        let name = self.slots.get(slot)?;
+        self.instances.get(name).map(|i| &i.metrics)
+    }
+
+    fn count_accepted(&self, tally: &Tally) {
+        for (slot, sends, bytes) in tally.entries() {
+            if let Some(metrics) = self.metrics_of(slot) {
+                metrics.accepted.increment(sends as u64);
+                metrics.accepted_bytes.increment(bytes as u64);
+            }
+        }
+    }
+
+    fn count_refused(&self, tally: &Tally) {
+        for (slot, sends, _) in tally.entries() {
+            if let Some(metrics) = self.metrics_of(slot) {
+                metrics.rejected_full.increment(sends as u64);
+            }
+        }
+    }
+
+    /// Hand envelopes to the queue, all or none, waiting up to `hub.queue.wait` for room.
+    /// Refused envelopes come back with the reason. `internal` sends (made while delivering)
+    /// are still taken while a memory queue drains.
+    pub(crate) async fn release(
         &self,
-        envelopes: Vec<Envelope>,
+        mut envelopes: Vec<Envelope>,
         internal: bool,
-    ) -> Result<(), SendError> {
+    ) -> Result<(), (SendError, Vec<Envelope>)> {
         if envelopes.is_empty() {
             return Ok(());
         }
-        if !internal && !self.accepting.load(Ordering::Acquire) {
+        if internal {
+            envelopes = match follow_up::capture(self, envelopes) {
+                Ok(()) => return Ok(()),
+                Err(envelopes) => envelopes,
+            };
+        }
+        if let Err(error) = self.accepting(internal) {
+            return Err((error, envelopes));
+        }
+        let tally = self.tally(&envelopes);
+        if let Err(full) = self.capacity.reserve(&tally, self.config.queue.wait).await {
+            self.count_refused(&tally);
+            return Err((SendError::Queue(full.into()), envelopes));
+        }
+        let now = tokio::time::Instant::now();
+        for envelope in &mut envelopes {
+            envelope.start_budget(now);
+        }
+        match self.queue.enqueue(envelopes).await {
+            Ok(()) => {
+                self.count_accepted(&tally);
+                Ok(())
+            }
+            Err(refused) => {
+                self.capacity.release(&tally);
+                self.count_refused(&tally);
+                Err((SendError::Queue(refused.why), refused.envelopes))
+            }
+        }
+    }
+
+    /// Take one send made outside any run: admitted now (or refused now, if there is no
+    /// room), handed to the queue in the background.
+    pub(crate) fn release_detached(
+        &self,
+        mut envelope: Envelope,
+        internal: bool,
+    ) -> Result<(), SendError> {
+        if internal {
+            envelope = match follow_up::capture(self, vec![envelope]) {
+                Ok(()) => return Ok(()),
+                Err(mut back) => back.pop().ok_or(SendError::ShuttingDown)?,
+            };
+        }
+        self.accepting(internal)?;
+        let tally = self.tally([&envelope]);
+        if let Err(full) = self.capacity.try_reserve(&tally) {
+            self.count_refused(&tally);
+            return Err(SendError::Queue(full.into()));
+        }
+        envelope.start_budget(tokio::time::Instant::now());
+        if !self.detached.submit(envelope) {
+            self.capacity.release(&tally);
             return Err(SendError::ShuttingDown);
         }
-        // Status first: a dispatcher may deliver before `enqueue` returns.
-        self.status.queued(&envelopes);
-        // Per destination: sends and bytes, counted in one pass (a run's sends usually go to
-        // a few instances).
-        let mut tally: Vec<(Arc<str>, u64, u64)> = Vec::new();
-        for envelope in &envelopes {
-            match tally
-                .iter_mut()
-                .find(|(name, ..)| Arc::ptr_eq(name, &envelope.destination))
-            {
-                Some((_, sends, bytes)) => {
-                    *sends += 1;
-                    *bytes += envelope.size() as u64;
+        self.count_accepted(&tally);
+        Ok(())
+    }
+
+    /// Dead-letter envelopes the hub gives up on at the shutdown deadline (a memory queue's
+    /// leftovers), through their instances' consumers.
+    async fn abandon(&self, envelopes: Vec<Envelope>, reason: &str) {
+        let mut by_instance: HashMap<Arc<str>, Vec<Settled>> = HashMap::new();
+        for envelope in envelopes {
+            // A send waiting for its retry keeps its last error in the reason.
+            let last_error = match self.queue.statuses().get(envelope.id).await {
+                Ok(Some(status)) if status.state == crate::status::State::Retrying => {
+                    status.last_error
                 }
-                None => tally.push((envelope.destination.clone(), 1, envelope.size() as u64)),
-            }
+                _ => None,
+            };
+            let error = match last_error {
+                Some(last) => format!("{reason} while it waited to retry; last error: {last}"),
+                None => reason.to_owned(),
+            };
+            by_instance
+                .entry(envelope.destination.clone())
+                .or_default()
+                .push(Settled {
+                    envelope,
+                    error: Some(error),
+                    response: None,
+                });
         }
-        // Refused envelopes come back, so their statuses can be forgotten without keeping a
-        // list of ids on every release.
-        let result = self.queue.enqueue(envelopes).map_err(|refused| {
-            self.status.forget(refused.envelopes.iter().map(|e| e.id));
-            refused.why
-        });
-        for (name, sends, bytes) in &tally {
-            if let Some(instance) = self.instances.get(name) {
-                match result {
-                    Ok(()) => {
-                        instance.metrics.accepted.increment(*sends);
-                        instance.metrics.accepted_bytes.increment(*bytes);
-                    }
-                    Err(_) => instance.metrics.rejected_full.increment(*sends),
-                }
+        for (name, dead) in by_instance {
+            let Some(instance) = self.instances.get(&name) else {
+                continue;
+            };
+            let tally = self.tally(dead.iter().map(|s| &s.envelope));
+            self.abandoned.fetch_add(dead.len(), Ordering::AcqRel);
+            instance.metrics.dead.increment(dead.len() as u64);
+            let settlement = Settlement {
+                dead,
+                ..Settlement::default()
+            };
+            if let Err(error) = instance.consumer.settle(&settlement).await {
+                tracing::error!(destination = %name, %error, "could not dead-letter sends at the shutdown deadline");
             }
+            self.capacity.release(&tally);
         }
-        result.map_err(SendError::from)
     }
 }
 
@@ -171,7 +328,7 @@ impl HubBuilder {
         self
     }
 
-    /// Use this queue instead of the in-memory one.
+    /// Use this queue instead of an in-memory one.
     pub fn queue(mut self, queue: Arc<dyn Queue>) -> Self {
         self.queue = Some(queue);
         self
@@ -201,11 +358,37 @@ impl HubBuilder {
 
     /// Start the dispatchers. Needs a Tokio runtime.
     pub fn build(self) -> Result<Hub, ConfigError> {
-        let queue = self
-            .queue
-            .unwrap_or_else(|| Arc::new(MemoryQueue::new(self.config.queue)));
-        let mut instances = HashMap::new();
-        let mut runtimes = Vec::new();
+        let queue = match self.queue {
+            Some(queue) => queue,
+            None => {
+                if self.config.queue.kind != "memory" || !self.config.queue.options.is_empty() {
+                    return Err(ConfigError::hub(format!(
+                        "hub.queue: kind = \"{}\" needs its backend crate to open the queue (HubBuilder::queue); \
+                         only \"memory\" is built in{}",
+                        self.config.queue.kind,
+                        if self.config.queue.options.is_empty() {
+                            String::new()
+                        } else {
+                            format!(
+                                ", and it takes no `{}`",
+                                self.config
+                                    .queue
+                                    .options
+                                    .keys()
+                                    .cloned()
+                                    .collect::<Vec<_>>()
+                                    .join("`, `")
+                            )
+                        }
+                    )));
+                }
+                Arc::new(MemoryQueue::new(
+                    self.config.status_retention(),
+                    self.config.dead_letter_capacity,
+                ))
+            }
+        };
+        let mut named = Vec::with_capacity(self.instances.len());
         for (name, destination, settings) in self.instances {
             if name.is_empty()
                 || !name
@@ -217,10 +400,24 @@ impl HubBuilder {
                     "instance names use letters, digits, `_` and `-` only",
                 ));
             }
-            let name: Arc<str> = name.into();
-            if instances.contains_key(&name) {
+            if named.iter().any(|(n, ..): &(Arc<str>, _, _)| **n == *name) {
                 return Err(ConfigError::new(&name, "configured twice"));
             }
+            named.push((Arc::<str>::from(name), destination, settings));
+        }
+        let shares: Vec<_> = named
+            .iter()
+            .map(|(name, _, settings)| (name.clone(), settings.queue))
+            .collect();
+        let capacity =
+            Capacity::new(self.config.queue.bounds, &shares).map_err(ConfigError::hub)?;
+        let mut instances = HashMap::new();
+        let mut slots = Vec::with_capacity(named.len());
+        let mut runtimes = Vec::new();
+        for (slot, (name, destination, settings)) in named.into_iter().enumerate() {
+            let consumer = queue.consumer(&name).map_err(|e| {
+                ConfigError::new(&name, format!("the queue has no place for it: {e}"))
+            })?;
             let instance = Instance {
                 name: name.clone(),
                 kind: destination.kind(),
@@ -229,30 +426,46 @@ impl HubBuilder {
                     .unwrap_or(InstanceSettings::DEFAULT_MAX_PAYLOAD_BYTES),
                 metrics: InstanceMetrics::new(&name),
                 destination: destination.clone(),
+                slot,
+                consumer,
             };
-            runtimes.push((
-                name.clone(),
-                destination,
-                settings,
-                instance.metrics.clone(),
-            ));
+            runtimes.push((name.clone(), settings));
+            slots.push(name.clone());
             instances.insert(name, instance);
         }
-        let (give_up, _) = watch::channel(false);
+        // A durable queue's backlog counts against each instance's room.
+        let backlog = queue
+            .backlog()
+            .map_err(|e| ConfigError::hub(format!("hub.queue: {e}")))?;
+        for (name, depth) in backlog {
+            match instances.get(name.as_str()) {
+                Some(instance) => {
+                    let mut tally = Tally::default();
+                    tally.add_many(instance.slot, depth.events, depth.bytes);
+                    capacity.force(&tally);
+                }
+                None => tracing::warn!(
+                    destination = %name,
+                    sends = depth.events,
+                    "the queue holds sends for a destination instance that is not configured; they wait until it is (or export them: destinations queue export)"
+                ),
+            }
+        }
+        let (detached, intake) = Detached::new();
         let shared = Arc::new(HubShared {
-            status: StatusBook::new(self.config.status_retention),
-            dead_letters: DeadLetters::new(self.config.dead_letter_capacity),
             config: self.config,
             instances,
+            slots,
             queue,
-            accepting: AtomicBool::new(true),
-            give_up,
+            capacity,
+            lifecycle: watch::Sender::new(Lifecycle::Running),
             abandoned: AtomicUsize::new(0),
             dispatchers: Mutex::new(Vec::new()),
-            draining: watch::Sender::new(false),
             quiet: tokio::sync::Notify::new(),
             dead_letter_observers: RwLock::new(Vec::new()),
+            detached,
         });
+        Detached::start(&shared, intake);
         let hub = Hub {
             shared: shared.clone(),
         };
@@ -261,9 +474,7 @@ impl HubBuilder {
         }
         let handles = runtimes
             .into_iter()
-            .map(|(name, destination, settings, metrics)| {
-                Dispatcher::start(&shared, name, destination, &settings, metrics)
-            })
+            .map(|(name, settings)| Dispatcher::start(&shared, &name, &settings))
             .collect();
         *shared
             .dispatchers
@@ -293,8 +504,11 @@ impl std::fmt::Debug for HubShared {
 /// What shutdown achieved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ShutdownReport {
-    /// Sends still pending at the deadline, dead-lettered with that reason.
+    /// Sends given up on at the deadline: dead-lettered with that reason (memory queue), or
+    /// lost because nothing could hold them.
     pub abandoned: usize,
+    /// Sends a durable queue keeps for the next start.
+    pub kept: usize,
 }
 
 /// The delivery engine: takes sends, delivers them after their run, retries, dead-letters.
@@ -304,6 +518,9 @@ pub struct ShutdownReport {
 pub struct Hub {
     shared: Arc<HubShared>,
 }
+
+/// How long deliveries that ignore the shutdown deadline get before they are cut off.
+const GRACE: Duration = Duration::from_secs(2);
 
 impl Hub {
     /// A handle that does not keep the hub alive: for a destination that sends into its own
@@ -331,14 +548,17 @@ impl Hub {
         Run::begin(self.shared.clone(), run_id.into(), false)
     }
 
-    /// A sender outside any run: each send is released at once.
+    /// A sender outside any run: each send is admitted at once (or refused at once if the
+    /// queue has no room) and handed to the queue in the background; [`flush`](Self::flush)
+    /// waits until it is there. A run's [`finish`](Run::finish) resolves only once its sends
+    /// are in the queue.
     pub fn sender(&self) -> Sender {
         Sender::detached(self.shared.clone(), false)
     }
 
     /// A sender for a destination that sends while it delivers (the emit destination's fan-out
-    /// and `$errors`): its sends are still taken while the hub drains at shutdown, so work in
-    /// flight can finish; refused once the hub has stopped.
+    /// and `$errors`): inside a delivery, its sends are queued with that delivery's settlement;
+    /// they are still taken while a memory queue drains at shutdown.
     pub fn internal_sender(&self) -> Sender {
         Sender::detached(self.shared.clone(), true)
     }
@@ -348,53 +568,140 @@ impl Hub {
         Run::begin(self.shared.clone(), run_id.into(), true)
     }
 
+    /// Wait until every send made outside a run so far is in the queue (durable, for a durable
+    /// queue).
+    pub async fn flush(&self) {
+        self.shared.detached.flush().await;
+    }
+
+    /// What the queue promises to survive.
+    pub fn durability(&self) -> Durability {
+        self.shared.queue.durability()
+    }
+
+    /// The queue, described for logs (`memory`, `sqlite ./data/queue.db`).
+    pub fn queue_description(&self) -> String {
+        self.shared.queue.describe()
+    }
+
     /// The status of a send, while it is remembered.
-    pub fn status(&self, id: EventId) -> Option<SendStatus> {
-        self.shared.status.get(id)
+    pub async fn status(&self, id: EventId) -> Result<Option<SendStatus>, QueueError> {
+        let statuses = self.shared.queue.statuses();
+        match statuses.get(id).await? {
+            Some(status) => Ok(Some(status)),
+            // A send made outside a run may still be on its way to the queue.
+            None if self.shared.detached.pending() => {
+                self.flush().await;
+                statuses.get(id).await
+            }
+            None => Ok(None),
+        }
     }
 
     /// The status of a send once it is delivered or dead, or as it is after `timeout`.
-    pub async fn wait_final(&self, id: EventId, timeout: Duration) -> Option<SendStatus> {
-        self.shared.status.wait_final(id, timeout).await
+    pub async fn wait_final(
+        &self,
+        id: EventId,
+        timeout: Duration,
+    ) -> Result<Option<SendStatus>, QueueError> {
+        if self.shared.detached.pending() {
+            self.flush().await;
+        }
+        self.shared.queue.statuses().wait_final(id, timeout).await
     }
 
     /// The most recent dead letters, newest first.
-    pub fn dead_letters(&self, limit: usize) -> Vec<DeadLetter> {
-        self.shared.dead_letters.list(limit)
+    pub async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        Ok(self
+            .dead_letter_page(&DeadLetterFilter::default(), None, limit)
+            .await?
+            .letters)
+    }
+
+    /// Dead letters matching `filter`, newest first, a page at a time (`after`: the previous
+    /// page's `next`).
+    pub async fn dead_letter_page(
+        &self,
+        filter: &DeadLetterFilter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<DeadLetterPage, QueueError> {
+        self.shared
+            .queue
+            .dead_letters()
+            .list(filter, after, limit)
+            .await
     }
 
     /// How many dead letters were dropped because the store was full.
-    pub fn dead_letters_evicted(&self) -> u64 {
-        self.shared.dead_letters.evicted()
+    pub async fn dead_letters_evicted(&self) -> Result<u64, QueueError> {
+        self.shared.queue.dead_letters().evicted().await
     }
 
-    /// Send dead letters again (all of them, or those with these ids), with a fresh retry
-    /// budget and their original ids. Returns the ids replayed.
-    pub fn replay_dead_letters(&self, ids: Option<&[EventId]>) -> Result<Vec<EventId>, SendError> {
-        let letters = self.shared.dead_letters.take(ids);
-        let envelopes: Vec<Envelope> = letters
+    /// Send up to `limit` dead letters matching `filter` again, with their ids, their original
+    /// `created_at`, and a fresh retry budget, in one step. Returns the ids replayed.
+    pub async fn replay_dead_letters(
+        &self,
+        filter: &DeadLetterFilter,
+        limit: usize,
+    ) -> Result<Vec<EventId>, SendError> {
+        let shared = &self.shared;
+        shared.accepting(false)?;
+        let candidates = shared
+            .queue
+            .dead_letters()
+            .list(filter, None, limit)
+            .await?
+            .letters;
+        // Oldest first, and only those of instances this hub has.
+        let candidates: Vec<&DeadLetter> = candidates
             .iter()
-            .filter(|d| self.shared.instances.contains_key(&d.envelope.destination))
-            .map(|d| Envelope {
-                attempts: 0,
-                created_at: SystemTime::now(),
-                ..d.envelope.clone()
-            })
+            .rev()
+            .filter(|letter| shared.instances.contains_key(&letter.envelope.destination))
             .collect();
-        let ids: Vec<EventId> = envelopes.iter().map(|e| e.id).collect();
-        // If the queue refuses them, they stay dead letters, with their status as it was.
-        let statuses: Vec<SendStatus> = ids
-            .iter()
-            .filter_map(|id| self.shared.status.get(*id))
-            .collect();
-        match self.shared.release(envelopes, false) {
-            Ok(()) => Ok(ids),
-            Err(e) => {
-                self.shared.status.restore(statuses);
-                self.shared.dead_letters.restore(letters);
-                Err(e)
-            }
+        let tally = shared.tally(candidates.iter().map(|l| &l.envelope));
+        if let Err(full) = shared
+            .capacity
+            .reserve(&tally, shared.config.queue.wait)
+            .await
+        {
+            shared.count_refused(&tally);
+            return Err(SendError::Queue(full.into()));
         }
+        let ids: Vec<EventId> = candidates.iter().map(|l| l.envelope.id).collect();
+        let moved = match shared.queue.replay(&ids).await {
+            Ok(moved) => moved,
+            Err(error) => {
+                shared.capacity.release(&tally);
+                return Err(error.into());
+            }
+        };
+        // What was reserved for letters that were no longer there (replayed meanwhile).
+        let moved_ids: std::collections::HashSet<EventId> = moved.iter().map(|e| e.id).collect();
+        let gone = shared.tally(
+            candidates
+                .iter()
+                .map(|l| &l.envelope)
+                .filter(|e| !moved_ids.contains(&e.id)),
+        );
+        shared.capacity.release(&gone);
+        shared.count_accepted(&shared.tally(&moved));
+        Ok(moved.iter().map(|e| e.id).collect())
+    }
+
+    /// Wait up to `hub.queue.wait` until `destination` (any instance, for `None`) has room for
+    /// a send; refuse with how full it is otherwise. The server asks before it reads a body.
+    pub async fn wait_for_room(&self, destination: Option<&str>) -> Result<(), SendError> {
+        let shared = &self.shared;
+        shared.accepting(false)?;
+        let slot = destination
+            .map(|name| shared.instance(name).map(|i| i.slot))
+            .transpose()?;
+        shared
+            .capacity
+            .wait_for_room(slot, shared.config.queue.wait)
+            .await
+            .map_err(|full| SendError::Queue(full.into()))
     }
 
     /// The instances whose destination is a `T`, as (name, destination), sorted by name.
@@ -438,9 +745,22 @@ impl Hub {
         results
     }
 
-    /// How much is pending.
+    /// How much is pending, in all.
     pub fn queue_depth(&self) -> QueueDepth {
-        self.shared.queue.depth()
+        self.shared.capacity.depth()
+    }
+
+    /// How much is pending per instance, sorted by name.
+    pub fn queue_depths(&self) -> Vec<(String, QueueDepth)> {
+        let mut depths: Vec<_> = self
+            .shared
+            .capacity
+            .depths()
+            .into_iter()
+            .map(|(name, depth)| (name.to_string(), depth))
+            .collect();
+        depths.sort_by(|a, b| a.0.cmp(&b.0));
+        depths
     }
 
     /// The hub's settings.
@@ -448,8 +768,10 @@ impl Hub {
         &self.shared.config
     }
 
-    /// Stop taking sends, flush partial batches, and wait for pending deliveries up to the
-    /// configured `shutdown_timeout`; whatever is still pending then is dead-lettered.
+    /// Stop taking sends and stop, within the configured `shutdown_timeout`: a memory queue
+    /// is drained first (partial batches flushed, pending deliveries and retries waited for,
+    /// whatever is left at the deadline dead-lettered); a durable queue leases no more, lets
+    /// the deliveries under way finish, and keeps its backlog for the next start.
     pub async fn shutdown(&self) -> ShutdownReport {
         self.shutdown_within(self.shared.config.shutdown_timeout)
             .await
@@ -457,43 +779,100 @@ impl Hub {
 
     /// [`shutdown`](Self::shutdown) with this deadline.
     pub async fn shutdown_within(&self, timeout: Duration) -> ShutdownReport {
+        let shared = &self.shared;
         let deadline = tokio::time::Instant::now() + timeout;
-        self.shared.accepting.store(false, Ordering::Release);
-        // Drain: open batches go out now, and what deliveries send (internal sends) is taken,
-        // until nothing is pending. Only then does the queue close.
-        self.shared.draining.send_replace(true);
-        loop {
-            let quiet = self.shared.quiet.notified();
-            tokio::pin!(quiet);
-            quiet.as_mut().enable();
-            if self.shared.queue.depth().events == 0 {
-                break;
-            }
-            tokio::select! {
-                () = quiet => {}
-                () = tokio::time::sleep_until(deadline) => break,
+        let durable = shared.queue.durability().is_durable();
+        if !durable {
+            shared
+                .lifecycle
+                .send_if_modified(|l| advance(l, Lifecycle::Draining));
+            self.wait_drained(deadline).await;
+        }
+        shared
+            .lifecycle
+            .send_if_modified(|l| advance(l, Lifecycle::Stopping));
+        if !durable && shared.capacity.depth().events > 0 {
+            shared
+                .lifecycle
+                .send_if_modified(|l| advance(l, Lifecycle::GivenUp));
+        }
+        // Sends admitted outside a run reach the queue before it stops.
+        if let Some(task) = shared.detached.close() {
+            let mut task = task;
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                task.abort();
             }
         }
-        self.shared.queue.close();
+        let leftovers = shared.queue.stop().await;
+        if !leftovers.is_empty() {
+            shared
+                .abandon(
+                    leftovers,
+                    "the shutdown deadline passed (hub.shutdown_timeout)",
+                )
+                .await;
+        }
         let handles: Vec<_> = std::mem::take(
-            &mut *self
-                .shared
+            &mut *shared
                 .dispatchers
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner),
         );
+        let aborts: Vec<_> = handles.iter().map(JoinHandle::abort_handle).collect();
         let mut all = futures::future::join_all(handles);
         if tokio::time::timeout_at(deadline, &mut all).await.is_err() {
-            self.shared.give_up.send_replace(true);
-            all.await;
+            shared
+                .lifecycle
+                .send_if_modified(|l| advance(l, Lifecycle::GivenUp));
+            if tokio::time::timeout(GRACE, &mut all).await.is_err() {
+                // Whatever still runs ignores every signal: cut it off; what it held stays
+                // counted as pending.
+                tracing::error!(
+                    "dispatchers did not stop within the grace period after the shutdown deadline; aborting them"
+                );
+                for abort in aborts {
+                    abort.abort();
+                }
+            }
         }
-        let abandoned = self.shared.abandoned.load(Ordering::Acquire);
+        shared.queue.close().await;
+        let pending = shared.capacity.depth().events;
+        let (abandoned, kept) = if durable {
+            (shared.abandoned.load(Ordering::Acquire), pending)
+        } else {
+            (shared.abandoned.load(Ordering::Acquire) + pending, 0)
+        };
         if abandoned > 0 {
             tracing::warn!(
                 abandoned,
-                "shutdown deadline passed: pending sends were dead-lettered"
+                "shutdown deadline passed: sends still pending were given up on"
             );
         }
-        ShutdownReport { abandoned }
+        ShutdownReport { abandoned, kept }
+    }
+
+    /// Wait until nothing is pending, or the deadline.
+    async fn wait_drained(&self, deadline: tokio::time::Instant) {
+        loop {
+            let quiet = self.shared.quiet.notified();
+            tokio::pin!(quiet);
+            quiet.as_mut().enable();
+            if self.shared.capacity.depth().events == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, quiet).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Move the lifecycle forward to `to` (never back); whether it moved.
+fn advance(current: &mut Lifecycle, to: Lifecycle) -> bool {
+    if *current < to {
+        *current = to;
+        true
+    } else {
+        false
     }
 }

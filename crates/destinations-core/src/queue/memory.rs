@@ -1,232 +1,372 @@
-//! The bounded in-memory queue: fast, and lost when the process ends.
+//! The in-memory queue: fast, and lost when the process ends.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
-use serde::Deserialize;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
-use super::{Queue, QueueConsumer, QueueDepth, QueueFull, Refused};
-use crate::envelope::Envelope;
+use super::{
+    DeadLetterStore, Durability, Leased, Queue, QueueConsumer, QueueDepth, QueueError, Refused,
+    Settlement, StatusStore,
+};
+use crate::dead_letters::{DeadLetter, DeadLetters};
+use crate::envelope::{Envelope, EventId};
+use crate::status::{StatusBook, StatusRetention};
 
-/// Bounds of the in-memory queue. Everything pending counts, retries included.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct QueueCapacity {
-    /// Most sends pending at once (default 1 000 000).
-    pub max_events: usize,
-    /// Most payload bytes pending at once (default 1 GiB).
-    pub max_bytes: usize,
-}
-
-impl Default for QueueCapacity {
-    fn default() -> Self {
-        Self {
-            max_events: 1_000_000,
-            max_bytes: 1 << 30,
-        }
-    }
-}
-
-/// A bounded queue in memory: one channel per destination instance, one shared bound.
+/// A queue in memory: per destination instance, a line of ready envelopes and a timer heap of
+/// batches waiting for their retry; statuses and dead letters beside them.
 pub struct MemoryQueue {
-    capacity: QueueCapacity,
-    events: AtomicUsize,
-    bytes: AtomicUsize,
-    routes: Mutex<Option<HashMap<Arc<str>, mpsc::UnboundedSender<Envelope>>>>,
+    shared: Arc<Shared>,
 }
 
-impl MemoryQueue {
-    /// An empty queue with these bounds.
-    pub fn new(capacity: QueueCapacity) -> Self {
-        Self {
-            capacity,
-            events: AtomicUsize::new(0),
-            bytes: AtomicUsize::new(0),
-            routes: Mutex::new(Some(HashMap::new())),
-        }
-    }
-
-    /// Reserve room for `asked` more in `counter`, or say how full it is.
-    fn reserve(counter: &AtomicUsize, asked: usize, limit: usize) -> Result<(), (usize, usize)> {
-        counter
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |pending| {
-                pending.checked_add(asked).filter(|total| *total <= limit)
-            })
-            .map(drop)
-            .map_err(|pending| (pending, asked))
-    }
+/// What the queue and its consumers share.
+struct Shared {
+    instances: RwLock<HashMap<Arc<str>, Arc<InstanceQueue>>>,
+    stopped: AtomicBool,
+    statuses: StatusBook,
+    dead_letters: DeadLetters,
 }
 
-impl MemoryQueue {
-    /// Reserve room for every envelope, or none and say why.
-    fn admit(
-        &self,
-        routes: &HashMap<Arc<str>, mpsc::UnboundedSender<Envelope>>,
-        envelopes: &[Envelope],
-    ) -> Result<(), QueueFull> {
-        if let Some(e) = envelopes
-            .iter()
-            .find(|e| !routes.contains_key(&e.destination))
-        {
-            return Err(QueueFull::NoConsumer(e.destination.to_string()));
-        }
-        let count = envelopes.len();
-        let bytes: usize = envelopes.iter().map(Envelope::size).sum();
-        Self::reserve(&self.events, count, self.capacity.max_events).map_err(
-            |(pending, asked)| QueueFull::Events {
-                pending,
-                limit: self.capacity.max_events,
-                asked,
+impl Default for MemoryQueue {
+    /// 100 000 finished statuses for up to a day, 10 000 dead letters.
+    fn default() -> Self {
+        Self::new(
+            StatusRetention {
+                count: 100_000,
+                age: std::time::Duration::from_secs(24 * 3600),
             },
-        )?;
-        if let Err((pending, asked)) = Self::reserve(&self.bytes, bytes, self.capacity.max_bytes) {
-            self.events.fetch_sub(count, Ordering::AcqRel);
-            return Err(QueueFull::Bytes {
-                pending,
-                limit: self.capacity.max_bytes,
-                asked,
-            });
-        }
-        Ok(())
+            10_000,
+        )
     }
 }
 
-impl Queue for MemoryQueue {
-    fn enqueue(&self, envelopes: Vec<Envelope>) -> Result<(), Refused> {
-        let routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(routes) = routes.as_ref() else {
-            return Err(Refused {
-                why: QueueFull::Closed,
-                envelopes,
-            });
-        };
-        if let Err(why) = self.admit(routes, &envelopes) {
-            return Err(Refused { why, envelopes });
+impl MemoryQueue {
+    /// An empty queue that remembers finished statuses within `retention` and keeps up to
+    /// `dead_letter_capacity` dead letters.
+    pub fn new(retention: StatusRetention, dead_letter_capacity: usize) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                instances: RwLock::new(HashMap::new()),
+                stopped: AtomicBool::new(false),
+                statuses: StatusBook::new(retention),
+                dead_letters: DeadLetters::new(dead_letter_capacity),
+            }),
         }
+    }
+}
+
+impl Shared {
+    fn instances(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Arc<str>, Arc<InstanceQueue>>> {
+        self.instances
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Push envelopes onto their instances' lines (their statuses are recorded first, so a
+    /// dispatcher that delivers at once finds them). Envelopes of an unknown instance come
+    /// back.
+    fn push(&self, envelopes: Vec<Envelope>) -> Vec<Envelope> {
+        self.statuses.queued(&envelopes);
+        let instances = self.instances();
+        let mut unknown = Vec::new();
+        let mut current: Option<(Arc<str>, std::sync::MutexGuard<'_, Lines>, &InstanceQueue)> =
+            None;
         for envelope in envelopes {
-            if let Some(route) = routes.get(&envelope.destination) {
-                // The receiver lives as long as its dispatcher, which outlives `close`.
-                let _ = route.send(envelope);
+            let same = current
+                .as_ref()
+                .is_some_and(|(name, ..)| Arc::ptr_eq(name, &envelope.destination));
+            if !same {
+                if let Some((_, lines, queue)) = current.take() {
+                    drop(lines);
+                    queue.wake.notify_one();
+                }
+                match instances.get(&envelope.destination) {
+                    Some(queue) => {
+                        current = Some((envelope.destination.clone(), queue.lock(), queue));
+                    }
+                    None => {
+                        unknown.push(envelope);
+                        continue;
+                    }
+                }
+            }
+            if let Some((_, lines, _)) = current.as_mut() {
+                lines.ready.push_back(envelope);
             }
         }
-        Ok(())
-    }
-
-    fn consumer(&self, destination: &str) -> Box<dyn QueueConsumer> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        if let Some(routes) = self
-            .routes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_mut()
-        {
-            routes.insert(destination.into(), tx);
+        if let Some((_, lines, queue)) = current {
+            drop(lines);
+            queue.wake.notify_one();
         }
-        Box::new(MemoryConsumer { rx })
-    }
-
-    fn settle(&self, envelope: &Envelope) {
-        self.events.fetch_sub(1, Ordering::AcqRel);
-        self.bytes.fetch_sub(envelope.size(), Ordering::AcqRel);
-    }
-
-    fn close(&self) {
-        // Dropping the senders lets each consumer drain its channel and then end.
-        self.routes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-    }
-
-    fn depth(&self) -> QueueDepth {
-        QueueDepth {
-            events: self.events.load(Ordering::Acquire),
-            bytes: self.bytes.load(Ordering::Acquire),
-        }
+        unknown
     }
 }
 
+/// One instance's share: what is ready, and what waits for a retry.
+struct InstanceQueue {
+    lines: Mutex<Lines>,
+    /// Woken when something is pushed, or the queue stops.
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct Lines {
+    ready: VecDeque<Envelope>,
+    delayed: BinaryHeap<Reverse<Delayed>>,
+    next_seq: u64,
+    stopped: bool,
+}
+
+/// A batch waiting for its retry: ordered by when it is due, then by when it was scheduled.
+struct Delayed {
+    due: Instant,
+    seq: u64,
+    batch: Vec<Envelope>,
+}
+
+impl PartialEq for Delayed {
+    fn eq(&self, other: &Self) -> bool {
+        (self.due, self.seq) == (other.due, other.seq)
+    }
+}
+
+impl Eq for Delayed {}
+
+impl PartialOrd for Delayed {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Delayed {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.due, self.seq).cmp(&(other.due, other.seq))
+    }
+}
+
+impl InstanceQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Lines> {
+        self.lines.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[async_trait]
+impl Queue for MemoryQueue {
+    fn durability(&self) -> Durability {
+        Durability::Memory
+    }
+
+    fn describe(&self) -> String {
+        "memory".to_owned()
+    }
+
+    fn consumer(&self, instance: &str) -> Result<Arc<dyn QueueConsumer>, QueueError> {
+        let queue = Arc::new(InstanceQueue {
+            lines: Mutex::new(Lines::default()),
+            wake: Notify::new(),
+        });
+        self.shared
+            .instances
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(instance.into(), queue.clone());
+        Ok(Arc::new(MemoryConsumer {
+            queue,
+            shared: self.shared.clone(),
+        }))
+    }
+
+    fn backlog(&self) -> Result<Vec<(String, QueueDepth)>, QueueError> {
+        Ok(Vec::new())
+    }
+
+    async fn enqueue(&self, envelopes: Vec<Envelope>) -> Result<(), Refused> {
+        let shared = &self.shared;
+        if shared.stopped.load(Ordering::Acquire) {
+            return Err(Refused {
+                why: QueueError::Closed,
+                envelopes,
+            });
+        }
+        {
+            let instances = shared.instances();
+            if let Some(e) = envelopes
+                .iter()
+                .find(|e| !instances.contains_key(&e.destination))
+            {
+                return Err(Refused {
+                    why: QueueError::NoConsumer(e.destination.to_string()),
+                    envelopes,
+                });
+            }
+        }
+        let unknown = shared.push(envelopes);
+        debug_assert!(unknown.is_empty(), "instances were checked");
+        Ok(())
+    }
+
+    async fn replay(&self, ids: &[EventId]) -> Result<Vec<Envelope>, QueueError> {
+        let shared = &self.shared;
+        if shared.stopped.load(Ordering::Acquire) {
+            return Err(QueueError::Closed);
+        }
+        let now = Instant::now();
+        let envelopes: Vec<Envelope> = shared
+            .dead_letters
+            .take(ids)
+            .into_iter()
+            .map(|letter| {
+                let mut envelope = letter.envelope;
+                envelope.attempts = 0;
+                envelope.restart_budget(now);
+                envelope
+            })
+            .collect();
+        let replayed = envelopes.clone();
+        let unknown = shared.push(envelopes);
+        // Letters of an instance this hub no longer has stay dead letters.
+        for envelope in &unknown {
+            shared.dead_letters.push(DeadLetter {
+                envelope: envelope.clone(),
+                reason: format!(
+                    "not replayed: no destination instance `{}` is configured",
+                    envelope.destination
+                ),
+                died_at: SystemTime::now(),
+            });
+        }
+        Ok(replayed
+            .into_iter()
+            .filter(|e| !unknown.iter().any(|u| u.id == e.id))
+            .collect())
+    }
+
+    async fn stop(&self) -> Vec<Envelope> {
+        self.shared.stopped.store(true, Ordering::Release);
+        let mut leftovers = Vec::new();
+        for queue in self.shared.instances().values() {
+            let mut lines = queue.lock();
+            lines.stopped = true;
+            leftovers.extend(lines.ready.drain(..));
+            for Reverse(delayed) in lines.delayed.drain() {
+                leftovers.extend(delayed.batch);
+            }
+            drop(lines);
+            queue.wake.notify_waiters();
+            queue.wake.notify_one();
+        }
+        leftovers
+    }
+
+    fn statuses(&self) -> &dyn StatusStore {
+        &self.shared.statuses
+    }
+
+    fn dead_letters(&self) -> &dyn DeadLetterStore {
+        &self.shared.dead_letters
+    }
+}
+
+/// The consumer of one instance.
 struct MemoryConsumer {
-    rx: mpsc::UnboundedReceiver<Envelope>,
+    queue: Arc<InstanceQueue>,
+    shared: Arc<Shared>,
 }
 
 #[async_trait]
 impl QueueConsumer for MemoryConsumer {
-    async fn next(&mut self) -> Option<Envelope> {
-        self.rx.recv().await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use bytes::Bytes;
-
-    fn envelope(to: &str, size: usize) -> Envelope {
-        Envelope::new(to.into(), None, Bytes::from(vec![b'x'; size]))
-    }
-
-    #[tokio::test]
-    async fn all_or_nothing_within_the_bounds() {
-        let q = MemoryQueue::new(QueueCapacity {
-            max_events: 3,
-            max_bytes: 100,
-        });
-        let mut c = q.consumer("a");
-        assert!(
-            q.enqueue(vec![envelope("a", 10), envelope("a", 10)])
-                .is_ok()
-        );
-        let refused = q
-            .enqueue(vec![envelope("a", 10), envelope("a", 10)])
-            .unwrap_err();
-        assert_eq!(refused.envelopes.len(), 2, "refused envelopes come back");
-        let full = refused.why;
-        assert!(
-            matches!(
-                full,
-                QueueFull::Events {
-                    pending: 2,
-                    limit: 3,
-                    asked: 2
+    async fn lease(&self, max: usize) -> Option<Leased> {
+        loop {
+            let woken = self.queue.wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let next_due = {
+                let mut lines = self.queue.lock();
+                let now = Instant::now();
+                if lines
+                    .delayed
+                    .peek()
+                    .is_some_and(|Reverse(next)| next.due <= now)
+                    && let Some(Reverse(due)) = lines.delayed.pop()
+                {
+                    return Some(Leased::Retry(due.batch));
                 }
-            ),
-            "{full}"
-        );
-        assert!(matches!(
-            q.enqueue(vec![envelope("a", 90)]).map_err(|r| r.why),
-            Err(QueueFull::Bytes { .. })
-        ));
-        assert_eq!(
-            q.depth(),
-            QueueDepth {
-                events: 2,
-                bytes: 20
+                if !lines.ready.is_empty() {
+                    let take = max.max(1).min(lines.ready.len());
+                    return Some(Leased::Ready(lines.ready.drain(..take).collect()));
+                }
+                if lines.stopped {
+                    return None;
+                }
+                lines.delayed.peek().map(|Reverse(next)| next.due)
+            };
+            match next_due {
+                Some(due) => {
+                    tokio::select! {
+                        () = &mut woken => {}
+                        () = tokio::time::sleep_until(due) => {}
+                    }
+                }
+                None => woken.await,
             }
-        );
-        assert!(matches!(
-            q.enqueue(vec![envelope("b", 1)]).map_err(|r| r.why),
-            Err(QueueFull::NoConsumer(_))
-        ));
+        }
+    }
 
-        let first = c.next().await;
-        q.settle(first.as_ref().unwrap_or_else(|| panic!("an envelope")));
-        assert_eq!(
-            q.depth(),
-            QueueDepth {
-                events: 1,
-                bytes: 10
+    async fn settle(&self, settlement: &Settlement) -> Result<(), QueueError> {
+        let shared = &self.shared;
+        shared.statuses.settled(settlement);
+        let died_at = SystemTime::now();
+        for settled in &settlement.dead {
+            shared.dead_letters.push(DeadLetter {
+                envelope: settled.envelope.clone(),
+                reason: settled.error.clone().unwrap_or_default(),
+                died_at,
+            });
+        }
+        if let Some(retry) = &settlement.retry {
+            let now = Instant::now();
+            // A wait too long for the clock is as good as forever; the retry age ends it.
+            let due = now
+                .checked_add(retry.wait)
+                .unwrap_or_else(|| now + std::time::Duration::from_secs(100 * 365 * 86_400));
+            let mut lines = self.queue.lock();
+            let seq = lines.next_seq;
+            lines.next_seq += 1;
+            lines.delayed.push(Reverse(Delayed {
+                due,
+                seq,
+                batch: retry.sends.iter().map(|s| s.envelope.clone()).collect(),
+            }));
+            drop(lines);
+            self.queue.wake.notify_one();
+        }
+        if !settlement.follow_ups.is_empty() {
+            if shared.stopped.load(Ordering::Acquire) {
+                tracing::warn!(
+                    sends = settlement.follow_ups.len(),
+                    "sends made by a delivery after the memory queue stopped are dropped"
+                );
+                return Ok(());
             }
-        );
-        q.close();
-        assert!(matches!(
-            q.enqueue(vec![envelope("a", 1)]).map_err(|r| r.why),
-            Err(QueueFull::Closed)
-        ));
-        assert!(c.next().await.is_some(), "drains after close");
-        assert!(c.next().await.is_none(), "then ends");
+            let unknown = shared.push(settlement.follow_ups.clone());
+            for envelope in unknown {
+                tracing::warn!(id = %envelope.id, destination = %envelope.destination, "a send made while delivering names no destination instance; dropped");
+            }
+        }
+        Ok(())
+    }
+
+    async fn release(&self, envelopes: Vec<Envelope>) {
+        let mut lines = self.queue.lock();
+        for envelope in envelopes.into_iter().rev() {
+            lines.ready.push_front(envelope);
+        }
+        drop(lines);
+        self.queue.wake.notify_one();
     }
 }
