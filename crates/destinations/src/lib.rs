@@ -33,6 +33,8 @@ pub use destinations_emit as emit;
 pub use destinations_http as http;
 #[cfg(feature = "s3")]
 pub use destinations_s3 as s3;
+#[cfg(feature = "sqlite")]
+pub use destinations_sqlite as sqlite;
 #[cfg(feature = "sse")]
 pub use destinations_sse as sse;
 
@@ -84,4 +86,45 @@ pub fn hub_with_defaults() -> Result<Hub, ConfigError> {
         builder = builder.configured(&registry, kind, config)?;
     }
     builder.build()
+}
+
+/// The queue `[hub.queue]` names: `memory`, or `sqlite` (feature `sqlite`) at its `path`, with
+/// the hub's status retention and dead-letter capacity. A durable queue's file is checked as it
+/// opens: a damaged, foreign or busy file is refused with its name.
+pub fn open_queue(config: &HubConfig) -> Result<std::sync::Arc<dyn Queue>, ConfigError> {
+    let queue = &config.queue;
+    match queue.kind.as_str() {
+        "memory" => {
+            if let Some(key) = queue.options.keys().next() {
+                return Err(ConfigError::hub(format!(
+                    "hub.queue: `{key}` is not a setting of the memory queue (it takes max_events, max_bytes, wait)"
+                )));
+            }
+            Ok(std::sync::Arc::new(MemoryQueue::new(
+                config.status_retention(),
+                config.dead_letter_capacity,
+            )))
+        }
+        #[cfg(feature = "sqlite")]
+        destinations_sqlite::KIND => {
+            let options: destinations_sqlite::SqliteOptions =
+                serde_json::from_value(serde_json::Value::Object(queue.options.clone()))
+                    .map_err(|e| ConfigError::hub(format!("hub.queue: {e}")))?;
+            let opened = destinations_sqlite::SqliteQueue::open(
+                &options,
+                config.status_retention(),
+                config.dead_letter_capacity,
+            )
+            .map_err(|e| ConfigError::hub(e.to_string()))?;
+            Ok(std::sync::Arc::new(opened))
+        }
+        other => Err(ConfigError::hub(format!(
+            "hub.queue: no queue of kind `{other}` in this build; kinds: memory{}",
+            if cfg!(feature = "sqlite") {
+                ", sqlite"
+            } else {
+                " (sqlite needs the `sqlite` feature)"
+            }
+        ))),
+    }
 }

@@ -137,17 +137,12 @@ impl Dispatcher {
         }
     }
 
-    /// The queue leases no more: a memory queue flushes what is still filling (or gives it up
-    /// at the deadline); a durable one gives it back for the next start.
+    /// The queue leases no more: what is still filling was leased already, so it goes out now,
+    /// as a batch under way (given up on at the deadline: dead-lettered by a memory queue, kept
+    /// by a durable one).
     async fn intake_closed(&mut self) {
         self.next_deadline = None;
         let open: Vec<Vec<Envelope>> = self.open.drain().map(|(_, b)| b.envelopes).collect();
-        if self.lane.durable {
-            for envelopes in open {
-                self.lane.consumer.release(envelopes).await;
-            }
-            return;
-        }
         for envelopes in open {
             self.deliver(envelopes).await;
         }

@@ -105,8 +105,8 @@ pub trait QueueConsumer: Send + Sync {
     /// one step.
     async fn settle(&self, settlement: &Settlement) -> Result<(), QueueError>;
 
-    /// Give leased envelopes back without counting an attempt (a durable queue's shutdown
-    /// releases the batches still filling).
+    /// Give leased envelopes back without counting an attempt (a dispatcher that stopped
+    /// before it could deliver them).
     async fn release(&self, envelopes: Vec<Envelope>);
 
     /// Still working on these (a batch filling, a long attempt): a backend whose leases expire
