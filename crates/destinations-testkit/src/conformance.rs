@@ -1,18 +1,24 @@
-//! One behaviour suite that every destination runs against a real sink: it delivers, retries a
-//! transient failure, dead-letters a permanent one, rejects a bad payload naming the field,
-//! flushes partial batches on shutdown, and loses nothing — counted.
+//! One behaviour suite that every destination runs against a real sink, on every queue: it
+//! delivers, retries a transient failure, dead-letters a permanent one, rejects a bad payload
+//! naming the field, flushes partial batches on shutdown, loses nothing — counted — and, on a
+//! durable queue, delivers after a restart what an interrupted hub left.
 //!
 //! A destination's tests implement [`ConformanceTarget`] for their sink and call [`run_all`].
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use destinations_core::policy::BatchPolicyOverrides;
 use destinations_core::{
-    EventId, Hub, HubConfig, InstanceConfig, Registry, SendError, SendStatus, State,
+    EventId, Hub, HubConfig, InstanceConfig, Queue, Registry, SendError, SendStatus, State,
 };
+use destinations_sqlite::{SqliteOptions, SqliteQueue};
 use serde_json::json;
+
+use crate::s3::TempDir;
 
 /// How the sink behaves in one case.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,25 +46,77 @@ pub trait ConformanceTarget: Send + Sync {
     async fn accepted_markers(&self) -> Vec<u64>;
 }
 
+/// The queue the suite's hubs run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueKind {
+    /// The in-memory queue (drained at shutdown).
+    Memory,
+    /// The SQLite queue in a fresh file (kept at shutdown, there at the next start).
+    Sqlite,
+}
+
+impl QueueKind {
+    /// Every queue the suite covers.
+    pub const ALL: [Self; 2] = [Self::Memory, Self::Sqlite];
+}
+
+/// Where one case's queue lives: nothing for memory, a folder for SQLite.
+struct QueueHome {
+    dir: Option<TempDir>,
+}
+
+impl QueueHome {
+    fn new(kind: QueueKind) -> Self {
+        Self {
+            dir: (kind == QueueKind::Sqlite).then(|| TempDir::new("conformance")),
+        }
+    }
+
+    /// A queue here: a new memory queue, or the SQLite file (again, after a restart).
+    fn open(&self, config: &HubConfig) -> Option<Arc<dyn Queue>> {
+        let dir = self.dir.as_ref()?;
+        let queue = SqliteQueue::open(
+            &SqliteOptions::at(dir.path().join("queue.db")),
+            config.status_retention(),
+            config.dead_letter_capacity,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        Some(Arc::new(queue))
+    }
+}
+
 /// Sends per case.
 const SENDS: u64 = 40;
 /// The instance name used by the suite.
 const INSTANCE: &str = "target";
+/// How long a case waits for its sends to become final.
+const WITHIN: Duration = Duration::from_secs(60);
 
-/// Run every case.
+/// Run every case on every queue.
 pub async fn run_all(target: &mut dyn ConformanceTarget) {
-    delivers_every_send_once_or_more(target).await;
-    retries_a_transient_failure(target).await;
-    dead_letters_a_permanent_failure(target).await;
-    rejects_a_bad_payload_naming_the_field(target).await;
-    flushes_a_partial_batch_on_shutdown(target).await;
+    for queue in QueueKind::ALL {
+        run_on(target, queue).await;
+    }
 }
 
-async fn hub_for(
+/// Run every case on one queue.
+pub async fn run_on(target: &mut dyn ConformanceTarget, queue: QueueKind) {
+    delivers_every_send_once_or_more(target, queue).await;
+    retries_a_transient_failure(target, queue).await;
+    dead_letters_a_permanent_failure(target, queue).await;
+    rejects_a_bad_payload_naming_the_field(target, queue).await;
+    flushes_a_partial_batch_on_shutdown(target, queue).await;
+    if queue == QueueKind::Sqlite {
+        delivers_after_a_restart_what_an_interrupted_hub_left(target).await;
+    }
+}
+
+/// The instance's options for the current sink, with fast retries and `extra` on top.
+async fn instance(
     target: &mut dyn ConformanceTarget,
     behaviour: SinkBehaviour,
-    extra: serde_json::Value,
-) -> Hub {
+    extra: &serde_json::Value,
+) -> InstanceConfig {
     let mut table = target.start_sink(behaviour).await;
     let object = table
         .as_object_mut()
@@ -68,18 +126,47 @@ async fn hub_for(
         "retry".into(),
         json!({"initial_delay": "5ms", "max_delay": "50ms", "max_attempts": 4}),
     );
+    // Batches (of a destination that batches) go out quickly, unless the case says otherwise.
+    object.insert("batch".into(), json!({"max_age": "50ms"}));
     if let serde_json::Value::Object(extra) = extra {
-        object.extend(extra);
+        object.extend(extra.clone());
     }
-    let config = InstanceConfig::from_table(INSTANCE, table).unwrap_or_else(|e| panic!("{e}"));
-    Hub::builder()
-        .config(HubConfig::default())
+    InstanceConfig::from_table(INSTANCE, table).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The same instance with batches that go out at once (the next start after a case that
+/// batched for an hour).
+fn quickly_flushed(mut config: InstanceConfig) -> InstanceConfig {
+    config.settings.batch = BatchPolicyOverrides {
+        max_age: Some(Duration::from_millis(10)),
+        ..BatchPolicyOverrides::default()
+    };
+    config
+}
+
+fn hub_on(home: &QueueHome, config: InstanceConfig) -> Hub {
+    let hub_config = HubConfig::default();
+    let mut builder = Hub::builder().config(hub_config.clone());
+    if let Some(queue) = home.open(&hub_config) {
+        builder = builder.queue(queue);
+    }
+    builder
         .configured(&Registry::linked(), INSTANCE, config)
         .unwrap_or_else(|e| {
             panic!("{e} (is the destination crate named by the test, so it is linked?)")
         })
         .build()
         .unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn hub_for(
+    target: &mut dyn ConformanceTarget,
+    behaviour: SinkBehaviour,
+    extra: serde_json::Value,
+    home: &QueueHome,
+) -> Hub {
+    let config = instance(target, behaviour, &extra).await;
+    hub_on(home, config)
 }
 
 async fn send_all(target: &dyn ConformanceTarget, hub: &Hub) -> Vec<EventId> {
@@ -92,9 +179,16 @@ async fn send_all(target: &dyn ConformanceTarget, hub: &Hub) -> Vec<EventId> {
     run.finish().await.unwrap_or_else(|e| panic!("{e}"))
 }
 
-async fn settle(hub: &Hub) {
-    let report = hub.shutdown_within(Duration::from_secs(60)).await;
+/// Wait until every send is delivered or dead, then shut down: nothing may be given up on.
+async fn settle(hub: &Hub, ids: &[EventId]) {
+    for id in ids {
+        hub.wait_final(*id, WITHIN)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let report = hub.shutdown_within(WITHIN).await;
     assert_eq!(report.abandoned, 0, "shutdown had to abandon sends");
+    assert_eq!(report.kept, 0, "sends were left in the queue");
 }
 
 async fn status(hub: &Hub, id: EventId) -> SendStatus {
@@ -113,57 +207,75 @@ async fn states(hub: &Hub, ids: &[EventId]) -> HashMap<State, usize> {
     counts
 }
 
-fn assert_each_marker_arrived(mut markers: Vec<u64>) {
+fn assert_each_marker_arrived(mut markers: Vec<u64>, queue: QueueKind) {
     markers.sort_unstable();
     markers.dedup();
     assert_eq!(
         markers,
         (0..SENDS).collect::<Vec<_>>(),
-        "every send must arrive (duplicates allowed)"
+        "every send must arrive (duplicates allowed), on the {queue:?} queue"
     );
 }
 
 /// Every accepted send arrives; every status says delivered.
-pub async fn delivers_every_send_once_or_more(target: &mut dyn ConformanceTarget) {
-    let hub = hub_for(target, SinkBehaviour::Accept, json!({})).await;
+pub async fn delivers_every_send_once_or_more(
+    target: &mut dyn ConformanceTarget,
+    queue: QueueKind,
+) {
+    let home = QueueHome::new(queue);
+    let hub = hub_for(target, SinkBehaviour::Accept, json!({}), &home).await;
     let ids = send_all(target, &hub).await;
-    settle(&hub).await;
+    settle(&hub, &ids).await;
     assert_eq!(
         states(&hub, &ids).await,
-        HashMap::from([(State::Delivered, SENDS as usize)])
+        HashMap::from([(State::Delivered, SENDS as usize)]),
+        "on the {queue:?} queue"
     );
-    assert_each_marker_arrived(target.accepted_markers().await);
+    assert_each_marker_arrived(target.accepted_markers().await, queue);
 }
 
 /// Transient failures are retried until the sink accepts.
-pub async fn retries_a_transient_failure(target: &mut dyn ConformanceTarget) {
-    let hub = hub_for(target, SinkBehaviour::FailFirstAttempts(2), json!({})).await;
+pub async fn retries_a_transient_failure(target: &mut dyn ConformanceTarget, queue: QueueKind) {
+    let home = QueueHome::new(queue);
+    let hub = hub_for(
+        target,
+        SinkBehaviour::FailFirstAttempts(2),
+        json!({}),
+        &home,
+    )
+    .await;
     let ids = send_all(target, &hub).await;
-    settle(&hub).await;
+    settle(&hub, &ids).await;
     assert_eq!(
         states(&hub, &ids).await,
-        HashMap::from([(State::Delivered, SENDS as usize)])
+        HashMap::from([(State::Delivered, SENDS as usize)]),
+        "on the {queue:?} queue"
     );
     for id in &ids {
         let status = status(&hub, *id).await;
         assert!(
             status.attempts >= 3,
-            "{id} delivered after {} attempts, expected 3",
+            "{id} delivered after {} attempts, expected 3, on the {queue:?} queue",
             status.attempts
         );
         assert!(status.last_error.is_some(), "the transient error is kept");
     }
-    assert_each_marker_arrived(target.accepted_markers().await);
+    assert_each_marker_arrived(target.accepted_markers().await, queue);
 }
 
 /// A permanent failure is dead-lettered after one attempt, with a reason.
-pub async fn dead_letters_a_permanent_failure(target: &mut dyn ConformanceTarget) {
-    let hub = hub_for(target, SinkBehaviour::RejectPermanently, json!({})).await;
+pub async fn dead_letters_a_permanent_failure(
+    target: &mut dyn ConformanceTarget,
+    queue: QueueKind,
+) {
+    let home = QueueHome::new(queue);
+    let hub = hub_for(target, SinkBehaviour::RejectPermanently, json!({}), &home).await;
     let ids = send_all(target, &hub).await;
-    settle(&hub).await;
+    settle(&hub, &ids).await;
     assert_eq!(
         states(&hub, &ids).await,
-        HashMap::from([(State::Dead, SENDS as usize)])
+        HashMap::from([(State::Dead, SENDS as usize)]),
+        "on the {queue:?} queue"
     );
     let letters = hub
         .dead_letters(usize::MAX)
@@ -181,35 +293,84 @@ pub async fn dead_letters_a_permanent_failure(target: &mut dyn ConformanceTarget
 }
 
 /// A bad payload is refused at send time, naming the field; nothing is delivered.
-pub async fn rejects_a_bad_payload_naming_the_field(target: &mut dyn ConformanceTarget) {
-    let hub = hub_for(target, SinkBehaviour::Accept, json!({})).await;
+pub async fn rejects_a_bad_payload_naming_the_field(
+    target: &mut dyn ConformanceTarget,
+    queue: QueueKind,
+) {
+    let home = QueueHome::new(queue);
+    let hub = hub_for(target, SinkBehaviour::Accept, json!({}), &home).await;
     let (payload, field) = target.invalid_payload();
     let bytes = Bytes::from(serde_json::to_vec(&payload).unwrap_or_default());
     match hub.sender().json(INSTANCE, bytes) {
         Err(SendError::Invalid { error, .. }) => assert_eq!(error.field, field, "{error}"),
         other => panic!("expected an invalid-payload error naming `{field}`, got {other:?}"),
     }
-    settle(&hub).await;
+    settle(&hub, &[]).await;
     assert!(target.accepted_markers().await.is_empty());
 }
 
-/// Sends waiting for a batch to fill are delivered at shutdown.
-pub async fn flushes_a_partial_batch_on_shutdown(target: &mut dyn ConformanceTarget) {
-    let hub = hub_for(
+/// Sends waiting for a batch to fill are delivered at shutdown: those a dispatcher holds go out
+/// at once; a durable queue keeps any it had not handed out yet, and the next hub delivers them.
+pub async fn flushes_a_partial_batch_on_shutdown(
+    target: &mut dyn ConformanceTarget,
+    queue: QueueKind,
+) {
+    let home = QueueHome::new(queue);
+    let config = instance(
         target,
         SinkBehaviour::Accept,
-        json!({"batch": {"max_events": 100_000, "max_bytes": 1_000_000_000, "max_age": "1h"}}),
+        &json!({"batch": {"max_events": 100_000, "max_bytes": 1_000_000_000, "max_age": "1h"}}),
     )
     .await;
+    let hub = hub_on(&home, config.clone());
     let ids = send_all(target, &hub).await;
     assert!(
         target.accepted_markers().await.is_empty(),
         "nothing is delivered before the batch fills or shutdown flushes it"
     );
-    settle(&hub).await;
+    let report = hub.shutdown_within(WITHIN).await;
+    assert_eq!(report.abandoned, 0, "on the {queue:?} queue");
+    let hub = if report.kept > 0 {
+        assert_eq!(queue, QueueKind::Sqlite, "only a durable queue keeps sends");
+        drop(hub);
+        let next = hub_on(&home, quickly_flushed(config));
+        settle(&next, &ids).await;
+        next
+    } else {
+        hub
+    };
     assert_eq!(
         states(&hub, &ids).await,
+        HashMap::from([(State::Delivered, SENDS as usize)]),
+        "on the {queue:?} queue"
+    );
+    assert_each_marker_arrived(target.accepted_markers().await, queue);
+}
+
+/// A hub stopped before it could deliver (the deadline already passed) leaves its sends in
+/// the durable queue; the next hub on the same file delivers every one.
+pub async fn delivers_after_a_restart_what_an_interrupted_hub_left(
+    target: &mut dyn ConformanceTarget,
+) {
+    let home = QueueHome::new(QueueKind::Sqlite);
+    let config = instance(
+        target,
+        SinkBehaviour::Accept,
+        &json!({"batch": {"max_events": 100_000, "max_bytes": 1_000_000_000, "max_age": "1h"}}),
+    )
+    .await;
+    let first = hub_on(&home, config.clone());
+    let ids = send_all(target, &first).await;
+    let report = first.shutdown_within(Duration::ZERO).await;
+    assert_eq!(report.abandoned, 0, "a durable queue gives up on nothing");
+    assert!(report.kept > 0, "the interrupted hub left sends behind");
+    drop(first);
+
+    let second = hub_on(&home, quickly_flushed(config));
+    settle(&second, &ids).await;
+    assert_eq!(
+        states(&second, &ids).await,
         HashMap::from([(State::Delivered, SENDS as usize)])
     );
-    assert_each_marker_arrived(target.accepted_markers().await);
+    assert_each_marker_arrived(target.accepted_markers().await, QueueKind::Sqlite);
 }

@@ -99,6 +99,27 @@ impl Receiver {
         Self::serve(listener, Arc::new(script))
     }
 
+    /// A receiver at `addr` (a port a test set aside: a target that was down comes up),
+    /// answering as `script` says.
+    pub async fn scripted_at(
+        addr: SocketAddr,
+        script: impl Fn(&ReceivedRequest) -> Reply + Send + Sync + 'static,
+    ) -> Self {
+        let listener = TcpListener::bind(addr)
+            .await
+            .unwrap_or_else(|e| panic!("cannot bind a receiver on {addr}: {e}"));
+        Self::serve(listener, Arc::new(script))
+    }
+
+    /// An address on 127.0.0.1 where nothing listens (yet): a target that is down.
+    pub fn unused_address() -> SocketAddr {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap_or_else(|e| panic!("cannot bind on 127.0.0.1: {e}"));
+        probe
+            .local_addr()
+            .unwrap_or_else(|e| panic!("no local address: {e}"))
+    }
+
     fn serve(listener: TcpListener, script: Script) -> Self {
         let addr = listener
             .local_addr()
