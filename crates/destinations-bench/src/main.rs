@@ -3,12 +3,15 @@
 //! - `destinations-bench receiver ADDR`: answers 200 to everything, counts requests, and
 //!   measures send-to-arrival latency from a `t` field (Unix nanoseconds) in JSON bodies.
 //!   `GET /stats` reports; `POST /reset` clears.
-//! - `destinations-bench http URL SENDS`: the library sends SENDS requests of 256 B through
-//!   the HTTP destination, in runs of 100, and prints one JSON line of results.
-//! - `destinations-bench s3 ENDPOINT SENDS NDJSON_OUT`: the library sends SENDS events of about
-//!   256 B through the S3 destination (gzip, default batching) to an S3-compatible server, prints
-//!   one JSON line of results, and writes the same events as NDJSON to NDJSON_OUT so the
-//!   reference (`gzip -1`) compresses exactly the bytes the objects hold.
+//! - `destinations-bench http URL SENDS [QUEUE_FILE]`: the library sends SENDS requests of 256 B
+//!   through the HTTP destination, in runs of 100, and prints one JSON line of results.
+//! - `destinations-bench s3 ENDPOINT SENDS NDJSON_OUT [QUEUE_FILE]`: the library sends SENDS
+//!   events of about 256 B through the S3 destination (gzip, default batching) to an
+//!   S3-compatible server, prints one JSON line of results, and writes the same events as NDJSON
+//!   to NDJSON_OUT so the reference (`gzip -1`) compresses exactly the bytes the objects hold.
+//!
+//! With a QUEUE_FILE, the hub runs on the SQLite queue in that file (created fresh); without
+//! one, on the memory queue.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +20,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use destinations::http::{HttpOptions, HttpRequest, SendHttp};
-use destinations::{Hub, InstanceSettings};
+use destinations::{Hub, HubBuilder, HubConfig, InstanceSettings};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
@@ -52,13 +55,13 @@ fn main() -> Result<(), String> {
         .as_slice()
     {
         ["receiver", addr] => runtime.block_on(receiver(addr)),
-        ["http", url, sends] => {
+        ["http", url, sends, queue @ ..] if queue.len() <= 1 => {
             let sends = sends.parse().map_err(|_| "SENDS must be a number")?;
-            runtime.block_on(http_load(url, sends))
+            runtime.block_on(http_load(url, sends, queue.first().copied()))
         }
-        ["memory", sends] => {
+        ["memory", sends, queue @ ..] if queue.len() <= 1 => {
             let sends = sends.parse().map_err(|_| "SENDS must be a number")?;
-            runtime.block_on(memory::memory(sends))
+            runtime.block_on(memory::memory(sends, queue.first().copied()))
         }
         ["sse-reference", addr] => runtime.block_on(sse::reference(addr)),
         ["sse-clients", url, subscribers, events, rate, publish, style] => {
@@ -72,12 +75,12 @@ fn main() -> Result<(), String> {
                 style,
             ))
         }
-        ["s3", endpoint, sends, ndjson] => {
+        ["s3", endpoint, sends, ndjson, queue @ ..] if queue.len() <= 1 => {
             let sends = sends.parse().map_err(|_| "SENDS must be a number")?;
-            runtime.block_on(s3_load(endpoint, sends, ndjson))
+            runtime.block_on(s3_load(endpoint, sends, ndjson, queue.first().copied()))
         }
         _ => Err(
-            "usage: destinations-bench receiver ADDR | http URL SENDS | s3 ENDPOINT SENDS NDJSON_OUT | send-path SENDS | memory SENDS | sse-reference ADDR | sse-clients STREAM_URL SUBSCRIBERS EVENTS RATE PUBLISH_URL STYLE"
+            "usage: destinations-bench receiver ADDR | http URL SENDS [QUEUE_FILE] | s3 ENDPOINT SENDS NDJSON_OUT [QUEUE_FILE] | send-path SENDS | memory SENDS [QUEUE_FILE] | sse-reference ADDR | sse-clients STREAM_URL SUBSCRIBERS EVENTS RATE PUBLISH_URL STYLE"
                 .into(),
         ),
     }
@@ -177,11 +180,28 @@ async fn answer(
     }
 }
 
-async fn http_load(url: &str, sends: usize) -> Result<(), String> {
+/// A hub builder on `config`, on the SQLite queue in `queue` (a fresh file) if one is given.
+pub(crate) fn builder_on(config: HubConfig, queue: Option<&str>) -> Result<HubBuilder, String> {
+    let Some(path) = queue else {
+        return Ok(Hub::builder().config(config));
+    };
+    for suffix in ["", "-wal", "-shm", ".lock"] {
+        let _ = std::fs::remove_file(format!("{path}{suffix}"));
+    }
+    let queue = destinations::sqlite::SqliteQueue::open(
+        &destinations::sqlite::SqliteOptions::at(path),
+        config.status_retention(),
+        config.dead_letter_capacity,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(Hub::builder().config(config).queue(Arc::new(queue)))
+}
+
+async fn http_load(url: &str, sends: usize, queue: Option<&str>) -> Result<(), String> {
     let mut options = HttpOptions::allowing_loopback();
     options.per_host_concurrency = 64;
     let destination = destinations::http::HttpDestination::new(options)?;
-    let hub = Hub::builder()
+    let hub = builder_on(HubConfig::default(), queue)?
         .destination(
             "http",
             Arc::new(destination),
@@ -279,7 +299,12 @@ fn s3_event(n: usize) -> serde_json::Value {
     })
 }
 
-async fn s3_load(endpoint: &str, sends: usize, ndjson: &str) -> Result<(), String> {
+async fn s3_load(
+    endpoint: &str,
+    sends: usize,
+    ndjson: &str,
+    queue: Option<&str>,
+) -> Result<(), String> {
     use std::io::Write as _;
 
     use destinations::s3::{S3Destination, S3Options, S3Send, SendS3};
@@ -290,7 +315,7 @@ async fn s3_load(endpoint: &str, sends: usize, ndjson: &str) -> Result<(), Strin
         .ok()
         .and_then(|level| level.parse().ok());
     let destination = S3Destination::new("s3", options)?;
-    let hub = Hub::builder()
+    let hub = builder_on(HubConfig::default(), queue)?
         .destination("s3", Arc::new(destination), InstanceSettings::default())
         .build()
         .map_err(|e| e.to_string())?;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use destinations::http::{HttpOptions, HttpRequest, SendHttp};
-use destinations::{Hub, HubConfig, InstanceSettings, QueueBounds, QueueConfig};
+use destinations::{HubConfig, InstanceSettings, QueueBounds, QueueConfig};
 use serde_json::json;
 
 /// This process's resident set now, from `/proc/self/status`.
@@ -21,7 +21,7 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-pub(crate) async fn memory(sends: usize) -> Result<(), String> {
+pub(crate) async fn memory(sends: usize, queue: Option<&str>) -> Result<(), String> {
     // Listens, never accepts: connections wait in the backlog and no answer ever comes.
     let stopped = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let url = format!(
@@ -31,8 +31,8 @@ pub(crate) async fn memory(sends: usize) -> Result<(), String> {
     let mut options = HttpOptions::allowing_loopback();
     options.timeout = Duration::from_secs(3600);
     let destination = destinations::http::HttpDestination::new(options)?;
-    let hub = Hub::builder()
-        .config(HubConfig {
+    let hub = crate::builder_on(
+        HubConfig {
             queue: QueueConfig {
                 bounds: QueueBounds {
                     max_events: sends + 1000,
@@ -41,10 +41,12 @@ pub(crate) async fn memory(sends: usize) -> Result<(), String> {
                 ..QueueConfig::default()
             },
             ..HubConfig::default()
-        })
-        .destination("http", Arc::new(destination), InstanceSettings::default())
-        .build()
-        .map_err(|e| e.to_string())?;
+        },
+        queue,
+    )?
+    .destination("http", Arc::new(destination), InstanceSettings::default())
+    .build()
+    .map_err(|e| e.to_string())?;
     let pad = "x".repeat(200);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let before = rss_kib();

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use destinations::{ConfigError, Hub, HubConfig, InstanceConfig, Registry};
@@ -29,7 +29,12 @@ pub(crate) struct ServerConfig {
     /// Largest request body accepted, in bytes (default 16 MiB).
     #[serde(default = "default_max_request_bytes")]
     pub(crate) max_request_bytes: usize,
-    /// The delivery engine's settings.
+    /// Where the server keeps its data (default `./data`); `{data_dir}` in any string of the
+    /// config stands for it.
+    #[serde(default = "default_data_dir")]
+    pub(crate) data_dir: PathBuf,
+    /// The delivery engine's settings; the queue is `sqlite` (in the data directory) unless
+    /// `[hub.queue] kind` says otherwise.
     #[serde(default)]
     pub(crate) hub: HubConfig,
     /// Destination instances by name: `[destinations.NAME]` with `kind` and its options.
@@ -44,6 +49,13 @@ fn default_listen() -> SocketAddr {
 fn default_max_request_bytes() -> usize {
     16 * 1024 * 1024
 }
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./data")
+}
+
+/// What `{data_dir}` stands for in config strings.
+pub(crate) const DATA_DIR_TOKEN: &str = "{data_dir}";
 
 /// Where the configuration came from, for messages.
 #[derive(Debug, Clone)]
@@ -62,8 +74,12 @@ impl std::fmt::Display for Source {
 }
 
 impl ServerConfig {
-    /// Read the file (or the embedded defaults), apply environment overrides, check it.
-    pub(crate) fn load(path: Option<&Path>) -> anyhow::Result<(Self, Source)> {
+    /// Read the file (or the embedded defaults), apply environment overrides and the data
+    /// directory, check it.
+    pub(crate) fn load(
+        path: Option<&Path>,
+        data_dir: Option<&Path>,
+    ) -> anyhow::Result<(Self, Source)> {
         let (text, source) = match path {
             Some(path) => (
                 std::fs::read_to_string(path)
@@ -75,12 +91,64 @@ impl ServerConfig {
         let mut table: toml::Table =
             toml::from_str(&text).with_context(|| format!("{source} is not valid TOML"))?;
         apply_env_overrides(&mut table, std::env::vars())?;
-        let config: Self =
-            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        if let Some(dir) = data_dir {
+            table.insert(
+                "data_dir".to_owned(),
+                toml::Value::String(dir.display().to_string()),
+            );
+        }
+        // The server's queue is durable unless the config says otherwise: a 202 means the
+        // send is committed.
+        let queue = table
+            .entry("hub")
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let toml::Value::Table(hub) = queue
+            && let toml::Value::Table(queue) = hub
+                .entry("queue")
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        {
+            queue
+                .entry("kind")
+                .or_insert_with(|| toml::Value::String("sqlite".to_owned()));
+        }
+        let dir = match table.get("data_dir") {
+            Some(toml::Value::String(dir)) => dir.clone(),
+            Some(_) => bail!("{source}: `data_dir` must be a path"),
+            None => default_data_dir().display().to_string(),
+        };
+        for (key, value) in table.iter_mut() {
+            if key != "data_dir" {
+                expand_data_dir(value, &dir);
+            }
+        }
+        let mut config: Self = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| {
                 let path = e.path().to_string();
                 anyhow::anyhow!("{source}: `{path}`: {}", e.into_inner())
             })?;
+        // A sqlite queue with no path lives in the data directory.
+        let queue = &mut config.hub.queue;
+        if queue.kind == "sqlite" && !queue.options.contains_key("path") {
+            queue.options.insert(
+                "path".to_owned(),
+                serde_json::Value::String(config.data_dir.join("queue.db").display().to_string()),
+            );
+        }
         Ok((config, source))
+    }
+
+    /// The queue file, for a sqlite queue.
+    pub(crate) fn queue_path(&self) -> Option<PathBuf> {
+        (self.hub.queue.kind == "sqlite")
+            .then(|| {
+                self.hub
+                    .queue
+                    .options
+                    .get("path")?
+                    .as_str()
+                    .map(PathBuf::from)
+            })
+            .flatten()
     }
 
     /// Split each instance table for the hub.
@@ -95,13 +163,27 @@ impl ServerConfig {
             .collect()
     }
 
-    /// Build the hub with every configured instance. Needs a Tokio runtime.
+    /// Open the queue and build the hub with every configured instance. Needs a Tokio runtime.
+    /// A queue file that cannot be used is refused here, with its name.
     pub(crate) fn build_hub(&self, registry: &Registry) -> anyhow::Result<Hub> {
-        let mut builder = Hub::builder().config(self.hub.clone());
+        let queue = destinations::open_queue(&self.hub)?;
+        let mut builder = Hub::builder().config(self.hub.clone()).queue(queue);
         for (name, instance) in self.instances()? {
             builder = builder.configured(registry, &name, instance)?;
         }
         Ok(builder.build()?)
+    }
+}
+
+/// Replace `{data_dir}` in every string of `value`.
+fn expand_data_dir(value: &mut toml::Value, dir: &str) {
+    match value {
+        toml::Value::String(text) if text.contains(DATA_DIR_TOKEN) => {
+            *text = text.replace(DATA_DIR_TOKEN, dir);
+        }
+        toml::Value::Array(items) => items.iter_mut().for_each(|v| expand_data_dir(v, dir)),
+        toml::Value::Table(table) => table.iter_mut().for_each(|(_, v)| expand_data_dir(v, dir)),
+        _ => {}
     }
 }
 
@@ -178,6 +260,7 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(config.listen.port(), 9999);
         assert_eq!(config.hub.queue.bounds.max_events, 10);
+        assert_eq!(config.hub.queue.kind, "sqlite");
         let hooks = &config.destinations["hooks"];
         assert_eq!(hooks.get("kind").and_then(|k| k.as_str()), Some("http"));
         assert!(hooks.get("allow_networks").is_some_and(|a| a.is_array()));

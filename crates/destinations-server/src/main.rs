@@ -7,7 +7,7 @@ mod error;
 mod receive;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -32,6 +32,30 @@ struct ConfigArg {
     /// Config file (TOML). Without one, the embedded defaults are used.
     #[arg(long, env = "DESTINATIONS_CONFIG")]
     config: Option<PathBuf>,
+    /// Where the server keeps its data (the queue, the embedded defaults' outbox and objects);
+    /// default: the config's `data_dir`, `./data`.
+    #[arg(long, env = "DESTINATIONS_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+impl ConfigArg {
+    fn load(&self) -> anyhow::Result<(ServerConfig, config::Source)> {
+        ServerConfig::load(self.config.as_deref(), self.data_dir.as_deref())
+    }
+}
+
+/// Which dead letters.
+#[derive(clap::Args)]
+struct DeadLetterSelection {
+    /// Only those of this destination instance.
+    #[arg(long)]
+    destination: Option<String>,
+    /// Only those that died at or after this time (RFC 3339, e.g. 2026-12-01T10:00:00Z).
+    #[arg(long)]
+    since: Option<String>,
+    /// Only those that died before this time.
+    #[arg(long)]
+    until: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -39,12 +63,18 @@ struct ServerArg {
     /// The server's base URL.
     #[arg(
         long,
+        global = true,
         env = "DESTINATIONS_SERVER",
         default_value = "http://127.0.0.1:8080"
     )]
     server: String,
     /// API token, if the server requires one.
-    #[arg(long, env = "DESTINATIONS_API_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "DESTINATIONS_API_TOKEN",
+        hide_env_values = true
+    )]
     token: Option<String>,
 }
 
@@ -91,6 +121,14 @@ enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
+    /// The queue file (kind = "sqlite"), read-only: while a server runs on it, or after it
+    /// refused to start.
+    Queue {
+        #[command(subcommand)]
+        action: QueueAction,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// A debug receiver that prints every request it gets (for the tour and local testing).
     Receive {
         /// Where to listen.
@@ -104,16 +142,47 @@ enum Command {
 
 #[derive(Subcommand)]
 enum DlqAction {
-    /// List the most recent dead letters.
+    /// List dead letters, newest first.
     List {
-        /// How many.
+        /// How many (every one with --all).
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// Every page.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        selection: DeadLetterSelection,
     },
-    /// Send dead letters again (all, or those named).
+    /// Send dead letters again with a fresh retry budget: those named, or those selected, or
+    /// all of them.
     Replay {
-        /// Ids to replay; all when none is given.
+        /// Ids to replay.
         ids: Vec<String>,
+        #[command(flatten)]
+        selection: DeadLetterSelection,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueAction {
+    /// Verify the queue file: its kind, schema, SQLite's integrity check, and what it holds.
+    Check {
+        /// The file (default: the config's queue path).
+        #[arg(long)]
+        path: Option<PathBuf>,
+    },
+    /// Write every pending send as NDJSON, one `{"id", "destination", "payload", ...}` a line,
+    /// so nothing is stranded in a file the server cannot use.
+    Export {
+        /// The file (default: the config's queue path).
+        #[arg(long)]
+        path: Option<PathBuf>,
+        /// Write here instead of standard output.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Dead letters too.
+        #[arg(long)]
+        dead: bool,
     },
 }
 
@@ -129,28 +198,20 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         match cli.command {
-            Command::Serve { config, listen } => serve(config.config, listen).await,
+            Command::Serve { config, listen } => serve(&config, listen).await,
             Command::Send {
                 destination,
                 payload,
                 server,
             } => {
-                client::send(
-                    &server.server,
-                    server.token.as_deref(),
-                    &destination,
-                    &payload,
-                )
-                .await
+                client::Api::new(&server.server, server.token.as_deref())?
+                    .send(&destination, &payload)
+                    .await
             }
             Command::Status { id, wait, server } => {
-                client::status(
-                    &server.server,
-                    server.token.as_deref(),
-                    &id,
-                    wait.as_deref(),
-                )
-                .await
+                client::Api::new(&server.server, server.token.as_deref())?
+                    .status(&id, wait.as_deref())
+                    .await
             }
             Command::List => {
                 for plugin in destinations::registry().plugins() {
@@ -158,22 +219,38 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
-            Command::Check { config } => check(config.config.as_deref()),
-            Command::Dlq { action, server } => match action {
-                DlqAction::List { limit } => {
-                    client::dlq_list(&server.server, server.token.as_deref(), limit).await
+            Command::Check { config } => check(&config),
+            Command::Dlq { action, server } => {
+                let api = client::Api::new(&server.server, server.token.as_deref())?;
+                match action {
+                    DlqAction::List {
+                        limit,
+                        all,
+                        selection,
+                    } => api.dlq_list(&selection.into(), limit, all).await,
+                    DlqAction::Replay { ids, selection } => {
+                        api.dlq_replay(&ids, &selection.into()).await
+                    }
                 }
-                DlqAction::Replay { ids } => {
-                    client::dlq_replay(&server.server, server.token.as_deref(), &ids).await
-                }
-            },
+            }
+            Command::Queue { action, config } => queue(action, &config),
             Command::Receive { listen, status } => receive::run(listen, status).await,
         }
     })
 }
 
-fn check(path: Option<&Path>) -> anyhow::Result<()> {
-    let (config, source) = ServerConfig::load(path)?;
+impl From<DeadLetterSelection> for client::Selection {
+    fn from(s: DeadLetterSelection) -> Self {
+        Self {
+            destination: s.destination,
+            since: s.since,
+            until: s.until,
+        }
+    }
+}
+
+fn check(config: &ConfigArg) -> anyhow::Result<()> {
+    let (config, source) = config.load()?;
     let registry = destinations::registry();
     println!("config: {source}");
     println!("listen: {}", config.listen);
@@ -185,6 +262,39 @@ fn check(path: Option<&Path>) -> anyhow::Result<()> {
             "none"
         }
     );
+    println!("data directory: {}", config.data_dir.display());
+    match config.queue_path() {
+        Some(path) if path.exists() => {
+            let report = destinations::sqlite::check(&path)?;
+            let pending: u64 = report
+                .sends
+                .values()
+                .flat_map(|states| {
+                    states
+                        .iter()
+                        .filter(|(state, _)| matches!(state.as_str(), "queued" | "retrying"))
+                        .map(|(_, n)| *n)
+                })
+                .sum();
+            println!(
+                "queue: sqlite {} (ok, {pending} sends pending{})",
+                path.display(),
+                if report.in_use {
+                    ", in use by a running server"
+                } else {
+                    ""
+                }
+            );
+        }
+        Some(path) => println!(
+            "queue: sqlite {} (created at the first start)",
+            path.display()
+        ),
+        None => println!(
+            "queue: {} (lost when the process ends)",
+            config.hub.queue.kind
+        ),
+    }
     for (name, instance) in config.instances()? {
         // Build each instance to run its own strict checks, without starting anything.
         registry.build(&instance.kind, &name, instance.options.clone())?;
@@ -194,14 +304,72 @@ fn check(path: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<()> {
-    let (config, source) = ServerConfig::load(path.as_deref())?;
+/// `destinations queue check|export`.
+fn queue(action: QueueAction, config: &ConfigArg) -> anyhow::Result<()> {
+    let file = |path: Option<PathBuf>| -> anyhow::Result<PathBuf> {
+        if let Some(path) = path {
+            return Ok(path);
+        }
+        let (config, source) = config.load()?;
+        config.queue_path().ok_or_else(|| {
+            anyhow::anyhow!(
+                "{source} has a `{}` queue, which keeps no file; give --path",
+                config.hub.queue.kind
+            )
+        })
+    };
+    match action {
+        QueueAction::Check { path } => {
+            let path = file(path)?;
+            let report = destinations::sqlite::check(&path)?;
+            println!("{}: ok", path.display());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).unwrap_or_default()
+            );
+        }
+        QueueAction::Export { path, output, dead } => {
+            let path = file(path)?;
+            let summary = match &output {
+                Some(out) => {
+                    let file = std::fs::File::create(out)
+                        .with_context(|| format!("cannot write {}", out.display()))?;
+                    destinations::sqlite::export(&path, dead, &mut std::io::BufWriter::new(file))?
+                }
+                None => destinations::sqlite::export(
+                    &path,
+                    dead,
+                    &mut std::io::BufWriter::new(std::io::stdout().lock()),
+                )?,
+            };
+            eprintln!(
+                "exported {} sends from {}{}",
+                summary.exported,
+                path.display(),
+                if summary.unreadable > 0 {
+                    format!(
+                        "; {} rows could not be read (damage) and were skipped",
+                        summary.unreadable
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn serve(config: &ConfigArg, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+    let (config, source) = config.load()?;
     // The recorder must exist before the hub resolves its metric handles.
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .map_err(|e| tracing::warn!("metrics disabled: {e}"))
         .ok();
     let hub = config.build_hub(&destinations::registry())?;
+    let waiting = hub.queue_depth().events;
+    tracing::info!(queue = %hub.queue_description(), waiting, "queue open");
     let listen = listen.unwrap_or(config.listen);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -235,11 +403,18 @@ async fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Res
         })
         .await
         .context("the server failed")?;
-    tracing::info!("stopped taking requests; delivering what is pending");
+    tracing::info!("stopped taking requests; finishing what is under way");
     let report = hub.shutdown().await;
+    if report.kept > 0 {
+        tracing::info!(
+            kept = report.kept,
+            queue = %hub.queue_description(),
+            "sends stay queued for the next start"
+        );
+    }
     if report.abandoned > 0 {
         anyhow::bail!(
-            "{} sends were still pending at the shutdown deadline and were dead-lettered (hub.shutdown_timeout)",
+            "{} sends were still pending at the shutdown deadline and were given up on (hub.shutdown_timeout)",
             report.abandoned
         );
     }

@@ -1,168 +1,18 @@
 //! The `destinations` binary end to end: real server processes on 127.0.0.1, real receivers.
 
 use std::io::Read;
-use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+mod common;
+
+use common::{BIN, Server, WITHIN, cli, error_code, temp_config};
 use destinations_testkit::{Receiver, Reply, SseClient, TempDir, files_under};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-
-const BIN: &str = env!("CARGO_BIN_EXE_destinations");
-const WITHIN: Duration = Duration::from_secs(60);
-
-/// A running `destinations serve`, killed when dropped.
-struct Server {
-    child: Child,
-    /// The working folder when the test gave none (the embedded defaults write `./data`).
-    _dir: Option<TempDir>,
-    base: String,
-    http: reqwest::Client,
-}
-
-fn temp_config(text: &str) -> std::path::PathBuf {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let path = std::env::temp_dir().join(format!(
-        "destinations-test-{}-{}.toml",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::SeqCst)
-    ));
-    std::fs::write(&path, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
-    path
-}
-
-impl Server {
-    async fn start(config: Option<&str>) -> Self {
-        Self::start_with(config, &[]).await
-    }
-
-    async fn start_with(config: Option<&str>, env: &[(&str, &str)]) -> Self {
-        Self::start_in(config, env, None).await
-    }
-
-    /// Started from the folder `dir` (where the embedded defaults write `./data`).
-    async fn start_in(config: Option<&str>, env: &[(&str, &str)], dir: Option<&Path>) -> Self {
-        let mut command = Command::new(BIN);
-        let own_dir = dir.is_none().then(|| TempDir::new("server"));
-        command.current_dir(
-            dir.or(own_dir.as_ref().map(TempDir::path))
-                .unwrap_or(Path::new(".")),
-        );
-        command.args(["serve", "--listen", "127.0.0.1:0"]);
-        if let Some(text) = config {
-            command.arg("--config").arg(temp_config(text));
-        }
-        command
-            .env_remove("DESTINATIONS_CONFIG")
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        let mut child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
-        let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
-        let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(WITHIN, lines.next_line())
-            .await
-            .unwrap_or_else(|_| panic!("the server did not say where it listens"))
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| panic!("the server exited before listening"));
-        let addr = line
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line: {line}"))
-            .to_owned();
-        Self {
-            child,
-            _dir: own_dir,
-            base: format!("http://{addr}"),
-            http: reqwest::Client::new(),
-        }
-    }
-
-    async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        self.post_raw(path, serde_json::to_vec(body).unwrap_or_default())
-            .await
-    }
-
-    async fn post_raw(&self, path: &str, body: Vec<u8>) -> (u16, Value) {
-        let response = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn get(&self, path: &str) -> (u16, Value) {
-        let response = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn text(&self, path: &str) -> String {
-        let response = self.http.get(format!("{}{path}", self.base)).send().await;
-        response
-            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
-            .text()
-            .await
-            .unwrap_or_default()
-    }
-
-    /// POST a payload that must be refused with 400; the error's message.
-    async fn refused(&self, path: &str, body: &Value) -> String {
-        let (code, answer) = self.post(path, body).await;
-        assert_eq!(code, 400, "{answer}");
-        assert_eq!(error_code(&answer), "invalid_payload", "{answer}");
-        answer["error"]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned()
-    }
-
-    /// The status of a send once it is final.
-    async fn final_status(&self, id: &str) -> Value {
-        let (code, status) = self.get(&format!("/v1/events/{id}?wait=30s")).await;
-        assert_eq!(code, 200, "{status}");
-        status
-    }
-
-    /// SIGTERM, then the exit status.
-    async fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self
-            .child
-            .id()
-            .unwrap_or_else(|| panic!("the server already exited"));
-        let killed = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .await;
-        assert!(killed.is_ok_and(|s| s.success()), "kill -TERM {pid}");
-        tokio::time::timeout(WITHIN, self.child.wait())
-            .await
-            .unwrap_or_else(|_| panic!("the server did not stop after SIGTERM"))
-            .unwrap_or_else(|e| panic!("{e}"))
-    }
-}
-
-fn error_code(body: &Value) -> &str {
-    body["error"]["code"].as_str().unwrap_or("")
-}
+use tokio::process::Command;
 
 #[tokio::test]
 async fn embedded_defaults_deliver_a_send_and_report_it_delivered() {
@@ -561,6 +411,7 @@ async fn a_full_queue_answers_503_and_loses_nothing_accepted() {
         r#"
         [hub.queue]
         max_events = 3
+        wait = "200ms"
         [destinations.http]
         kind = "http"
         timeout = "500ms"
@@ -590,6 +441,10 @@ async fn a_full_queue_answers_503_and_loses_nothing_accepted() {
             .unwrap_or_default()
             .contains("queue.max_events")
     );
+    // With no room at all, the body is not even read: this one is not JSON, and the answer is
+    // still 503, not 400.
+    let (code, body) = server.post_raw("/v1/runs", b"not json".to_vec()).await;
+    assert_eq!((code, error_code(&body)), (503, "queue_full"), "{body}");
     open.store(true, Ordering::SeqCst);
     for id in &ids {
         assert_eq!(server.final_status(id).await["state"], "delivered");
@@ -598,6 +453,59 @@ async fn a_full_queue_answers_503_and_loses_nothing_accepted() {
         .post("/v1/send/http", &json!({"url": receiver.url("/q")}))
         .await;
     assert_eq!(code, 202, "room again once delivered");
+}
+
+#[tokio::test]
+async fn one_stuck_instance_leaves_room_for_the_others() {
+    let stuck = Receiver::scripted(|_| {
+        Reply::After(Duration::from_secs(3600), Box::new(Reply::Status(200)))
+    })
+    .await;
+    let ok = Receiver::start().await;
+    let server = Server::start(Some(
+        r#"
+        [hub.queue]
+        max_events = 40
+        wait = "0s"
+        [destinations.slow]
+        kind = "http"
+        allow_networks = ["127.0.0.0/8"]
+        [destinations.fast]
+        kind = "http"
+        allow_networks = ["127.0.0.0/8"]
+        "#,
+    ))
+    .await;
+    // 40 in all: 10 reserved for each, 20 shared; the stuck one takes its 10 and the 20.
+    let mut accepted = 0;
+    let refusal = loop {
+        let (code, body) = server
+            .post("/v1/send/slow", &json!({"url": stuck.url("/s")}))
+            .await;
+        if code != 202 {
+            break body;
+        }
+        accepted += 1;
+        assert!(accepted <= 40, "never refused");
+    };
+    assert_eq!(accepted, 30, "{refusal}");
+    assert_eq!(error_code(&refusal), "queue_full");
+    let message = refusal["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("`slow`") && message.contains("reserved share"),
+        "{message}"
+    );
+    for n in 0..10 {
+        let (code, body) = server
+            .post(
+                "/v1/send/fast",
+                &json!({"url": ok.url("/f"), "data": {"n": n}}),
+            )
+            .await;
+        assert_eq!(code, 202, "the other instance still takes sends: {body}");
+        let id = body["id"].as_str().unwrap_or_default().to_owned();
+        assert_eq!(server.final_status(&id).await["state"], "delivered");
+    }
 }
 
 #[tokio::test]
@@ -743,21 +651,6 @@ async fn dead_letters_are_listed_with_the_reason_and_replayed() {
         server.get("/v1/dead-letters").await.1["dead_letters"],
         json!([])
     );
-}
-
-async fn cli(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
-    let output = Command::new(BIN)
-        .args(args)
-        .env_remove("DESTINATIONS_CONFIG")
-        .envs(env.iter().copied())
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
 }
 
 #[tokio::test]
