@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use async_trait::async_trait;
 use destinations_core::{
     DeadLetterFilter, DeadLetterPage, DeadLetterStore, Durability, Envelope, EventId, FinalWaiters,
-    IdMap, Leased, Queue, QueueConsumer, QueueDepth, QueueError, Refused, SendStatus, Settled,
-    Settlement, State, StatusRetention, StatusStore,
+    IdMap, Leased, Queue, QueueConsumer, QueueDepth, QueueError, Refused, ResponseSummary,
+    SendStatus, Settled, Settlement, State, StatusRetention, StatusStore,
 };
 use rusqlite::Connection;
 use tokio::sync::oneshot;
@@ -127,11 +127,17 @@ impl SqliteQueue {
         let mut conn = schema::connect(path, false)?;
         schema::prepare(&mut conn, path, options.sync)?;
         let fail = |e: rusqlite::Error| OpenError::new(path, describe(&e));
-        let pending = rows::pending(&conn).map_err(fail)?;
+        let found = rows::found(&conn).map_err(fail)?;
         let last_batch = rows::last_batch(&conn).map_err(fail)?;
-        let (lines, backlog) = schedule(pending);
-        let writer = Writer::start(conn, path.to_path_buf(), retention, dead_letter_capacity)
-            .map_err(fail)?;
+        let (lines, backlog) = schedule(found.pending);
+        let writer = Writer::start(
+            conn,
+            path.to_path_buf(),
+            retention,
+            dead_letter_capacity,
+            found.delivered,
+        )
+        .map_err(fail)?;
         Ok(Self {
             shared: Arc::new(Shared {
                 path: path.to_path_buf(),
@@ -500,20 +506,29 @@ impl QueueConsumer for SqliteConsumer {
         let mut retry_seqs = Vec::new();
         let rows = {
             let leased = shared.leased.lock().unwrap_or_else(PoisonError::into_inner);
-            let row = |settled: &Settled, change: Change| {
+            // Sends of a batch share their answer: serialize it once.
+            let mut last: Option<(ResponseSummary, Arc<str>)> = None;
+            let mut row = |settled: &Settled, change: Change| {
                 let key = match leased.get(&settled.envelope.id) {
                     Some(lease) => RowKey::Seq(lease.seq),
                     None => RowKey::Id(settled.envelope.id),
                 };
+                let response = settled.response.as_ref().and_then(|response| {
+                    if let Some((seen, json)) = &last
+                        && seen == response
+                    {
+                        return Some(json.clone());
+                    }
+                    let json: Arc<str> = serde_json::to_string(response).ok()?.into();
+                    last = Some((response.clone(), json.clone()));
+                    Some(json)
+                });
                 SettleRow {
                     key,
                     change,
                     attempts: settled.envelope.attempts,
                     error: settled.error.clone(),
-                    response: settled
-                        .response
-                        .as_ref()
-                        .and_then(|r| serde_json::to_string(r).ok()),
+                    response,
                 }
             };
             let mut rows = Vec::new();

@@ -215,14 +215,31 @@ pub(crate) struct PendingRow {
     pub(crate) retry: Option<(i64, i64)>,
 }
 
-/// Every row that is not final, oldest first.
-pub(crate) fn pending(conn: &Connection) -> rusqlite::Result<Vec<PendingRow>> {
+/// What a start finds in the file: the rows not final (oldest first), and the delivered ones
+/// as (seq, when), oldest delivery first, for the retention.
+pub(crate) struct Found {
+    pub(crate) pending: Vec<PendingRow>,
+    pub(crate) delivered: Vec<(i64, i64)>,
+}
+
+/// Every row that is not dead, in one pass.
+pub(crate) fn found(conn: &Connection) -> rusqlite::Result<Found> {
     let mut statement = conn.prepare(
-        "SELECT seq, destination, state, run_at_ms, batch, length(payload) AS size
-         FROM sends WHERE state IN (0, 1) ORDER BY seq",
+        "SELECT seq, destination, state, run_at_ms, batch, length(payload) AS size, updated_ms
+         FROM sends WHERE state <> 3 ORDER BY seq",
     )?;
-    let rows = statement.query_map([], |row| {
+    let mut rows = statement.query([])?;
+    let mut found = Found {
+        pending: Vec::new(),
+        delivered: Vec::new(),
+    };
+    while let Some(row) = rows.next()? {
+        let seq: i64 = row.get("seq")?;
         let state: i64 = row.get("state")?;
+        if state == DELIVERED {
+            found.delivered.push((seq, row.get("updated_ms")?));
+            continue;
+        }
         let retry = if state == RETRYING {
             Some((
                 row.get::<_, Option<i64>>("run_at_ms")?.unwrap_or(0),
@@ -231,14 +248,15 @@ pub(crate) fn pending(conn: &Connection) -> rusqlite::Result<Vec<PendingRow>> {
         } else {
             None
         };
-        Ok(PendingRow {
-            seq: row.get("seq")?,
+        found.pending.push(PendingRow {
+            seq,
             destination: row.get("destination")?,
             size: usize::try_from(row.get::<_, Option<i64>>("size")?.unwrap_or(0)).unwrap_or(0),
             retry,
-        })
-    })?;
-    rows.collect()
+        });
+    }
+    found.delivered.sort_by_key(|(seq, at)| (*at, *seq));
+    Ok(found)
 }
 
 /// Counts kept by the writer for retention: finished rows by state.

@@ -2,22 +2,28 @@
 //! gathered — enqueues and settlements from many tasks — and commits it in one transaction
 //! (group commit). Each change sits in a savepoint of its own, so one that fails fails alone.
 
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
 use std::sync::mpsc;
 use std::sync::{Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use destinations_core::{Envelope, EventId, QueueError, StatusRetention};
+use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::oneshot;
 
 use crate::options::describe;
 use crate::rows::{Names, count_state, to_ms};
-use crate::schema::{DEAD, DELIVERED};
+use crate::schema::DEAD;
 
 /// The most changes committed together.
 const GROUP: usize = 512;
+/// Commits this close together mean load.
+const LINGER_UNDER_LOAD: Duration = Duration::from_millis(2);
 /// How often finished statuses past their age are removed.
 const AGE_PRUNE_EVERY: Duration = Duration::from_secs(5);
 
@@ -53,8 +59,8 @@ pub(crate) struct SettleRow {
     pub(crate) change: Change,
     pub(crate) attempts: u32,
     pub(crate) error: Option<String>,
-    /// The target's answer, as JSON.
-    pub(crate) response: Option<String>,
+    /// The target's answer, as JSON (shared by the sends of a batch that share it).
+    pub(crate) response: Option<Arc<str>>,
 }
 
 /// Which row: by number when the queue leased it, by id otherwise.
@@ -83,8 +89,9 @@ impl Writer {
         path: PathBuf,
         retention: StatusRetention,
         dead_letter_capacity: usize,
+        delivered: Vec<(i64, i64)>,
     ) -> rusqlite::Result<Self> {
-        let delivered = count_state(&conn, DELIVERED)?;
+        let delivered = VecDeque::from(delivered);
         let dead = count_state(&conn, DEAD)?;
         let (tx, rx) = mpsc::channel();
         let mut state = WriterState {
@@ -144,8 +151,9 @@ struct WriterState {
     path: PathBuf,
     retention: StatusRetention,
     dead_letter_capacity: usize,
-    /// Delivered rows kept (for their status).
-    delivered: usize,
+    /// Delivered rows kept for their status, as (seq, when), oldest delivery first: what the
+    /// retention removes first.
+    delivered: VecDeque<(i64, i64)>,
     /// Dead rows kept (the dead letters).
     dead: usize,
     last_age_prune: Instant,
@@ -160,19 +168,23 @@ enum Applied {
 
 impl WriterState {
     fn run(&mut self, commands: &mpsc::Receiver<Command>) {
+        let mut last_commit = Instant::now() - LINGER_UNDER_LOAD;
         while let Ok(first) = commands.recv() {
             let mut group = vec![first];
-            while group.len() < GROUP {
-                match commands.try_recv() {
-                    Ok(command) => group.push(command),
-                    Err(_) => break,
-                }
+            gather(commands, &mut group);
+            // Under load, letting the threads that are ready run first lets the tasks under way
+            // add their changes to this commit: far fewer commits (each writes its pages to the
+            // log) and thread switches, at no cost when nothing else is ready.
+            if group.len() < GROUP && last_commit.elapsed() < LINGER_UNDER_LOAD {
+                std::thread::yield_now();
+                gather(commands, &mut group);
             }
             let close = group
                 .iter()
                 .position(|c| matches!(c, Command::Close { .. }));
             let closing = close.map(|at| group.remove(at));
             self.commit(group);
+            last_commit = Instant::now();
             self.prune();
             if let Some(Command::Close { reply }) = closing {
                 if let Err(error) =
@@ -187,61 +199,26 @@ impl WriterState {
         }
     }
 
-    /// Apply a group of changes in one transaction and answer each.
+    /// Apply a group of changes in one transaction and answer each. If one change fails, the
+    /// group is rolled back and each change is committed on its own, so that only the failing
+    /// one fails.
     fn commit(&mut self, group: Vec<Command>) {
         if group.is_empty() {
             return;
         }
         let now_ms = to_ms(SystemTime::now());
-        let outcome = (|| -> rusqlite::Result<(Vec<Applied>, usize, isize)> {
-            let mut tx = self
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let mut applied = Vec::with_capacity(group.len());
-            let (mut delivered, mut dead) = (0usize, 0isize);
-            for command in &group {
-                let savepoint = tx.savepoint()?;
-                let result = match command {
-                    Command::Enqueue { envelopes, .. } => {
-                        insert(&savepoint, envelopes, now_ms).map(Applied::Seqs)
-                    }
-                    Command::Settle {
-                        rows, follow_ups, ..
-                    } => settle(&savepoint, rows, now_ms).and_then(|(d, x)| {
-                        delivered += d;
-                        dead += x as isize;
-                        insert(&savepoint, follow_ups, now_ms).map(Applied::Seqs)
-                    }),
-                    Command::Replay { ids, .. } => replay(&savepoint, ids, now_ms).map(|moved| {
-                        dead -= moved.len() as isize;
-                        Applied::Moved(moved)
-                    }),
-                    Command::Close { .. } => Ok(Applied::Seqs(Vec::new())),
-                };
-                match result {
-                    Ok(done) => {
-                        savepoint.commit()?;
-                        applied.push(done);
-                    }
-                    Err(error) => {
-                        drop(savepoint); // rolls back this change only
-                        applied.push(Applied::Failed(QueueError::Unavailable(format!(
-                            "{}: {}",
-                            self.path.display(),
-                            describe(&error)
-                        ))));
-                    }
-                }
-            }
-            tx.commit()?;
-            Ok((applied, delivered, dead))
-        })();
-        match outcome {
+        match self.apply(&group, now_ms) {
             Ok((applied, delivered, dead)) => {
-                self.delivered += delivered;
+                self.delivered
+                    .extend(delivered.into_iter().map(|seq| (seq, now_ms)));
                 self.dead = self.dead.saturating_add_signed(dead);
                 for (command, done) in group.into_iter().zip(applied) {
                     answer(command, done);
+                }
+            }
+            Err(_) if group.len() > 1 => {
+                for command in group {
+                    self.commit(vec![command]);
                 }
             }
             Err(error) => {
@@ -250,7 +227,7 @@ impl WriterState {
                     self.path.display(),
                     describe(&error)
                 ));
-                tracing::error!(%why, changes = group.len(), "a commit to the queue failed; nothing of it was kept");
+                tracing::error!(%why, "a change to the queue failed; nothing of it was kept");
                 for command in group {
                     answer(command, Applied::Failed(why.clone()));
                 }
@@ -258,35 +235,68 @@ impl WriterState {
         }
     }
 
+    /// Apply every change in one transaction: what each did, and the delivered and dead rows
+    /// it added (a replay removes dead ones).
+    fn apply(
+        &mut self,
+        group: &[Command],
+        now_ms: i64,
+    ) -> rusqlite::Result<(Vec<Applied>, Vec<i64>, isize)> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut applied = Vec::with_capacity(group.len());
+        let (mut delivered, mut dead) = (Vec::new(), 0isize);
+        for command in group {
+            applied.push(match command {
+                Command::Enqueue { envelopes, .. } => {
+                    Applied::Seqs(insert(&tx, envelopes, now_ms)?)
+                }
+                Command::Settle {
+                    rows, follow_ups, ..
+                } => {
+                    dead += settle(&tx, rows, now_ms, &mut delivered)? as isize;
+                    Applied::Seqs(insert(&tx, follow_ups, now_ms)?)
+                }
+                Command::Replay { ids, .. } => {
+                    let moved = replay(&tx, ids, now_ms)?;
+                    dead -= moved.len() as isize;
+                    Applied::Moved(moved)
+                }
+                Command::Close { .. } => Applied::Seqs(Vec::new()),
+            });
+        }
+        tx.commit()?;
+        Ok((applied, delivered, dead))
+    }
+
     /// Keep finished statuses and dead letters within their bounds.
     fn prune(&mut self) {
         let retention = self.retention;
         let slack = (retention.count / 64).max(64);
         let by_age = self.last_age_prune.elapsed() >= AGE_PRUNE_EVERY;
-        let over_count = self.delivered > retention.count + slack;
+        let over_count = self.delivered.len() > retention.count + slack;
         let over_dead = self.dead > self.dead_letter_capacity;
         if !(by_age || over_count || over_dead) {
             return;
         }
+        let oldest = to_ms(SystemTime::now()) - retention.age.as_millis() as i64;
+        let mut gone = Vec::new();
+        while self.delivered.len() > retention.count
+            || (by_age && self.delivered.front().is_some_and(|(_, at)| *at < oldest))
+        {
+            if let Some((seq, _)) = self.delivered.pop_front() {
+                gone.push(Value::Integer(seq));
+            }
+        }
+        if by_age {
+            self.last_age_prune = Instant::now();
+        }
         let result = (|| -> rusqlite::Result<()> {
             let tx = self.conn.transaction()?;
-            if over_count {
-                let excess = self.delivered - retention.count;
-                let removed = tx.execute(
-                    "DELETE FROM sends WHERE seq IN
-                     (SELECT seq FROM sends WHERE state = 2 ORDER BY updated_ms LIMIT ?1)",
-                    [excess as i64],
-                )?;
-                self.delivered = self.delivered.saturating_sub(removed);
-            }
-            if by_age {
-                let oldest = to_ms(SystemTime::now()) - retention.age.as_millis() as i64;
-                let removed = tx.execute(
-                    "DELETE FROM sends WHERE state = 2 AND updated_ms < ?1",
-                    [oldest],
-                )?;
-                self.delivered = self.delivered.saturating_sub(removed);
-                self.last_age_prune = Instant::now();
+            if !gone.is_empty() {
+                tx.prepare_cached("DELETE FROM sends WHERE seq IN rarray(?1) AND state = 2")?
+                    .execute([Rc::new(gone)])?;
             }
             if over_dead {
                 let excess = self.dead - self.dead_letter_capacity;
@@ -304,7 +314,17 @@ impl WriterState {
             tx.commit()
         })();
         if let Err(error) = result {
-            tracing::warn!(path = %self.path.display(), error = %describe(&error), "could not remove old statuses; trying again later");
+            tracing::warn!(path = %self.path.display(), error = %describe(&error), "could not remove old statuses; they go at the next start");
+        }
+    }
+}
+
+/// Take what else is waiting, up to a group.
+fn gather(commands: &mpsc::Receiver<Command>, group: &mut Vec<Command>) {
+    while group.len() < GROUP {
+        match commands.try_recv() {
+            Ok(command) => group.push(command),
+            Err(_) => break,
         }
     }
 }
@@ -371,61 +391,88 @@ fn insert(tx: &Connection, envelopes: &[Envelope], now_ms: i64) -> rusqlite::Res
     Ok(seqs)
 }
 
-/// Apply the outcomes; returns (delivered, dead) counts.
-fn settle(tx: &Connection, rows: &[SettleRow], now_ms: i64) -> rusqlite::Result<(usize, usize)> {
-    const DELIVERED_SQL: &str =
-        "UPDATE sends SET state = 2, attempts = ?2, updated_ms = ?3, response = ?4,
-        run_at_ms = NULL, batch = NULL, payload = NULL WHERE";
-    const RETRY_SQL: &str =
-        "UPDATE sends SET state = 1, attempts = ?2, updated_ms = ?3, response = ?4,
-        last_error = ?5, run_at_ms = ?6, batch = ?7 WHERE";
-    const DEAD_SQL: &str =
-        "UPDATE sends SET state = 3, attempts = ?2, updated_ms = ?3, response = ?4,
-        last_error = ?5, run_at_ms = NULL, batch = NULL WHERE";
-    let (mut delivered, mut dead) = (0, 0);
+/// Apply the outcomes: delivered rows go in groups that share an answer (one statement for a
+/// whole batch), failures one by one. Adds the delivered rows to `delivered`; returns how many
+/// died.
+fn settle(
+    tx: &Connection,
+    rows: &[SettleRow],
+    now_ms: i64,
+    delivered: &mut Vec<i64>,
+) -> rusqlite::Result<usize> {
+    let mut groups: HashMap<(u32, Option<&str>), Vec<Value>> = HashMap::new();
+    let mut dead = 0;
     for row in rows {
-        let (sql, key): (&str, rusqlite::types::Value) = {
-            let base = match row.change {
-                Change::Delivered => DELIVERED_SQL,
-                Change::Retry { .. } => RETRY_SQL,
-                Change::Dead => DEAD_SQL,
-            };
-            match row.key {
-                RowKey::Seq(seq) => (base, seq.into()),
-                RowKey::Id(id) => (base, id.to_bytes().to_vec().into()),
+        match (&row.change, &row.key) {
+            (Change::Delivered, RowKey::Seq(seq)) => {
+                groups
+                    .entry((row.attempts, row.response.as_deref()))
+                    .or_default()
+                    .push(Value::Integer(*seq));
+                delivered.push(*seq);
             }
-        };
-        let column = match row.key {
-            RowKey::Seq(_) => "seq = ?1",
-            RowKey::Id(_) => "id = ?1",
-        };
-        let mut statement = tx.prepare_cached(&format!("{sql} {column}"))?;
-        let changed = match row.change {
-            Change::Delivered => {
-                statement.execute(params![key, row.attempts, now_ms, row.response])?
+            (Change::Delivered, RowKey::Id(id)) => {
+                let seq: Option<i64> = tx
+                    .prepare_cached(
+                        "UPDATE sends SET state = 2, attempts = ?2, updated_ms = ?3, response = ?4,
+                         run_at_ms = NULL, batch = NULL, payload = NULL WHERE id = ?1 RETURNING seq",
+                    )?
+                    .query_row(
+                        params![id.to_bytes(), row.attempts, now_ms, row.response.as_deref()],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                delivered.extend(seq);
             }
-            Change::Retry { run_at_ms, batch } => statement.execute(params![
-                key,
-                row.attempts,
-                now_ms,
-                row.response,
-                row.error,
-                run_at_ms,
-                batch
-            ])?,
-            Change::Dead => {
-                statement.execute(params![key, row.attempts, now_ms, row.response, row.error])?
+            (Change::Retry { run_at_ms, batch }, key) => {
+                let (column, key) = key_of(key);
+                tx.prepare_cached(&format!(
+                    "UPDATE sends SET state = 1, attempts = ?2, updated_ms = ?3, response = ?4,
+                     last_error = ?5, run_at_ms = ?6, batch = ?7 WHERE {column} = ?1"
+                ))?
+                .execute(params![
+                    key,
+                    row.attempts,
+                    now_ms,
+                    row.response.as_deref(),
+                    row.error,
+                    run_at_ms,
+                    batch
+                ])?;
             }
-        };
-        if changed > 0 {
-            match row.change {
-                Change::Delivered => delivered += 1,
-                Change::Dead => dead += 1,
-                Change::Retry { .. } => {}
+            (Change::Dead, key) => {
+                let (column, key) = key_of(key);
+                dead += tx
+                    .prepare_cached(&format!(
+                        "UPDATE sends SET state = 3, attempts = ?2, updated_ms = ?3, response = ?4,
+                         last_error = ?5, run_at_ms = NULL, batch = NULL WHERE {column} = ?1"
+                    ))?
+                    .execute(params![
+                        key,
+                        row.attempts,
+                        now_ms,
+                        row.response.as_deref(),
+                        row.error
+                    ])?;
             }
         }
     }
-    Ok((delivered, dead))
+    let mut statement = tx.prepare_cached(
+        "UPDATE sends SET state = 2, attempts = ?1, updated_ms = ?2, response = ?3,
+         run_at_ms = NULL, batch = NULL, payload = NULL WHERE seq IN rarray(?4)",
+    )?;
+    for ((attempts, response), seqs) in groups {
+        statement.execute(params![attempts, now_ms, response, Rc::new(seqs)])?;
+    }
+    Ok(dead)
+}
+
+/// The column and value that find a row.
+fn key_of(key: &RowKey) -> (&'static str, Value) {
+    match key {
+        RowKey::Seq(seq) => ("seq", Value::Integer(*seq)),
+        RowKey::Id(id) => ("id", Value::Blob(id.to_bytes().to_vec())),
+    }
 }
 
 fn replay(tx: &Connection, ids: &[EventId], now_ms: i64) -> rusqlite::Result<Vec<(i64, Envelope)>> {

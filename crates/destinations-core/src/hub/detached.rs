@@ -111,7 +111,6 @@ async fn hand_over(hub: &HubShared, mut envelopes: Vec<Envelope>) {
                 tracing::error!(%why, sends = envelopes.len(), "sends made outside a run could not be queued and are lost");
                 hub.capacity.release(&hub.tally(&envelopes));
                 hub.abandoned.fetch_add(envelopes.len(), Ordering::AcqRel);
-                hub.quiet.notify_waiters();
                 return;
             }
         }

@@ -12,8 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::FutureExt;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
-use tokio::task::{JoinHandle, JoinSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::task::JoinHandle;
 
 use super::follow_up::Collector;
 use super::{HubShared, Lifecycle};
@@ -40,6 +42,21 @@ struct Lane {
     /// Whether the queue outlives the process (what is given up on at the deadline is then
     /// left for the next start, not dead-lettered).
     durable: bool,
+    /// Delivery attempts under way.
+    attempts: AtomicUsize,
+    /// Signalled when the last attempt under way ends.
+    idle: Notify,
+}
+
+/// Counts an attempt under way for as long as it lives, however it ends.
+struct AttemptUnderWay(Arc<Lane>);
+
+impl Drop for AttemptUnderWay {
+    fn drop(&mut self) {
+        if self.0.attempts.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_one();
+        }
+    }
 }
 
 pub(super) struct Dispatcher {
@@ -52,8 +69,6 @@ pub(super) struct Dispatcher {
     /// The earliest deadline among the open batches.
     next_deadline: Option<tokio::time::Instant>,
     lifecycle: watch::Receiver<Lifecycle>,
-    /// Delivery attempts under way.
-    attempts: JoinSet<()>,
 }
 
 /// A batch still filling: flushed when full or when its deadline passes.
@@ -88,6 +103,8 @@ impl Dispatcher {
             consumer: instance.consumer.clone(),
             concurrency: Arc::new(Semaphore::new(concurrency)),
             durable: hub.queue.durability().is_durable(),
+            attempts: AtomicUsize::new(0),
+            idle: Notify::new(),
         });
         let leases = lease_task(lane.consumer.clone());
         let dispatcher = Self {
@@ -97,7 +114,6 @@ impl Dispatcher {
             open: HashMap::new(),
             next_deadline: None,
             lifecycle: hub.lifecycle.subscribe(),
-            attempts: JoinSet::new(),
         };
         tokio::spawn(dispatcher.run())
     }
@@ -125,13 +141,12 @@ impl Dispatcher {
                         self.due_now();
                     }
                 }
-                Some(joined) = self.attempts.join_next(), if !self.attempts.is_empty() => {
-                    if let Err(error) = joined {
-                        tracing::error!(destination = %self.lane.name, %error, "a delivery task failed");
-                    }
-                }
+                () = self.lane.idle.notified(), if !intake_open => {}
             }
-            if !intake_open && self.open.is_empty() && self.attempts.is_empty() {
+            if !intake_open
+                && self.open.is_empty()
+                && self.lane.attempts.load(Ordering::Acquire) == 0
+            {
                 break;
             }
         }
@@ -238,8 +253,13 @@ impl Dispatcher {
     async fn deliver(&mut self, envelopes: Vec<Envelope>) {
         let permit = self.lane.concurrency.clone().acquire_owned().await;
         let Ok(permit) = permit else { return };
-        self.attempts
-            .spawn(self.lane.clone().attempt(envelopes, permit));
+        self.lane.attempts.fetch_add(1, Ordering::AcqRel);
+        let under_way = AttemptUnderWay(self.lane.clone());
+        tokio::spawn(async move {
+            let lane = under_way.0.clone();
+            lane.attempt(envelopes, permit).await;
+            drop(under_way);
+        });
     }
 }
 
@@ -495,9 +515,6 @@ impl Lane {
             .increment(settlement.delivered.len() as u64);
         self.metrics.dead.increment(settlement.dead.len() as u64);
         self.hub.capacity.release(&finished);
-        if !finished.is_empty() {
-            self.hub.quiet.notify_waiters();
-        }
     }
 
     /// The shutdown deadline passed with these envelopes in hand: a memory queue dead-letters

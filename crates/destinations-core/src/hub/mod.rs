@@ -115,8 +115,6 @@ pub(crate) struct HubShared {
     /// Sends dead-lettered (memory queue) or lost because the shutdown deadline passed.
     pub(crate) abandoned: AtomicUsize,
     dispatchers: Mutex<Vec<JoinHandle<()>>>,
-    /// Signalled whenever sends leave the queue, so shutdown can see it empty.
-    pub(crate) quiet: tokio::sync::Notify,
     /// Told of every dead letter, as it is made.
     pub(crate) dead_letter_observers: RwLock<Vec<DeadLetterObserver>>,
     pub(crate) detached: Detached,
@@ -461,7 +459,6 @@ impl HubBuilder {
             lifecycle: watch::Sender::new(Lifecycle::Running),
             abandoned: AtomicUsize::new(0),
             dispatchers: Mutex::new(Vec::new()),
-            quiet: tokio::sync::Notify::new(),
             dead_letter_observers: RwLock::new(Vec::new()),
             detached,
         });
@@ -786,7 +783,7 @@ impl Hub {
             shared
                 .lifecycle
                 .send_if_modified(|l| advance(l, Lifecycle::Draining));
-            self.wait_drained(deadline).await;
+            shared.capacity.wait_empty(deadline).await;
         }
         shared
             .lifecycle
@@ -851,19 +848,15 @@ impl Hub {
         ShutdownReport { abandoned, kept }
     }
 
-    /// Wait until nothing is pending, or the deadline.
-    async fn wait_drained(&self, deadline: tokio::time::Instant) {
-        loop {
-            let quiet = self.shared.quiet.notified();
-            tokio::pin!(quiet);
-            quiet.as_mut().enable();
-            if self.shared.capacity.depth().events == 0 {
-                return;
-            }
-            if tokio::time::timeout_at(deadline, quiet).await.is_err() {
-                return;
-            }
-        }
+    /// Wait until nothing is pending — every send delivered or dead — or `timeout`; whether
+    /// the queue is empty. (A program that must not leave sends for the next start of a
+    /// durable queue waits here before [`shutdown`](Self::shutdown).)
+    pub async fn drained(&self, timeout: Duration) -> bool {
+        self.flush().await;
+        self.shared
+            .capacity
+            .wait_empty(tokio::time::Instant::now() + timeout)
+            .await
     }
 }
 

@@ -191,6 +191,8 @@ pub struct Capacity {
     state: Mutex<State>,
     room: Notify,
     waiting: AtomicUsize,
+    /// Signalled when nothing is pending any more.
+    empty: Notify,
 }
 
 impl Capacity {
@@ -252,6 +254,7 @@ impl Capacity {
             }),
             room: Notify::new(),
             waiting: AtomicUsize::new(0),
+            empty: Notify::new(),
         })
     }
 
@@ -355,9 +358,31 @@ impl Capacity {
         if tally.is_empty() {
             return;
         }
-        Self::apply(&mut self.lock(), tally, false);
+        let emptied = {
+            let mut state = self.lock();
+            Self::apply(&mut state, tally, false);
+            state.used[0] == 0
+        };
         if self.waiting.load(Ordering::Acquire) > 0 {
             self.room.notify_waiters();
+        }
+        if emptied {
+            self.empty.notify_waiters();
+        }
+    }
+
+    /// Wait until nothing is pending, or `deadline`; whether the queue is empty.
+    pub async fn wait_empty(&self, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let emptied = self.empty.notified();
+            tokio::pin!(emptied);
+            emptied.as_mut().enable();
+            if self.depth().events == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, emptied).await.is_err() {
+                return self.depth().events == 0;
+            }
         }
     }
 
