@@ -10,7 +10,16 @@ use std::process::{Child, Command, Stdio};
 
 use crate::{apt_install, have, root};
 
-const SCENARIOS: [&str; 6] = ["send-path", "http", "ingest", "s3", "sse", "memory"];
+const SCENARIOS: [&str; 8] = [
+    "send-path",
+    "http",
+    "ingest",
+    "s3",
+    "sse",
+    "memory",
+    "queues",
+    "overload",
+];
 
 struct Options {
     quick: bool,
@@ -129,17 +138,7 @@ fn http_scenario(quick: bool) -> Result<(Row, String), String> {
     let wrk_rps = reference.requests as f64 / reference.seconds;
     http_get(&format!("{url}/reset"))?;
     let sends = if quick { 50_000 } else { 200_000 };
-    let out = pinned(1, &bench_binary())
-        .args(["http", &format!("{url}/lib"), &sends.to_string()])
-        .output()
-        .map_err(|e| format!("cannot run the library load: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "library load failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let result = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let result = http_load(&url, sends, None)?;
     let stats = http_get(&format!("{url}/stats"))?;
     let sends_per_second = json_field(&result, "sends_per_second");
     let row = Row {
@@ -150,7 +149,7 @@ fn http_scenario(quick: bool) -> Result<(Row, String), String> {
         reference_name: "wrk -t1 -c64, same receiver".into(),
         reference: wrk_rps,
         notes: format!(
-            "N={sends} × 256 B; send→arrival p50 {:.1} ms, p99 {:.1} ms; peak RSS {:.0} MiB; received {}",
+            "N={sends} × 256 B, 8 producers, memory queue; send→arrival p50 {:.1} ms, p99 {:.1} ms; peak RSS {:.0} MiB; received {}",
             json_field(&stats, "p50_us") / 1000.0,
             json_field(&stats, "p99_us") / 1000.0,
             json_field(&result, "peak_rss_kib") / 1024.0,
@@ -162,6 +161,34 @@ fn http_scenario(quick: bool) -> Result<(Row, String), String> {
         stats.trim()
     );
     Ok((row, json))
+}
+
+/// The library's HTTP load into `url`, on the memory queue or the SQLite queue in `queue`; its
+/// JSON line.
+fn http_load(url: &str, sends: usize, queue: Option<&std::path::Path>) -> Result<String, String> {
+    let mut args = vec!["http".to_owned(), format!("{url}/lib"), sends.to_string()];
+    args.extend(queue.map(|q| q.display().to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    bench_json(&args)
+}
+
+/// The library's S3 load (writing the same events as NDJSON to `ndjson`), on the memory queue
+/// or the SQLite queue in `queue`; its JSON line.
+fn s3_load(
+    endpoint: &str,
+    sends: usize,
+    ndjson: &std::path::Path,
+    queue: Option<&std::path::Path>,
+) -> Result<String, String> {
+    let mut args = vec![
+        "s3".to_owned(),
+        endpoint.to_owned(),
+        sends.to_string(),
+        ndjson.display().to_string(),
+    ];
+    args.extend(queue.map(|q| q.display().to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    bench_json(&args)
 }
 
 /// Start s3s-fs (the test suite's S3-compatible server) on CPU 0 with a fresh folder holding a
@@ -220,18 +247,7 @@ fn s3_scenario(quick: bool) -> Result<(Row, String), String> {
     let (_server, endpoint, bucket) = start_s3_server()?;
     let sends = if quick { 100_000 } else { 500_000 };
     let ndjson = root().join("target/bench/events.ndjson");
-    let out = pinned(1, &bench_binary())
-        .args(["s3", &endpoint, &sends.to_string()])
-        .arg(&ndjson)
-        .output()
-        .map_err(|e| format!("cannot run the library load: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "library load failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let result = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let result = s3_load(&endpoint, sends, &ndjson, None)?;
     let (objects, object_bytes) = folder_size(&bucket);
     let ndjson_bytes = std::fs::metadata(&ndjson).map_or(0, |m| m.len());
     // The reference: gzip -1 over the same bytes, on the load's core; best of three.
@@ -257,7 +273,7 @@ fn s3_scenario(quick: bool) -> Result<(Row, String), String> {
         reference_name: "gzip -1, same NDJSON bytes".into(),
         reference: gzip_events,
         notes: format!(
-            "N={sends} × {:.0} B; {objects} objects, {:.1} MiB NDJSON → {:.1} MiB (gzip -1: {:.1} MiB); all delivered: {}; peak RSS {:.0} MiB (incl. the events, built before timing)",
+            "N={sends} × {:.0} B, 8 producers, memory queue; {objects} objects, {:.1} MiB NDJSON → {:.1} MiB (gzip -1: {:.1} MiB); all delivered: {}; peak RSS {:.0} MiB (incl. the events, built before timing)",
             ndjson_bytes as f64 / sends as f64,
             ndjson_bytes as f64 / 1048576.0,
             object_bytes as f64 / 1048576.0,
@@ -324,89 +340,345 @@ fn send_path_scenario(quick: bool) -> Result<(Row, String), String> {
     ))
 }
 
-/// RSS of queued sends behind a stopped receiver, beside the bytes they hold.
-fn memory_scenario(quick: bool) -> Result<(Row, String), String> {
+/// RSS of queued sends behind a stopped receiver, beside the bytes they hold; then the same on
+/// the SQLite queue, whose backlog waits on disk.
+fn memory_scenario(quick: bool) -> Result<Vec<(Row, String)>, String> {
     let sends = if quick { 200_000 } else { 1_000_000 };
+    let grown = |result: &str| {
+        (json_field(result, "rss_after_kib") - json_field(result, "rss_before_kib")) * 1024.0
+    };
     let result = bench_json(&["memory", &sends.to_string()])?;
-    let grown =
-        (json_field(&result, "rss_after_kib") - json_field(&result, "rss_before_kib")) * 1024.0;
+    let in_memory = grown(&result);
     let queued = json_field(&result, "queued_bytes");
     let row = Row {
         scenario: "memory",
         goal: "ratio ≤ 1.5",
         measure: "MiB RSS for queued sends (lower wins)".into(),
-        value: grown / 1048576.0,
+        value: in_memory / 1048576.0,
         reference_name: "MiB of payload bytes queued".into(),
         reference: queued / 1048576.0,
         notes: format!(
-            "{sends} sends of a 256 B body queued behind a receiver that never accepts; {:.0} B/send in memory, {:.0} B/send of payload",
-            grown / sends as f64,
+            "memory queue: {sends} sends of a 256 B body queued behind a receiver that never accepts; {:.0} B/send in memory, {:.0} B/send of payload",
+            in_memory / sends as f64,
             queued / sends as f64
         ),
     };
-    Ok((row, format!(r#"{{"scenario":"memory","result":{result}}}"#)))
+    let file = fresh_queue_file("memory")?;
+    let on_disk = bench_json(&["memory", &sends.to_string(), &file.display().to_string()])?;
+    let durable = grown(&on_disk);
+    let disk_row = Row {
+        scenario: "memory",
+        goal: "≤ 150 MiB",
+        measure: "MiB RSS for queued sends, sqlite queue".into(),
+        value: durable / 1048576.0,
+        reference_name: "the memory queue, same sends".into(),
+        reference: in_memory / 1048576.0,
+        notes: format!(
+            "{sends} sends behind the same stopped receiver: the backlog waits in the file ({:.0} MiB on disk), {:.0} B/send in memory",
+            file_size(&file) / 1048576.0,
+            durable / sends as f64
+        ),
+    };
+    Ok(vec![
+        (row, format!(r#"{{"scenario":"memory","result":{result}}}"#)),
+        (
+            disk_row,
+            format!(r#"{{"scenario":"memory-sqlite","result":{on_disk}}}"#),
+        ),
+    ])
 }
 
-/// The server's `POST /v1/runs` (100 sends of 256 B a run) under wrk, beside wrk posting the
-/// same body to the counting receiver.
-fn ingest_scenario(quick: bool) -> Result<(Row, String), String> {
-    let (_receiver, receiver_url) = start_receiver()?;
-    let (server, port) = start_server(
-        "ingest",
-        "[hub.queue]\nmax_events = 5000000\nmax_bytes = 4294967296\n[destinations.http]\nkind = \"http\"\nallow_networks = [\"127.0.0.0/8\"]\n",
-    )?;
+/// A queue file under `target/bench` for scenario `name`, with nothing left of an earlier run.
+fn fresh_queue_file(name: &str) -> Result<std::path::PathBuf, String> {
+    let dir = root().join("target/bench/queues");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let file = dir.join(format!("{name}.db"));
+    for suffix in ["", "-wal", "-shm", ".lock"] {
+        let mut path = file.as_os_str().to_owned();
+        path.push(suffix);
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(file)
+}
+
+/// Bytes of a file and its log.
+fn file_size(file: &std::path::Path) -> f64 {
+    let mut wal = file.as_os_str().to_owned();
+    wal.push("-wal");
+    [file.to_path_buf(), std::path::PathBuf::from(wal)]
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len() as f64)
+        .sum()
+}
+
+/// The same HTTP and S3 library loads on the SQLite queue beside the memory queue.
+fn queues_scenario(quick: bool) -> Result<Vec<(Row, String)>, String> {
+    let mut rows = Vec::new();
+    let (_receiver, url) = start_receiver()?;
+    let sends = if quick { 50_000 } else { 200_000 };
+    let memory = http_load(&url, sends, None)?;
+    let file = fresh_queue_file("http")?;
+    let sqlite = http_load(&url, sends, Some(&file))?;
+    rows.push((
+        Row {
+            scenario: "queues",
+            goal: "ratio ≥ 0.7",
+            measure: "HTTP sends/s, sqlite queue".into(),
+            value: json_field(&sqlite, "sends_per_second"),
+            reference_name: "the memory queue, same load".into(),
+            reference: json_field(&memory, "sends_per_second"),
+            notes: format!(
+                "N={sends} × 256 B in runs of 100, 8 producers, each run committed before finish returns; peak RSS {:.0} MiB (memory queue {:.0} MiB)",
+                json_field(&sqlite, "peak_rss_kib") / 1024.0,
+                json_field(&memory, "peak_rss_kib") / 1024.0
+            ),
+        },
+        format!(r#"{{"scenario":"queues-http","memory":{memory},"sqlite":{sqlite}}}"#),
+    ));
+    let (_server, endpoint, _bucket) = start_s3_server()?;
+    let sends = if quick { 100_000 } else { 500_000 };
+    let ndjson = root().join("target/bench/events.ndjson");
+    let memory = s3_load(&endpoint, sends, &ndjson, None)?;
+    let file = fresh_queue_file("s3")?;
+    let sqlite = s3_load(&endpoint, sends, &ndjson, Some(&file))?;
+    let _ = std::fs::remove_file(&ndjson);
+    rows.push((
+        Row {
+            scenario: "queues",
+            goal: "ratio ≥ 0.7",
+            measure: "S3 events/s, sqlite queue".into(),
+            value: json_field(&sqlite, "sends_per_second"),
+            reference_name: "the memory queue, same load".into(),
+            reference: json_field(&memory, "sends_per_second"),
+            notes: format!(
+                "N={sends} × ~241 B into gzip objects on s3s-fs, 8 producers; all delivered: {}; peak RSS {:.0} MiB (memory queue {:.0} MiB)",
+                sqlite.contains("\"all_delivered\":true"),
+                json_field(&sqlite, "peak_rss_kib") / 1024.0,
+                json_field(&memory, "peak_rss_kib") / 1024.0
+            ),
+        },
+        format!(r#"{{"scenario":"queues-s3","memory":{memory},"sqlite":{sqlite}}}"#),
+    ));
+    Ok(rows)
+}
+
+/// A run of 100 sends of about 256 B to the `http` instance, posting to `url`.
+fn http_run_body(url: &str) -> String {
     let sends: Vec<String> = (0..100)
         .map(|n| {
             format!(
-                r#"{{"destination":"http","payload":{{"url":"{receiver_url}/ingested","data":{{"n":{n},"pad":"{}"}}}}}}"#,
+                r#"{{"destination":"http","payload":{{"url":"{url}","data":{{"n":{n},"pad":"{}"}}}}}}"#,
                 "x".repeat(200)
             )
         })
         .collect();
-    let body = format!(r#"{{"sends":[{}]}}"#, sends.join(","));
+    format!(r#"{{"sends":[{}]}}"#, sends.join(","))
+}
+
+/// The server's `POST /v1/runs` (100 sends of 256 B a run) under wrk, on the SQLite queue and
+/// on the memory queue, beside wrk posting the same body to the counting receiver.
+fn ingest_scenario(quick: bool) -> Result<Vec<(Row, String)>, String> {
+    let (_receiver, receiver_url) = start_receiver()?;
+    let body = http_run_body(&format!("{receiver_url}/ingested"));
     let seconds = if quick { 5 } else { 10 };
     let reference = wrk_post(&format!("{receiver_url}/wrk"), &body, seconds, 32)?;
-    let ingest = wrk_post(
-        &format!("http://127.0.0.1:{port}/v1/runs"),
-        &body,
-        seconds,
-        32,
-    )?;
-    drop(server);
-    let accepted = (ingest.requests - ingest.non_2xx) as f64 / ingest.seconds;
     let reference_runs = reference.requests as f64 / reference.seconds;
+    let mut rows = Vec::new();
+    for kind in ["sqlite", "memory"] {
+        let (server, port) = start_server(
+            &format!("ingest-{kind}"),
+            &format!(
+                "[hub.queue]\nkind = \"{kind}\"\nmax_events = 5000000\nmax_bytes = 4294967296\n[destinations.http]\nkind = \"http\"\nallow_networks = [\"127.0.0.0/8\"]\n"
+            ),
+        )?;
+        let ingest = wrk_post(
+            &format!("http://127.0.0.1:{port}/v1/runs"),
+            &body,
+            seconds,
+            32,
+        )?;
+        drop(server);
+        let accepted = (ingest.requests - ingest.non_2xx) as f64 / ingest.seconds;
+        rows.push((
+            Row {
+                scenario: "ingest",
+                goal: "—",
+                measure: format!("sends/s into POST /v1/runs, {kind} queue"),
+                value: accepted * 100.0,
+                reference_name: "wrk, same body, to the receiver".into(),
+                reference: reference_runs * 100.0,
+                notes: format!(
+                    "runs of 100 × 256 B ({:.1} KiB a request) → the server (CPU 0) also delivers each to the receiver; {:.1} MB/s accepted; {} refused; latency max {:.0} ms",
+                    body.len() as f64 / 1024.0,
+                    accepted * body.len() as f64 / 1e6,
+                    ingest.non_2xx,
+                    ingest.max_latency_ms
+                ),
+            },
+            format!(
+                r#"{{"scenario":"ingest","queue":"{kind}","requests":{},"refused":{},"seconds":{},"body_bytes":{},"reference_requests":{}}}"#,
+                ingest.requests,
+                ingest.non_2xx,
+                ingest.seconds,
+                body.len(),
+                reference.requests
+            ),
+        ));
+    }
+    Ok(rows)
+}
+
+/// A counter of the server's `/metrics` (summed over its labels).
+fn metric(port: u16, name: &str) -> f64 {
+    http_get(&format!("http://127.0.0.1:{port}/metrics"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.starts_with(name) && !line.starts_with('#'))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Wait until the server has delivered `count` sends in all; when it got there.
+fn wait_delivered(
+    port: u16,
+    count: f64,
+    within: std::time::Duration,
+) -> Result<std::time::Instant, String> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let delivered = metric(port, "destinations_delivered_total");
+        if delivered >= count {
+            return Ok(std::time::Instant::now());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "{delivered} of {count} sends delivered within {within:?}"
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// wrk posting runs to the server as fast as it can, beside the same server draining a queue
+/// filled beforehand: delivered/s under overload against the drain rate, for HTTP and S3.
+fn overload_scenario(quick: bool) -> Result<Vec<(Row, String)>, String> {
+    let seconds = if quick { 10 } else { 20 };
+    let mut rows = Vec::new();
+    let (_receiver, receiver_url) = start_receiver()?;
+    let http_instance =
+        "[destinations.http]\nkind = \"http\"\nallow_networks = [\"127.0.0.0/8\"]\n".to_owned();
+    rows.push(overload_case(
+        "http",
+        &http_instance,
+        &http_run_body(&format!("{receiver_url}/overload")),
+        seconds,
+    )?);
+    let (_s3, endpoint, _bucket) = start_s3_server()?;
+    let s3_instance = format!(
+        "[destinations.s3]\nkind = \"s3\"\nurl = \"s3://\"\nendpoint = \"{endpoint}\"\nallow_http = true\nregion = \"us-east-1\"\naccess_key_id = \"bench\"\nsecret_access_key = \"bench-secret\"\n"
+    );
+    let sends: Vec<String> = (0..100)
+        .map(|n| {
+            format!(
+                r#"{{"destination":"s3","payload":{{"bucket":"bench","prefix":"overload","payload":{{"event":"page_view","n":{n},"user":"u_{n:08x}","page":"/pricing","referrer":"https://search.example.com/?q=event+delivery","ua":"Mozilla/5.0 (X11; Linux x86_64) Firefox/140.0","ms":{n}}}}}}}"#
+            )
+        })
+        .collect();
+    rows.push(overload_case(
+        "s3",
+        &s3_instance,
+        &format!(r#"{{"sends":[{}]}}"#, sends.join(",")),
+        seconds,
+    )?);
+    Ok(rows)
+}
+
+/// One overload case: `instance` is the destination's config table, `body` a run for it.
+fn overload_case(
+    kind: &str,
+    instance: &str,
+    body: &str,
+    seconds: u64,
+) -> Result<(Row, String), String> {
+    let within = std::time::Duration::from_secs(600);
+    // The drain: fill a queue while every batch is held open, kill the server (-9, so nothing
+    // is flushed), start it again without the hold and time how fast the backlog goes out.
+    let hold = "batch = { max_events = 100000000, max_bytes = 100000000000, max_age = \"1h\" }\n";
+    let name = format!("overload-{kind}");
+    let flush = if kind == "s3" {
+        "batch = { max_age = \"1s\" }\n"
+    } else {
+        ""
+    };
+    let (filling, fill_port) = start_server(&name, &format!("{instance}{hold}"))?;
+    let fill = wrk_post(
+        &format!("http://127.0.0.1:{fill_port}/v1/runs"),
+        body,
+        seconds / 2,
+        16,
+    )?;
+    drop(filling);
+    let backlog = ((fill.requests - fill.non_2xx) * 100) as f64;
+    let (draining, drain_port) = start_server_keeping(&name, &format!("{instance}{flush}"))?;
+    let started = std::time::Instant::now();
+    let drained_at = wait_delivered(drain_port, backlog, within)?;
+    drop(draining);
+    let drain_rate = backlog / (drained_at - started).as_secs_f64();
+    // The overload: a fresh queue, wrk posting as fast as it can; from the first request to
+    // the last delivery.
+    let (server, port) = start_server(&name, &format!("{instance}{flush}"))?;
+    let started = std::time::Instant::now();
+    let load = wrk_post(
+        &format!("http://127.0.0.1:{port}/v1/runs"),
+        body,
+        seconds,
+        16,
+    )?;
+    let accepted = ((load.requests - load.non_2xx) * 100) as f64;
+    let delivered_at = wait_delivered(port, accepted, within)?;
+    drop(server);
+    let rate = accepted / (delivered_at - started).as_secs_f64();
     let row = Row {
-        scenario: "ingest",
-        goal: "—",
-        measure: "sends/s into POST /v1/runs".into(),
-        value: accepted * 100.0,
-        reference_name: "wrk, same body, to the receiver".into(),
-        reference: reference_runs * 100.0,
+        scenario: "overload",
+        goal: "ratio ≥ 0.9",
+        measure: format!("{kind} delivered/s under overload"),
+        value: rate,
+        reference_name: "the same server draining a backlog".into(),
+        reference: drain_rate,
         notes: format!(
-            "runs of 100 × 256 B ({:.1} KiB a request) → the server (CPU 0) also delivers each to the receiver; {:.1} MB/s accepted; {} refused (queue full)",
-            body.len() as f64 / 1024.0,
-            accepted * body.len() as f64 / 1e6,
-            ingest.non_2xx
+            "wrk -c16 posting runs of 100 for {seconds} s; {accepted} accepted, {} requests refused (503 after hub.queue.wait); slowest answer {:.0} ms (bound: wait 5 s); backlog drained: {backlog} sends",
+            load.non_2xx, load.max_latency_ms
         ),
     };
     let json = format!(
-        r#"{{"scenario":"ingest","requests":{},"refused":{},"seconds":{},"body_bytes":{},"reference_requests":{}}}"#,
-        ingest.requests,
-        ingest.non_2xx,
-        ingest.seconds,
-        body.len(),
-        reference.requests
+        r#"{{"scenario":"overload-{kind}","accepted":{accepted},"refused_requests":{},"max_latency_ms":{},"delivered_per_second":{rate},"backlog":{backlog},"drain_per_second":{drain_rate}}}"#,
+        load.non_2xx, load.max_latency_ms
     );
     Ok((row, json))
 }
 
 /// The release `destinations` server on CPU 0, on a free port, with this config (written to
-/// `target/bench/NAME.toml`); it and its port.
+/// `target/bench/NAME.toml`) and a fresh data directory `target/bench/NAME-data`; it and its
+/// port.
 fn start_server(name: &str, config: &str) -> Result<(Background, u16), String> {
+    let _ = std::fs::remove_dir_all(root().join(format!("target/bench/{name}-data")));
+    start_server_keeping(name, config)
+}
+
+/// [`start_server`] on the data directory an earlier server of `name` left.
+fn start_server_keeping(name: &str, config: &str) -> Result<(Background, u16), String> {
     let port = free_port()?;
     let path = root().join(format!("target/bench/{name}.toml"));
-    std::fs::write(&path, format!("listen = \"127.0.0.1:{port}\"\n{config}"))
-        .map_err(|e| e.to_string())?;
+    let data = root().join(format!("target/bench/{name}-data"));
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n{config}",
+            data.display()
+        ),
+    )
+    .map_err(|e| e.to_string())?;
     let binary = root()
         .join("target/release/destinations")
         .display()
@@ -496,6 +768,8 @@ struct WrkRun {
     requests: u64,
     non_2xx: u64,
     seconds: f64,
+    /// The slowest answer.
+    max_latency_ms: f64,
 }
 
 /// wrk -t1 with `connections` posting `body` to `url` for `seconds`, on CPU 1.
@@ -512,6 +786,7 @@ fn wrk_post(url: &str, body: &str, seconds: u64, connections: u32) -> Result<Wrk
     let out = pinned(1, "wrk")
         .args([
             "-t1",
+            "--latency",
             &format!("-c{connections}"),
             &format!("-d{seconds}s"),
             "-s",
@@ -535,11 +810,35 @@ fn wrk_post(url: &str, body: &str, seconds: u64, connections: u32) -> Result<Wrk
         .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0);
+    // "    Latency   312.45us  1.02ms  45.10ms   95.00%": the fourth column is the max.
+    let max_latency_ms = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Latency"))
+        .and_then(|rest| rest.split_whitespace().nth(2).map(wrk_duration_ms))
+        .unwrap_or(f64::NAN);
     Ok(WrkRun {
         requests,
         non_2xx,
         seconds: seconds as f64,
+        max_latency_ms,
     })
+}
+
+/// A wrk duration (`312.45us`, `1.02ms`, `2.00s`, `1.50m`) in milliseconds.
+fn wrk_duration_ms(text: &str) -> f64 {
+    let split = text
+        .find(|c: char| c.is_ascii_alphabetic())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().unwrap_or(f64::NAN);
+    number
+        * match unit {
+            "us" => 0.001,
+            "ms" => 1.0,
+            "s" => 1000.0,
+            "m" => 60_000.0,
+            _ => f64::NAN,
+        }
 }
 
 pub(crate) fn run(args: &[String]) -> Result<(), String> {
@@ -574,7 +873,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         let results = match scenario.as_str() {
             "send-path" => vec![send_path_scenario(options.quick)?],
             "http" => vec![http_scenario(options.quick)?],
-            "ingest" => vec![ingest_scenario(options.quick)?],
+            "ingest" => ingest_scenario(options.quick)?,
             "s3" => vec![s3_scenario(options.quick)?],
             "sse" => {
                 let events = if options.quick { 300 } else { 1000 };
@@ -583,7 +882,9 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
                     sse_scenario(10_000, events / 3)?,
                 ]
             }
-            "memory" => vec![memory_scenario(options.quick)?],
+            "memory" => memory_scenario(options.quick)?,
+            "queues" => queues_scenario(options.quick)?,
+            "overload" => overload_scenario(options.quick)?,
             other => return Err(format!("scenario `{other}` is not built yet")),
         };
         for (row, json) in results {
@@ -613,7 +914,6 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
             r.notes
         );
     }
-    println!("queues    not measured: only the memory queue exists (no durable queue yet)");
     let report = format!(
         r#"{{"cpus":{cpus},"quick":{},"scenarios":[{}]}}"#,
         options.quick,

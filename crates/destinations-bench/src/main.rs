@@ -214,34 +214,29 @@ async fn http_load(url: &str, sends: usize, queue: Option<&str>) -> Result<(), S
         .map_err(|e| e.to_string())?;
     let padding = "x".repeat(200);
     let started = Instant::now();
-    let mut sent = 0;
-    while sent < sends {
-        let run = hub.begin_run("bench");
-        for _ in 0..100.min(sends - sent) {
-            let body = json!({"t": unix_nanos(), "pad": padding});
-            run.send()
-                .http(HttpRequest::post(url).json(&body))
-                .map_err(|e| e.to_string())?;
-            sent += 1;
-        }
-        // A full queue waits for room, then refuses the whole run: finish it again.
-        let mut run = run;
-        loop {
-            match run.finish().await {
-                Ok(_) => break,
-                Err(refused)
-                    if matches!(
-                        refused.error,
-                        destinations::SendError::Queue(destinations::QueueError::Full(_))
-                    ) =>
-                {
-                    run = refused.into_run();
+    let url = Arc::<str>::from(url);
+    let padding = Arc::<str>::from(padding);
+    producers(
+        sends,
+        move |hub, first, count| {
+            let (url, padding) = (url.clone(), padding.clone());
+            async move {
+                let run = hub.begin_run("bench");
+                for _ in first..first + count {
+                    let body = json!({"t": unix_nanos(), "pad": &*padding});
+                    run.send()
+                        .http(HttpRequest::post(&*url).json(&body))
+                        .map_err(|e| e.to_string())?;
                 }
-                Err(e) => return Err(e.to_string()),
+                finish(run).await
             }
-        }
-    }
+        },
+        &hub,
+    )
+    .await?;
     let recorded = started.elapsed();
+    // Everything delivered (a durable queue's shutdown would keep what is left).
+    let drained = hub.drained(std::time::Duration::from_secs(3600)).await;
     let report = hub.shutdown().await;
     let elapsed = started.elapsed();
     let rss_kib = peak_rss_kib();
@@ -253,10 +248,64 @@ async fn http_load(url: &str, sends: usize, queue: Option<&str>) -> Result<(), S
             "sends_per_second": sends as f64 / elapsed.as_secs_f64(),
             "record_seconds": recorded.as_secs_f64(),
             "abandoned": report.abandoned,
+            "drained": drained,
             "peak_rss_kib": rss_kib,
         })
     );
     Ok(())
+}
+
+/// Runs of 100 recorded by concurrent producers, as a service's request handlers would
+/// (`DESTINATIONS_BENCH_PRODUCERS`, default 8): `run(hub, first, count)` records and finishes
+/// one run.
+async fn producers<F, Fut>(sends: usize, run: F, hub: &Hub) -> Result<(), String>
+where
+    F: Fn(Hub, usize, usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
+{
+    let count = std::env::var("DESTINATIONS_BENCH_PRODUCERS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(8usize)
+        .max(1);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let run = Arc::new(run);
+    let tasks: Vec<_> = (0..count)
+        .map(|_| {
+            let (next, run, hub) = (next.clone(), run.clone(), hub.clone());
+            tokio::spawn(async move {
+                loop {
+                    let first = next.fetch_add(100, std::sync::atomic::Ordering::Relaxed);
+                    if first >= sends {
+                        return Ok::<(), String>(());
+                    }
+                    run(hub.clone(), first, 100.min(sends - first)).await?;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.map_err(|e| e.to_string())??;
+    }
+    Ok(())
+}
+
+/// Finish a run; a full queue waits for room, then refuses it whole: finish it again.
+async fn finish(mut run: destinations::Run) -> Result<(), String> {
+    loop {
+        match run.finish().await {
+            Ok(_) => return Ok(()),
+            Err(refused)
+                if matches!(
+                    refused.error,
+                    destinations::SendError::Queue(destinations::QueueError::Full(_))
+                ) =>
+            {
+                run = refused.into_run();
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
 }
 
 /// This process's peak resident set, from `/proc/self/status`.
@@ -336,23 +385,35 @@ async fn s3_load(
     file.flush().map_err(|e| e.to_string())?;
     let event_bytes: usize = events.iter().map(|e| e.get().len()).sum();
     let started = Instant::now();
-    for chunk in events.chunks(100) {
-        let run = hub.begin_run("bench");
-        for event in chunk {
-            run.send()
-                .s3(S3Send::new("bench", "events", event))
-                .map_err(|e| e.to_string())?;
-        }
-        run.finish().await.map_err(|e| e.to_string())?;
-    }
+    let events = Arc::new(events);
+    producers(
+        sends,
+        move |hub, first, count| {
+            let events = events.clone();
+            async move {
+                let run = hub.begin_run("bench");
+                for event in &events[first..first + count] {
+                    run.send()
+                        .s3(S3Send::new("bench", "events", event))
+                        .map_err(|e| e.to_string())?;
+                }
+                finish(run).await
+            }
+        },
+        &hub,
+    )
+    .await?;
     let recorded = started.elapsed();
+    // Everything delivered (a durable queue's shutdown would keep what is left).
+    let drained = hub.drained(std::time::Duration::from_secs(3600)).await;
     let report = hub.shutdown().await;
     let elapsed = started.elapsed();
-    let delivered = hub
-        .dead_letters(1)
-        .await
-        .map_err(|e| e.to_string())?
-        .is_empty()
+    let delivered = drained
+        && hub
+            .dead_letters(1)
+            .await
+            .map_err(|e| e.to_string())?
+            .is_empty()
         && report.abandoned == 0;
     println!(
         "{}",
