@@ -148,7 +148,8 @@ pub(crate) fn connect(path: &Path, read_only: bool) -> Result<Connection, OpenEr
     let conn = Connection::open_with_flags(path, flags).map_err(fail)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))
         .map_err(fail)?;
-    conn.pragma_update(None, "cache_size", -16_384)
+    // The writer keeps 16 MiB of pages cached; readers, which look up a few rows at a time, 2.
+    conn.pragma_update(None, "cache_size", if read_only { -2048 } else { -16_384 })
         .map_err(fail)?;
     // Statement journals (a multi-row update inside a transaction) stay in memory.
     conn.pragma_update(None, "temp_store", "MEMORY")
@@ -178,9 +179,10 @@ pub(crate) fn configure(conn: &Connection, path: &Path, sync: SyncMode) -> Resul
     };
     conn.pragma_update(None, "synchronous", level)
         .map_err(fail)?;
-    // Checkpoint in bigger steps than the default 1000 pages: fewer stalls of the writer, and
-    // a page written many times (rows queued, then delivered) reaches the file once.
-    conn.pragma_update(None, "wal_autocheckpoint", 16_384)
+    // Checkpoint in bigger steps than the default (1000 pages): 4096 pages of 16 KiB, 64 MiB of
+    // log — fewer stalls of the writer, and a page written many times (rows queued, then
+    // delivered) reaches the file once.
+    conn.pragma_update(None, "wal_autocheckpoint", 4096)
         .map_err(fail)
 }
 
