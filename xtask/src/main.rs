@@ -147,6 +147,10 @@ pub(crate) fn setup() -> Result<(), String> {
     if !have("chromium") {
         packages.push("chromium");
     }
+    // chattr makes a folder read-only for root too (the queue's read-only data directory test).
+    if !have("chattr") {
+        packages.push("e2fsprogs");
+    }
     apt_install(&packages)?;
     install_aiosmtpd()?;
     install_s3s_fs()?;

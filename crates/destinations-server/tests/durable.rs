@@ -249,7 +249,7 @@ async fn a_damaged_queue_file_stops_the_server_with_its_name_and_is_left_alone()
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     std::fs::write(&queue, &noise).unwrap_or_else(|e| panic!("{e}"));
-    let (status, stderr) = Server::refused_start(None, dir.path(), None).await;
+    let (status, stderr) = Server::refused_start(None, dir.path()).await;
     assert!(!status.success());
     assert!(
         stderr.contains("./data/queue.db") && stderr.contains("not an SQLite database"),
@@ -289,7 +289,7 @@ async fn a_truncated_queue_file_is_refused_and_its_sends_exported() {
     file.set_len(size * 2 / 3).unwrap_or_else(|e| panic!("{e}"));
     drop(file);
 
-    let (status, stderr) = Server::refused_start(None, dir.path(), None).await;
+    let (status, stderr) = Server::refused_start(None, dir.path()).await;
     assert!(!status.success());
     assert!(
         stderr.contains("queue.db")
@@ -323,28 +323,64 @@ async fn a_truncated_queue_file_is_refused_and_its_sends_exported() {
     }
 }
 
+/// Makes a directory unwritable for as long as it lives — for root too: root ignores
+/// permissions, so it is made immutable (`chattr +i`) instead.
+struct ReadOnly(std::path::PathBuf);
+
+impl ReadOnly {
+    fn new(dir: &std::path::Path) -> Self {
+        let is_root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+        if is_root {
+            let made = std::process::Command::new("chattr")
+                .arg("+i")
+                .arg(dir)
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(
+                made,
+                "as root, the test needs `chattr +i` (e2fsprogs) on a file system that supports it to make {} read-only",
+                dir.display()
+            );
+        } else {
+            let mut permissions = std::fs::metadata(dir)
+                .map(|m| m.permissions())
+                .unwrap_or_else(|e| panic!("{e}"));
+            std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o555);
+            std::fs::set_permissions(dir, permissions).unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert!(
+            std::fs::write(dir.join("probe"), b"x").is_err(),
+            "{} is still writable",
+            dir.display()
+        );
+        Self(dir.to_path_buf())
+    }
+}
+
+impl Drop for ReadOnly {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+        if let Ok(metadata) = std::fs::metadata(&self.0) {
+            let mut permissions = metadata.permissions();
+            std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
+            let _ = std::fs::set_permissions(&self.0, permissions);
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_read_only_data_directory_stops_the_server_with_its_name() {
     let dir = TempDir::new("durable-readonly");
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap_or_else(|e| panic!("{e}"));
-    let is_root = std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    // Root writes anywhere: run the server as `nobody` instead, for whom the folder (made by
-    // root, mode 0755) is read-only.
-    let as_user = if is_root {
-        Some(65_534)
-    } else {
-        let mut permissions = std::fs::metadata(&data)
-            .map(|m| m.permissions())
-            .unwrap_or_else(|e| panic!("{e}"));
-        std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o555);
-        std::fs::set_permissions(&data, permissions).unwrap_or_else(|e| panic!("{e}"));
-        None
-    };
-    let (status, stderr) = Server::refused_start(None, dir.path(), as_user).await;
+    let read_only = ReadOnly::new(&data);
+    let (status, stderr) = Server::refused_start(None, dir.path()).await;
     assert!(!status.success());
     assert!(
         stderr.contains("./data/queue.db") && stderr.contains("writable"),
@@ -354,6 +390,7 @@ async fn a_read_only_data_directory_stops_the_server_with_its_name() {
         std::fs::read_dir(&data).map(|d| d.count()).ok() == Some(0),
         "nothing was written"
     );
+    drop(read_only);
 }
 
 #[tokio::test]

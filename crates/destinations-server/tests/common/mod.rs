@@ -160,7 +160,6 @@ impl Server {
     pub async fn refused_start(
         config: Option<&str>,
         dir: &Path,
-        as_user: Option<u32>,
     ) -> (std::process::ExitStatus, String) {
         let mut command = Command::new(BIN);
         command
@@ -168,9 +167,6 @@ impl Server {
             .args(["serve", "--listen", "127.0.0.1:0"]);
         if let Some(text) = config {
             command.arg("--config").arg(temp_config(text));
-        }
-        if let Some(uid) = as_user {
-            command.uid(uid).gid(uid);
         }
         let output = tokio::time::timeout(
             WITHIN,
