@@ -24,9 +24,11 @@
 //! # Ok(()) }
 //! ```
 
+mod chunk;
 mod lines;
 mod options;
 mod queue;
+mod resident;
 mod rows;
 mod schema;
 mod tools;

@@ -64,12 +64,20 @@ pub(crate) struct Lines {
     pub(crate) wake: Notify,
 }
 
+/// Where a send is: its chunk and its place there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct Slot {
+    pub(crate) chunk: i64,
+    pub(crate) index: u32,
+}
+
 #[derive(Default)]
 struct LineState {
-    /// Ready rows whose envelopes are in memory; all of them come before `spilled`.
-    loaded: VecDeque<(i64, Envelope)>,
-    /// Ready rows whose envelopes are on disk only.
-    spilled: VecDeque<i64>,
+    /// Ready sends whose envelopes are in memory; all of them come before `spilled`.
+    loaded: VecDeque<(Slot, Envelope)>,
+    /// Ready sends whose envelopes are on disk only, as runs of consecutive places in a chunk
+    /// (a backlog of a million sends is a few thousand runs).
+    spilled: Spilled,
     /// Batches waiting for their retry.
     delayed: BinaryHeap<Reverse<Delayed>>,
     /// Whether a dispatcher consumes this instance.
@@ -82,13 +90,13 @@ struct LineState {
 pub(crate) struct Delayed {
     pub(crate) due: Instant,
     pub(crate) batch: i64,
-    pub(crate) seqs: Vec<i64>,
+    pub(crate) slots: Vec<Slot>,
 }
 
 /// What a lease takes next.
 pub(crate) enum Next {
-    /// Ready rows: those in memory, then those to read back.
-    Ready(Vec<(i64, Envelope)>, Vec<i64>),
+    /// Ready sends: those in memory, then those to read back.
+    Ready(Vec<(Slot, Envelope)>, Vec<Slot>),
     /// A batch whose retry is due.
     Retry(Delayed),
     /// Nothing yet; something is due at this time, if anything.
@@ -118,47 +126,51 @@ impl Lines {
         self.lock().consumed
     }
 
-    /// Rows made ready, in order: kept in memory while the budget allows and nothing is
-    /// spilled ahead of them (order is kept), by row number otherwise.
+    /// Sends made ready, in order: kept in memory while the budget allows and nothing is
+    /// spilled ahead of them (order is kept), by their place otherwise. Returns how many were
+    /// kept in memory.
     pub(crate) fn push_ready(
         &self,
-        rows: impl IntoIterator<Item = (i64, Envelope)>,
+        sends: impl IntoIterator<Item = (Slot, Envelope)>,
         memory: &Memory,
-    ) {
+    ) -> usize {
         let mut state = self.lock();
-        for (seq, envelope) in rows {
+        let mut kept = 0;
+        for (slot, envelope) in sends {
             if state.spilled.is_empty() && memory.take(&envelope) {
-                state.loaded.push_back((seq, envelope));
+                state.loaded.push_back((slot, envelope));
+                kept += 1;
             } else {
-                state.spilled.push_back(seq);
+                state.spilled.push_back(slot);
             }
         }
         drop(state);
         self.wake.notify_one();
+        kept
     }
 
-    /// Rows ready on disk (the backlog found at start).
-    pub(crate) fn push_spilled(&self, seq: i64) {
-        self.lock().spilled.push_back(seq);
+    /// Sends ready on disk (the backlog found at start).
+    pub(crate) fn push_spilled(&self, slot: Slot) {
+        self.lock().spilled.push_back(slot);
     }
 
-    /// Leased rows given back: first in line again.
-    pub(crate) fn push_front(&self, rows: Vec<(i64, Envelope)>, memory: &Memory) {
+    /// Leased sends given back: first in line again.
+    pub(crate) fn push_front(&self, sends: Vec<(Slot, Envelope)>, memory: &Memory) {
         let mut state = self.lock();
-        for (seq, envelope) in rows.into_iter().rev() {
+        for (slot, envelope) in sends.into_iter().rev() {
             memory.force(&envelope);
-            state.loaded.push_front((seq, envelope));
+            state.loaded.push_front((slot, envelope));
         }
         drop(state);
         self.wake.notify_one();
     }
 
-    /// Rows that could not be read back: first in line again.
-    pub(crate) fn unspill(&self, seqs: Vec<i64>) {
+    /// Sends that could not be read back: first in line again.
+    pub(crate) fn unspill(&self, slots: Vec<Slot>) {
         let mut state = self.lock();
-        // They were taken from the front of `spilled`, after every loaded row.
-        for seq in seqs.into_iter().rev() {
-            state.spilled.push_front(seq);
+        // They were taken from the front of `spilled`, after every loaded send.
+        for slot in slots.into_iter().rev() {
+            state.spilled.push_front(slot);
         }
     }
 
@@ -189,11 +201,11 @@ impl Lines {
         let mut loaded = Vec::new();
         let mut spilled = Vec::new();
         while loaded.len() + spilled.len() < max.max(1) {
-            if let Some((seq, envelope)) = state.loaded.pop_front() {
+            if let Some((slot, envelope)) = state.loaded.pop_front() {
                 memory.give(&envelope);
-                loaded.push((seq, envelope));
-            } else if let Some(seq) = state.spilled.pop_front() {
-                spilled.push(seq);
+                loaded.push((slot, envelope));
+            } else if let Some(slot) = state.spilled.pop_front() {
+                spilled.push(slot);
             } else {
                 break;
             }
@@ -206,5 +218,83 @@ impl Lines {
         self.lock().stopped = true;
         self.wake.notify_waiters();
         self.wake.notify_one();
+    }
+}
+
+/// Places in chunks, in order, kept as runs of consecutive places of one chunk.
+#[derive(Default)]
+struct Spilled {
+    /// (chunk, first place, places).
+    runs: VecDeque<(i64, u32, u32)>,
+}
+
+impl Spilled {
+    fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
+    fn push_back(&mut self, slot: Slot) {
+        if let Some((chunk, first, count)) = self.runs.back_mut()
+            && *chunk == slot.chunk
+            && first.checked_add(*count) == Some(slot.index)
+        {
+            *count += 1;
+            return;
+        }
+        self.runs.push_back((slot.chunk, slot.index, 1));
+    }
+
+    fn push_front(&mut self, slot: Slot) {
+        if let Some((chunk, first, count)) = self.runs.front_mut()
+            && *chunk == slot.chunk
+            && slot.index.checked_add(1) == Some(*first)
+        {
+            *first = slot.index;
+            *count += 1;
+            return;
+        }
+        self.runs.push_front((slot.chunk, slot.index, 1));
+    }
+
+    fn pop_front(&mut self) -> Option<Slot> {
+        let (chunk, first, count) = self.runs.front_mut()?;
+        let slot = Slot {
+            chunk: *chunk,
+            index: *first,
+        };
+        *first += 1;
+        *count -= 1;
+        if *count == 0 {
+            self.runs.pop_front();
+        }
+        Some(slot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(chunk: i64, index: u32) -> Slot {
+        Slot { chunk, index }
+    }
+
+    #[test]
+    fn spilled_places_keep_their_order_in_runs() {
+        let mut spilled = Spilled::default();
+        for index in 0..100 {
+            spilled.push_back(slot(1, index));
+        }
+        spilled.push_back(slot(2, 0));
+        spilled.push_back(slot(1, 100));
+        assert_eq!(spilled.runs.len(), 3, "one run per stretch of one chunk");
+        assert_eq!(spilled.pop_front(), Some(slot(1, 0)));
+        spilled.push_front(slot(1, 0));
+        assert_eq!(spilled.runs.len(), 3, "given back: the run grows again");
+        let order: Vec<Slot> = std::iter::from_fn(|| spilled.pop_front()).collect();
+        assert_eq!(order.len(), 102);
+        assert_eq!(order[99], slot(1, 99));
+        assert_eq!(order[100], slot(2, 0));
+        assert_eq!(order[101], slot(1, 100));
     }
 }

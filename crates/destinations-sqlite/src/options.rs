@@ -14,7 +14,7 @@ pub struct SqliteOptions {
     /// `full` (a power loss too, at the cost of a sync per commit).
     #[serde(default)]
     pub sync: SyncMode,
-    /// Memory for sends waiting their turn, payloads and bookkeeping (default 64 MiB); past it
+    /// Memory for sends waiting their turn, payloads and bookkeeping (default 32 MiB); past it
     /// they wait on disk only and are read back when their turn comes.
     #[serde(default = "SqliteOptions::default_memory")]
     pub memory_bytes: usize,
@@ -22,7 +22,7 @@ pub struct SqliteOptions {
 
 impl SqliteOptions {
     /// The default for [`memory_bytes`](Self::memory_bytes).
-    pub const DEFAULT_MEMORY: usize = 64 << 20;
+    pub const DEFAULT_MEMORY: usize = 32 << 20;
 
     fn default_memory() -> usize {
         Self::DEFAULT_MEMORY

@@ -8,25 +8,29 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use async_trait::async_trait;
 use destinations_core::{
     DeadLetterFilter, DeadLetterPage, DeadLetterStore, Durability, Envelope, EventId, FinalWaiters,
-    IdMap, Leased, Queue, QueueConsumer, QueueDepth, QueueError, Refused, ResponseSummary,
-    SendStatus, Settled, Settlement, State, StatusRetention, StatusStore,
+    IdMap, Leased, Queue, QueueConsumer, QueueDepth, QueueError, Refused, SendStatus, Settled,
+    Settlement, State, StatusRetention, StatusStore,
 };
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::lines::{Delayed, Lines, Memory, Next};
+use crate::chunk::{Outcome, Payloads, Stored, encode_record};
+use crate::lines::{Delayed, Lines, Memory, Next, Slot};
 use crate::options::{OpenError, SqliteOptions, SyncMode, describe};
-use crate::rows;
+use crate::resident::{ChunkState, Resident};
+use crate::rows::{self, to_ms};
 use crate::schema::{self, FileLock};
-use crate::writer::{Change, Command, RowKey, SettleRow, Writer};
+use crate::writer::{ChunkUpdate, Command, DeadRow, Reply, Start, Writer, Written};
 
 /// A durable queue in one SQLite file (WAL mode, one writer thread with group commit).
 ///
 /// `enqueue` resolves once the sends are committed: with `sync = "normal"` they survive the
-/// process crashing or being killed; with `"full"`, a power loss too. Statuses and dead letters
-/// live in the same file. At start, everything not final is ready again (a lease held by a
-/// process that died is void) and retries keep their attempt count and due time.
+/// process crashing or being killed; with `"full"`, a power loss too. Sends are stored in
+/// chunks — one row for the sends one change queued for one instance — so the file does work
+/// per run and per batch, not per send. Statuses and dead letters live in the same file. At
+/// start, everything not final is ready again (a lease held by a process that died is void)
+/// and retries keep their attempt count and due time.
 pub struct SqliteQueue {
     shared: Arc<Shared>,
 }
@@ -40,19 +44,23 @@ struct Shared {
     writer: Writer,
     readers: Arc<Readers>,
     lines: RwLock<LinesByInstance>,
-    /// Envelopes leased by a dispatcher: their row, and the attempt under way if any.
+    /// The chunks with sends in memory: what a settlement rewrites.
+    chunks: Mutex<Resident>,
+    /// Envelopes leased by a dispatcher: where they are, and the attempt under way if any.
     leased: Mutex<IdMap<Lease>>,
     memory: Memory,
     next_batch: AtomicI64,
     stopped: AtomicBool,
     waiters: FinalWaiters,
     backlog: Vec<(String, QueueDepth)>,
+    /// The longest time between the first and last send of a chunk (bounds a lookup by id).
+    longest: Arc<AtomicI64>,
     /// Held until the queue closes: one process per file.
     lock: Mutex<Option<FileLock>>,
 }
 
 struct Lease {
-    seq: i64,
+    slot: Slot,
     /// The attempt under way (the send shows `in_flight`).
     attempting: Option<u32>,
 }
@@ -126,18 +134,25 @@ impl SqliteQueue {
         schema::check_header(path)?;
         let mut conn = schema::connect(path, false)?;
         schema::prepare(&mut conn, path, options.sync)?;
-        let fail = |e: rusqlite::Error| OpenError::new(path, describe(&e));
-        let found = rows::found(&conn).map_err(fail)?;
-        let last_batch = rows::last_batch(&conn).map_err(fail)?;
-        let (lines, backlog) = schedule(found.pending);
-        let writer = Writer::start(
+        let fail = |e: rusqlite::Error| OpenError::new(path, crate::options::describe_opening(&e));
+        let pending = rows::pending_chunks(&conn).map_err(fail)?;
+        let finished = rows::finished_chunks(&conn).map_err(fail)?;
+        let dead = rows::dead_count(&conn).map_err(fail)?;
+        let longest = Arc::new(AtomicI64::new(
+            rows::meta(&conn, "longest_chunk_ms").map_err(fail)?,
+        ));
+        let next_batch = rows::last_batch(&pending);
+        let (lines, backlog) = schedule(pending);
+        let writer = Writer::start(Start {
             conn,
-            path.to_path_buf(),
+            path: path.to_path_buf(),
             retention,
             dead_letter_capacity,
-            found.delivered,
-        )
-        .map_err(fail)?;
+            finished,
+            dead,
+            longest: longest.clone(),
+        })
+        .map_err(|e| OpenError::new(path, e))?;
         Ok(Self {
             shared: Arc::new(Shared {
                 path: path.to_path_buf(),
@@ -151,12 +166,14 @@ impl SqliteQueue {
                     pool: Mutex::new(Vec::new()),
                 }),
                 lines: RwLock::new(lines),
+                chunks: Mutex::new(Resident::default()),
                 leased: Mutex::new(IdMap::default()),
                 memory: Memory::new(options.memory_bytes),
-                next_batch: AtomicI64::new(last_batch),
+                next_batch: AtomicI64::new(next_batch),
                 stopped: AtomicBool::new(false),
                 waiters: FinalWaiters::default(),
                 backlog,
+                longest,
                 lock: Mutex::new(Some(lock)),
             }),
         })
@@ -168,37 +185,56 @@ impl SqliteQueue {
     }
 }
 
-/// The schedule of the rows found pending at start, and what each instance holds.
-fn schedule(pending: Vec<rows::PendingRow>) -> (LinesByInstance, Vec<(String, QueueDepth)>) {
-    let now_ms = rows::to_ms(std::time::SystemTime::now());
+/// The schedule of the chunks found pending at start, and what each instance holds. The
+/// chunks themselves stay on disk until their sends are leased.
+fn schedule(pending: Vec<rows::StoredChunk>) -> (LinesByInstance, Vec<(String, QueueDepth)>) {
+    let now_ms = to_ms(std::time::SystemTime::now());
     let now = Instant::now();
     let mut lines = LinesByInstance::new();
     let mut depths: HashMap<String, QueueDepth> = HashMap::new();
-    let mut batches: HashMap<(String, i64), (i64, Vec<i64>)> = HashMap::new();
-    for row in pending {
-        let depth = depths.entry(row.destination.clone()).or_default();
-        depth.events += 1;
-        depth.bytes += row.size;
+    let mut batches: HashMap<(Arc<str>, i64), (i64, Vec<Slot>)> = HashMap::new();
+    for stored in pending {
+        let destination: Arc<str> = Arc::from(stored.destination.as_str());
         let line = lines
-            .entry(Arc::from(row.destination.as_str()))
-            .or_insert_with(|| Arc::new(Lines::new()));
-        match row.retry {
-            None => line.push_spilled(row.seq),
-            Some((run_at_ms, batch)) => {
-                let entry = batches
-                    .entry((row.destination, batch))
-                    .or_insert((run_at_ms, Vec::new()));
-                entry.1.push(row.seq);
+            .entry(destination.clone())
+            .or_insert_with(|| Arc::new(Lines::new()))
+            .clone();
+        let depth = depths.entry(stored.destination.clone()).or_default();
+        for (index, record) in stored.records.iter().enumerate() {
+            if record.state.is_final() {
+                continue;
+            }
+            depth.events += 1;
+            depth.bytes += record.size as usize;
+            let slot = Slot {
+                chunk: stored.seq,
+                index: u32::try_from(index).unwrap_or(u32::MAX),
+            };
+            let outcome = (record.outcome as usize)
+                .checked_sub(1)
+                .and_then(|at| stored.outcomes.get(at));
+            match (
+                record.state,
+                outcome.and_then(|o| Some((o.run_at_ms?, o.batch?))),
+            ) {
+                (Stored::Retrying, Some((run_at_ms, batch))) => {
+                    batches
+                        .entry((destination.clone(), batch))
+                        .or_insert((run_at_ms, Vec::new()))
+                        .1
+                        .push(slot);
+                }
+                _ => line.push_spilled(slot),
             }
         }
     }
-    for ((destination, batch), (run_at_ms, seqs)) in batches {
+    for ((destination, batch), (run_at_ms, slots)) in batches {
         let wait = std::time::Duration::from_millis(u64::try_from(run_at_ms - now_ms).unwrap_or(0));
-        if let Some(line) = lines.get(destination.as_str()) {
+        if let Some(line) = lines.get(&destination) {
             line.delay(Delayed {
                 due: now.checked_add(wait).unwrap_or(now),
                 batch,
-                seqs,
+                slots,
             });
         }
     }
@@ -207,72 +243,171 @@ fn schedule(pending: Vec<rows::PendingRow>) -> (LinesByInstance, Vec<(String, Qu
     (lines, backlog)
 }
 
+/// Sends grouped into chunks: one per destination, in the order given.
+fn chunked(envelopes: Vec<Envelope>) -> Vec<Vec<Envelope>> {
+    let mut groups: Vec<Vec<Envelope>> = Vec::new();
+    for envelope in envelopes {
+        match groups.iter_mut().find(|g| {
+            g.first()
+                .is_some_and(|e| Arc::ptr_eq(&e.destination, &envelope.destination))
+        }) {
+            Some(group) => group.push(envelope),
+            None => groups.push(vec![envelope]),
+        }
+    }
+    groups
+}
+
 impl Shared {
-    fn lines_of(&self, destination: &str) -> Option<Arc<Lines>> {
-        self.lines
+    fn lines_of(&self, destination: &Arc<str>) -> Arc<Lines> {
+        if let Some(line) = self
+            .lines
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .get(destination)
-            .cloned()
-    }
-
-    /// Rows committed: into their instances' lines, in order.
-    fn make_ready(&self, rows: impl IntoIterator<Item = (i64, Envelope)>) {
-        let mut run: Vec<(i64, Envelope)> = Vec::new();
-        for (seq, envelope) in rows {
-            if run
-                .last()
-                .is_some_and(|(_, last)| !Arc::ptr_eq(&last.destination, &envelope.destination))
-            {
-                self.push_run(std::mem::take(&mut run));
-            }
-            run.push((seq, envelope));
+        {
+            return line.clone();
         }
-        self.push_run(run);
+        self.lines
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(destination.clone())
+            .or_insert_with(|| Arc::new(Lines::new()))
+            .clone()
     }
 
-    fn push_run(&self, run: Vec<(i64, Envelope)>) {
-        let Some((_, first)) = run.first() else {
+    /// Chunks committed: their sends into their instances' lines; the chunks stay in memory
+    /// while some of their sends do.
+    fn make_ready(&self, groups: Vec<Vec<Envelope>>, written: Vec<Written>) {
+        for (envelopes, written) in groups.into_iter().zip(written) {
+            let Some(destination) = envelopes.first().map(|e| e.destination.clone()) else {
+                continue;
+            };
+            let seq = written.seq;
+            let count = envelopes.len();
+            // In memory before any of its sends can be leased.
+            self.chunks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(seq, ChunkState::written(destination.clone(), written));
+            let slots = (0u32..).map(|index| Slot { chunk: seq, index });
+            let kept = self
+                .lines_of(&destination)
+                .push_ready(slots.zip(envelopes), &self.memory);
+            self.leave_memory(seq, count - kept);
+        }
+    }
+
+    /// `count` sends of chunk `seq` left memory (spilled to disk, settled, or waiting for a
+    /// retry): a chunk with none left goes too.
+    fn leave_memory(&self, seq: i64, count: usize) {
+        if count == 0 {
             return;
-        };
-        let line = {
-            let mut lines = self.lines.write().unwrap_or_else(PoisonError::into_inner);
-            lines
-                .entry(first.destination.clone())
-                .or_insert_with(|| Arc::new(Lines::new()))
-                .clone()
-        };
-        line.push_ready(run, &self.memory);
+        }
+        self.chunks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .leave(seq, u32::try_from(count).unwrap_or(u32::MAX));
     }
 
-    /// Record the lease of these rows.
-    fn lease(&self, rows: &[(i64, Envelope)]) {
+    /// Record the lease of these sends.
+    fn lease(&self, sends: &[(Slot, Envelope)]) {
         let mut leased = self.leased.lock().unwrap_or_else(PoisonError::into_inner);
-        for (seq, envelope) in rows {
+        for (slot, envelope) in sends {
             leased.insert(
                 envelope.id,
                 Lease {
-                    seq: *seq,
+                    slot: *slot,
                     attempting: None,
                 },
             );
         }
     }
 
-    async fn write<R>(
-        &self,
-        command: Command,
-        reply: oneshot::Receiver<R>,
-    ) -> Result<R, QueueError> {
-        if self.writer.send(command).is_err() {
-            return Err(QueueError::Unavailable(format!(
-                "{}: the queue is closed",
-                self.path.display()
-            )));
+    /// Read sends back from the file, in the order asked (those that are gone are left out);
+    /// their chunks come into memory with them.
+    async fn read_back(&self, slots: Vec<Slot>) -> Result<Vec<(Slot, Envelope)>, QueueError> {
+        let mut seqs: Vec<i64> = slots.iter().map(|s| s.chunk).collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        loop {
+            let reading = self
+                .chunks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .begin_read(&seqs);
+            let (all, cold) = (seqs.clone(), reading.cold.clone());
+            let read = self
+                .readers
+                .read(move |conn| {
+                    let data = rows::payloads(conn, &all).map_err(|e| describe(&e))?;
+                    let stored = rows::chunks(conn, &cold).map_err(|e| describe(&e))?;
+                    Ok((data, stored))
+                })
+                .await;
+            let mut chunks = self.chunks.lock().unwrap_or_else(PoisonError::into_inner);
+            let (data, stored) = match read {
+                Ok(read) => read,
+                Err(error) => {
+                    chunks.arrived(&reading, Vec::new());
+                    chunks.end_read(reading);
+                    return Err(error);
+                }
+            };
+            if !chunks.arrived(&reading, stored) {
+                chunks.end_read(reading);
+                continue;
+            }
+            let mut sends = Vec::with_capacity(slots.len());
+            for &slot in &slots {
+                let envelope = chunks.get_mut(slot.chunk).and_then(|chunk| {
+                    let (_, mut payloads) = Payloads::read(data.get(&slot.chunk)?)?;
+                    let entry = payloads.nth(slot.index as usize)?;
+                    let envelope = chunk.envelope(slot.index as usize, entry.payload)?;
+                    chunk.resident += 1;
+                    Some(envelope)
+                });
+                match envelope {
+                    Some(envelope) => sends.push((slot, envelope)),
+                    None => tracing::error!(
+                        path = %self.path.display(),
+                        chunk = slot.chunk,
+                        index = slot.index,
+                        "a queued send could not be read back from the file; `destinations queue check` verifies it"
+                    ),
+                }
+            }
+            chunks.end_read(reading);
+            return Ok(sends);
         }
-        reply.await.map_err(|_| {
-            QueueError::Unavailable(format!("{}: the writer stopped", self.path.display()))
+    }
+
+    /// Where a settled send is: its lease, or (a send settled without one) a search.
+    fn slot_of(leased: &IdMap<Lease>, chunks: &Resident, id: EventId) -> Option<Slot> {
+        if let Some(lease) = leased.get(&id) {
+            return Some(lease.slot);
+        }
+        chunks.iter().find_map(|(seq, chunk)| {
+            let index = chunk.records.iter().position(|r| r.id == id)?;
+            Some(Slot {
+                chunk: *seq,
+                index: u32::try_from(index).ok()?,
+            })
         })
+    }
+
+    async fn write(&self, command: Command, reply: oneshot::Receiver<Reply>) -> Reply {
+        let closed =
+            || QueueError::Unavailable(format!("{}: the queue is closed", self.path.display()));
+        if let Err(command) = self.writer.send(command) {
+            let groups = match command {
+                Command::Enqueue { chunks, .. } => chunks,
+                Command::Settle { follow_ups, .. } => follow_ups,
+                _ => Vec::new(),
+            };
+            return (groups, Err(closed()));
+        }
+        reply.await.unwrap_or_else(|_| (Vec::new(), Err(closed())))
     }
 }
 
@@ -287,17 +422,7 @@ impl Queue for SqliteQueue {
     }
 
     fn consumer(&self, instance: &str) -> Result<Arc<dyn QueueConsumer>, QueueError> {
-        let line = {
-            let mut lines = self
-                .shared
-                .lines
-                .write()
-                .unwrap_or_else(PoisonError::into_inner);
-            lines
-                .entry(Arc::from(instance))
-                .or_insert_with(|| Arc::new(Lines::new()))
-                .clone()
-        };
+        let line = self.shared.lines_of(&Arc::from(instance));
         line.consume();
         Ok(Arc::new(SqliteConsumer {
             shared: self.shared.clone(),
@@ -317,43 +442,40 @@ impl Queue for SqliteQueue {
                 envelopes,
             });
         }
-        let mut last: Option<&Arc<str>> = None;
-        for envelope in &envelopes {
-            if last.is_some_and(|l| Arc::ptr_eq(l, &envelope.destination)) {
-                continue;
-            }
-            if !shared
-                .lines_of(&envelope.destination)
-                .is_some_and(|l| l.consumed())
-            {
-                let why = QueueError::NoConsumer(envelope.destination.to_string());
-                return Err(Refused { why, envelopes });
-            }
-            last = Some(&envelope.destination);
-        }
-        let (reply, answer) = oneshot::channel();
-        let command = Command::Enqueue { envelopes, reply };
-        if let Err(Command::Enqueue { envelopes, .. }) = shared.writer.send(command) {
+        let groups = chunked(envelopes);
+        if let Some(unknown) = groups.iter().find_map(|group| {
+            let destination = &group.first()?.destination;
+            let known = shared
+                .lines
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(destination)
+                .is_some_and(|line| line.consumed());
+            (!known).then(|| destination.to_string())
+        }) {
             return Err(Refused {
-                why: QueueError::Unavailable(format!(
-                    "{}: the queue is closed",
-                    shared.path.display()
-                )),
-                envelopes,
+                why: QueueError::NoConsumer(unknown),
+                envelopes: groups.into_iter().flatten().collect(),
             });
         }
-        match answer.await {
-            Ok((envelopes, Ok(seqs))) => {
-                shared.make_ready(seqs.into_iter().zip(envelopes));
+        let (reply, answer) = oneshot::channel();
+        let (groups, written) = shared
+            .write(
+                Command::Enqueue {
+                    chunks: groups,
+                    reply,
+                },
+                answer,
+            )
+            .await;
+        match written {
+            Ok(written) => {
+                shared.make_ready(groups, written);
                 Ok(())
             }
-            Ok((envelopes, Err(why))) => Err(Refused { why, envelopes }),
-            Err(_) => Err(Refused {
-                why: QueueError::Unavailable(format!(
-                    "{}: the writer stopped",
-                    shared.path.display()
-                )),
-                envelopes: Vec::new(),
+            Err(why) => Err(Refused {
+                why,
+                envelopes: groups.into_iter().flatten().collect(),
             }),
         }
     }
@@ -364,7 +486,7 @@ impl Queue for SqliteQueue {
             return Err(QueueError::Closed);
         }
         let (reply, answer) = oneshot::channel();
-        let moved = shared
+        let (groups, written) = shared
             .write(
                 Command::Replay {
                     ids: ids.to_vec(),
@@ -372,17 +494,23 @@ impl Queue for SqliteQueue {
                 },
                 answer,
             )
-            .await??;
+            .await;
+        let written = written?;
         let now = Instant::now();
-        let moved: Vec<(i64, Envelope)> = moved
+        let groups: Vec<Vec<Envelope>> = groups
             .into_iter()
-            .map(|(seq, mut envelope)| {
-                envelope.restart_budget(now);
-                (seq, envelope)
+            .map(|group| {
+                group
+                    .into_iter()
+                    .map(|mut envelope| {
+                        envelope.restart_budget(now);
+                        envelope
+                    })
+                    .collect()
             })
             .collect();
-        let envelopes = moved.iter().map(|(_, e)| e.clone()).collect();
-        shared.make_ready(moved);
+        let envelopes = groups.iter().flatten().cloned().collect();
+        shared.make_ready(groups, written);
         Ok(envelopes)
     }
 
@@ -425,22 +553,6 @@ struct SqliteConsumer {
     line: Arc<Lines>,
 }
 
-impl SqliteConsumer {
-    /// Read rows back from the file, in the order asked.
-    async fn read_back(&self, seqs: Vec<i64>) -> Result<Vec<(i64, Envelope)>, QueueError> {
-        let wanted = seqs.clone();
-        let mut found = self
-            .shared
-            .readers
-            .read(move |conn| rows::envelopes_by_seq(conn, &wanted).map_err(|e| describe(&e)))
-            .await?;
-        Ok(seqs
-            .into_iter()
-            .filter_map(|seq| found.remove(&seq).map(|e| (seq, e)))
-            .collect())
-    }
-}
-
 #[async_trait]
 impl QueueConsumer for SqliteConsumer {
     async fn lease(&self, max: usize) -> Option<Leased> {
@@ -451,10 +563,10 @@ impl QueueConsumer for SqliteConsumer {
             woken.as_mut().enable();
             match self.line.next(max, &shared.memory) {
                 Next::Stopped => return None,
-                Next::Retry(delayed) => match self.read_back(delayed.seqs.clone()).await {
-                    Ok(rows) => {
-                        shared.lease(&rows);
-                        return Some(Leased::Retry(rows.into_iter().map(|(_, e)| e).collect()));
+                Next::Retry(delayed) => match shared.read_back(delayed.slots.clone()).await {
+                    Ok(sends) => {
+                        shared.lease(&sends);
+                        return Some(Leased::Retry(sends.into_iter().map(|(_, e)| e).collect()));
                     }
                     Err(error) => {
                         tracing::error!(%error, "could not read a retry batch back; trying again in a second");
@@ -464,25 +576,25 @@ impl QueueConsumer for SqliteConsumer {
                         });
                     }
                 },
-                Next::Ready(mut rows, spilled) => {
+                Next::Ready(mut sends, spilled) => {
                     if !spilled.is_empty() {
-                        match self.read_back(spilled.clone()).await {
-                            Ok(read) => rows.extend(read),
+                        match shared.read_back(spilled.clone()).await {
+                            Ok(read) => sends.extend(read),
                             Err(error) => {
                                 tracing::error!(%error, "could not read queued sends back; trying again in a second");
                                 self.line.unspill(spilled);
-                                if rows.is_empty() {
+                                if sends.is_empty() {
                                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                                     continue;
                                 }
                             }
                         }
                     }
-                    if rows.is_empty() {
+                    if sends.is_empty() {
                         continue;
                     }
-                    shared.lease(&rows);
-                    return Some(Leased::Ready(rows.into_iter().map(|(_, e)| e).collect()));
+                    shared.lease(&sends);
+                    return Some(Leased::Ready(sends.into_iter().map(|(_, e)| e).collect()));
                 }
                 Next::Wait(due) => match due {
                     Some(due) => {
@@ -499,80 +611,153 @@ impl QueueConsumer for SqliteConsumer {
 
     async fn settle(&self, settlement: &Settlement) -> Result<(), QueueError> {
         let shared = &self.shared;
+        let now_ms = to_ms(std::time::SystemTime::now());
         let batch = settlement
             .retry
             .as_ref()
             .map(|_| shared.next_batch.fetch_add(1, Ordering::AcqRel) + 1);
-        let mut retry_seqs = Vec::new();
-        let rows = {
+        let mut retry_slots = Vec::new();
+        let written_outcomes: Vec<(i64, u64)>;
+        let (reply, answer) = oneshot::channel();
+        {
             let leased = shared.leased.lock().unwrap_or_else(PoisonError::into_inner);
-            // Sends of a batch share their answer: serialize it once.
-            let mut last: Option<(ResponseSummary, Arc<str>)> = None;
-            let mut row = |settled: &Settled, change: Change| {
-                let key = match leased.get(&settled.envelope.id) {
-                    Some(lease) => RowKey::Seq(lease.seq),
-                    None => RowKey::Id(settled.envelope.id),
+            let mut chunks = shared.chunks.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut touched: Vec<(i64, Vec<u32>)> = Vec::new();
+            let mut dead = Vec::new();
+            let retry = settlement.retry.as_ref();
+            let changes = settlement
+                .delivered
+                .iter()
+                .map(|s| (s, Stored::Delivered))
+                .chain(settlement.dead.iter().map(|s| (s, Stored::Dead)))
+                .chain(
+                    retry
+                        .into_iter()
+                        .flat_map(|r| &r.sends)
+                        .map(|s| (s, Stored::Retrying)),
+                );
+            for (settled, state) in changes {
+                let id = settled.envelope.id;
+                let Some(slot) = Shared::slot_of(&leased, &chunks, id) else {
+                    tracing::warn!(%id, "a settlement names a send this queue does not hold");
+                    continue;
                 };
-                let response = settled.response.as_ref().and_then(|response| {
-                    if let Some((seen, json)) = &last
-                        && seen == response
-                    {
-                        return Some(json.clone());
-                    }
-                    let json: Arc<str> = serde_json::to_string(response).ok()?.into();
-                    last = Some((response.clone(), json.clone()));
-                    Some(json)
-                });
-                SettleRow {
-                    key,
-                    change,
-                    attempts: settled.envelope.attempts,
-                    error: settled.error.clone(),
-                    response,
+                let Some(chunk) = chunks.get_mut(slot.chunk) else {
+                    continue;
+                };
+                // A send delivered after failures keeps the error of its last failed attempt.
+                let earlier_error = chunk
+                    .outcome_of(slot.index as usize)
+                    .and_then(|outcome| outcome.error.clone());
+                let elapsed_ms = settled.response.as_ref().map_or(0, |r| r.elapsed_ms);
+                let outcome = Outcome {
+                    run_at_ms: (state == Stored::Retrying)
+                        .then(|| retry.map(|r| to_ms(r.at)))
+                        .flatten(),
+                    batch: (state == Stored::Retrying).then_some(batch).flatten(),
+                    error: settled.error.clone().or(earlier_error),
+                    response: settled.response.clone().map(|mut response| {
+                        response.elapsed_ms = 0;
+                        response
+                    }),
+                };
+                let outcome = chunk.add_outcome(outcome);
+                let Some(record) = chunk.records.get_mut(slot.index as usize) else {
+                    continue;
+                };
+                if !record.state.is_final() && state.is_final() {
+                    chunk.pending = chunk.pending.saturating_sub(1);
                 }
-            };
-            let mut rows = Vec::new();
-            rows.extend(
-                settlement
-                    .delivered
-                    .iter()
-                    .map(|s| row(s, Change::Delivered)),
-            );
-            rows.extend(settlement.dead.iter().map(|s| row(s, Change::Dead)));
-            if let (Some(retry), Some(batch)) = (&settlement.retry, batch) {
-                let run_at_ms = rows::to_ms(retry.at);
-                for settled in &retry.sends {
-                    let row = row(settled, Change::Retry { run_at_ms, batch });
-                    if let RowKey::Seq(seq) = row.key {
-                        retry_seqs.push(seq);
-                    }
-                    rows.push(row);
+                record.state = state;
+                record.attempts = u16::try_from(settled.envelope.attempts).unwrap_or(u16::MAX);
+                record.outcome = outcome;
+                record.updated_ms = now_ms;
+                record.elapsed_ms = u32::try_from(elapsed_ms).unwrap_or(u32::MAX);
+                match touched.iter_mut().find(|(seq, _)| *seq == slot.chunk) {
+                    Some((_, indices)) => indices.push(slot.index),
+                    None => touched.push((slot.chunk, vec![slot.index])),
+                }
+                match state {
+                    Stored::Dead => dead.push(dead_row(settled)),
+                    Stored::Retrying => retry_slots.push(slot),
+                    _ => {}
                 }
             }
-            rows
-        };
-        let (reply, answer) = oneshot::channel();
-        let (follow_ups, written) = shared
-            .write(
-                Command::Settle {
-                    rows,
-                    follow_ups: settlement.follow_ups.clone(),
-                    reply,
-                },
-                answer,
-            )
-            .await?;
-        let seqs = written?;
+            let updates = touched
+                .iter()
+                .filter_map(|(seq, indices)| {
+                    let chunk = chunks.get_mut(*seq)?;
+                    // Outcomes no send refers to any more go; every record is renumbered then.
+                    let all: Vec<u32>;
+                    let indices = if chunk.compact_outcomes() {
+                        all = (0..u32::try_from(chunk.records.len()).unwrap_or(u32::MAX)).collect();
+                        &all
+                    } else {
+                        indices
+                    };
+                    let records = indices
+                        .iter()
+                        .filter_map(|index| {
+                            Some((*index, encode_record(chunk.records.get(*index as usize)?)))
+                        })
+                        .collect();
+                    // Outcomes the file lacks go with every update until one is committed.
+                    let outcomes = chunk.outcomes_to_write();
+                    Some(ChunkUpdate {
+                        seq: *seq,
+                        records,
+                        outcomes,
+                        pending: chunk.pending,
+                        count: chunk.records.len(),
+                    })
+                })
+                .collect();
+            written_outcomes = touched
+                .iter()
+                .filter_map(|(seq, _)| Some((*seq, chunks.get(*seq)?.outcomes_version)))
+                .collect();
+            // Handed to the writer under the lock, so the writer gets each chunk's records in
+            // the order they changed.
+            let command = Command::Settle {
+                updates,
+                dead,
+                follow_ups: chunked(settlement.follow_ups.clone()),
+                reply,
+            };
+            if shared.writer.send(command).is_err() {
+                return Err(QueueError::Unavailable(format!(
+                    "{}: the queue is closed",
+                    shared.path.display()
+                )));
+            }
+        }
+        let (follow_ups, written) = answer.await.map_err(|_| {
+            QueueError::Unavailable(format!("{}: the writer stopped", shared.path.display()))
+        })?;
+        let written = written?;
         {
+            // The settled sends leave their leases, and memory (a retry waits on disk); chunks
+            // with none left in memory go.
             let mut leased = shared.leased.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut chunks = shared.chunks.lock().unwrap_or_else(PoisonError::into_inner);
+            for (seq, version) in written_outcomes {
+                if let Some(chunk) = chunks.get_mut(seq) {
+                    chunk.outcomes_written = chunk.outcomes_written.max(version);
+                }
+            }
             for settled in settlement
                 .delivered
                 .iter()
                 .chain(&settlement.dead)
                 .chain(settlement.retry.iter().flat_map(|r| &r.sends))
             {
-                leased.remove(&settled.envelope.id);
+                if let Some(lease) = leased.remove(&settled.envelope.id)
+                    && let Some(chunk) = chunks.get_mut(lease.slot.chunk)
+                {
+                    chunk.resident = chunk.resident.saturating_sub(1);
+                }
             }
+            chunks.drop_idle();
         }
         if let (Some(retry), Some(batch)) = (&settlement.retry, batch) {
             let now = Instant::now();
@@ -581,10 +766,10 @@ impl QueueConsumer for SqliteConsumer {
                     .checked_add(retry.wait)
                     .unwrap_or(now + std::time::Duration::from_secs(100 * 365 * 86_400)),
                 batch,
-                seqs: retry_seqs,
+                slots: retry_slots,
             });
         }
-        shared.make_ready(seqs.into_iter().zip(follow_ups));
+        shared.make_ready(follow_ups, written);
         shared
             .waiters
             .finished(settlement.finished().map(|e| &e.id));
@@ -592,7 +777,7 @@ impl QueueConsumer for SqliteConsumer {
     }
 
     async fn release(&self, envelopes: Vec<Envelope>) {
-        let rows: Vec<(i64, Envelope)> = {
+        let sends: Vec<(Slot, Envelope)> = {
             let mut leased = self
                 .shared
                 .leased
@@ -600,27 +785,77 @@ impl QueueConsumer for SqliteConsumer {
                 .unwrap_or_else(PoisonError::into_inner);
             envelopes
                 .into_iter()
-                .filter_map(|e| leased.remove(&e.id).map(|lease| (lease.seq, e)))
+                .filter_map(|e| leased.remove(&e.id).map(|lease| (lease.slot, e)))
                 .collect()
         };
-        self.line.push_front(rows, &self.shared.memory);
+        self.line.push_front(sends, &self.shared.memory);
+    }
+}
+
+/// Where the file has a send.
+enum Found {
+    Nowhere,
+    /// In a chunk, with its status as stored.
+    InChunk {
+        seq: i64,
+        index: usize,
+        stored: Option<SendStatus>,
+    },
+    /// Only among the dead letters (the retention removed its chunk).
+    Dead(SendStatus),
+}
+
+fn found(conn: &Connection, id: EventId, longest: i64) -> rusqlite::Result<Found> {
+    if let Some((chunk, index)) = rows::chunk_of(conn, id, longest)? {
+        let destination: Arc<str> = Arc::from(chunk.destination.as_str());
+        let stored = chunk.records.get(index).map(|record| {
+            rows::status_in(
+                &destination,
+                &chunk.runs,
+                &chunk.outcomes,
+                chunk.created_ms,
+                record,
+            )
+        });
+        return Ok(Found::InChunk {
+            seq: chunk.seq,
+            index,
+            stored,
+        });
+    }
+    Ok(rows::dead_status(conn, id)?.map_or(Found::Nowhere, Found::Dead))
+}
+
+fn dead_row(settled: &Settled) -> DeadRow {
+    let envelope = &settled.envelope;
+    DeadRow {
+        id: envelope.id,
+        destination: envelope.destination.clone(),
+        run: envelope.run.clone(),
+        created_ms: to_ms(envelope.created_at),
+        attempts: envelope.attempts,
+        reason: settled.error.clone().unwrap_or_default(),
+        payload: envelope.payload.clone(),
     }
 }
 
 #[async_trait]
 impl StatusStore for Shared {
     async fn get(&self, id: EventId) -> Result<Option<SendStatus>, QueueError> {
-        let attempting = self
+        let lease = self
             .leased
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&id)
-            .and_then(|lease| lease.attempting);
-        let stored = self
-            .readers
-            .read(move |conn| rows::status(conn, id).map_err(|e| describe(&e)))
-            .await?;
-        Ok(stored.map(|mut status| {
+            .map(|lease| (lease.slot, lease.attempting));
+        if let Some((slot, attempting)) = lease
+            && let Some(mut status) = self
+                .chunks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(slot.chunk)
+                .and_then(|chunk| Some(chunk.status(chunk.records.get(slot.index as usize)?)))
+        {
             if let Some(attempts) = attempting
                 && !status.state.is_final()
             {
@@ -628,8 +863,27 @@ impl StatusStore for Shared {
                 status.attempts = attempts;
                 status.next_attempt_at = None;
             }
-            status
-        }))
+            return Ok(Some(status));
+        }
+        let longest = self.longest.load(Ordering::Acquire);
+        let found = self
+            .readers
+            .read(move |conn| found(conn, id, longest).map_err(|e| describe(&e)))
+            .await?;
+        Ok(match found {
+            Found::Nowhere => None,
+            Found::Dead(status) => Some(status),
+            Found::InChunk { seq, index, stored } => {
+                // A chunk still pending is ahead in memory of what the file says.
+                let fresher = self
+                    .chunks
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get(seq)
+                    .and_then(|chunk| Some(chunk.status(chunk.records.get(index)?)));
+                fresher.or(stored)
+            }
+        })
     }
 
     fn attempting(&self, envelopes: &[Envelope]) {
@@ -663,7 +917,11 @@ impl DeadLetterStore for Shared {
 
     async fn evicted(&self) -> Result<u64, QueueError> {
         self.readers
-            .read(|conn| rows::evicted(conn).map_err(|e| describe(&e)))
+            .read(|conn| {
+                rows::meta(conn, "dead_letters_evicted")
+                    .map(|n| u64::try_from(n).unwrap_or(0))
+                    .map_err(|e| describe(&e))
+            })
             .await
     }
 }

@@ -1,4 +1,5 @@
-//! Rows of the `sends` table, read back as envelopes, statuses and dead letters.
+//! Reading the file back: chunks at start, payloads when their turn comes, a send's status,
+//! dead letters.
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -7,13 +8,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use destinations_core::{
-    DeadLetter, DeadLetterFilter, DeadLetterPage, Envelope, EventId, ResponseSummary, SendStatus,
-    State,
+    DeadLetter, DeadLetterFilter, DeadLetterPage, Envelope, EventId, SendStatus, State,
 };
 use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use crate::schema::{DELIVERED, QUEUED, RETRYING};
+use crate::chunk::{Outcome, Record, Runs, Stored, decode_records};
 
 /// Milliseconds since the epoch.
 pub(crate) fn to_ms(time: SystemTime) -> i64 {
@@ -26,100 +26,182 @@ pub(crate) fn from_ms(ms: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }
 
-pub(crate) fn state_of(code: i64) -> State {
-    match code {
-        QUEUED => State::Queued,
-        RETRYING => State::Retrying,
-        DELIVERED => State::Delivered,
-        _ => State::Dead,
+/// The time (ms) in a send id: ids are UUIDv7, their first 48 bits the time they were made.
+pub(crate) fn id_ms(id: EventId) -> i64 {
+    let bytes = id.to_bytes();
+    let mut ms = [0u8; 8];
+    ms[2..].copy_from_slice(&bytes[..6]);
+    i64::from_be_bytes(ms)
+}
+
+/// A chunk as the file holds it (its payloads apart).
+pub(crate) struct StoredChunk {
+    pub(crate) seq: i64,
+    pub(crate) destination: String,
+    pub(crate) created_ms: i64,
+    pub(crate) budget_ms: i64,
+    pub(crate) pending: u32,
+    pub(crate) records: Vec<Record>,
+    pub(crate) runs: Runs,
+    pub(crate) outcomes: Vec<Outcome>,
+}
+
+const CHUNK_COLUMNS: &str =
+    "seq, destination, created_ms, budget_ms, pending, records, runs, outcomes";
+
+fn stored_chunk(row: &Row<'_>) -> rusqlite::Result<StoredChunk> {
+    let damaged = |what: &str| {
+        rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Blob,
+            format!("chunk {what} cannot be read").into(),
+        )
+    };
+    let records: Vec<u8> = row.get("records")?;
+    let runs: String = row.get("runs")?;
+    let outcomes: String = row.get("outcomes")?;
+    Ok(StoredChunk {
+        seq: row.get("seq")?,
+        destination: row.get("destination")?,
+        created_ms: row.get("created_ms")?,
+        budget_ms: row.get("budget_ms")?,
+        pending: row.get("pending")?,
+        records: decode_records(&records).ok_or_else(|| damaged("records"))?,
+        runs: Runs::from_json(&runs).ok_or_else(|| damaged("runs"))?,
+        outcomes: serde_json::from_str(&outcomes).map_err(|_| damaged("outcomes"))?,
+    })
+}
+
+/// Every chunk with sends not final, oldest first.
+pub(crate) fn pending_chunks(conn: &Connection) -> rusqlite::Result<Vec<StoredChunk>> {
+    let mut statement = conn.prepare(&format!(
+        "SELECT {CHUNK_COLUMNS} FROM chunks WHERE pending > 0 ORDER BY seq"
+    ))?;
+    let rows = statement.query_map([], stored_chunk)?;
+    rows.collect()
+}
+
+/// These chunks (those still there).
+pub(crate) fn chunks(conn: &Connection, seqs: &[i64]) -> rusqlite::Result<Vec<StoredChunk>> {
+    if seqs.is_empty() {
+        return Ok(Vec::new());
     }
-}
-
-fn event_id(row: &Row<'_>, column: &str) -> rusqlite::Result<EventId> {
-    let bytes: Vec<u8> = row.get(column)?;
-    let bytes: [u8; 16] = bytes.try_into().map_err(|_| {
-        rusqlite::Error::InvalidColumnType(0, column.to_owned(), rusqlite::types::Type::Blob)
-    })?;
-    Ok(EventId::from_bytes(bytes))
-}
-
-/// Names shared by every envelope of one instance (one allocation per name, not per row).
-#[derive(Default)]
-pub(crate) struct Names(HashMap<String, Arc<str>>);
-
-impl Names {
-    pub(crate) fn get(&mut self, name: String) -> Arc<str> {
-        self.0
-            .entry(name)
-            .or_insert_with_key(|name| Arc::from(name.as_str()))
-            .clone()
-    }
-}
-
-const ENVELOPE_COLUMNS: &str =
-    "seq, id, destination, run, created_ms, budget_ms, attempts, payload";
-
-pub(crate) fn envelope_of(row: &Row<'_>, names: &mut Names) -> rusqlite::Result<(i64, Envelope)> {
-    let seq: i64 = row.get("seq")?;
-    let payload: Option<Vec<u8>> = row.get("payload")?;
-    let envelope = Envelope::restored(
-        event_id(row, "id")?,
-        names.get(row.get("destination")?),
-        row.get::<_, Option<String>>("run")?.map(Arc::from),
-        from_ms(row.get("created_ms")?),
-        row.get("attempts")?,
-        Bytes::from(payload.unwrap_or_default()),
-        from_ms(row.get("budget_ms")?),
-    );
-    Ok((seq, envelope))
-}
-
-/// The envelopes of these rows, by seq (rows that are gone are left out).
-pub(crate) fn envelopes_by_seq(
-    conn: &Connection,
-    seqs: &[i64],
-) -> rusqlite::Result<HashMap<i64, Envelope>> {
     let array: Rc<Vec<Value>> = Rc::new(seqs.iter().map(|s| Value::Integer(*s)).collect());
     let mut statement = conn.prepare_cached(&format!(
-        "SELECT {ENVELOPE_COLUMNS} FROM sends WHERE seq IN rarray(?1)"
+        "SELECT {CHUNK_COLUMNS} FROM chunks WHERE seq IN rarray(?1)"
     ))?;
-    let mut names = Names::default();
-    let mut found = HashMap::with_capacity(seqs.len());
-    let mut rows = statement.query([array])?;
-    while let Some(row) = rows.next()? {
-        let (seq, envelope) = envelope_of(row, &mut names)?;
-        found.insert(seq, envelope);
-    }
-    Ok(found)
+    let rows = statement.query_map([array], stored_chunk)?;
+    rows.collect()
 }
 
-/// The status of one send, as stored.
-pub(crate) fn status(conn: &Connection, id: EventId) -> rusqlite::Result<Option<SendStatus>> {
-    let mut statement = conn.prepare_cached(
-        "SELECT destination, run, state, attempts, last_error, response, created_ms, updated_ms, run_at_ms
-         FROM sends WHERE id = ?1",
+/// Every finished chunk as (seq, sends, when it finished), oldest finish first: what the
+/// retention removes first.
+pub(crate) fn finished_chunks(conn: &Connection) -> rusqlite::Result<Vec<(i64, usize, i64)>> {
+    let mut statement = conn.prepare(
+        "SELECT seq, count, coalesce(finished_ms, created_ms) FROM chunks WHERE pending = 0
+         ORDER BY 3, seq",
     )?;
-    statement
-        .query_row([id.to_bytes()], |row| {
-            let state = state_of(row.get("state")?);
-            let response: Option<String> = row.get("response")?;
-            let run_at: Option<i64> = row.get("run_at_ms")?;
-            Ok(SendStatus {
-                id,
-                destination: Arc::from(row.get::<_, String>("destination")?),
-                run: row.get::<_, Option<String>>("run")?.map(Arc::from),
-                state,
-                attempts: row.get("attempts")?,
-                last_error: row.get("last_error")?,
-                response: response.and_then(|r| serde_json::from_str::<ResponseSummary>(&r).ok()),
-                created_at: from_ms(row.get("created_ms")?),
-                updated_at: from_ms(row.get("updated_ms")?),
-                next_attempt_at: (state == State::Retrying)
-                    .then(|| run_at.map(from_ms))
-                    .flatten(),
-            })
+    let rows = statement.query_map([], |row| {
+        Ok((
+            row.get(0)?,
+            usize::try_from(row.get::<_, i64>(1)?).unwrap_or(0),
+            row.get(2)?,
+        ))
+    })?;
+    rows.collect()
+}
+
+/// The payload data of these chunks (those whose payloads are still there).
+pub(crate) fn payloads(conn: &Connection, seqs: &[i64]) -> rusqlite::Result<HashMap<i64, Bytes>> {
+    let array: Rc<Vec<Value>> = Rc::new(seqs.iter().map(|s| Value::Integer(*s)).collect());
+    let mut statement =
+        conn.prepare_cached("SELECT seq, data FROM payloads WHERE seq IN rarray(?1)")?;
+    let rows = statement.query_map([array], |row| {
+        Ok((row.get(0)?, Bytes::from(row.get::<_, Vec<u8>>(1)?)))
+    })?;
+    rows.collect()
+}
+
+/// The newest chunk that holds send `id` (a replayed send is in a newer chunk than the one it
+/// died in), with its index there. `longest` is the longest time between the first and last
+/// send of any chunk, which bounds where to look.
+pub(crate) fn chunk_of(
+    conn: &Connection,
+    id: EventId,
+    longest: i64,
+) -> rusqlite::Result<Option<(StoredChunk, usize)>> {
+    let at = id_ms(id);
+    let mut statement = conn.prepare_cached(&format!(
+        "SELECT {CHUNK_COLUMNS} FROM chunks
+         WHERE first_ms BETWEEN ?1 AND ?2 AND last_id >= ?3 ORDER BY seq DESC"
+    ))?;
+    let mut rows = statement.query(params![at - longest, at, id.to_bytes()])?;
+    while let Some(row) = rows.next()? {
+        let chunk = stored_chunk(row)?;
+        if let Some(index) = chunk.records.iter().position(|r| r.id == id) {
+            return Ok(Some((chunk, index)));
+        }
+    }
+    Ok(None)
+}
+
+/// The status of send `index` of a chunk.
+pub(crate) fn status_in(
+    destination: &Arc<str>,
+    runs: &Runs,
+    outcomes: &[Outcome],
+    created_ms: i64,
+    record: &Record,
+) -> SendStatus {
+    let outcome = (record.outcome as usize)
+        .checked_sub(1)
+        .and_then(|at| outcomes.get(at));
+    let state = record.state.state();
+    SendStatus {
+        id: record.id,
+        destination: destination.clone(),
+        run: runs.get(record.run),
+        state,
+        attempts: u32::from(record.attempts),
+        last_error: outcome.and_then(|o| o.error.clone()),
+        response: outcome
+            .and_then(|o| o.response.clone())
+            .map(|mut response| {
+                response.elapsed_ms = u64::from(record.elapsed_ms);
+                response
+            }),
+        created_at: from_ms(record.created_ms),
+        updated_at: from_ms(if record.updated_ms == 0 {
+            created_ms
+        } else {
+            record.updated_ms
+        }),
+        next_attempt_at: (state == State::Retrying)
+            .then(|| outcome.and_then(|o| o.run_at_ms).map(from_ms))
+            .flatten(),
+    }
+}
+
+/// The status of a dead letter whose chunk the retention removed.
+pub(crate) fn dead_status(conn: &Connection, id: EventId) -> rusqlite::Result<Option<SendStatus>> {
+    conn.prepare_cached(
+        "SELECT destination, run, created_ms, attempts, died_ms, reason FROM dead WHERE id = ?1",
+    )?
+    .query_row([id.to_bytes()], |row| {
+        Ok(SendStatus {
+            id,
+            destination: Arc::from(row.get::<_, String>(0)?),
+            run: row.get::<_, Option<String>>(1)?.map(Arc::from),
+            state: State::Dead,
+            attempts: row.get(3)?,
+            last_error: Some(row.get(5)?),
+            response: None,
+            created_at: from_ms(row.get(2)?),
+            updated_at: from_ms(row.get(4)?),
+            next_attempt_at: None,
         })
-        .optional()
+    })
+    .optional()
 }
 
 /// A page cursor: when the last letter died, and its row.
@@ -131,6 +213,32 @@ fn cursor(after: Option<&str>) -> Result<(i64, i64), String> {
         .split_once('-')
         .and_then(|(ms, seq)| Some((ms.parse().ok()?, seq.parse().ok()?)))
         .ok_or_else(|| format!("`{after}` is not a dead-letter cursor of this server"))
+}
+
+/// A dead letter from a row of `dead`.
+pub(crate) fn dead_letter(row: &Row<'_>) -> rusqlite::Result<(i64, DeadLetter)> {
+    let id: Vec<u8> = row.get("id")?;
+    let id: [u8; 16] = id.try_into().map_err(|_| {
+        rusqlite::Error::InvalidColumnType(0, "id".into(), rusqlite::types::Type::Blob)
+    })?;
+    let died_ms: i64 = row.get("died_ms")?;
+    let envelope = Envelope::restored(
+        EventId::from_bytes(id),
+        Arc::from(row.get::<_, String>("destination")?),
+        row.get::<_, Option<String>>("run")?.map(Arc::from),
+        from_ms(row.get("created_ms")?),
+        row.get("attempts")?,
+        Bytes::from(row.get::<_, Vec<u8>>("payload")?),
+        from_ms(died_ms),
+    );
+    Ok((
+        row.get("seq")?,
+        DeadLetter {
+            envelope,
+            reason: row.get("reason")?,
+            died_at: from_ms(died_ms),
+        },
+    ))
 }
 
 /// Dead letters matching `filter`, newest first.
@@ -149,17 +257,17 @@ pub(crate) fn dead_letters(
         )
     });
     let run = || -> rusqlite::Result<DeadLetterPage> {
-        let mut statement = conn.prepare_cached(&format!(
-            "SELECT {ENVELOPE_COLUMNS}, last_error, updated_ms FROM sends
-             WHERE state = 3
-               AND (updated_ms, seq) < (?1, ?2)
+        let mut statement = conn.prepare_cached(
+            "SELECT seq, id, destination, run, created_ms, attempts, died_ms, reason, payload
+             FROM dead
+             WHERE (died_ms, seq) < (?1, ?2)
                AND (?3 IS NULL OR destination = ?3)
-               AND (?4 IS NULL OR updated_ms >= ?4)
-               AND (?5 IS NULL OR updated_ms < ?5)
+               AND (?4 IS NULL OR died_ms >= ?4)
+               AND (?5 IS NULL OR died_ms < ?5)
                AND (?6 IS NULL OR id IN rarray(?6))
-             ORDER BY updated_ms DESC, seq DESC
-             LIMIT ?7"
-        ))?;
+             ORDER BY died_ms DESC, seq DESC
+             LIMIT ?7",
+        )?;
         let mut rows = statement.query(params![
             before_ms,
             before_seq,
@@ -169,20 +277,12 @@ pub(crate) fn dead_letters(
             ids,
             i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX),
         ])?;
-        let mut names = Names::default();
         let mut letters = Vec::new();
         let mut cursors = Vec::new();
         while let Some(row) = rows.next()? {
-            let (seq, envelope) = envelope_of(row, &mut names)?;
-            let died_ms: i64 = row.get("updated_ms")?;
-            cursors.push(format!("{died_ms}-{seq}"));
-            letters.push(DeadLetter {
-                envelope,
-                reason: row
-                    .get::<_, Option<String>>("last_error")?
-                    .unwrap_or_default(),
-                died_at: from_ms(died_ms),
-            });
+            let (seq, letter) = dead_letter(row)?;
+            cursors.push(format!("{}-{seq}", to_ms(letter.died_at)));
+            letters.push(letter);
         }
         // One more than asked means there is a next page, starting after the last one kept.
         let next = if letters.len() > limit {
@@ -198,80 +298,30 @@ pub(crate) fn dead_letters(
     run().map_err(|e| crate::options::describe(&e))
 }
 
-/// How many dead letters were dropped because the store was full.
-pub(crate) fn evicted(conn: &Connection) -> rusqlite::Result<u64> {
-    let evicted: i64 = conn
-        .prepare_cached("SELECT value FROM meta WHERE key = 'dead_letters_evicted'")?
-        .query_row([], |row| row.get(0))?;
-    Ok(u64::try_from(evicted).unwrap_or(0))
+/// A counter of the `meta` table.
+pub(crate) fn meta(conn: &Connection, key: &str) -> rusqlite::Result<i64> {
+    conn.prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+        .query_row([key], |row| row.get(0))
 }
 
-/// One pending row, as loaded at open.
-pub(crate) struct PendingRow {
-    pub(crate) seq: i64,
-    pub(crate) destination: String,
-    pub(crate) size: usize,
-    /// For a retrying row: when it is due, and the batch it retries with.
-    pub(crate) retry: Option<(i64, i64)>,
-}
-
-/// What a start finds in the file: the rows not final (oldest first), and the delivered ones
-/// as (seq, when), oldest delivery first, for the retention.
-pub(crate) struct Found {
-    pub(crate) pending: Vec<PendingRow>,
-    pub(crate) delivered: Vec<(i64, i64)>,
-}
-
-/// Every row that is not dead, in one pass.
-pub(crate) fn found(conn: &Connection) -> rusqlite::Result<Found> {
-    let mut statement = conn.prepare(
-        "SELECT seq, destination, state, run_at_ms, batch, length(payload) AS size, updated_ms
-         FROM sends WHERE state <> 3 ORDER BY seq",
-    )?;
-    let mut rows = statement.query([])?;
-    let mut found = Found {
-        pending: Vec::new(),
-        delivered: Vec::new(),
-    };
-    while let Some(row) = rows.next()? {
-        let seq: i64 = row.get("seq")?;
-        let state: i64 = row.get("state")?;
-        if state == DELIVERED {
-            found.delivered.push((seq, row.get("updated_ms")?));
-            continue;
-        }
-        let retry = if state == RETRYING {
-            Some((
-                row.get::<_, Option<i64>>("run_at_ms")?.unwrap_or(0),
-                row.get::<_, Option<i64>>("batch")?.unwrap_or(0),
-            ))
-        } else {
-            None
-        };
-        found.pending.push(PendingRow {
-            seq,
-            destination: row.get("destination")?,
-            size: usize::try_from(row.get::<_, Option<i64>>("size")?.unwrap_or(0)).unwrap_or(0),
-            retry,
-        });
-    }
-    found.delivered.sort_by_key(|(seq, at)| (*at, *seq));
-    Ok(found)
-}
-
-/// Counts kept by the writer for retention: finished rows by state.
-pub(crate) fn count_state(conn: &Connection, state: i64) -> rusqlite::Result<usize> {
-    let count: i64 = conn.query_row(
-        "SELECT count(*) FROM sends WHERE state = ?1",
-        [state],
-        |row| row.get(0),
-    )?;
+/// How many dead letters are kept.
+pub(crate) fn dead_count(conn: &Connection) -> rusqlite::Result<usize> {
+    let count: i64 = conn.query_row("SELECT count(*) FROM dead", [], |row| row.get(0))?;
     Ok(usize::try_from(count).unwrap_or(0))
 }
 
 /// The highest retry batch number in use.
-pub(crate) fn last_batch(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.query_row("SELECT coalesce(max(batch), 0) FROM sends", [], |row| {
-        row.get(0)
-    })
+pub(crate) fn last_batch(chunks: &[StoredChunk]) -> i64 {
+    chunks
+        .iter()
+        .flat_map(|c| c.outcomes.iter().filter_map(|o| o.batch))
+        .max()
+        .unwrap_or(0)
+}
+
+/// What a chunk's sends count for, per state.
+pub(crate) fn stored_counts(records: &[Record]) -> impl Iterator<Item = (Stored, u64)> + '_ {
+    records
+        .iter()
+        .map(|record| (record.state, u64::from(record.size)))
 }

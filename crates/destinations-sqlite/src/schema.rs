@@ -17,32 +17,37 @@ pub(crate) const SCHEMA_VERSION: i32 = 1;
 /// The first 16 bytes of every SQLite database file.
 const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
 
-/// Row states.
-pub(crate) const QUEUED: i64 = 0;
-pub(crate) const RETRYING: i64 = 1;
-pub(crate) const DELIVERED: i64 = 2;
-pub(crate) const DEAD: i64 = 3;
-
 const SCHEMA: &str = "
-CREATE TABLE sends (
+CREATE TABLE chunks (
+    seq         INTEGER PRIMARY KEY,
+    destination TEXT    NOT NULL,
+    first_ms    INTEGER NOT NULL,
+    last_id     BLOB    NOT NULL,
+    created_ms  INTEGER NOT NULL,
+    budget_ms   INTEGER NOT NULL,
+    count       INTEGER NOT NULL,
+    pending     INTEGER NOT NULL,
+    finished_ms INTEGER,
+    records     BLOB    NOT NULL,
+    runs        TEXT    NOT NULL,
+    outcomes    TEXT    NOT NULL
+);
+CREATE INDEX chunks_by_time ON chunks(first_ms);
+CREATE TABLE payloads (seq INTEGER PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE dead (
     seq         INTEGER PRIMARY KEY,
     id          BLOB    NOT NULL UNIQUE,
     destination TEXT    NOT NULL,
     run         TEXT,
     created_ms  INTEGER NOT NULL,
-    budget_ms   INTEGER NOT NULL,
-    state       INTEGER NOT NULL,
-    attempts    INTEGER NOT NULL DEFAULT 0,
-    run_at_ms   INTEGER,
-    batch       INTEGER,
-    updated_ms  INTEGER NOT NULL,
-    last_error  TEXT,
-    response    TEXT,
-    payload     BLOB
+    attempts    INTEGER NOT NULL,
+    died_ms     INTEGER NOT NULL,
+    reason      TEXT    NOT NULL,
+    payload     BLOB    NOT NULL
 );
-CREATE INDEX sends_dead ON sends(updated_ms) WHERE state = 3;
+CREATE INDEX dead_by_time ON dead(died_ms);
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
-INSERT INTO meta VALUES ('dead_letters_evicted', 0);
+INSERT INTO meta VALUES ('dead_letters_evicted', 0), ('longest_chunk_ms', 0);
 ";
 
 /// The lock that keeps a second process off the file: two servers on one queue would deliver

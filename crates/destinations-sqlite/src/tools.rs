@@ -6,11 +6,12 @@ use std::io::Write;
 use std::path::Path;
 
 use destinations_core::State;
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 use serde::Serialize;
 
+use crate::chunk::{Payloads, Record, Stored, decode_records};
 use crate::options::{OpenError, describe};
-use crate::rows::{from_ms, state_of};
+use crate::rows::{self, from_ms, stored_counts};
 use crate::schema::{self, APPLICATION_ID, SCHEMA_VERSION};
 
 /// What `check` found.
@@ -24,6 +25,8 @@ pub struct CheckReport {
     pub sends: BTreeMap<String, BTreeMap<String, u64>>,
     /// Payload bytes of the sends still pending (queued or retrying), per instance.
     pub pending_bytes: BTreeMap<String, u64>,
+    /// Dead letters kept.
+    pub dead_letters: u64,
     /// Dead letters dropped because the store was full.
     pub dead_letters_evicted: u64,
 }
@@ -76,36 +79,40 @@ pub fn check(path: &Path) -> Result<CheckReport, OpenError> {
     let mut pending_bytes = BTreeMap::new();
     {
         let mut statement = conn
-            .prepare(
-                "SELECT destination, state, count(*), coalesce(sum(length(payload)), 0)
-                 FROM sends GROUP BY destination, state",
-            )
+            .prepare("SELECT destination, records FROM chunks")
             .map_err(fail)?;
         let mut rows = statement.query([]).map_err(fail)?;
         while let Some(row) = rows.next().map_err(fail)? {
             let destination: String = row.get(0).map_err(fail)?;
-            let state = state_of(row.get(1).map_err(fail)?);
-            let count: i64 = row.get(2).map_err(fail)?;
-            let bytes: i64 = row.get(3).map_err(fail)?;
-            let name = serde_json::to_value(state)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default();
-            sends
-                .entry(destination.clone())
-                .or_default()
-                .insert(name, u64::try_from(count).unwrap_or(0));
-            if !state.is_final() {
-                *pending_bytes.entry(destination).or_insert(0) += u64::try_from(bytes).unwrap_or(0);
+            let records: Vec<u8> = row.get(1).map_err(fail)?;
+            let records = decode_records(&records).ok_or_else(|| {
+                OpenError::new(
+                    path,
+                    format!("is damaged: the records of a `{destination}` chunk cannot be read"),
+                )
+            })?;
+            let counts = sends.entry(destination.clone()).or_default();
+            for (state, size) in stored_counts(&records) {
+                let name = serde_json::to_value(state.state())
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                *counts.entry(name).or_insert(0) += 1;
+                if !state.is_final() {
+                    *pending_bytes.entry(destination.clone()).or_insert(0) += size;
+                }
             }
         }
     }
-    let dead_letters_evicted = crate::rows::evicted(&conn).map_err(fail)?;
+    let dead_letters = rows::dead_count(&conn).map_err(fail)? as u64;
+    let dead_letters_evicted =
+        u64::try_from(rows::meta(&conn, "dead_letters_evicted").map_err(fail)?).unwrap_or(0);
     Ok(CheckReport {
         schema_version,
         in_use: in_use(path),
         sends,
         pending_bytes,
+        dead_letters,
         dead_letters_evicted,
     })
 }
@@ -140,8 +147,10 @@ struct Exported<'a> {
 /// copy whose header is mended to the pages that are there, and rows that cannot be read are
 /// skipped and counted; the rest still come out.
 pub fn export(path: &Path, dead: bool, out: &mut dyn Write) -> Result<ExportSummary, OpenError> {
-    match open_read_only(path).and_then(|conn| export_from(&conn, path, dead, out)) {
-        Ok(summary) => Ok(summary),
+    // A damaged file is read from a mended copy; a sound one as it is.
+    let sound = open_read_only(path).and_then(|conn| schema::integrity(&conn, path).map(|()| conn));
+    match sound {
+        Ok(conn) => export_from(&conn, path, dead, out),
         Err(error) if error.problem.contains("malformed") || error.problem.contains("damaged") => {
             let salvage = Salvage::copy(path)?;
             let conn = schema::connect(&salvage.db, true)?;
@@ -200,57 +209,149 @@ fn export_from(
     out: &mut dyn Write,
 ) -> Result<ExportSummary, OpenError> {
     let fail = |e: rusqlite::Error| OpenError::new(path, describe(&e));
-    let states: &[i64] = if dead { &[0, 1, 3] } else { &[0, 1] };
-    let last: i64 = conn
-        .query_row("SELECT coalesce(max(seq), 0) FROM sends", [], |row| {
-            row.get(0)
-        })
-        .unwrap_or(i64::MAX);
     let mut summary = ExportSummary::default();
-    let mut after = i64::MIN;
-    // Past a damaged page, skip ahead in growing steps until rows read again.
-    let mut skip: i64 = 1;
-    let mut statement = conn
-        .prepare(
-            "SELECT seq, id, destination, run, state, attempts, created_ms, last_error, payload
-             FROM sends WHERE seq > ?1 ORDER BY seq LIMIT 500",
-        )
+    let mut write = |line: &Exported<'_>, summary: &mut ExportSummary| -> Result<(), OpenError> {
+        let text = serde_json::to_string(line)
+            .map_err(|e| OpenError::new(path, format!("a send could not be written: {e}")))?;
+        writeln!(out, "{text}")
+            .map_err(|e| OpenError::new(path, format!("the export could not be written: {e}")))?;
+        summary.exported += 1;
+        Ok(())
+    };
+    // The payloads of chunks with pending sends, one by one in the order written (they say
+    // whose sends they are, so a damaged chunk row does not strand them); past damage, skip
+    // ahead in growing steps until rows read again.
+    let mut after = 0i64;
+    let mut skip = 1i64;
+    let mut next = conn
+        .prepare("SELECT seq, data FROM payloads WHERE seq > ?1 ORDER BY seq LIMIT 1")
         .map_err(fail)?;
-    while after < last {
-        let mut rows = statement.query([after]).map_err(fail)?;
-        let mut read_any = false;
+    loop {
+        let row = next
+            .query_row([after], |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?))
+            })
+            .optional();
+        let (seq, data) = match row {
+            Ok(Some(row)) => row,
+            Ok(None) => break,
+            Err(_) => {
+                summary.unreadable += 1;
+                match after.checked_add(skip) {
+                    Some(next) => after = next,
+                    None => break,
+                }
+                skip = skip.saturating_mul(2);
+                continue;
+            }
+        };
+        after = seq;
+        skip = 1;
+        let Some((destination, entries)) = Payloads::read(&data) else {
+            summary.unreadable += 1;
+            continue;
+        };
+        // Where each send stands, if the chunk's row can still be read.
+        let stood = conn
+            .query_row(
+                "SELECT records, outcomes FROM chunks WHERE seq = ?1",
+                [seq],
+                |row| Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, String>(1)?)),
+            )
+            .ok()
+            .and_then(|(records, outcomes)| {
+                Some((
+                    decode_records(&records)?,
+                    serde_json::from_str::<Vec<crate::chunk::Outcome>>(&outcomes).ok()?,
+                ))
+            });
+        for (index, entry) in entries.enumerate() {
+            let standing = stood.as_ref().and_then(|(records, outcomes)| {
+                let record = records.get(index).filter(|r| r.id == entry.id)?;
+                let error = (record.outcome as usize)
+                    .checked_sub(1)
+                    .and_then(|at| outcomes.get(at))
+                    .and_then(|o| o.error.as_deref());
+                Some((*record, error))
+            });
+            let (record, last_error) = match standing {
+                Some((record, _)) if record.state.is_final() => continue,
+                Some(standing) => standing,
+                // The row is gone: all that is known is that it was queued.
+                None => (
+                    Record {
+                        id: entry.id,
+                        created_ms: entry.created_ms,
+                        updated_ms: 0,
+                        size: 0,
+                        elapsed_ms: 0,
+                        attempts: 0,
+                        state: Stored::Queued,
+                        run: 0,
+                        outcome: 0,
+                    },
+                    None,
+                ),
+            };
+            let Ok(payload) = serde_json::from_slice::<&serde_json::value::RawValue>(entry.payload)
+            else {
+                summary.unreadable += 1;
+                continue;
+            };
+            write(
+                &exported(&record, destination, entry.run, last_error, payload),
+                &mut summary,
+            )?;
+        }
+    }
+    if dead {
+        let mut statement = conn
+            .prepare(
+                "SELECT seq, id, destination, run, created_ms, attempts, died_ms, reason, payload
+                 FROM dead ORDER BY seq",
+            )
+            .map_err(fail)?;
+        let mut rows = statement.query([]).map_err(fail)?;
         loop {
             let row = match rows.next() {
                 Ok(Some(row)) => row,
                 Ok(None) => break,
                 Err(_) => {
                     summary.unreadable += 1;
-                    after = after.max(0).saturating_add(skip);
-                    skip = skip.saturating_mul(2);
-                    read_any = true;
                     break;
                 }
             };
-            read_any = true;
-            skip = 1;
-            let Ok(seq) = row.get::<_, i64>(0) else {
+            let Ok((_, letter)) = rows::dead_letter(row) else {
                 summary.unreadable += 1;
                 continue;
             };
-            after = seq;
-            match exported(row, states) {
-                Ok(Some(line)) => {
-                    writeln!(out, "{line}").map_err(|e| {
-                        OpenError::new(path, format!("the export could not be written: {e}"))
-                    })?;
-                    summary.exported += 1;
-                }
-                Ok(None) => {}
-                Err(_) => summary.unreadable += 1,
-            }
-        }
-        if !read_any {
-            break;
+            let Ok(payload) =
+                serde_json::from_slice::<&serde_json::value::RawValue>(&letter.envelope.payload)
+            else {
+                summary.unreadable += 1;
+                continue;
+            };
+            let record = Record {
+                id: letter.envelope.id,
+                created_ms: rows::to_ms(letter.envelope.created_at),
+                updated_ms: 0,
+                size: 0,
+                elapsed_ms: 0,
+                attempts: u16::try_from(letter.envelope.attempts).unwrap_or(u16::MAX),
+                state: Stored::Dead,
+                run: 0,
+                outcome: 0,
+            };
+            write(
+                &exported(
+                    &record,
+                    &letter.envelope.destination,
+                    letter.envelope.run.as_deref(),
+                    Some(&letter.reason),
+                    payload,
+                ),
+                &mut summary,
+            )?;
         }
     }
     out.flush()
@@ -258,35 +359,24 @@ fn export_from(
     Ok(summary)
 }
 
-/// One row as an NDJSON line, if its state is exported.
-fn exported(row: &rusqlite::Row<'_>, states: &[i64]) -> rusqlite::Result<Option<String>> {
-    let state: i64 = row.get(4)?;
-    if !states.contains(&state) {
-        return Ok(None);
-    }
-    let id: Vec<u8> = row.get(1)?;
-    let id = <[u8; 16]>::try_from(id.as_slice())
-        .map(destinations_core::EventId::from_bytes)
-        .map_err(|_| rusqlite::Error::InvalidQuery)?;
-    let destination: String = row.get(2)?;
-    let run: Option<String> = row.get(3)?;
-    let last_error: Option<String> = row.get(7)?;
-    let payload: Vec<u8> = row.get::<_, Option<Vec<u8>>>(8)?.unwrap_or_default();
-    let payload: &serde_json::value::RawValue =
-        serde_json::from_slice(&payload).map_err(|_| rusqlite::Error::InvalidQuery)?;
-    let line = Exported {
-        id: id.to_string(),
-        destination: &destination,
-        run: run.as_deref(),
-        state: state_of(state),
-        attempts: row.get(5)?,
-        created_at: humantime_rfc3339(row.get(6)?),
-        last_error: last_error.as_deref(),
+/// One send as an NDJSON line.
+fn exported<'a>(
+    record: &Record,
+    destination: &'a str,
+    run: Option<&'a str>,
+    last_error: Option<&'a str>,
+    payload: &'a serde_json::value::RawValue,
+) -> Exported<'a> {
+    Exported {
+        id: record.id.to_string(),
+        destination,
+        run,
+        state: record.state.state(),
+        attempts: u32::from(record.attempts),
+        created_at: humantime_rfc3339(record.created_ms),
+        last_error,
         payload,
-    };
-    serde_json::to_string(&line)
-        .map(Some)
-        .map_err(|_| rusqlite::Error::InvalidQuery)
+    }
 }
 
 fn humantime_rfc3339(ms: i64) -> String {

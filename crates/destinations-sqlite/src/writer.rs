@@ -1,24 +1,26 @@
 //! The one writer. Every change to the file goes through one thread, which takes whatever has
 //! gathered — enqueues and settlements from many tasks — and commits it in one transaction
-//! (group commit). Each change sits in a savepoint of its own, so one that fails fails alone.
+//! (group commit). If one change fails, the group is rolled back and each change is committed
+//! on its own, so that only the failing one fails.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use destinations_core::{Envelope, EventId, QueueError, StatusRetention};
 use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::oneshot;
 
+use crate::chunk::{RECORD, Record, Runs, Stored, encode_payloads, encode_records};
 use crate::options::describe;
-use crate::rows::{Names, count_state, to_ms};
-use crate::schema::DEAD;
+use crate::rows::{from_ms, id_ms, to_ms};
 
 /// The most changes committed together.
 const GROUP: usize = 512;
@@ -27,53 +29,62 @@ const LINGER_UNDER_LOAD: Duration = Duration::from_millis(2);
 /// How often finished statuses past their age are removed.
 const AGE_PRUNE_EVERY: Duration = Duration::from_secs(5);
 
-/// Sends handed back with the outcome of their enqueue.
-pub(crate) type EnqueueReply = (Vec<Envelope>, Result<Vec<i64>, QueueError>);
+/// A chunk as written: its row, and its sends' records.
+pub(crate) struct Written {
+    pub(crate) seq: i64,
+    pub(crate) records: Vec<Record>,
+    pub(crate) runs: Runs,
+    pub(crate) created_ms: i64,
+    pub(crate) budget_ms: i64,
+}
+
+/// Sends handed back (one list per chunk) with the chunks they were written in.
+pub(crate) type Reply = (Vec<Vec<Envelope>>, Result<Vec<Written>, QueueError>);
 
 /// One change for the writer.
 pub(crate) enum Command {
-    /// Insert sends; replies with their row numbers.
+    /// Write each list of sends (one destination's) as a chunk.
     Enqueue {
-        envelopes: Vec<Envelope>,
-        reply: oneshot::Sender<EnqueueReply>,
+        chunks: Vec<Vec<Envelope>>,
+        reply: oneshot::Sender<Reply>,
     },
-    /// Record the outcome of an attempt and insert the sends it made; replies with their row
-    /// numbers.
+    /// Record what attempts came to, keep the dead letters, and write the sends the deliveries
+    /// made as chunks.
     Settle {
-        rows: Vec<SettleRow>,
-        follow_ups: Vec<Envelope>,
-        reply: oneshot::Sender<EnqueueReply>,
+        updates: Vec<ChunkUpdate>,
+        dead: Vec<DeadRow>,
+        follow_ups: Vec<Vec<Envelope>>,
+        reply: oneshot::Sender<Reply>,
     },
-    /// Make these dead letters queued again; replies with what was moved.
+    /// Queue these dead letters again, as chunks of their own.
     Replay {
         ids: Vec<EventId>,
-        reply: oneshot::Sender<Result<Vec<(i64, Envelope)>, QueueError>>,
+        reply: oneshot::Sender<Reply>,
     },
     /// Checkpoint the file and stop.
     Close { reply: oneshot::Sender<()> },
 }
 
-/// The outcome of one send.
-pub(crate) struct SettleRow {
-    pub(crate) key: RowKey,
-    pub(crate) change: Change,
+/// A chunk's sends after a settlement: the records that changed, its outcomes if they
+/// changed, and how many sends are still pending.
+pub(crate) struct ChunkUpdate {
+    pub(crate) seq: i64,
+    pub(crate) records: Vec<(u32, [u8; RECORD])>,
+    pub(crate) outcomes: Option<Arc<str>>,
+    pub(crate) pending: u32,
+    /// Its sends, for the retention once it is finished.
+    pub(crate) count: usize,
+}
+
+/// A send given up on, kept whole for listing and replay.
+pub(crate) struct DeadRow {
+    pub(crate) id: EventId,
+    pub(crate) destination: Arc<str>,
+    pub(crate) run: Option<Arc<str>>,
+    pub(crate) created_ms: i64,
     pub(crate) attempts: u32,
-    pub(crate) error: Option<String>,
-    /// The target's answer, as JSON (shared by the sends of a batch that share it).
-    pub(crate) response: Option<Arc<str>>,
-}
-
-/// Which row: by number when the queue leased it, by id otherwise.
-pub(crate) enum RowKey {
-    Seq(i64),
-    Id(EventId),
-}
-
-/// What becomes of a row.
-pub(crate) enum Change {
-    Delivered,
-    Retry { run_at_ms: i64, batch: i64 },
-    Dead,
+    pub(crate) reason: String,
+    pub(crate) payload: Bytes,
 }
 
 /// The writer thread's handle.
@@ -82,40 +93,46 @@ pub(crate) struct Writer {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// What the writer starts from.
+pub(crate) struct Start {
+    pub(crate) conn: Connection,
+    pub(crate) path: PathBuf,
+    pub(crate) retention: StatusRetention,
+    pub(crate) dead_letter_capacity: usize,
+    /// Finished chunks as (seq, sends, when), oldest finish first.
+    pub(crate) finished: Vec<(i64, usize, i64)>,
+    pub(crate) dead: usize,
+    /// The longest time between the first and last send of a chunk, shared with the readers.
+    pub(crate) longest: Arc<AtomicI64>,
+}
+
 impl Writer {
-    /// Start the writer on `conn`.
-    pub(crate) fn start(
-        conn: Connection,
-        path: PathBuf,
-        retention: StatusRetention,
-        dead_letter_capacity: usize,
-        delivered: Vec<(i64, i64)>,
-    ) -> rusqlite::Result<Self> {
-        let delivered = VecDeque::from(delivered);
-        let dead = count_state(&conn, DEAD)?;
+    /// Start the writer.
+    pub(crate) fn start(start: Start) -> Result<Self, String> {
+        let finished_sends = start.finished.iter().map(|(_, count, _)| count).sum();
         let (tx, rx) = mpsc::channel();
         let mut state = WriterState {
-            conn,
-            path,
-            retention,
-            dead_letter_capacity,
-            delivered,
-            dead,
+            conn: start.conn,
+            path: start.path,
+            retention: start.retention,
+            dead_letter_capacity: start.dead_letter_capacity,
+            finished: VecDeque::from(start.finished),
+            finished_sends,
+            dead: start.dead,
+            longest: start.longest,
             last_age_prune: Instant::now(),
         };
         let thread = std::thread::Builder::new()
             .name("destinations-sqlite-writer".into())
             .spawn(move || state.run(&rx))
-            .map_err(|e| {
-                rusqlite::Error::ModuleError(format!("cannot start the writer thread: {e}"))
-            })?;
+            .map_err(|e| format!("cannot start the writer thread: {e}"))?;
         Ok(Self {
             commands: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
         })
     }
 
-    /// Hand a change to the writer; `false` once it stopped.
+    /// Hand a change to the writer; it comes back once the writer stopped.
     pub(crate) fn send(&self, command: Command) -> Result<(), Command> {
         let commands = self.commands.lock().unwrap_or_else(PoisonError::into_inner);
         match commands.as_ref() {
@@ -145,25 +162,31 @@ impl Writer {
     }
 }
 
-/// The writer's view: the connection and the counts retention needs.
+/// The writer's view: the connection and what retention needs.
 struct WriterState {
     conn: Connection,
     path: PathBuf,
     retention: StatusRetention,
     dead_letter_capacity: usize,
-    /// Delivered rows kept for their status, as (seq, when), oldest delivery first: what the
-    /// retention removes first.
-    delivered: VecDeque<(i64, i64)>,
-    /// Dead rows kept (the dead letters).
+    /// Finished chunks as (seq, sends, when), oldest finish first.
+    finished: VecDeque<(i64, usize, i64)>,
+    /// Sends of the finished chunks.
+    finished_sends: usize,
+    /// Dead letters kept.
     dead: usize,
+    longest: Arc<AtomicI64>,
     last_age_prune: Instant,
 }
 
 /// What one change did, before the commit says whether it stands.
-enum Applied {
-    Seqs(Vec<i64>),
-    Moved(Vec<(i64, Envelope)>),
-    Failed(QueueError),
+struct Applied {
+    written: Vec<Written>,
+    /// Chunks it finished: (seq, sends).
+    finished: Vec<(i64, usize)>,
+    /// Dead letters added (or, negative, replayed).
+    dead: isize,
+    /// Sends a replay took from the dead letters, grouped as written.
+    replayed: Option<Vec<Vec<Envelope>>>,
 }
 
 impl WriterState {
@@ -172,9 +195,9 @@ impl WriterState {
         while let Ok(first) = commands.recv() {
             let mut group = vec![first];
             gather(commands, &mut group);
-            // Under load, letting the threads that are ready run first lets the tasks under way
-            // add their changes to this commit: far fewer commits (each writes its pages to the
-            // log) and thread switches, at no cost when nothing else is ready.
+            // Under load, letting the threads that are ready run first lets the tasks under
+            // way add their changes to this commit: far fewer commits (each writes its pages to
+            // the log) and thread switches, at no cost when nothing else is ready.
             if group.len() < GROUP && last_commit.elapsed() < LINGER_UNDER_LOAD {
                 std::thread::yield_now();
                 gather(commands, &mut group);
@@ -199,21 +222,21 @@ impl WriterState {
         }
     }
 
-    /// Apply a group of changes in one transaction and answer each. If one change fails, the
-    /// group is rolled back and each change is committed on its own, so that only the failing
-    /// one fails.
+    /// Apply a group of changes in one transaction and answer each.
     fn commit(&mut self, group: Vec<Command>) {
         if group.is_empty() {
             return;
         }
         let now_ms = to_ms(SystemTime::now());
         match self.apply(&group, now_ms) {
-            Ok((applied, delivered, dead)) => {
-                self.delivered
-                    .extend(delivered.into_iter().map(|seq| (seq, now_ms)));
-                self.dead = self.dead.saturating_add_signed(dead);
+            Ok(applied) => {
                 for (command, done) in group.into_iter().zip(applied) {
-                    answer(command, done);
+                    for (seq, count) in &done.finished {
+                        self.finished.push_back((*seq, *count, now_ms));
+                        self.finished_sends += count;
+                    }
+                    self.dead = self.dead.saturating_add_signed(done.dead);
+                    answer(command, Ok(done));
                 }
             }
             Err(_) if group.len() > 1 => {
@@ -229,45 +252,71 @@ impl WriterState {
                 ));
                 tracing::error!(%why, "a change to the queue failed; nothing of it was kept");
                 for command in group {
-                    answer(command, Applied::Failed(why.clone()));
+                    answer(command, Err(why.clone()));
                 }
             }
         }
     }
 
-    /// Apply every change in one transaction: what each did, and the delivered and dead rows
-    /// it added (a replay removes dead ones).
-    fn apply(
-        &mut self,
-        group: &[Command],
-        now_ms: i64,
-    ) -> rusqlite::Result<(Vec<Applied>, Vec<i64>, isize)> {
+    /// Apply every change in one transaction.
+    fn apply(&mut self, group: &[Command], now_ms: i64) -> rusqlite::Result<Vec<Applied>> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut longest = self.longest.load(Ordering::Acquire);
         let mut applied = Vec::with_capacity(group.len());
-        let (mut delivered, mut dead) = (Vec::new(), 0isize);
         for command in group {
-            applied.push(match command {
-                Command::Enqueue { envelopes, .. } => {
-                    Applied::Seqs(insert(&tx, envelopes, now_ms)?)
+            let mut done = Applied {
+                written: Vec::new(),
+                finished: Vec::new(),
+                dead: 0,
+                replayed: None,
+            };
+            match command {
+                Command::Enqueue { chunks, .. } => {
+                    for envelopes in chunks {
+                        done.written
+                            .push(insert_chunk(&tx, envelopes, now_ms, &mut longest)?);
+                    }
                 }
                 Command::Settle {
-                    rows, follow_ups, ..
+                    updates,
+                    dead,
+                    follow_ups,
+                    ..
                 } => {
-                    dead += settle(&tx, rows, now_ms, &mut delivered)? as isize;
-                    Applied::Seqs(insert(&tx, follow_ups, now_ms)?)
+                    done.finished = settle(&tx, updates, now_ms)?;
+                    for row in dead {
+                        insert_dead(&tx, row, now_ms)?;
+                    }
+                    done.dead = dead.len() as isize;
+                    for envelopes in follow_ups {
+                        done.written
+                            .push(insert_chunk(&tx, envelopes, now_ms, &mut longest)?);
+                    }
                 }
                 Command::Replay { ids, .. } => {
-                    let moved = replay(&tx, ids, now_ms)?;
-                    dead -= moved.len() as isize;
-                    Applied::Moved(moved)
+                    let groups = take_dead(&tx, ids, now_ms)?;
+                    done.dead = -(groups.iter().map(Vec::len).sum::<usize>() as isize);
+                    for envelopes in &groups {
+                        done.written
+                            .push(insert_chunk(&tx, envelopes, now_ms, &mut longest)?);
+                    }
+                    done.replayed = Some(groups);
                 }
-                Command::Close { .. } => Applied::Seqs(Vec::new()),
-            });
+                Command::Close { .. } => {}
+            }
+            applied.push(done);
+        }
+        if longest > self.longest.load(Ordering::Acquire) {
+            tx.execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'longest_chunk_ms'",
+                [longest],
+            )?;
         }
         tx.commit()?;
-        Ok((applied, delivered, dead))
+        self.longest.fetch_max(longest, Ordering::AcqRel);
+        Ok(applied)
     }
 
     /// Keep finished statuses and dead letters within their bounds.
@@ -275,19 +324,21 @@ impl WriterState {
         let retention = self.retention;
         let slack = (retention.count / 64).max(64);
         let by_age = self.last_age_prune.elapsed() >= AGE_PRUNE_EVERY;
-        let over_count = self.delivered.len() > retention.count + slack;
+        let over_count = self.finished_sends > retention.count + slack;
         let over_dead = self.dead > self.dead_letter_capacity;
         if !(by_age || over_count || over_dead) {
             return;
         }
         let oldest = to_ms(SystemTime::now()) - retention.age.as_millis() as i64;
         let mut gone = Vec::new();
-        while self.delivered.len() > retention.count
-            || (by_age && self.delivered.front().is_some_and(|(_, at)| *at < oldest))
-        {
-            if let Some((seq, _)) = self.delivered.pop_front() {
-                gone.push(Value::Integer(seq));
+        while let Some((seq, count, at)) = self.finished.front().copied() {
+            let too_many = self.finished_sends > retention.count;
+            if !(too_many || (by_age && at < oldest)) {
+                break;
             }
+            self.finished.pop_front();
+            self.finished_sends -= count;
+            gone.push(Value::Integer(seq));
         }
         if by_age {
             self.last_age_prune = Instant::now();
@@ -295,14 +346,17 @@ impl WriterState {
         let result = (|| -> rusqlite::Result<()> {
             let tx = self.conn.transaction()?;
             if !gone.is_empty() {
-                tx.prepare_cached("DELETE FROM sends WHERE seq IN rarray(?1) AND state = 2")?
-                    .execute([Rc::new(gone)])?;
+                let gone = Rc::new(gone);
+                tx.prepare_cached("DELETE FROM chunks WHERE seq IN rarray(?1)")?
+                    .execute([gone.clone()])?;
+                tx.prepare_cached("DELETE FROM payloads WHERE seq IN rarray(?1)")?
+                    .execute([gone])?;
             }
             if over_dead {
                 let excess = self.dead - self.dead_letter_capacity;
                 let removed = tx.execute(
-                    "DELETE FROM sends WHERE seq IN
-                     (SELECT seq FROM sends WHERE state = 3 ORDER BY updated_ms LIMIT ?1)",
+                    "DELETE FROM dead WHERE seq IN
+                     (SELECT seq FROM dead ORDER BY died_ms, seq LIMIT ?1)",
                     [excess as i64],
                 )?;
                 tx.execute(
@@ -329,167 +383,196 @@ fn gather(commands: &mpsc::Receiver<Command>, group: &mut Vec<Command>) {
     }
 }
 
-fn answer(command: Command, done: Applied) {
-    match (command, done) {
-        (Command::Enqueue { envelopes, reply }, Applied::Seqs(seqs))
-        | (
-            Command::Settle {
-                follow_ups: envelopes,
-                reply,
-                ..
-            },
-            Applied::Seqs(seqs),
-        ) => {
-            let _ = reply.send((envelopes, Ok(seqs)));
+fn answer(command: Command, done: Result<Applied, QueueError>) {
+    match command {
+        Command::Enqueue { chunks, reply }
+        | Command::Settle {
+            follow_ups: chunks,
+            reply,
+            ..
+        } => {
+            let _ = reply.send((chunks, done.map(|d| d.written)));
         }
-        (Command::Enqueue { envelopes, reply }, Applied::Failed(why))
-        | (
-            Command::Settle {
-                follow_ups: envelopes,
-                reply,
-                ..
-            },
-            Applied::Failed(why),
-        ) => {
-            let _ = reply.send((envelopes, Err(why)));
+        Command::Replay { reply, .. } => {
+            let _ = reply.send(match done {
+                Ok(done) => (done.replayed.unwrap_or_default(), Ok(done.written)),
+                Err(why) => (Vec::new(), Err(why)),
+            });
         }
-        (Command::Replay { reply, .. }, Applied::Moved(moved)) => {
-            let _ = reply.send(Ok(moved));
-        }
-        (Command::Replay { reply, .. }, Applied::Failed(why)) => {
-            let _ = reply.send(Err(why));
-        }
-        (Command::Close { reply }, _) => {
+        Command::Close { reply } => {
             let _ = reply.send(());
         }
-        _ => {}
     }
 }
 
-fn insert(tx: &Connection, envelopes: &[Envelope], now_ms: i64) -> rusqlite::Result<Vec<i64>> {
-    if envelopes.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut statement = tx.prepare_cached(
-        "INSERT INTO sends (id, destination, run, created_ms, budget_ms, state, attempts, updated_ms, payload)
-         VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7, ?8)",
-    )?;
-    let mut seqs = Vec::with_capacity(envelopes.len());
-    for e in envelopes {
-        statement.execute(params![
-            e.id.to_bytes(),
-            &*e.destination,
-            e.run.as_deref(),
-            to_ms(e.created_at),
-            to_ms(e.budget_started_at()),
-            e.attempts,
-            now_ms,
-            &e.payload[..],
-        ])?;
-        seqs.push(tx.last_insert_rowid());
-    }
-    Ok(seqs)
+/// Write one destination's sends as a chunk.
+fn insert_chunk(
+    tx: &Connection,
+    envelopes: &[Envelope],
+    now_ms: i64,
+    longest: &mut i64,
+) -> rusqlite::Result<Written> {
+    let mut runs = Runs::default();
+    let records: Vec<Record> = envelopes
+        .iter()
+        .map(|e| Record {
+            id: e.id,
+            created_ms: to_ms(e.created_at),
+            updated_ms: 0,
+            size: u32::try_from(e.size()).unwrap_or(u32::MAX),
+            elapsed_ms: 0,
+            attempts: u16::try_from(e.attempts).unwrap_or(u16::MAX),
+            state: Stored::Queued,
+            run: runs.index(e.run.as_ref()),
+            outcome: 0,
+        })
+        .collect();
+    let (Some(first), Some(last)) = (
+        records.iter().map(|r| r.id).min(),
+        records.iter().map(|r| r.id).max(),
+    ) else {
+        return Err(rusqlite::Error::InvalidQuery);
+    };
+    *longest = (*longest).max(id_ms(last) - id_ms(first));
+    let destination = &envelopes[0].destination;
+    let budget_ms = envelopes
+        .iter()
+        .map(|e| to_ms(e.budget_started_at()))
+        .min()
+        .unwrap_or(now_ms);
+    tx.prepare_cached(
+        "INSERT INTO chunks (destination, first_ms, last_id, created_ms, budget_ms, count, pending,
+         finished_ms, records, runs, outcomes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, NULL, ?7, ?8, '[]')",
+    )?
+    .execute(params![
+        &**destination,
+        id_ms(first),
+        last.to_bytes(),
+        now_ms,
+        budget_ms,
+        records.len() as i64,
+        encode_records(&records),
+        runs.to_json(),
+    ])?;
+    let seq = tx.last_insert_rowid();
+    let data = encode_payloads(
+        destination,
+        envelopes
+            .iter()
+            .map(|e| (e.id, to_ms(e.created_at), e.run.as_deref(), &e.payload[..])),
+        envelopes.iter().map(Envelope::size).sum(),
+    );
+    tx.prepare_cached("INSERT INTO payloads (seq, data) VALUES (?1, ?2)")?
+        .execute(params![seq, data])?;
+    Ok(Written {
+        seq,
+        records,
+        runs,
+        created_ms: now_ms,
+        budget_ms,
+    })
 }
 
-/// Apply the outcomes: delivered rows go in groups that share an answer (one statement for a
-/// whole batch), failures one by one. Adds the delivered rows to `delivered`; returns how many
-/// died.
+/// Write the records a settlement changed (in place: records have a fixed size) and the
+/// chunks' counts; a chunk whose sends are all final loses its payloads at once. Returns the
+/// chunks it finished.
 fn settle(
     tx: &Connection,
-    rows: &[SettleRow],
+    updates: &[ChunkUpdate],
     now_ms: i64,
-    delivered: &mut Vec<i64>,
-) -> rusqlite::Result<usize> {
-    let mut groups: HashMap<(u32, Option<&str>), Vec<Value>> = HashMap::new();
-    let mut dead = 0;
-    for row in rows {
-        match (&row.change, &row.key) {
-            (Change::Delivered, RowKey::Seq(seq)) => {
-                groups
-                    .entry((row.attempts, row.response.as_deref()))
-                    .or_default()
-                    .push(Value::Integer(*seq));
-                delivered.push(*seq);
+) -> rusqlite::Result<Vec<(i64, usize)>> {
+    let mut finished = Vec::new();
+    let mut update = tx.prepare_cached(
+        "UPDATE chunks SET pending = ?2, outcomes = coalesce(?3, outcomes) WHERE seq = ?1",
+    )?;
+    let mut finish = tx.prepare_cached(
+        "UPDATE chunks SET finished_ms = ?2 WHERE seq = ?1 AND finished_ms IS NULL",
+    )?;
+    let mut drop_payloads = tx.prepare_cached("DELETE FROM payloads WHERE seq = ?1")?;
+    let mut blob: Option<rusqlite::blob::Blob<'_>> = None;
+    for chunk in updates {
+        if update.execute(params![chunk.seq, chunk.pending, chunk.outcomes.as_deref()])? == 0 {
+            continue; // gone (the retention took it): nothing to write
+        }
+        let records = match blob.as_mut() {
+            Some(open) => {
+                open.reopen(chunk.seq)?;
+                open
             }
-            (Change::Delivered, RowKey::Id(id)) => {
-                let seq: Option<i64> = tx
-                    .prepare_cached(
-                        "UPDATE sends SET state = 2, attempts = ?2, updated_ms = ?3, response = ?4,
-                         run_at_ms = NULL, batch = NULL, payload = NULL WHERE id = ?1 RETURNING seq",
-                    )?
-                    .query_row(
-                        params![id.to_bytes(), row.attempts, now_ms, row.response.as_deref()],
-                        |r| r.get(0),
-                    )
-                    .optional()?;
-                delivered.extend(seq);
-            }
-            (Change::Retry { run_at_ms, batch }, key) => {
-                let (column, key) = key_of(key);
-                tx.prepare_cached(&format!(
-                    "UPDATE sends SET state = 1, attempts = ?2, updated_ms = ?3, response = ?4,
-                     last_error = ?5, run_at_ms = ?6, batch = ?7 WHERE {column} = ?1"
-                ))?
-                .execute(params![
-                    key,
-                    row.attempts,
-                    now_ms,
-                    row.response.as_deref(),
-                    row.error,
-                    run_at_ms,
-                    batch
-                ])?;
-            }
-            (Change::Dead, key) => {
-                let (column, key) = key_of(key);
-                dead += tx
-                    .prepare_cached(&format!(
-                        "UPDATE sends SET state = 3, attempts = ?2, updated_ms = ?3, response = ?4,
-                         last_error = ?5, run_at_ms = NULL, batch = NULL WHERE {column} = ?1"
-                    ))?
-                    .execute(params![
-                        key,
-                        row.attempts,
-                        now_ms,
-                        row.response.as_deref(),
-                        row.error
-                    ])?;
-            }
+            None => blob.insert(tx.blob_open(
+                rusqlite::MAIN_DB,
+                "chunks",
+                "records",
+                chunk.seq,
+                false,
+            )?),
+        };
+        for (index, record) in &chunk.records {
+            records.write_at(record, *index as usize * RECORD)?;
+        }
+        // Finished now (not already, by a settlement applied before): its payloads go.
+        if chunk.pending == 0 && finish.execute(params![chunk.seq, now_ms])? > 0 {
+            drop_payloads.execute([chunk.seq])?;
+            finished.push((chunk.seq, chunk.count));
         }
     }
-    let mut statement = tx.prepare_cached(
-        "UPDATE sends SET state = 2, attempts = ?1, updated_ms = ?2, response = ?3,
-         run_at_ms = NULL, batch = NULL, payload = NULL WHERE seq IN rarray(?4)",
-    )?;
-    for ((attempts, response), seqs) in groups {
-        statement.execute(params![attempts, now_ms, response, Rc::new(seqs)])?;
-    }
-    Ok(dead)
+    Ok(finished)
 }
 
-/// The column and value that find a row.
-fn key_of(key: &RowKey) -> (&'static str, Value) {
-    match key {
-        RowKey::Seq(seq) => ("seq", Value::Integer(*seq)),
-        RowKey::Id(id) => ("id", Value::Blob(id.to_bytes().to_vec())),
-    }
+fn insert_dead(tx: &Connection, row: &DeadRow, now_ms: i64) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO dead (id, destination, run, created_ms, attempts, died_ms, reason, payload)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        row.id.to_bytes(),
+        &*row.destination,
+        row.run.as_deref(),
+        row.created_ms,
+        row.attempts,
+        now_ms,
+        row.reason,
+        &row.payload[..],
+    ])?;
+    Ok(())
 }
 
-fn replay(tx: &Connection, ids: &[EventId], now_ms: i64) -> rusqlite::Result<Vec<(i64, Envelope)>> {
+/// Take these dead letters out, as envelopes with a fresh retry budget, grouped by
+/// destination in the order asked.
+fn take_dead(
+    tx: &Connection,
+    ids: &[EventId],
+    now_ms: i64,
+) -> rusqlite::Result<Vec<Vec<Envelope>>> {
     let mut statement = tx.prepare_cached(
-        "UPDATE sends SET state = 0, attempts = 0, budget_ms = ?2, updated_ms = ?2, run_at_ms = NULL,
-         batch = NULL WHERE id = ?1 AND state = 3
-         RETURNING seq, id, destination, run, created_ms, budget_ms, attempts, payload",
+        "DELETE FROM dead WHERE id = ?1 RETURNING seq, id, destination, run, created_ms, attempts, died_ms, reason, payload",
     )?;
-    let mut names = Names::default();
-    let mut moved = Vec::new();
+    let mut groups: Vec<Vec<Envelope>> = Vec::new();
     for id in ids {
-        let row = statement
-            .query_row(params![id.to_bytes(), now_ms], |row| {
-                crate::rows::envelope_of(row, &mut names)
-            })
-            .optional()?;
-        moved.extend(row);
+        let Some((_, letter)) = statement
+            .query_row([id.to_bytes()], crate::rows::dead_letter)
+            .optional()?
+        else {
+            continue;
+        };
+        let mut envelope = letter.envelope;
+        envelope.attempts = 0;
+        let envelope = Envelope::restored(
+            envelope.id,
+            envelope.destination,
+            envelope.run,
+            envelope.created_at,
+            0,
+            envelope.payload,
+            from_ms(now_ms),
+        );
+        match groups.iter_mut().find(|g| {
+            g.first()
+                .is_some_and(|e| e.destination == envelope.destination)
+        }) {
+            Some(group) => group.push(envelope),
+            None => groups.push(vec![envelope]),
+        }
     }
-    Ok(moved)
+    Ok(groups)
 }

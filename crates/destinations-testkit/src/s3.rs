@@ -38,7 +38,8 @@ pub fn s3s_fs_binary() -> PathBuf {
     crate::require_command("s3s-fs", "the S3-compatible test server")
 }
 
-/// A folder of its own for one test, removed when dropped.
+/// A folder of its own for one test, removed when dropped — unless the test failed, when it is
+/// kept (and named on stderr) for a look at what was left.
 pub struct TempDir(PathBuf);
 
 impl TempDir {
@@ -64,7 +65,11 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if std::thread::panicking() {
+            eprintln!("kept {} (the test failed)", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 
