@@ -740,7 +740,7 @@ impl QueueConsumer for SqliteConsumer {
             // with none left in memory go.
             let mut leased = shared.leased.lock().unwrap_or_else(PoisonError::into_inner);
             let mut chunks = shared.chunks.lock().unwrap_or_else(PoisonError::into_inner);
-            for (seq, version) in written_outcomes {
+            for &(seq, version) in &written_outcomes {
                 if let Some(chunk) = chunks.get_mut(seq) {
                     chunk.outcomes_written = chunk.outcomes_written.max(version);
                 }
@@ -751,13 +751,13 @@ impl QueueConsumer for SqliteConsumer {
                 .chain(&settlement.dead)
                 .chain(settlement.retry.iter().flat_map(|r| &r.sends))
             {
-                if let Some(lease) = leased.remove(&settled.envelope.id)
-                    && let Some(chunk) = chunks.get_mut(lease.slot.chunk)
-                {
-                    chunk.resident = chunk.resident.saturating_sub(1);
+                if let Some(lease) = leased.remove(&settled.envelope.id) {
+                    chunks.leave(lease.slot.chunk, 1);
                 }
             }
-            chunks.drop_idle();
+            for (seq, _) in &written_outcomes {
+                chunks.drop_if_idle(*seq);
+            }
         }
         if let (Some(retry), Some(batch)) = (&settlement.retry, batch) {
             let now = Instant::now();

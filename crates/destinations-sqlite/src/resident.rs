@@ -211,19 +211,21 @@ impl Resident {
         if let Some(chunk) = self.chunks.get_mut(&seq) {
             chunk.resident = chunk.resident.saturating_sub(count);
         }
-        self.drop_idle();
+        self.drop_if_idle(seq);
     }
 
-    /// Chunks with no send in memory, or none pending, leave.
-    pub(crate) fn drop_idle(&mut self) {
-        let loading = &mut self.loading;
-        self.chunks.retain(|seq, chunk| {
-            let keep = chunk.resident > 0 && chunk.pending > 0;
-            if !keep && let Some(loading) = loading.get_mut(seq) {
+    /// Chunk `seq` leaves if none of its sends is in memory, or none is pending.
+    pub(crate) fn drop_if_idle(&mut self, seq: i64) {
+        if self
+            .chunks
+            .get(&seq)
+            .is_some_and(|chunk| chunk.resident == 0 || chunk.pending == 0)
+        {
+            self.chunks.remove(&seq);
+            if let Some(loading) = self.loading.get_mut(&seq) {
                 loading.departures += 1;
             }
-            keep
-        });
+        }
     }
 
     /// Begin reading chunks `seqs`: those in memory stay there until [`Resident::end_read`],
@@ -277,11 +279,11 @@ impl Resident {
     /// The read is over: the chunks it pinned are free to leave memory.
     pub(crate) fn end_read(&mut self, reading: Reading) {
         for seq in reading.pinned {
-            if let Some(chunk) = self.chunks.get_mut(&seq) {
-                chunk.resident = chunk.resident.saturating_sub(1);
-            }
+            self.leave(seq, 1);
         }
-        self.drop_idle();
+        for seq in reading.cold {
+            self.drop_if_idle(seq);
+        }
     }
 }
 

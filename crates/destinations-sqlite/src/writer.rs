@@ -3,7 +3,7 @@
 //! (group commit). If one change fails, the group is rolled back and each change is committed
 //! on its own, so that only the failing one fails.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -178,11 +178,12 @@ struct WriterState {
     last_age_prune: Instant,
 }
 
+/// Chunks a commit finished: (seq, sends).
+type Finished = Vec<(i64, usize)>;
+
 /// What one change did, before the commit says whether it stands.
 struct Applied {
     written: Vec<Written>,
-    /// Chunks it finished: (seq, sends).
-    finished: Vec<(i64, usize)>,
     /// Dead letters added (or, negative, replayed).
     dead: isize,
     /// Sends a replay took from the dead letters, grouped as written.
@@ -229,12 +230,12 @@ impl WriterState {
         }
         let now_ms = to_ms(SystemTime::now());
         match self.apply(&group, now_ms) {
-            Ok(applied) => {
+            Ok((applied, finished)) => {
+                for (seq, count) in finished {
+                    self.finished.push_back((seq, count, now_ms));
+                    self.finished_sends += count;
+                }
                 for (command, done) in group.into_iter().zip(applied) {
-                    for (seq, count) in &done.finished {
-                        self.finished.push_back((*seq, *count, now_ms));
-                        self.finished_sends += count;
-                    }
                     self.dead = self.dead.saturating_add_signed(done.dead);
                     answer(command, Ok(done));
                 }
@@ -258,17 +259,22 @@ impl WriterState {
         }
     }
 
-    /// Apply every change in one transaction.
-    fn apply(&mut self, group: &[Command], now_ms: i64) -> rusqlite::Result<Vec<Applied>> {
+    /// Apply every change in one transaction; what each did, and the chunks finished.
+    fn apply(
+        &mut self,
+        group: &[Command],
+        now_ms: i64,
+    ) -> rusqlite::Result<(Vec<Applied>, Finished)> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut longest = self.longest.load(Ordering::Acquire);
         let mut applied = Vec::with_capacity(group.len());
+        // The settlements' changes to each chunk, written once for the group.
+        let mut changes = ChunkChanges::default();
         for command in group {
             let mut done = Applied {
                 written: Vec::new(),
-                finished: Vec::new(),
                 dead: 0,
                 replayed: None,
             };
@@ -285,7 +291,7 @@ impl WriterState {
                     follow_ups,
                     ..
                 } => {
-                    done.finished = settle(&tx, updates, now_ms)?;
+                    changes.add(updates);
                     for row in dead {
                         insert_dead(&tx, row, now_ms)?;
                     }
@@ -308,6 +314,7 @@ impl WriterState {
             }
             applied.push(done);
         }
+        let finished = settle(&tx, changes, now_ms)?;
         if longest > self.longest.load(Ordering::Acquire) {
             tx.execute(
                 "UPDATE meta SET value = ?1 WHERE key = 'longest_chunk_ms'",
@@ -316,7 +323,7 @@ impl WriterState {
         }
         tx.commit()?;
         self.longest.fetch_max(longest, Ordering::AcqRel);
-        Ok(applied)
+        Ok((applied, finished))
     }
 
     /// Keep finished statuses and dead letters within their bounds.
@@ -473,15 +480,54 @@ fn insert_chunk(
     })
 }
 
-/// Write the records a settlement changed (in place: records have a fixed size) and the
-/// chunks' counts; a chunk whose sends are all final loses its payloads at once. Returns the
-/// chunks it finished.
-fn settle(
-    tx: &Connection,
-    updates: &[ChunkUpdate],
-    now_ms: i64,
-) -> rusqlite::Result<Vec<(i64, usize)>> {
+/// What a group's settlements changed in each chunk, in the order they came: the last word on
+/// each record, the count and the outcomes wins.
+#[derive(Default)]
+struct ChunkChanges {
+    chunks: Vec<MergedUpdate>,
+    at: HashMap<i64, usize>,
+}
+
+struct MergedUpdate {
+    seq: i64,
+    records: Vec<(u32, [u8; RECORD])>,
+    outcomes: Option<Arc<str>>,
+    pending: u32,
+    count: usize,
+}
+
+impl ChunkChanges {
+    fn add(&mut self, updates: &[ChunkUpdate]) {
+        for update in updates {
+            let at = *self.at.entry(update.seq).or_insert_with(|| {
+                self.chunks.push(MergedUpdate {
+                    seq: update.seq,
+                    records: Vec::new(),
+                    outcomes: None,
+                    pending: update.pending,
+                    count: update.count,
+                });
+                self.chunks.len() - 1
+            });
+            let merged = &mut self.chunks[at];
+            // Written in order, so a later record overwrites an earlier one.
+            merged.records.extend_from_slice(&update.records);
+            merged.pending = update.pending;
+            if update.outcomes.is_some() {
+                merged.outcomes.clone_from(&update.outcomes);
+            }
+        }
+    }
+}
+
+/// Write the records the settlements changed (in place: records have a fixed size) and the
+/// chunks' counts, once per chunk; a chunk whose sends are all final loses its payloads at
+/// once. Returns the chunks it finished, with their sends.
+fn settle(tx: &Connection, changes: ChunkChanges, now_ms: i64) -> rusqlite::Result<Finished> {
     let mut finished = Vec::new();
+    if changes.chunks.is_empty() {
+        return Ok(finished);
+    }
     let mut update = tx.prepare_cached(
         "UPDATE chunks SET pending = ?2, outcomes = coalesce(?3, outcomes) WHERE seq = ?1",
     )?;
@@ -490,7 +536,7 @@ fn settle(
     )?;
     let mut drop_payloads = tx.prepare_cached("DELETE FROM payloads WHERE seq = ?1")?;
     let mut blob: Option<rusqlite::blob::Blob<'_>> = None;
-    for chunk in updates {
+    for chunk in changes.chunks {
         if update.execute(params![chunk.seq, chunk.pending, chunk.outcomes.as_deref()])? == 0 {
             continue; // gone (the retention took it): nothing to write
         }
@@ -575,4 +621,47 @@ fn take_dead(
         }
     }
     Ok(groups)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(
+        seq: i64,
+        records: &[(u32, u8)],
+        outcomes: Option<&str>,
+        pending: u32,
+    ) -> ChunkUpdate {
+        ChunkUpdate {
+            seq,
+            records: records.iter().map(|(i, b)| (*i, [*b; RECORD])).collect(),
+            outcomes: outcomes.map(Arc::from),
+            pending,
+            count: 3,
+        }
+    }
+
+    #[test]
+    fn a_chunk_changed_by_several_settlements_of_a_group_ends_with_the_last() {
+        let mut changes = ChunkChanges::default();
+        changes.add(&[
+            update(7, &[(0, 1)], Some("[a]"), 2),
+            update(8, &[(2, 9)], None, 1),
+        ]);
+        changes.add(&[update(7, &[(1, 2), (0, 3)], None, 0)]);
+        let seven = &changes.chunks[0];
+        assert_eq!(seven.seq, 7);
+        // Written in this order, the record at 0 ends as the later one.
+        let written: Vec<(u32, u8)> = seven.records.iter().map(|(i, r)| (*i, r[0])).collect();
+        assert_eq!(written, [(0, 1), (1, 2), (0, 3)]);
+        assert_eq!(seven.pending, 0);
+        assert_eq!(
+            seven.outcomes.as_deref(),
+            Some("[a]"),
+            "kept when a later one has none"
+        );
+        assert_eq!(changes.chunks[1].seq, 8);
+        assert_eq!(changes.chunks.len(), 2);
+    }
 }
