@@ -46,8 +46,7 @@ pub(crate) struct StoredChunk {
     pub(crate) outcomes: Vec<Outcome>,
 }
 
-const CHUNK_COLUMNS: &str =
-    "seq, destination, created_ms, budget_ms, pending, records, runs, outcomes";
+const CHUNK_COLUMNS: &str = "seq, destination, created_ms, budget_ms, records, runs, outcomes";
 
 fn stored_chunk(row: &Row<'_>) -> rusqlite::Result<StoredChunk> {
     let damaged = |what: &str| {
@@ -60,13 +59,19 @@ fn stored_chunk(row: &Row<'_>) -> rusqlite::Result<StoredChunk> {
     let records: Vec<u8> = row.get("records")?;
     let runs: String = row.get("runs")?;
     let outcomes: String = row.get("outcomes")?;
+    let records = decode_records(&records).ok_or_else(|| damaged("records"))?;
     Ok(StoredChunk {
         seq: row.get("seq")?,
         destination: row.get("destination")?,
         created_ms: row.get("created_ms")?,
         budget_ms: row.get("budget_ms")?,
-        pending: row.get("pending")?,
-        records: decode_records(&records).ok_or_else(|| damaged("records"))?,
+        pending: records
+            .iter()
+            .filter(|record| !record.state.is_final())
+            .count()
+            .try_into()
+            .unwrap_or(u32::MAX),
+        records,
         runs: Runs::from_json(&runs).ok_or_else(|| damaged("runs"))?,
         outcomes: serde_json::from_str(&outcomes).map_err(|_| damaged("outcomes"))?,
     })
@@ -75,7 +80,7 @@ fn stored_chunk(row: &Row<'_>) -> rusqlite::Result<StoredChunk> {
 /// Every chunk with sends not final, oldest first.
 pub(crate) fn pending_chunks(conn: &Connection) -> rusqlite::Result<Vec<StoredChunk>> {
     let mut statement = conn.prepare(&format!(
-        "SELECT {CHUNK_COLUMNS} FROM chunks WHERE pending > 0 ORDER BY seq"
+        "SELECT {CHUNK_COLUMNS} FROM chunks WHERE finished_ms IS NULL ORDER BY seq"
     ))?;
     let rows = statement.query_map([], stored_chunk)?;
     rows.collect()
@@ -98,7 +103,7 @@ pub(crate) fn chunks(conn: &Connection, seqs: &[i64]) -> rusqlite::Result<Vec<St
 /// retention removes first.
 pub(crate) fn finished_chunks(conn: &Connection) -> rusqlite::Result<Vec<(i64, usize, i64)>> {
     let mut statement = conn.prepare(
-        "SELECT seq, count, coalesce(finished_ms, created_ms) FROM chunks WHERE pending = 0
+        "SELECT seq, count, finished_ms FROM chunks WHERE finished_ms IS NOT NULL
          ORDER BY 3, seq",
     )?;
     let rows = statement.query_map([], |row| {

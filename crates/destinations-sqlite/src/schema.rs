@@ -26,7 +26,6 @@ CREATE TABLE chunks (
     created_ms  INTEGER NOT NULL,
     budget_ms   INTEGER NOT NULL,
     count       INTEGER NOT NULL,
-    pending     INTEGER NOT NULL,
     finished_ms INTEGER,
     records     BLOB    NOT NULL,
     runs        TEXT    NOT NULL,

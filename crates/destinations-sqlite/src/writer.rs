@@ -448,8 +448,8 @@ fn insert_chunk(
         .min()
         .unwrap_or(now_ms);
     tx.prepare_cached(
-        "INSERT INTO chunks (destination, first_ms, last_id, created_ms, budget_ms, count, pending,
-         finished_ms, records, runs, outcomes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, NULL, ?7, ?8, '[]')",
+        "INSERT INTO chunks (destination, first_ms, last_id, created_ms, budget_ms, count,
+         finished_ms, records, runs, outcomes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, ?7, ?8, '[]')",
     )?
     .execute(params![
         &**destination,
@@ -520,41 +520,46 @@ impl ChunkChanges {
     }
 }
 
-/// Write the records the settlements changed (in place: records have a fixed size) and the
-/// chunks' counts, once per chunk; a chunk whose sends are all final loses its payloads at
-/// once. Returns the chunks it finished, with their sends.
+/// Write the records the settlements changed (in place: records have a fixed size, so only
+/// their page is written) and outcomes that changed, once per chunk; a chunk whose sends are
+/// all final is marked finished and loses its payloads at once. Returns the chunks it
+/// finished, with their sends.
 fn settle(tx: &Connection, changes: ChunkChanges, now_ms: i64) -> rusqlite::Result<Finished> {
     let mut finished = Vec::new();
     if changes.chunks.is_empty() {
         return Ok(finished);
     }
-    let mut update = tx.prepare_cached(
-        "UPDATE chunks SET pending = ?2, outcomes = coalesce(?3, outcomes) WHERE seq = ?1",
-    )?;
+    let mut outcomes = tx.prepare_cached("UPDATE chunks SET outcomes = ?2 WHERE seq = ?1")?;
     let mut finish = tx.prepare_cached(
         "UPDATE chunks SET finished_ms = ?2 WHERE seq = ?1 AND finished_ms IS NULL",
     )?;
+    let mut exists = tx.prepare_cached("SELECT 1 FROM chunks WHERE seq = ?1")?;
     let mut drop_payloads = tx.prepare_cached("DELETE FROM payloads WHERE seq = ?1")?;
     let mut blob: Option<rusqlite::blob::Blob<'_>> = None;
     for chunk in changes.chunks {
-        if update.execute(params![chunk.seq, chunk.pending, chunk.outcomes.as_deref()])? == 0 {
-            continue; // gone (the retention took it): nothing to write
-        }
-        let records = match blob.as_mut() {
-            Some(open) => {
-                open.reopen(chunk.seq)?;
-                open
-            }
-            None => blob.insert(tx.blob_open(
-                rusqlite::MAIN_DB,
-                "chunks",
-                "records",
-                chunk.seq,
-                false,
-            )?),
+        let opened = match blob.as_mut() {
+            Some(open) => open.reopen(chunk.seq),
+            None => tx
+                .blob_open(rusqlite::MAIN_DB, "chunks", "records", chunk.seq, false)
+                .map(|open| {
+                    blob = Some(open);
+                }),
         };
-        for (index, record) in &chunk.records {
-            records.write_at(record, *index as usize * RECORD)?;
+        if opened.is_err() {
+            // A failed reopen leaves the handle unusable: a fresh one, if the chunk is there.
+            blob = None;
+            if !exists.exists([chunk.seq])? {
+                continue; // gone (the retention took it): nothing to write
+            }
+            blob = Some(tx.blob_open(rusqlite::MAIN_DB, "chunks", "records", chunk.seq, false)?);
+        }
+        if let Some(records) = blob.as_mut() {
+            for (index, record) in &chunk.records {
+                records.write_at(record, *index as usize * RECORD)?;
+            }
+        }
+        if let Some(changed) = chunk.outcomes.as_deref() {
+            outcomes.execute(params![chunk.seq, changed])?;
         }
         // Finished now (not already, by a settlement applied before): its payloads go.
         if chunk.pending == 0 && finish.execute(params![chunk.seq, now_ms])? > 0 {
