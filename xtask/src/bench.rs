@@ -412,14 +412,50 @@ fn file_size(file: &std::path::Path) -> f64 {
         .sum()
 }
 
+/// Rounds of the reference and the measured load, taken in turn (so that the machine's drift
+/// falls on both), for a ratio that one noisy run cannot swing.
+const ROUNDS: usize = 3;
+
+/// A load's median run (its JSON line) and the spread of the runs ("min–max").
+type MedianRun = (String, String);
+
+/// The runs of two loads taken in turn, `rounds` times: for each, its median run by `field`
+/// and the spread of `field` as "min–max".
+fn interleaved(
+    rounds: usize,
+    field: &str,
+    mut reference: impl FnMut() -> Result<String, String>,
+    mut measured: impl FnMut() -> Result<String, String>,
+) -> Result<(MedianRun, MedianRun), String> {
+    let mut references = Vec::new();
+    let mut measureds = Vec::new();
+    for _ in 0..rounds {
+        references.push(reference()?);
+        measureds.push(measured()?);
+    }
+    let median = |mut runs: Vec<String>| {
+        runs.sort_by(|a, b| json_field(a, field).total_cmp(&json_field(b, field)));
+        let spread = format!(
+            "{:.0}–{:.0}",
+            runs.first().map_or(f64::NAN, |r| json_field(r, field)),
+            runs.last().map_or(f64::NAN, |r| json_field(r, field))
+        );
+        (runs.swap_remove(runs.len() / 2), spread)
+    };
+    Ok((median(references), median(measureds)))
+}
+
 /// The same HTTP and S3 library loads on the SQLite queue beside the memory queue.
 fn queues_scenario(quick: bool) -> Result<Vec<(Row, String)>, String> {
     let mut rows = Vec::new();
     let (_receiver, url) = start_receiver()?;
     let sends = if quick { 50_000 } else { 200_000 };
-    let memory = http_load(&url, sends, None)?;
-    let file = fresh_queue_file("http")?;
-    let sqlite = http_load(&url, sends, Some(&file))?;
+    let ((memory, memory_spread), (sqlite, sqlite_spread)) = interleaved(
+        ROUNDS,
+        "sends_per_second",
+        || http_load(&url, sends, None),
+        || http_load(&url, sends, Some(&fresh_queue_file("http")?)),
+    )?;
     rows.push((
         Row {
             scenario: "queues",
@@ -429,7 +465,7 @@ fn queues_scenario(quick: bool) -> Result<Vec<(Row, String)>, String> {
             reference_name: "the memory queue, same load".into(),
             reference: json_field(&memory, "sends_per_second"),
             notes: format!(
-                "N={sends} × 256 B in runs of 100, 8 producers, each run committed before finish returns; peak RSS {:.0} MiB (memory queue {:.0} MiB)",
+                "N={sends} × 256 B in runs of 100, 8 producers, each run committed before finish returns; median of {ROUNDS} runs taken in turn (sqlite {sqlite_spread}, memory {memory_spread}); peak RSS {:.0} MiB (memory queue {:.0} MiB)",
                 json_field(&sqlite, "peak_rss_kib") / 1024.0,
                 json_field(&memory, "peak_rss_kib") / 1024.0
             ),
@@ -439,9 +475,12 @@ fn queues_scenario(quick: bool) -> Result<Vec<(Row, String)>, String> {
     let (_server, endpoint, _bucket) = start_s3_server()?;
     let sends = if quick { 100_000 } else { 500_000 };
     let ndjson = root().join("target/bench/events.ndjson");
-    let memory = s3_load(&endpoint, sends, &ndjson, None)?;
-    let file = fresh_queue_file("s3")?;
-    let sqlite = s3_load(&endpoint, sends, &ndjson, Some(&file))?;
+    let ((memory, memory_spread), (sqlite, sqlite_spread)) = interleaved(
+        ROUNDS,
+        "sends_per_second",
+        || s3_load(&endpoint, sends, &ndjson, None),
+        || s3_load(&endpoint, sends, &ndjson, Some(&fresh_queue_file("s3")?)),
+    )?;
     let _ = std::fs::remove_file(&ndjson);
     rows.push((
         Row {
@@ -452,7 +491,7 @@ fn queues_scenario(quick: bool) -> Result<Vec<(Row, String)>, String> {
             reference_name: "the memory queue, same load".into(),
             reference: json_field(&memory, "sends_per_second"),
             notes: format!(
-                "N={sends} × ~241 B into gzip objects on s3s-fs, 8 producers; all delivered: {}; peak RSS {:.0} MiB (memory queue {:.0} MiB)",
+                "N={sends} × ~241 B into gzip objects on s3s-fs, 8 producers; median of {ROUNDS} runs taken in turn (sqlite {sqlite_spread}, memory {memory_spread}); all delivered: {}; peak RSS {:.0} MiB (memory queue {:.0} MiB)",
                 sqlite.contains("\"all_delivered\":true"),
                 json_field(&sqlite, "peak_rss_kib") / 1024.0,
                 json_field(&memory, "peak_rss_kib") / 1024.0
