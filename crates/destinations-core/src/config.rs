@@ -36,16 +36,20 @@ pub struct InstanceSettings {
     /// This instance's part of the queue: its own bound and its reserved share.
     #[serde(default)]
     pub queue: InstanceShare,
+    /// The longest one delivery attempt may take (default: `hub.attempt_timeout`).
+    #[serde(default, with = "duration_text::option")]
+    pub attempt_timeout: Option<Duration>,
 }
 
 impl InstanceSettings {
     /// The keys of an instance table that belong to the hub rather than to the destination.
-    pub const KEYS: [&'static str; 5] = [
+    pub const KEYS: [&'static str; 6] = [
         "retry",
         "batch",
         "concurrency",
         "max_payload_bytes",
         "queue",
+        "attempt_timeout",
     ];
     /// Default for [`concurrency`](Self::concurrency).
     pub const DEFAULT_CONCURRENCY: usize = 256;

@@ -53,6 +53,21 @@ pub trait Destination: Any + Send + Sync {
         None
     }
 
+    /// Which target a payload goes to (the HTTP destination names `host:port`), for
+    /// [`per_target_concurrency`](Self::per_target_concurrency). A batch waiting for a busy
+    /// target holds no delivery slot of the instance, so one slow target never holds up the
+    /// others. Batches take the target of their first payload (a destination that names
+    /// targets should batch within one). Default: none (one target for everything).
+    fn target(&self, _payload: &[u8]) -> Option<String> {
+        None
+    }
+
+    /// The most batches delivered to one [`target`](Self::target) at once. Default: no limit
+    /// of its own.
+    fn per_target_concurrency(&self) -> Option<usize> {
+        None
+    }
+
     /// Deliver one batch and say, per envelope, what happened.
     async fn deliver(&self, batch: &Batch) -> BatchOutcome;
 

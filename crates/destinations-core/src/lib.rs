@@ -45,6 +45,7 @@ pub mod policy;
 pub mod queue;
 pub mod registry;
 pub mod run;
+pub mod secret;
 pub mod status;
 
 pub use inventory;

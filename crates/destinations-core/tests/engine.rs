@@ -949,3 +949,44 @@ async fn a_retry_budget_ages_on_the_monotonic_clock() {
     );
     hub.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_attempt_that_never_ends_is_cut_short_and_frees_its_slot() {
+    // Two slots, three sends to a destination that never answers: without a bound the third
+    // would never be attempted (review C9).
+    let d = Scripted::hanging();
+    let settings = InstanceSettings {
+        concurrency: Some(2),
+        attempt_timeout: Some(Duration::from_secs(10)),
+        retry: RetryPolicy {
+            max_attempts: 2,
+            ..RetryPolicy::default()
+        },
+        ..InstanceSettings::default()
+    };
+    let hub = hub(d.clone(), settings, HubConfig::default());
+    let ids: Vec<EventId> = (0..3).map(|n| send(&hub, n)).collect();
+    for id in ids {
+        let status = final_status(&hub, id).await;
+        assert_eq!(status.state, State::Dead, "{status:?}");
+        let reason = status.last_error.unwrap_or_default();
+        assert!(
+            reason.starts_with("gave up after 2 attempts")
+                && reason.contains("did not end within attempt_timeout (10s)"),
+            "{reason}"
+        );
+    }
+    assert_eq!(d.attempts().len(), 6, "every send was attempted twice");
+    hub.shutdown_within(Duration::from_secs(1)).await;
+}
+
+#[test]
+fn the_hub_bounds_every_attempt_by_default() {
+    assert_eq!(
+        HubConfig::default().attempt_timeout,
+        Duration::from_secs(300)
+    );
+    let settings: InstanceSettings =
+        serde_json::from_value(json!({"attempt_timeout": "2s"})).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(settings.attempt_timeout, Some(Duration::from_secs(2)));
+}

@@ -481,6 +481,34 @@ impl Destination for EmitDestination {
         }
     }
 
+    /// A delivery's listener: a webhook's `host:port` (limited like the HTTP destination's
+    /// hosts), or the in-process listener by name. One listener that hangs or one webhook
+    /// host that stalls then holds only its own slots.
+    fn target(&self, payload: &[u8]) -> Option<String> {
+        #[derive(Deserialize)]
+        struct ListenerOnly {
+            #[serde(rename = "$delivery")]
+            delivery: ListenerId,
+        }
+        #[derive(Deserialize)]
+        struct ListenerId {
+            listener_id: String,
+        }
+        let listener = serde_json::from_slice::<ListenerOnly>(payload)
+            .ok()?
+            .delivery
+            .listener_id;
+        if is_webhook(&listener) {
+            HttpDestination::host_of(&listener)
+        } else {
+            Some(format!("listener {listener}"))
+        }
+    }
+
+    fn per_target_concurrency(&self) -> Option<usize> {
+        Some(self.webhooks.per_host_concurrency())
+    }
+
     async fn deliver(&self, batch: &Batch) -> BatchOutcome {
         let mut reports = Vec::with_capacity(batch.len());
         for envelope in batch.envelopes() {

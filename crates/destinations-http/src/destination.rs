@@ -14,7 +14,6 @@ use reqwest::{Client, StatusCode, redirect};
 
 use crate::KIND;
 use crate::guard::{AddressGuard, GuardedResolver, Refused};
-use crate::host_limit::PerHostLimit;
 use crate::options::HttpOptions;
 use crate::request::{Body, HttpRequest};
 use crate::signing::WebhookSigner;
@@ -29,7 +28,7 @@ pub struct HttpDestination {
     client: Client,
     guard: Arc<AddressGuard>,
     signer: Option<WebhookSigner>,
-    per_host: PerHostLimit,
+    per_host_concurrency: usize,
     timeout: Duration,
 }
 
@@ -43,6 +42,9 @@ impl HttpDestination {
             Some(WebhookSigner::new(&options.signing_secrets).map_err(|e| e.to_string())?)
         };
         let client = Client::builder()
+            // Never through a proxy from the environment: a proxy resolves the target itself,
+            // out of the guard's sight (HTTP_PROXY would turn every host name into a way in).
+            .no_proxy()
             .timeout(options.timeout)
             .redirect(redirect_policy(options.follow_redirects, guard.clone()))
             .dns_resolver(Arc::new(GuardedResolver {
@@ -57,7 +59,7 @@ impl HttpDestination {
             client,
             guard,
             signer,
-            per_host: PerHostLimit::new(options.per_host_concurrency),
+            per_host_concurrency: options.per_host_concurrency.max(1),
             timeout: options.timeout,
         })
     }
@@ -71,6 +73,32 @@ impl HttpDestination {
         Self::new(options)
             .map(|d| Arc::new(d) as Arc<dyn Destination>)
             .map_err(|message| ConfigError::new(instance, message))
+    }
+
+    /// The `host:port` a stored request goes to: the target the hub limits to
+    /// `per_host_concurrency` attempts at once.
+    pub fn target_of(payload: &[u8]) -> Option<String> {
+        #[derive(serde::Deserialize)]
+        struct UrlOnly<'a> {
+            #[serde(borrow)]
+            url: std::borrow::Cow<'a, str>,
+        }
+        Self::host_of(&serde_json::from_slice::<UrlOnly<'_>>(payload).ok()?.url)
+    }
+
+    /// The `host:port` of a URL.
+    pub fn host_of(url: &str) -> Option<String> {
+        let url = url::Url::parse(url).ok()?;
+        Some(format!(
+            "{}:{}",
+            url.host_str()?,
+            url.port_or_known_default().unwrap_or(0)
+        ))
+    }
+
+    /// The most requests at once to one host.
+    pub fn per_host_concurrency(&self) -> usize {
+        self.per_host_concurrency
     }
 
     async fn deliver_one(&self, envelope: &Envelope) -> Report {
@@ -89,13 +117,6 @@ impl HttpDestination {
         if let Err(refused) = self.guard.check_url(&url) {
             return Report::failed(refused.to_string());
         }
-        let host_key = format!(
-            "{}:{}",
-            url.host_str().unwrap_or_default(),
-            url.port_or_known_default().unwrap_or(0)
-        );
-        let _slot = self.per_host.acquire(&host_key).await;
-
         let (headers, body) = match self.headers_and_body(&request, envelope, body) {
             Ok(parts) => parts,
             Err(e) => return Report::failed(e.to_string()),
@@ -207,6 +228,14 @@ impl Destination for HttpDestination {
 
     fn validate(&self, payload: &[u8]) -> Result<(), InvalidPayload> {
         parse_strict::<HttpRequest>(payload)?.check()
+    }
+
+    fn target(&self, payload: &[u8]) -> Option<String> {
+        Self::target_of(payload)
+    }
+
+    fn per_target_concurrency(&self) -> Option<usize> {
+        Some(self.per_host_concurrency)
     }
 
     async fn deliver(&self, batch: &Batch) -> BatchOutcome {

@@ -16,7 +16,6 @@
 
 mod destination;
 mod guard;
-mod host_limit;
 mod options;
 mod request;
 mod signing;

@@ -499,3 +499,67 @@ async fn instances_build_from_config_through_the_registry() {
     assert!(error.contains("whsec_"), "{error}");
     hub.shutdown().await;
 }
+
+/// A host that accepts connections and never answers holds only its own slots: with every
+/// one of them taken and thousands more sends waiting for it, a send to another host is
+/// delivered at once (review C4).
+#[tokio::test]
+async fn a_stalled_host_never_holds_up_another() {
+    let stalled = Receiver::scripted(|_| {
+        Reply::After(Duration::from_secs(3600), Box::new(Reply::Status(200)))
+    })
+    .await;
+    let healthy = Receiver::start().await;
+    let options = HttpOptions {
+        per_host_concurrency: 2,
+        timeout: Duration::from_secs(3600),
+        ..HttpOptions::allowing_loopback()
+    };
+    let destination =
+        destinations_http::HttpDestination::new(options).unwrap_or_else(|e| panic!("{e}"));
+    let hub = Hub::builder()
+        .destination(
+            "http",
+            Arc::new(destination),
+            InstanceSettings {
+                concurrency: Some(4),
+                ..InstanceSettings::default()
+            },
+        )
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let sender = hub.sender();
+    // More than the dispatcher holds waiting (4 096): the rest go back to the queue.
+    let waiting: Vec<EventId> = (0..5000)
+        .map(|n| {
+            sender
+                .http(HttpRequest::post(stalled.url("/stalled")).json(&json!({"n": n})))
+                .unwrap_or_else(|e| panic!("{e}"))
+        })
+        .collect();
+    stalled.wait_for_requests(2, WITHIN).await;
+    let id = sender
+        .http(HttpRequest::post(healthy.url("/healthy")))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let status = hub
+        .wait_final(id, WITHIN)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("no status"));
+    assert_eq!(status.state, State::Delivered, "{status:?}");
+    assert_eq!(
+        stalled.requests().len(),
+        2,
+        "the stalled host never had more than its 2 slots"
+    );
+    // Those that waited were not attempted, so their retry budget is whole.
+    for id in &waiting[2..] {
+        let status = destinations_testkit::status(&hub, *id).await;
+        assert_eq!(status.attempts, 0, "{status:?}");
+        assert!(
+            matches!(status.state, State::Queued | State::Retrying),
+            "{status:?}"
+        );
+    }
+    hub.shutdown_within(Duration::from_millis(100)).await;
+}

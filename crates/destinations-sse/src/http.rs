@@ -100,7 +100,7 @@ fn open(
         let bearer = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(destinations_core::secret::bearer_token);
         let Some(given) = query.token.as_deref().or(bearer) else {
             return Err(Refusal(
                 StatusCode::UNAUTHORIZED,
@@ -112,7 +112,7 @@ fn open(
         };
         if !accepted
             .iter()
-            .any(|token| constant_time_eq(token.as_bytes(), given.as_bytes()))
+            .any(|token| destinations_core::secret::tokens_match(given, token))
         {
             return Err(Refusal(
                 StatusCode::FORBIDDEN,
@@ -242,8 +242,4 @@ impl IntoResponse for Refusal {
         let body = serde_json::json!({"error": {"code": code, "message": message}});
         (status, axum::Json(body)).into_response()
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -93,8 +93,12 @@ impl SseOptions {
             }
         }
         for (stream, tokens) in &self.tokens {
-            if tokens.iter().any(String::is_empty) || tokens.is_empty() {
-                return Err(format!("`tokens.{stream}` must list non-empty tokens"));
+            if tokens.is_empty() {
+                return Err(format!("`tokens.{stream}` must list at least one token"));
+            }
+            for (index, token) in tokens.iter().enumerate() {
+                destinations_core::secret::check_token(token)
+                    .map_err(|why| format!("`tokens.{stream}[{index}]` {why}"))?;
             }
         }
         Ok(())

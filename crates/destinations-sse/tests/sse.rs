@@ -228,7 +228,9 @@ async fn a_stalled_reader_is_cut_off_while_a_fast_one_receives_everything() {
 
 #[tokio::test]
 async fn read_tokens_refuse_and_admit() {
-    let (hub, base) = serve(json!({"tokens": {"private": ["t-123", "t-456"]}})).await;
+    let (hub, base) =
+        serve(json!({"tokens": {"private": ["t-123-read-token-one", "t-456-read-token-two"]}}))
+            .await;
     let http = reqwest::Client::new();
     let status = |headers: &'static [(&'static str, &'static str)], query: &'static str| {
         let http = http.clone();
@@ -239,11 +241,19 @@ async fn read_tokens_refuse_and_admit() {
     assert_eq!(status(&[], "?token=wrong").await, 403, "a wrong token");
     assert_eq!(status(&[("authorization", "Bearer nope")], "").await, 403);
     assert_eq!(
-        status(&[], "?token=t-456").await,
+        status(&[], "?token=t-456-read-token-two").await,
         200,
         "?token= for EventSource"
     );
-    assert_eq!(status(&[("authorization", "Bearer t-123")], "").await, 200);
+    assert_eq!(
+        status(&[("authorization", "Bearer t-123-read-token-one")], "").await,
+        200
+    );
+    assert_eq!(
+        status(&[("authorization", "bearer t-123-read-token-one")], "").await,
+        200,
+        "the scheme in any case (RFC 9110)"
+    );
     assert_eq!(
         SseClient::connect(&http, &format!("{base}/public"), &[])
             .await
@@ -254,7 +264,12 @@ async fn read_tokens_refuse_and_admit() {
     let (code, _) = SseClient::connect(&http, &format!("{base}/bad%20name"), &[]).await;
     assert_eq!(code, 400);
     publish(&hub, "private", 0..1).await;
-    let mut client = SseClient::open(&http, &format!("{base}/private?token=t-123"), &[]).await;
+    let mut client = SseClient::open(
+        &http,
+        &format!("{base}/private?token=t-123-read-token-one"),
+        &[],
+    )
+    .await;
     assert_eq!(read(&mut client, 1).await[0].0, 0);
     hub.shutdown().await;
 }
@@ -390,12 +405,14 @@ async fn events_arrive_in_a_real_browser() {
         .map(|a| a.port())
         .unwrap_or_else(|e| panic!("{e}"));
     let page_origin = format!("http://127.0.0.1:{page_port}");
-    let (hub, base) =
-        serve(json!({"cors_origins": [page_origin], "tokens": {"browser": ["b-token"]}})).await;
+    let (hub, base) = serve(
+        json!({"cors_origins": [page_origin], "tokens": {"browser": ["b-token-for-the-browser"]}}),
+    )
+    .await;
     let page = format!(
         r#"<!doctype html><meta charset="utf-8"><title>sse</title><script>
         const report = (body) => fetch("/report", {{method: "POST", body: JSON.stringify(body)}});
-        const source = new EventSource("{base}/browser?token=b-token");
+        const source = new EventSource("{base}/browser?token=b-token-for-the-browser");
         source.onopen = () => report({{open: true}});
         let seq = 0;
         source.addEventListener("tick", (e) => report({{seq: ++seq, id: e.lastEventId, data: JSON.parse(e.data)}}));
@@ -479,4 +496,18 @@ async fn events_arrive_in_a_real_browser() {
         .collect();
     assert_eq!(events, expected, "each event, in order, with its id");
     hub.shutdown().await;
+}
+
+#[test]
+fn short_read_tokens_are_refused_at_load_naming_the_entry() {
+    let table = json!({"kind": "sse", "tokens": {"orders": ["a-long-enough-read-token", ""]}});
+    let config = InstanceConfig::from_table("sse", table).unwrap_or_else(|e| panic!("{e}"));
+    let refused = Hub::builder()
+        .config(HubConfig::default())
+        .configured(&Registry::linked(), "sse", config)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_else(|| panic!("an empty token was accepted"));
+    assert!(refused.contains("`tokens.orders[1]`"), "{refused}");
+    assert!(refused.contains("at least 16"), "{refused}");
 }

@@ -80,6 +80,7 @@ pub struct Receiver {
     addr: SocketAddr,
     record: Arc<Mutex<Record>>,
     accepted: watch::Receiver<usize>,
+    arrived: watch::Receiver<usize>,
     task: JoinHandle<()>,
 }
 
@@ -126,17 +127,21 @@ impl Receiver {
             .unwrap_or_else(|e| panic!("receiver has no address: {e}"));
         let record = Arc::new(Mutex::new(Record::default()));
         let (accepted_tx, accepted) = watch::channel(0usize);
-        let accepted_tx = Arc::new(accepted_tx);
-        let state = (record.clone(), script, accepted_tx);
+        let (arrived_tx, arrived) = watch::channel(0usize);
+        let counts = Arc::new(Counts {
+            accepted: accepted_tx,
+            arrived: arrived_tx,
+        });
+        let state = (record.clone(), script, counts);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (record, script, accepted_tx) = state.clone();
+                let (record, script, counts) = state.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request| {
-                        handle(request, record.clone(), script.clone(), accepted_tx.clone())
+                        handle(request, record.clone(), script.clone(), counts.clone())
                     });
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -148,6 +153,7 @@ impl Receiver {
             addr,
             record,
             accepted,
+            arrived,
             task,
         }
     }
@@ -190,6 +196,19 @@ impl Receiver {
         }
     }
 
+    /// Wait until `count` requests arrived, answered or not. Panics after `within` (a guard
+    /// against hanging forever, not a timing assertion).
+    pub async fn wait_for_requests(&self, count: usize, within: Duration) {
+        let mut arrived = self.arrived.clone();
+        let waited = tokio::time::timeout(within, arrived.wait_for(|n| *n >= count)).await;
+        if waited.is_err() {
+            panic!(
+                "{} requests arrived within {within:?}, expected {count}",
+                self.lock().requests.len()
+            );
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Record> {
         self.record.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -213,11 +232,17 @@ impl std::fmt::Display for DropConnection {
 
 impl std::error::Error for DropConnection {}
 
+/// What waiters watch: requests arrived, distinct keys accepted.
+struct Counts {
+    accepted: watch::Sender<usize>,
+    arrived: watch::Sender<usize>,
+}
+
 async fn handle(
     request: Request<Incoming>,
     record: Arc<Mutex<Record>>,
     script: Script,
-    accepted_tx: Arc<watch::Sender<usize>>,
+    counts: Arc<Counts>,
 ) -> Result<Response<Full<Bytes>>, DropConnection> {
     let (parts, body) = request.into_parts();
     let body = body
@@ -259,6 +284,7 @@ async fn handle(
             attempt,
         };
         record.requests.push(received.clone());
+        counts.arrived.send_replace(record.requests.len());
         received
     };
     let mut reply = script(&received);
@@ -276,7 +302,7 @@ async fn handle(
                     String::new(),
                     &received,
                     &record,
-                    &accepted_tx,
+                    &counts.accepted,
                 ));
             }
             Reply::Full(code, headers, body) => {
@@ -286,7 +312,7 @@ async fn handle(
                     body,
                     &received,
                     &record,
-                    &accepted_tx,
+                    &counts.accepted,
                 ));
             }
         }

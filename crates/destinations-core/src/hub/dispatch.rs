@@ -5,8 +5,8 @@
 //! in one settlement. Retry timing and attempt counts live in the queue; the dispatcher only
 //! decides, with the instance's retry policy, when the next attempt should be.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -30,11 +30,17 @@ use crate::queue::{Leased, QueueConsumer, RetryBatch, Settled, Settlement};
 /// The most envelopes leased at once.
 const LEASE: usize = 256;
 
+/// The most envelopes held waiting for busy targets; past it, a batch for a busy target goes
+/// back to the queue, due again later, without counting an attempt.
+const PARKED_MAX: usize = 4096;
+
 /// What a dispatcher's delivery tasks share.
 struct Lane {
     name: Arc<str>,
     destination: Arc<dyn Destination>,
     retry: RetryPolicy,
+    /// The longest one attempt may take.
+    attempt_timeout: Duration,
     hub: Arc<HubShared>,
     metrics: InstanceMetrics,
     consumer: Arc<dyn QueueConsumer>,
@@ -46,6 +52,28 @@ struct Lane {
     attempts: AtomicUsize,
     /// Signalled when the last attempt under way ends.
     idle: Notify,
+    /// Told the target of each attempt that ends, to start what waits for it.
+    target_done: mpsc::UnboundedSender<String>,
+}
+
+/// A target's slot, held for the length of an attempt; its end is reported to the dispatcher.
+struct TargetSlot {
+    target: String,
+    done: mpsc::UnboundedSender<String>,
+}
+
+impl Drop for TargetSlot {
+    fn drop(&mut self) {
+        let _ = self.done.send(std::mem::take(&mut self.target));
+    }
+}
+
+/// One target's attempts under way and the batches waiting for it.
+struct Target {
+    busy: usize,
+    waiting: VecDeque<Vec<Envelope>>,
+    /// When an attempt to it last ended (or it was first seen).
+    progressed: tokio::time::Instant,
 }
 
 /// Counts an attempt under way for as long as it lives, however it ends.
@@ -69,6 +97,14 @@ pub(super) struct Dispatcher {
     /// The earliest deadline among the open batches.
     next_deadline: Option<tokio::time::Instant>,
     lifecycle: watch::Receiver<Lifecycle>,
+    /// The most attempts at once to one target, if the destination names targets.
+    per_target: Option<usize>,
+    /// Targets with attempts under way, and what waits for them.
+    targets: HashMap<String, Target>,
+    /// Envelopes waiting for a busy target, across targets.
+    parked: usize,
+    /// The targets of attempts that ended.
+    target_done: mpsc::UnboundedReceiver<String>,
 }
 
 /// A batch still filling: flushed when full or when its deadline passes.
@@ -94,10 +130,16 @@ impl Dispatcher {
             .unwrap_or(InstanceSettings::DEFAULT_CONCURRENCY)
             .min(destination.max_concurrency().unwrap_or(usize::MAX))
             .max(1);
+        let per_target = destination.per_target_concurrency().map(|n| n.max(1));
+        let (done_tx, target_done) = mpsc::unbounded_channel();
         let lane = Arc::new(Lane {
             name: name.clone(),
             destination,
             retry: settings.retry,
+            attempt_timeout: settings
+                .attempt_timeout
+                .unwrap_or(hub.config.attempt_timeout)
+                .max(Duration::from_millis(1)),
             hub: hub.clone(),
             metrics: instance.metrics.clone(),
             consumer: instance.consumer.clone(),
@@ -105,6 +147,7 @@ impl Dispatcher {
             durable: hub.queue.durability().is_durable(),
             attempts: AtomicUsize::new(0),
             idle: Notify::new(),
+            target_done: done_tx,
         });
         let leases = lease_task(lane.consumer.clone());
         let dispatcher = Self {
@@ -114,6 +157,10 @@ impl Dispatcher {
             open: HashMap::new(),
             next_deadline: None,
             lifecycle: hub.lifecycle.subscribe(),
+            per_target,
+            targets: HashMap::new(),
+            parked: 0,
+            target_done,
         };
         tokio::spawn(dispatcher.run())
     }
@@ -135,6 +182,7 @@ impl Dispatcher {
                         self.intake_closed().await;
                     }
                 },
+                Some(target) = self.target_done.recv() => self.target_freed(target).await,
                 () = sleep_until(self.next_deadline), if self.next_deadline.is_some() => self.flush_due().await,
                 Ok(()) = self.lifecycle.changed() => {
                     if *self.lifecycle.borrow_and_update() == Lifecycle::Draining {
@@ -145,6 +193,7 @@ impl Dispatcher {
             }
             if !intake_open
                 && self.open.is_empty()
+                && self.parked == 0
                 && self.lane.attempts.load(Ordering::Acquire) == 0
             {
                 break;
@@ -172,6 +221,23 @@ impl Dispatcher {
                 tracing::error!(destination = %self.lane.name, id = %envelope.id, "the destination panicked naming a batch group; the send is batched in the default group");
                 None
             })
+    }
+
+    /// Which target a batch goes to, when the destination limits attempts per target; one
+    /// that panics naming it delivers the batch without a target's limit.
+    fn target_of(&self, envelopes: &[Envelope]) -> Option<String> {
+        self.per_target?;
+        let first = envelopes.first()?;
+        let destination = &self.lane.destination;
+        std::panic::catch_unwind(AssertUnwindSafe(|| destination.target(&first.payload)))
+            .unwrap_or_else(|_| {
+                tracing::error!(destination = %self.name(), id = %first.id, "the destination panicked naming a target");
+                None
+            })
+    }
+
+    fn name(&self) -> &str {
+        &self.lane.name
     }
 
     fn draining(&self) -> bool {
@@ -249,8 +315,58 @@ impl Dispatcher {
         }
     }
 
-    /// Wait for a concurrency slot, then deliver in a task of its own.
+    /// Deliver a batch: at once if its target has a free slot (then waiting for one of the
+    /// instance's), else once the target frees one — without holding an instance slot
+    /// meanwhile.
     async fn deliver(&mut self, envelopes: Vec<Envelope>) {
+        let target = self.target_of(&envelopes);
+        if let (Some(limit), Some(key)) = (self.per_target, &target) {
+            let now = tokio::time::Instant::now();
+            let draining = self.draining();
+            let state = self.targets.entry(key.clone()).or_insert_with(|| Target {
+                busy: 0,
+                waiting: VecDeque::new(),
+                progressed: now,
+            });
+            if state.busy >= limit {
+                if self.parked + envelopes.len() > PARKED_MAX && !draining {
+                    let stalled = now - state.progressed;
+                    self.lane.defer(envelopes, key, limit, stalled).await;
+                } else {
+                    self.parked += envelopes.len();
+                    state.waiting.push_back(envelopes);
+                }
+                return;
+            }
+            state.busy += 1;
+        }
+        self.begin(envelopes, target).await;
+    }
+
+    /// An attempt to `target` ended: start the next batch waiting for it.
+    async fn target_freed(&mut self, target: String) {
+        let Some(state) = self.targets.get_mut(&target) else {
+            return;
+        };
+        state.busy = state.busy.saturating_sub(1);
+        state.progressed = tokio::time::Instant::now();
+        if let Some(next) = state.waiting.pop_front() {
+            state.busy += 1;
+            self.parked -= next.len();
+            self.begin(next, Some(target)).await;
+        } else if state.busy == 0 {
+            self.targets.remove(&target);
+        }
+    }
+
+    /// Wait for a concurrency slot of the instance, then deliver in a task of its own.
+    async fn begin(&mut self, envelopes: Vec<Envelope>, target: Option<String>) {
+        let slot = target
+            .filter(|_| self.per_target.is_some())
+            .map(|target| TargetSlot {
+                target,
+                done: self.lane.target_done.clone(),
+            });
         let permit = self.lane.concurrency.clone().acquire_owned().await;
         let Ok(permit) = permit else { return };
         self.lane.attempts.fetch_add(1, Ordering::AcqRel);
@@ -258,6 +374,8 @@ impl Dispatcher {
         tokio::spawn(async move {
             let lane = under_way.0.clone();
             lane.attempt(envelopes, permit).await;
+            // The target's next batch is started before this attempt stops counting.
+            drop(slot);
             drop(under_way);
         });
     }
@@ -325,13 +443,22 @@ impl Lane {
         let delivery =
             collector.scope(AssertUnwindSafe(self.destination.deliver(&batch)).catch_unwind());
         let outcome = tokio::select! {
-            // A destination (or a listener it calls) that panics must not take the batch with
-            // it: the batch is retried like any transient failure.
-            outcome = delivery => Some(outcome.unwrap_or_else(|panic| {
-                let what = panic_message(panic.as_ref());
-                tracing::error!(destination = %self.name, %what, "the destination panicked while delivering");
-                BatchOutcome::All(Report::retry(format!("the destination panicked while delivering: {what}")))
-            })),
+            outcome = tokio::time::timeout(self.attempt_timeout, delivery) => Some(match outcome {
+                Ok(Ok(outcome)) => outcome,
+                // A destination (or a listener it calls) that panics must not take the batch
+                // with it: the batch is retried like any transient failure.
+                Ok(Err(panic)) => {
+                    let what = panic_message(panic.as_ref());
+                    tracing::error!(destination = %self.name, %what, "the destination panicked while delivering");
+                    BatchOutcome::All(Report::retry(format!("the destination panicked while delivering: {what}")))
+                }
+                // A destination that never answers must not hold a delivery slot forever.
+                Err(_) => {
+                    let limit = humantime::format_duration(self.attempt_timeout);
+                    tracing::warn!(destination = %self.name, %limit, count, "a delivery attempt was cut short at attempt_timeout");
+                    BatchOutcome::All(Report::retry(format!("the attempt did not end within attempt_timeout ({limit}); its result is unknown, so it is tried again")))
+                }
+            }),
             () = given_up(lifecycle) => None,
         };
         let envelopes = batch.into_envelopes();
@@ -515,6 +642,36 @@ impl Lane {
             .increment(settlement.delivered.len() as u64);
         self.metrics.dead.increment(settlement.dead.len() as u64);
         self.hub.capacity.release(&finished);
+    }
+
+    /// Hand a batch for a busy target back to the queue, due again after a wait as long as
+    /// the target has gone without an attempt ending (1 s to 1 min), its attempt count
+    /// unchanged: it was not attempted.
+    async fn defer(&self, envelopes: Vec<Envelope>, target: &str, limit: usize, stalled: Duration) {
+        let wait = stalled.clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let error = format!(
+            "not attempted yet: waiting for `{target}`, which has {limit} attempts under way"
+        );
+        tracing::debug!(destination = %self.name, count = envelopes.len(), %target, ?wait, "deferred behind a busy target");
+        let sends = envelopes
+            .into_iter()
+            .map(|envelope| Settled {
+                envelope,
+                error: Some(error.clone()),
+                response: None,
+            })
+            .collect();
+        let settlement = Settlement {
+            retry: Some(RetryBatch {
+                sends,
+                wait,
+                at: SystemTime::now()
+                    .checked_add(wait)
+                    .unwrap_or_else(SystemTime::now),
+            }),
+            ..Settlement::default()
+        };
+        self.settle(settlement).await;
     }
 
     /// The shutdown deadline passed with these envelopes in hand: a memory queue dead-letters

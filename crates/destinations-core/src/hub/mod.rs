@@ -52,6 +52,11 @@ pub struct HubConfig {
     /// queue to drain) before giving up on them.
     #[serde(with = "duration_text")]
     pub shutdown_timeout: Duration,
+    /// The longest one delivery attempt may take, whatever the destination (default 5 min;
+    /// an instance's `attempt_timeout` overrides it). An attempt cut short is tried again:
+    /// its result is unknown.
+    #[serde(with = "duration_text")]
+    pub attempt_timeout: Duration,
 }
 
 impl Default for HubConfig {
@@ -63,6 +68,7 @@ impl Default for HubConfig {
             dead_letter_capacity: 10_000,
             on_run_error: OnRunError::Discard,
             shutdown_timeout: Duration::from_secs(30),
+            attempt_timeout: Duration::from_secs(300),
         }
     }
 }
