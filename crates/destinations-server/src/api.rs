@@ -70,8 +70,8 @@ async fn require_token(State(state): Shared, request: Request, next: Next) -> Re
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if !given.is_some_and(|given| constant_time_eq(given.as_bytes(), expected.as_bytes())) {
+            .and_then(destinations::secret::bearer_token);
+        if !given.is_some_and(|given| destinations::secret::tokens_match(given, expected)) {
             return ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
@@ -83,18 +83,23 @@ async fn require_token(State(state): Shared, request: Request, next: Next) -> Re
     next.run(request).await
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// Read the body, up to the server's limit; 413 past it.
 async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(body, state.max_request_bytes)
         .await
         .map_err(|error| {
-            let too_large = std::error::Error::source(&error)
-                .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
-            if too_large {
+            let causes =
+                || std::iter::successors(std::error::Error::source(&error), |e| e.source());
+            let too_large = causes().any(|cause| cause.is::<http_body_util::LengthLimitError>());
+            if let Some(timed_out) =
+                causes().find_map(|cause| cause.downcast_ref::<crate::listener::BodyTimedOut>())
+            {
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    timed_out.to_string(),
+                )
+            } else if too_large {
                 ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "payload_too_large",

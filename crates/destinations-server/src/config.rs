@@ -16,16 +16,26 @@ pub(crate) const EMBEDDED_DEFAULTS: &str = include_str!("../destinations.default
 /// `DESTINATIONS__HUB__SHUTDOWN_TIMEOUT`, `DESTINATIONS__DESTINATIONS__HTTP__TIMEOUT`.
 pub(crate) const ENV_PREFIX: &str = "DESTINATIONS__";
 
-/// The whole server configuration.
-#[derive(Debug, Deserialize)]
+/// The whole server configuration. Its `Debug` shows no secret (tokens, passwords and keys
+/// live in `api_token` and the destination tables).
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ServerConfig {
     /// Address to listen on (default `127.0.0.1:8080`).
     #[serde(default = "default_listen")]
     pub(crate) listen: SocketAddr,
-    /// If set, `/v1/*` requires `Authorization: Bearer <api_token>`.
+    /// If set, `/v1/*` requires `Authorization: Bearer <api_token>`. Required to listen beyond
+    /// loopback.
     #[serde(default)]
     pub(crate) api_token: Option<String>,
+    /// `Host` names the server answers to besides loopback names (on loopback) — and, when set,
+    /// the only ones it answers to beyond loopback.
+    #[serde(default)]
+    pub(crate) allowed_hosts: Vec<String>,
+    /// How long clients may take to send a request, how many may be connected, how long a
+    /// stopping server waits for requests under way (`[clients]`).
+    #[serde(default)]
+    pub(crate) clients: crate::listener::ClientLimits,
     /// Largest request body accepted, in bytes (default 16 MiB).
     #[serde(default = "default_max_request_bytes")]
     pub(crate) max_request_bytes: usize,
@@ -40,6 +50,24 @@ pub(crate) struct ServerConfig {
     /// Destination instances by name: `[destinations.NAME]` with `kind` and its options.
     #[serde(default)]
     pub(crate) destinations: BTreeMap<String, toml::Value>,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("listen", &self.listen)
+            .field("api_token", &self.api_token.as_ref().map(|_| "<set>"))
+            .field("allowed_hosts", &self.allowed_hosts)
+            .field("clients", &self.clients)
+            .field("max_request_bytes", &self.max_request_bytes)
+            .field("data_dir", &self.data_dir)
+            .field("queue", &self.hub.queue.kind)
+            .field(
+                "destinations",
+                &self.destinations.keys().collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 fn default_listen() -> SocketAddr {
@@ -135,6 +163,30 @@ impl ServerConfig {
             );
         }
         Ok((config, source))
+    }
+
+    /// Refuse what would leave the server open: a token too short to be one, or listening
+    /// beyond loopback with no token (anyone who reaches the port could send anywhere the
+    /// destinations reach, and read dead letters).
+    pub(crate) fn check_exposure(&self, listen: SocketAddr) -> anyhow::Result<()> {
+        if let Some(token) = &self.api_token {
+            destinations::secret::check_token(token)
+                .map_err(|why| anyhow::anyhow!("`api_token` {why}"))?;
+        }
+        if !listen.ip().is_loopback() && self.api_token.is_none() {
+            bail!(
+                "refusing to listen on {listen} without an API token: beyond loopback, anyone who reaches the port could make the server send requests and read dead letters. Set `api_token` (or DESTINATIONS__API_TOKEN) to a long random value, e.g. `openssl rand -hex 32`, or listen on 127.0.0.1"
+            );
+        }
+        self.clients.check().map_err(anyhow::Error::msg)?;
+        for host in &self.allowed_hosts {
+            if host.is_empty() || host.contains(['/', ':', ' ', '@']) {
+                bail!(
+                    "`allowed_hosts` holds `{host}`: list host names only (no scheme, port or path)"
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The queue file, for a sqlite queue.

@@ -4,7 +4,9 @@ mod api;
 mod client;
 mod config;
 mod error;
+mod listener;
 mod receive;
+mod request_guard;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -254,6 +256,7 @@ fn check(config: &ConfigArg) -> anyhow::Result<()> {
     let registry = destinations::registry();
     println!("config: {source}");
     println!("listen: {}", config.listen);
+    config.check_exposure(config.listen)?;
     println!(
         "api token: {}",
         if config.api_token.is_some() {
@@ -371,6 +374,7 @@ async fn serve(config: &ConfigArg, listen: Option<SocketAddr>) -> anyhow::Result
     let waiting = hub.queue_depth().events;
     tracing::info!(queue = %hub.queue_description(), waiting, "queue open");
     let listen = listen.unwrap_or(config.listen);
+    config.check_exposure(listen)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -393,16 +397,34 @@ async fn serve(config: &ConfigArg, listen: Option<SocketAddr>) -> anyhow::Result
     let streams = destinations::sse::routes(&hub).map_err(anyhow::Error::msg)?;
     // The subscriptions API is part of the API, behind its token.
     let subscriptions = destinations::emit::routes(&hub).map_err(anyhow::Error::msg)?;
-    let app = api::router(state, subscriptions).merge(streams);
+    let guard = Arc::new(request_guard::RequestGuard::new(
+        local,
+        &config.allowed_hosts,
+    ));
+    let app = api::router(state, subscriptions)
+        .merge(streams)
+        .layer(axum::middleware::from_fn_with_state(
+            config.clients.body_timeout,
+            listener::bodies_within,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            guard,
+            request_guard::guard_requests,
+        ));
     let stopping = hub.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            // Subscribers never hang up by themselves: end their responses so the server can stop.
-            destinations::sse::close(&stopping);
-        })
-        .await
-        .context("the server failed")?;
+    let closed = listener::serve(listener, app, config.clients, async move {
+        shutdown_signal().await;
+        tracing::info!("stopping: no new connections; letting requests under way finish");
+        // Subscribers never hang up by themselves: end their responses so the server can stop.
+        destinations::sse::close(&stopping);
+    })
+    .await;
+    if closed > 0 {
+        tracing::warn!(
+            closed,
+            "closed connections still busy at the drain deadline (clients.drain_timeout)"
+        );
+    }
     tracing::info!("stopped taking requests; finishing what is under way");
     let report = hub.shutdown().await;
     if report.kept > 0 {

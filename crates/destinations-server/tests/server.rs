@@ -129,12 +129,16 @@ async fn embedded_defaults_write_emails_to_the_outbox() {
 #[tokio::test]
 async fn embedded_defaults_stream_sse_sends_to_subscribers_and_stop_cleanly() {
     // An API token guards the API, not the streams (they have read tokens of their own).
-    let server = Server::start_with(None, &[("DESTINATIONS__API_TOKEN", "api-secret")]).await;
+    let server = Server::start_with(
+        None,
+        &[("DESTINATIONS__API_TOKEN", "api-secret-for-tests-0001")],
+    )
+    .await;
     let http = reqwest::Client::new();
     let mut stream = SseClient::open(&http, &format!("{}/v1/sse/default", server.base), &[]).await;
     let response = http
         .post(format!("{}/v1/send/sse", server.base))
-        .bearer_auth("api-secret")
+        .bearer_auth("api-secret-for-tests-0001")
         .json(&json!({"channel": "greeting", "payload": {"hello": "world"}}))
         .send()
         .await
@@ -239,13 +243,17 @@ async fn subscriptions_and_emits_over_the_api() {
 
 #[tokio::test]
 async fn the_api_token_guards_subscriptions_too() {
-    let server = Server::start_with(None, &[("DESTINATIONS__API_TOKEN", "api-secret")]).await;
+    let server = Server::start_with(
+        None,
+        &[("DESTINATIONS__API_TOKEN", "api-secret-for-tests-0001")],
+    )
+    .await;
     let (code, body) = server.get("/v1/subscriptions").await;
     assert_eq!(code, 401, "{body}");
     let response = server
         .http
         .get(format!("{}/v1/subscriptions", server.base))
-        .bearer_auth("api-secret")
+        .bearer_auth("api-secret-for-tests-0001")
         .send()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -565,7 +573,11 @@ async fn health_readiness_and_prometheus_metrics() {
 
 #[tokio::test]
 async fn an_api_token_guards_the_api_but_not_health() {
-    let server = Server::start_with(None, &[("DESTINATIONS__API_TOKEN", "s3cret-token")]).await;
+    let server = Server::start_with(
+        None,
+        &[("DESTINATIONS__API_TOKEN", "s3cret-token-for-tests-0002")],
+    )
+    .await;
     let (code, body) = server
         .post("/v1/send/http", &json!({"url": "http://127.0.0.1:9/"}))
         .await;
@@ -574,7 +586,7 @@ async fn an_api_token_guards_the_api_but_not_health() {
     let response = server
         .http
         .get(format!("{}/v1/destinations", server.base))
-        .bearer_auth("s3cret-token")
+        .bearer_auth("s3cret-token-for-tests-0002")
         .send()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
