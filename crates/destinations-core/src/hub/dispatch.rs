@@ -30,9 +30,14 @@ use crate::queue::{Leased, QueueConsumer, RetryBatch, Settled, Settlement};
 /// The most envelopes leased at once.
 const LEASE: usize = 256;
 
-/// The most envelopes held waiting for busy targets; past it, a batch for a busy target goes
-/// back to the queue, due again later, without counting an attempt.
+/// The most envelopes held waiting for busy targets: past it the dispatcher leases no more
+/// until they start, or until the targets that hold them are found stalled.
 const PARKED_MAX: usize = 4096;
+
+/// A target with no attempt ending for this long, while the waiting set is full, is stalled:
+/// what waits for it goes back to the queue (unattempted) so other targets' sends can be
+/// leased.
+const STALLED_AFTER: Duration = Duration::from_secs(1);
 
 /// What a dispatcher's delivery tasks share.
 struct Lane {
@@ -66,6 +71,14 @@ impl Drop for TargetSlot {
     fn drop(&mut self) {
         let _ = self.done.send(std::mem::take(&mut self.target));
     }
+}
+
+/// The slots an attempt holds while the target has it: one of the instance's, and one of its
+/// target's (if the destination names targets). The dispatcher hears of the target's slot
+/// freeing before the attempt stops counting, so what waits for it starts first.
+struct Slots {
+    _instance: OwnedSemaphorePermit,
+    _target: Option<TargetSlot>,
 }
 
 /// One target's attempts under way and the batches waiting for it.
@@ -105,6 +118,8 @@ pub(super) struct Dispatcher {
     parked: usize,
     /// The targets of attempts that ended.
     target_done: mpsc::UnboundedReceiver<String>,
+    /// When to look for stalled targets (while the waiting set is full).
+    stall_check: Option<tokio::time::Instant>,
 }
 
 /// A batch still filling: flushed when full or when its deadline passes.
@@ -161,6 +176,7 @@ impl Dispatcher {
             targets: HashMap::new(),
             parked: 0,
             target_done,
+            stall_check: None,
         };
         tokio::spawn(dispatcher.run())
     }
@@ -170,7 +186,9 @@ impl Dispatcher {
         loop {
             tokio::select! {
                 biased;
-                leased = self.leases.recv(), if intake_open => match leased {
+                // A freed target slot first: what waits for it starts before more is leased.
+                Some(target) = self.target_done.recv() => self.target_freed(target).await,
+                leased = self.leases.recv(), if intake_open && self.parked < PARKED_MAX => match leased {
                     Some(Leased::Retry(batch)) => self.deliver(batch).await,
                     Some(Leased::Ready(envelopes)) => {
                         for envelope in envelopes {
@@ -182,7 +200,7 @@ impl Dispatcher {
                         self.intake_closed().await;
                     }
                 },
-                Some(target) = self.target_done.recv() => self.target_freed(target).await,
+                () = sleep_until(self.stall_check), if self.stall_check.is_some() => self.defer_stalled().await,
                 () = sleep_until(self.next_deadline), if self.next_deadline.is_some() => self.flush_due().await,
                 Ok(()) = self.lifecycle.changed() => {
                     if *self.lifecycle.borrow_and_update() == Lifecycle::Draining {
@@ -329,18 +347,56 @@ impl Dispatcher {
                 progressed: now,
             });
             if state.busy >= limit {
-                if self.parked + envelopes.len() > PARKED_MAX && !draining {
-                    let stalled = now - state.progressed;
-                    self.lane.defer(envelopes, key, limit, stalled).await;
-                } else {
-                    self.parked += envelopes.len();
-                    state.waiting.push_back(envelopes);
+                self.parked += envelopes.len();
+                state.waiting.push_back(envelopes);
+                if self.parked >= PARKED_MAX && self.stall_check.is_none() && !draining {
+                    self.stall_check = Some(now + STALLED_AFTER);
                 }
                 return;
             }
             state.busy += 1;
         }
         self.begin(envelopes, target).await;
+    }
+
+    /// The waiting set stayed full: targets without an attempt ending for [`STALLED_AFTER`]
+    /// give back what waits for them, so that leasing, stopped, can go on for the others.
+    async fn defer_stalled(&mut self) {
+        let now = tokio::time::Instant::now();
+        self.stall_check = None;
+        if self.parked < PARKED_MAX || self.draining() {
+            return;
+        }
+        let limit = self.per_target.unwrap_or(1);
+        let stalled: Vec<String> = self
+            .targets
+            .iter()
+            .filter(|(_, t)| !t.waiting.is_empty() && now - t.progressed >= STALLED_AFTER)
+            .map(|(key, _)| key.clone())
+            .collect();
+        let mut deferred = Vec::new();
+        for key in stalled {
+            let Some(state) = self.targets.get_mut(&key) else {
+                continue;
+            };
+            let stalled_for = now - state.progressed;
+            for envelopes in state.waiting.drain(..) {
+                self.parked -= envelopes.len();
+                deferred.push((envelopes, key.clone(), stalled_for));
+            }
+        }
+        // Settled together, so a store commits them in a few writes.
+        let lane = &self.lane;
+        futures::future::join_all(deferred.into_iter().map(
+            |(envelopes, key, stalled_for)| async move {
+                lane.defer(envelopes, &key, limit, stalled_for).await;
+            },
+        ))
+        .await;
+        if self.parked >= PARKED_MAX {
+            // Still full of targets that progress: look again later.
+            self.stall_check = Some(now + STALLED_AFTER);
+        }
     }
 
     /// An attempt to `target` ended: start the next batch waiting for it.
@@ -368,14 +424,16 @@ impl Dispatcher {
                 done: self.lane.target_done.clone(),
             });
         let permit = self.lane.concurrency.clone().acquire_owned().await;
-        let Ok(permit) = permit else { return };
+        let Ok(instance) = permit else { return };
+        let slots = Slots {
+            _instance: instance,
+            _target: slot,
+        };
         self.lane.attempts.fetch_add(1, Ordering::AcqRel);
         let under_way = AttemptUnderWay(self.lane.clone());
         tokio::spawn(async move {
             let lane = under_way.0.clone();
-            lane.attempt(envelopes, permit).await;
-            // The target's next batch is started before this attempt stops counting.
-            drop(slot);
+            lane.attempt(envelopes, slots).await;
             drop(under_way);
         });
     }
@@ -421,10 +479,10 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 
 impl Lane {
     /// One delivery attempt of a batch, settled.
-    async fn attempt(self: Arc<Self>, mut envelopes: Vec<Envelope>, permit: OwnedSemaphorePermit) {
+    async fn attempt(self: Arc<Self>, mut envelopes: Vec<Envelope>, slots: Slots) {
         let lifecycle = self.hub.lifecycle.subscribe();
         if *lifecycle.borrow() == Lifecycle::GivenUp {
-            drop(permit);
+            drop(slots);
             self.give_up(envelopes, "the shutdown deadline passed before delivery")
                 .await;
             return;
@@ -464,7 +522,9 @@ impl Lane {
         let envelopes = batch.into_envelopes();
         self.metrics.delivery_seconds.record(started.elapsed());
         self.metrics.in_flight.decrement(count as f64);
-        drop(permit);
+        // The slots are free once the target answered: the next batch for it need not wait
+        // for this settlement.
+        drop(slots);
         let Some(outcome) = outcome else {
             self.give_up(
                 envelopes,
