@@ -68,6 +68,11 @@ pub trait Destination: Any + Send + Sync {
         None
     }
 
+    /// Hide the secrets a stored payload carries (credentials, header values, secret parts of
+    /// a URL) before it is shown: in dead-letter listings and `$errors` events. Redaction is
+    /// for display only; replay uses the stored payload. Default: nothing to hide.
+    fn redact(&self, _payload: &mut serde_json::Value) {}
+
     /// Deliver one batch and say, per envelope, what happened.
     async fn deliver(&self, batch: &Batch) -> BatchOutcome;
 

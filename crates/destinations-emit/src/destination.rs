@@ -384,7 +384,9 @@ impl EmitDestination {
         if !self.errors_allowed(&letter.envelope.destination) {
             return;
         }
-        let payload = redacted(&letter.envelope.payload);
+        // What the destination calls secret is hidden: `$errors` events go to listeners and
+        // into the history.
+        let payload = hub.shown_payload(&letter.envelope.destination, &letter.envelope.payload);
         let event = serde_json::json!({
             "destination": &*letter.envelope.destination,
             "send_id": letter.envelope.id.to_string(),
@@ -413,26 +415,6 @@ impl EmitDestination {
             tracing::warn!(%error, send = %letter.envelope.id, "a dead letter could not be emitted on $errors");
         }
     }
-}
-
-/// The original send as `$errors` shows it: credentials (`auth`) removed and header values
-/// hidden, since `$errors` events go to listeners and into the history.
-fn redacted(payload: &[u8]) -> serde_json::Value {
-    let mut value: serde_json::Value = serde_json::from_slice(payload).unwrap_or_default();
-    if let Some(object) = value.as_object_mut() {
-        if object.remove("auth").is_some() {
-            object.insert(
-                "auth".into(),
-                serde_json::Value::String("[redacted]".into()),
-            );
-        }
-        if let Some(headers) = object.get_mut("headers").and_then(|h| h.as_object_mut()) {
-            for header in headers.values_mut() {
-                *header = serde_json::Value::String("[redacted]".into());
-            }
-        }
-    }
-    value
 }
 
 /// The most `$errors` events one destination makes a second: a listener whose own sends fail
@@ -507,6 +489,16 @@ impl Destination for EmitDestination {
 
     fn per_target_concurrency(&self) -> Option<usize> {
         Some(self.webhooks.per_host_concurrency())
+    }
+
+    /// A webhook listener's URL may carry a token in its query: hidden where it is shown.
+    fn redact(&self, payload: &mut serde_json::Value) {
+        if let Some(serde_json::Value::String(listener)) =
+            payload.pointer_mut("/$delivery/listener_id")
+            && is_webhook(listener)
+        {
+            *listener = destinations_http::redact_url(listener);
+        }
     }
 
     async fn deliver(&self, batch: &Batch) -> BatchOutcome {

@@ -282,7 +282,7 @@ async fn a_dead_letter_of_another_destination_appears_on_errors() {
         .send()
         .to(
             "http",
-            &json!({"url": gone.url("/hook"), "data": {"x": 1}, "headers": {"X-Token": "hunter2"}, "auth": {"bearer": "s3cret"}}),
+            &json!({"url": gone.url("/hook?token=qs-s3cret"), "data": {"x": 1}, "headers": {"X-Token": "hunter2"}, "auth": {"bearer": "s3cret"}}),
         )
         .unwrap_or_else(|e| panic!("{e}"));
     run.finish().await.unwrap_or_else(|e| panic!("{e}"));
@@ -306,6 +306,22 @@ async fn a_dead_letter_of_another_destination_appears_on_errors() {
     );
     assert!(
         event["error"].as_str().unwrap_or("").contains("404"),
+        "{event}"
+    );
+    // Credentials, header values and query values never reach listeners (review T1).
+    let shown = event.to_string();
+    for secret in ["hunter2", "s3cret", "qs-s3cret"] {
+        assert!(
+            !shown.contains(secret),
+            "`{secret}` leaked into $errors: {shown}"
+        );
+    }
+    assert_eq!(event["payload"]["headers"]["X-Token"], "[redacted]");
+    assert_eq!(event["payload"]["auth"]["bearer"], "[redacted]");
+    assert!(
+        event["payload"]["url"]
+            .as_str()
+            .is_some_and(|url| url.ends_with("/hook?token=%5Bredacted%5D")),
         "{event}"
     );
 }

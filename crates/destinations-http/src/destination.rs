@@ -138,7 +138,9 @@ impl HttpDestination {
         let started = Instant::now();
         match builder.send().await {
             Ok(response) => classify(response, started).await,
-            Err(error) => self.classify_error(&error, started),
+            // Without the URL: its query or path may hold a secret, and the error reaches statuses,
+            // dead letters and logs.
+            Err(error) => self.classify_error(&error.without_url(), started),
         }
     }
 
@@ -232,6 +234,10 @@ impl Destination for HttpDestination {
 
     fn target(&self, payload: &[u8]) -> Option<String> {
         Self::target_of(payload)
+    }
+
+    fn redact(&self, payload: &mut serde_json::Value) {
+        crate::request::redact(payload);
     }
 
     fn per_target_concurrency(&self) -> Option<usize> {

@@ -25,18 +25,17 @@ pub struct Refused {
 }
 
 impl fmt::Display for Refused {
+    /// The classes only: the resolved addresses stay out of the message (it reaches API
+    /// callers through statuses, and would map internal DNS for them). They are logged.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let list: Vec<String> = self
-            .addresses
-            .iter()
-            .map(|(ip, class)| format!("{ip} ({class})"))
-            .collect();
+        let mut classes: Vec<&str> = self.addresses.iter().map(|(_, class)| *class).collect();
+        classes.dedup();
         write!(
             f,
-            "refused to connect to `{}`: it resolves to {}, which is not a public address; \
+            "refused to connect to `{}`: it is a {} address, not a public one; \
              allow-list the network in this destination's `allow_networks` to permit it",
             self.host,
-            list.join(", ")
+            classes.join(" / ")
         )
     }
 }
@@ -119,6 +118,7 @@ fn v4_class(ip: Ipv4Addr) -> Option<&'static str> {
         (192, 0, 0) => "IETF protocol assignments",
         (192, 0, 2) | (198, 51, 100) | (203, 0, 113) => "documentation",
         (198, 18 | 19, _) => "benchmarking",
+        (192, 88, 99) => "6to4 relay anycast",
         _ => return None,
     })
 }
@@ -141,6 +141,17 @@ fn v6_class(ip: Ipv6Addr) -> Option<&'static str> {
             let [.., hi, lo] = segments;
             return v4_class(Ipv4Addr::from(((hi as u32) << 16) | lo as u32));
         }
+        // Local-use NAT64 (64:ff9b:1::/48).
+        0x0064 if segments[1] == 0xff9b && segments[2] == 1 => "local-use NAT64",
+        // IPv4-compatible (::/96, deprecated) carries an IPv4 address too.
+        0 if segments[..6] == [0, 0, 0, 0, 0, 0] => "IPv4-compatible",
+        // 6to4 (2002::/16) embeds an IPv4 address; Teredo (2001::/32) tunnels to one.
+        0x2002 => "6to4",
+        0x2001 if segments[1] == 0 => "Teredo",
+        // IETF protocol assignments (2001::/23, beside the public ones inside it).
+        0x2001 if segments[1] < 0x0200 => "IETF protocol assignments",
+        // Discard-only (100::/64).
+        0x0100 if segments[1..4] == [0, 0, 0] => "discard-only",
         _ => return None,
     })
 }
@@ -157,7 +168,10 @@ impl Resolve for GuardedResolver {
             let host = name.as_str().to_owned();
             let found: Vec<SocketAddr> =
                 tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let allowed = guard.filter(&host, found)?;
+            let allowed = guard.filter(&host, found).inspect_err(|refused| {
+                // The addresses go to the operator's log only, never into a send's status.
+                tracing::info!(host = %refused.host, addresses = ?refused.addresses, "the address guard refused a connection");
+            })?;
             let addrs: Addrs = Box::new(allowed.into_iter());
             Ok(addrs)
         })
@@ -190,6 +204,14 @@ mod tests {
             ("ff02::1", "multicast"),
             ("::ffff:127.0.0.1", "loopback"),
             ("64:ff9b::a00:1", "private"),
+            ("::7f00:1", "IPv4-compatible"),
+            ("::a00:1", "IPv4-compatible"),
+            ("2002:7f00:1::", "6to4"),
+            ("2001:0:4136:e378::1", "Teredo"),
+            ("64:ff9b:1::a00:1", "local-use NAT64"),
+            ("100::1", "discard-only"),
+            ("2001:10::1", "IETF protocol assignments"),
+            ("192.88.99.1", "6to4 relay anycast"),
         ] {
             assert_eq!(class(ip), Some(expected), "{ip}");
         }
@@ -199,6 +221,8 @@ mod tests {
             "100.128.0.1",
             "2606:4700::1111",
             "93.184.216.34",
+            "2001:4860:4860::8888",
+            "2a00:1450::1",
         ] {
             assert_eq!(class(ip), None, "{ip} is public");
         }
@@ -233,8 +257,12 @@ mod tests {
             )
             .unwrap_err();
         assert!(
-            refused.to_string().contains("127.0.0.1 (loopback)"),
+            refused.to_string().contains("is a loopback address"),
             "{refused}"
+        );
+        assert!(
+            !refused.to_string().contains("127.0.0.1"),
+            "the resolved address stays out of the message: {refused}"
         );
         assert!(refused.to_string().contains("allow_networks"), "{refused}");
     }

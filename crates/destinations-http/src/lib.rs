@@ -25,7 +25,7 @@ use destinations_core::{DestinationPlugin, EventId, Registry, SendError, Sender}
 pub use destination::HttpDestination;
 pub use guard::{AddressGuard, Refused, non_public_class};
 pub use options::HttpOptions;
-pub use request::{Auth, HttpRequest, MAX_URL_BYTES, Method};
+pub use request::{Auth, HttpRequest, MAX_URL_BYTES, Method, redact_url};
 pub use signing::WebhookSigner;
 
 /// The kind name of this destination in config (`kind = "http"`), and the default instance.

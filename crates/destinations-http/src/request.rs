@@ -440,3 +440,82 @@ mod tests {
         );
     }
 }
+
+/// What a stored request shows of itself: credentials, header values, query and `params`
+/// values, and a password in the URL replaced by `[redacted]`; the rest (method, host, path,
+/// header and parameter names, body) kept so the send can still be recognised.
+pub(crate) fn redact(payload: &mut serde_json::Value) {
+    const HIDDEN: &str = "[redacted]";
+    let Some(request) = payload.as_object_mut() else {
+        return;
+    };
+    if let Some(auth) = request.get_mut("auth").and_then(|a| a.as_object_mut()) {
+        for (name, value) in auth.iter_mut() {
+            if name != "username" {
+                *value = serde_json::Value::from(HIDDEN);
+            }
+        }
+    }
+    for table in ["headers", "params"] {
+        if let Some(values) = request.get_mut(table).and_then(|t| t.as_object_mut()) {
+            for value in values.values_mut() {
+                *value = serde_json::Value::from(HIDDEN);
+            }
+        }
+    }
+    if let Some(serde_json::Value::String(text)) = request.get_mut("url") {
+        *text = redact_url(text);
+    }
+}
+
+/// A URL as it may be shown: a password and every query value replaced by `[redacted]`.
+pub fn redact_url(text: &str) -> String {
+    const HIDDEN: &str = "[redacted]";
+    let Ok(mut url) = Url::parse(text) else {
+        return text.to_owned();
+    };
+    if url.password().is_some() {
+        let _ = url.set_password(Some(HIDDEN));
+    }
+    if url.query().is_some() {
+        let names: Vec<String> = url
+            .query_pairs()
+            .map(|(name, _)| name.into_owned())
+            .collect();
+        url.query_pairs_mut()
+            .clear()
+            .extend_pairs(names.iter().map(|name| (name.as_str(), HIDDEN)));
+    }
+    url.to_string()
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_hidden_and_the_shape_kept() {
+        let mut payload = serde_json::json!({
+            "method": "POST",
+            "url": "https://user:hunter2@hooks.example.com/path?token=s3cret&x=1",
+            "headers": {"X-Token": "s3cret-header"},
+            "params": {"api_key": "s3cret-param"},
+            "auth": {"bearer": "s3cret-bearer"},
+            "data": {"name": "Luke"}
+        });
+        redact(&mut payload);
+        let shown = payload.to_string();
+        for secret in ["hunter2", "s3cret"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert_eq!(
+            payload["url"],
+            "https://user:%5Bredacted%5D@hooks.example.com/path?token=%5Bredacted%5D&x=%5Bredacted%5D"
+        );
+        assert_eq!(payload["headers"]["X-Token"], "[redacted]");
+        assert_eq!(payload["params"]["api_key"], "[redacted]");
+        assert_eq!(payload["auth"]["bearer"], "[redacted]");
+        assert_eq!(payload["data"]["name"], "Luke");
+        assert_eq!(payload["method"], "POST");
+    }
+}

@@ -286,14 +286,34 @@ async fn the_ssrf_guard_refuses_loopback_unless_allow_listed() {
             receiver.addr().port()
         )))
         .unwrap_or_else(|e| panic!("{e}"));
+    // The same address written as an IPv4-mapped IPv6 literal, in decimal, in hex, in octal.
+    let port = receiver.addr().port();
+    let other_forms: Vec<EventId> = [
+        format!("http://[::ffff:127.0.0.1]:{port}/"),
+        format!("http://2130706433:{port}/"),
+        format!("http://0x7f000001:{port}/"),
+        format!("http://0177.0.0.1:{port}/"),
+        format!("http://127.1:{port}/"),
+    ]
+    .into_iter()
+    .map(|url| {
+        hub.sender()
+            .http(HttpRequest::post(url))
+            .unwrap_or_else(|e| panic!("{e}"))
+    })
+    .collect();
     hub.shutdown_within(WITHIN).await;
-    for id in [literal, by_name] {
+    for id in [literal, by_name].into_iter().chain(other_forms) {
         let status = destinations_testkit::status(&hub, id).await;
         assert_eq!(status.state, State::Dead, "{status:?}");
         assert_eq!(status.attempts, 1, "a refusal is permanent");
         let error = status.last_error.unwrap_or_default();
-        assert!(error.contains("127.0.0.1 (loopback)"), "{error}");
+        assert!(error.contains("a loopback address"), "{error}");
         assert!(error.contains("allow_networks"), "{error}");
+        assert!(
+            !error.contains("127.0.0.1 ("),
+            "the resolved address is not disclosed: {error}"
+        );
     }
     assert!(
         receiver.requests().is_empty(),
@@ -313,6 +333,39 @@ async fn redirects_are_not_followed_by_default() {
     let error = status.last_error.unwrap_or_default();
     assert!(error.contains("not followed"), "{error}");
     assert!(target.requests().is_empty());
+}
+
+/// A redirect is checked like the first request: from an allow-listed 127.0.0.1 to 127.0.0.2,
+/// which is not allowed, it is refused (review T4).
+#[tokio::test]
+async fn a_followed_redirect_is_held_to_the_same_guard() {
+    let location = format!(
+        "http://127.0.0.2:{}/inside",
+        Receiver::unused_address().port()
+    );
+    let receiver = Receiver::scripted(move |_| {
+        Reply::Full(302, vec![("location", location.clone())], String::new())
+    })
+    .await;
+    let options = HttpOptions {
+        follow_redirects: 1,
+        allow_networks: vec!["127.0.0.1/32".parse().unwrap_or_else(|e| panic!("{e}"))],
+        ..HttpOptions::default()
+    };
+    let hub = hub_with(options, fast_retries());
+    let id = hub
+        .sender()
+        .http(HttpRequest::post(receiver.url("/")))
+        .unwrap_or_else(|e| panic!("{e}"));
+    hub.shutdown_within(WITHIN).await;
+    let status = destinations_testkit::status(&hub, id).await;
+    assert_eq!(status.state, State::Dead, "{status:?}");
+    let error = status.last_error.unwrap_or_default();
+    assert!(
+        error.contains("127.0.0.2") && error.contains("loopback"),
+        "{error}"
+    );
+    assert_eq!(receiver.requests().len(), 1, "the first request went out");
 }
 
 #[tokio::test]

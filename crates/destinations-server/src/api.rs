@@ -300,8 +300,11 @@ async fn get_dead_letters(
         .dead_letters_evicted()
         .await
         .map_err(unavailable)?;
-    let letters: Vec<DeadLetterSummary> =
-        page.letters.iter().map(DeadLetterSummary::from).collect();
+    let letters: Vec<DeadLetterSummary> = page
+        .letters
+        .iter()
+        .map(|letter| state.hub.dead_letter_summary(letter))
+        .collect();
     Ok(
         Json(json!({"dead_letters": letters, "next": page.next, "evicted": evicted}))
             .into_response(),

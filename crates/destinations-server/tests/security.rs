@@ -323,3 +323,43 @@ fn the_readme_sends_bodies_as_json() {
     );
     assert!(readme.contains("--json '"), "the tour sends with --json");
 }
+
+/// A secret in a URL (a query token) or in credentials never shows in a status, a dead letter
+/// or its listing (review S4).
+#[tokio::test]
+async fn secrets_in_sends_stay_out_of_statuses_and_dead_letters() {
+    let gone = Receiver::unused_address();
+    let server = Server::start(Some(
+        r#"
+        [destinations.http]
+        kind = "http"
+        allow_networks = ["127.0.0.0/8"]
+        retry = { max_attempts = 1 }
+        "#,
+    ))
+    .await;
+    let (code, body) = server
+        .post(
+            "/v1/send/http",
+            &json!({
+                "url": format!("http://{gone}/hook?token=S3CRET-2"),
+                "headers": {"X-Api-Key": "S3CRET-3"},
+                "auth": {"bearer": "S3CRET-4"},
+                "params": {"sig": "S3CRET-5"},
+            }),
+        )
+        .await;
+    assert_eq!(code, 202, "{body}");
+    let id = body["id"].as_str().unwrap_or_default().to_owned();
+    let status = server.final_status(&id).await;
+    assert_eq!(status["state"], "dead", "{status}");
+    let (_, letters) = server.get("/v1/dead-letters").await;
+    assert_eq!(letters["dead_letters"][0]["id"], id.as_str(), "{letters}");
+    for shown in [status.to_string(), letters.to_string()] {
+        assert!(!shown.contains("S3CRET"), "a secret shows: {shown}");
+    }
+    assert_eq!(
+        letters["dead_letters"][0]["payload"]["headers"]["X-Api-Key"],
+        "[redacted]"
+    );
+}

@@ -651,7 +651,7 @@ impl Lane {
         let died_at = SystemTime::now();
         for settled in &settlement.dead {
             let reason = settled.error.clone().unwrap_or_default();
-            tracing::warn!(destination = %self.name, id = %settled.envelope.id, attempts = settled.envelope.attempts, %reason, "dead-lettered");
+            tracing::warn!(destination = %self.name, id = %settled.envelope.id, attempts = settled.envelope.attempts, reason = %reason.escape_debug(), "dead-lettered");
             if observers.is_empty() {
                 continue;
             }

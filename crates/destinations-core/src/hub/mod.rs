@@ -636,6 +636,25 @@ impl Hub {
             .await
     }
 
+    /// A payload of `destination` as it may be shown: parsed, with what the destination
+    /// calls secret hidden ([`Destination::redact`]).
+    pub fn shown_payload(&self, destination: &str, payload: &[u8]) -> serde_json::Value {
+        let mut value: serde_json::Value = serde_json::from_slice(payload).unwrap_or_default();
+        if let Ok(instance) = self.shared.instance(destination) {
+            instance.destination.redact(&mut value);
+        }
+        value
+    }
+
+    /// A dead letter as the API lists it, its payload redacted.
+    pub fn dead_letter_summary(&self, letter: &DeadLetter) -> crate::DeadLetterSummary {
+        let mut summary = crate::DeadLetterSummary::from(letter);
+        if let Ok(instance) = self.shared.instance(&letter.envelope.destination) {
+            instance.destination.redact(&mut summary.payload);
+        }
+        summary
+    }
+
     /// How many dead letters were dropped because the store was full.
     pub async fn dead_letters_evicted(&self) -> Result<u64, QueueError> {
         self.shared.queue.dead_letters().evicted().await
