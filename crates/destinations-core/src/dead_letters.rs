@@ -170,11 +170,9 @@ impl DeadLetterStore for DeadLetters {
         limit: usize,
     ) -> Result<DeadLetterPage, QueueError> {
         let before = match after {
-            Some(cursor) => cursor.parse::<u64>().map_err(|_| {
-                QueueError::Unavailable(format!(
-                    "`{cursor}` is not a dead-letter cursor of this server"
-                ))
-            })?,
+            Some(cursor) => cursor
+                .parse::<u64>()
+                .map_err(|_| QueueError::InvalidCursor(cursor.to_owned()))?,
             None => u64::MAX,
         };
         let ids = filter.id_set();

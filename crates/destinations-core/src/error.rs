@@ -80,6 +80,7 @@ impl SendError {
             Self::Queue(QueueError::Full(_)) => "queue_full",
             Self::Queue(QueueError::Unavailable(_)) => "queue_unavailable",
             Self::Queue(QueueError::NoConsumer(_)) => "no_consumer",
+            Self::Queue(QueueError::InvalidCursor(_)) => "invalid_query",
             Self::RunFinished { .. } => "run_finished",
         }
     }

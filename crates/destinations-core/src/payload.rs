@@ -51,22 +51,57 @@ impl fmt::Display for InvalidPayload {
     }
 }
 
-/// Parse JSON into `T`, naming the field at fault when it does not fit.
+/// Parse a JSON object into `T`, naming the field at fault when it does not fit.
 ///
 /// `T` should use `#[serde(deny_unknown_fields)]`: an unknown field is reported by its name.
+/// Only an object is taken: serde would otherwise fill a struct positionally from an array,
+/// reading `["http://x/", "POST"]` as a request nobody wrote.
 pub fn parse_strict<T: DeserializeOwned>(payload: &[u8]) -> Result<T, InvalidPayload> {
+    match payload.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => {}
+        Some(_) => {
+            return Err(InvalidPayload::whole(format!(
+                "must be a JSON object ({{...}}), not {}",
+                json_kind(payload)
+            )));
+        }
+        None => {
+            return Err(InvalidPayload::whole(
+                "is empty; send a JSON object ({...})",
+            ));
+        }
+    }
     let mut de = serde_json::Deserializer::from_slice(payload);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let message = strip_position(&inner.to_string());
-        // serde_path_to_error names the field itself, unknown ones included.
-        let field = if path == "." { String::new() } else { path };
-        InvalidPayload::field(field, message)
+        // serde_path_to_error names the field itself, unknown ones included; a missing one
+        // is named by its parent, so it is named here.
+        let parent = if path == "." { String::new() } else { path };
+        if let Some(missing) = message
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.strip_suffix('`'))
+        {
+            return InvalidPayload::field(missing, "is required").within(&parent);
+        }
+        InvalidPayload::field(parent, message)
     })?;
     de.end()
         .map_err(|e| InvalidPayload::whole(strip_position(&e.to_string())))?;
     Ok(value)
+}
+
+/// What kind of JSON value `payload` starts with, for a message.
+fn json_kind(payload: &[u8]) -> &'static str {
+    match payload.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') => "an array",
+        Some(b'"') => "a string",
+        Some(b'n') => "null",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'-' | b'0'..=b'9') => "a number",
+        _ => "valid JSON",
+    }
 }
 
 /// serde_json appends " at line 1 column 42"; the field path says more to a user.
@@ -166,7 +201,29 @@ mod tests {
     #[test]
     fn names_a_missing_field_and_rejects_trailing_garbage() {
         let e = parse_strict::<Outer>(br#"{}"#).unwrap_err();
-        assert!(e.message.contains("missing field `name`"), "{e}");
+        assert_eq!(
+            (e.field.as_str(), e.message.as_str()),
+            ("name", "is required")
+        );
+        let e = parse_strict::<Outer>(br#"{"name":"a","inner":{}}"#).unwrap_err();
+        assert_eq!(
+            e.field, "inner.count",
+            "a missing field is named at its depth"
+        );
+        for (not_an_object, kind) in [
+            ("[\"a\"]", "an array"),
+            ("\"a\"", "a string"),
+            ("null", "null"),
+            ("7", "a number"),
+        ] {
+            let e = parse_strict::<Outer>(not_an_object.as_bytes()).unwrap_err();
+            assert_eq!(e.field, "");
+            assert!(
+                e.message
+                    .contains(&format!("must be a JSON object ({{...}}), not {kind}")),
+                "{e}"
+            );
+        }
         assert!(parse_strict::<Outer>(br#"{"name":"a"} x"#).is_err());
     }
 }

@@ -12,7 +12,7 @@ use mail_builder::MessageBuilder;
 
 use crate::KIND;
 use crate::options::EmailOptions;
-use crate::send::{EmailSend, allowed};
+use crate::send::{EmailSend, allowed, routes_onwards};
 use crate::transport::{Outbox, Reply, Smtp};
 
 /// Delivers each send as one email.
@@ -66,7 +66,9 @@ impl EmailDestination {
         for (field, list) in [("to", &send.to), ("cc", &send.cc)] {
             for (i, address) in list.iter().enumerate() {
                 if !allowed(address, &self.options.allowed_recipients) {
-                    let why = if self.options.allowed_recipients.is_empty() {
+                    let why = if routes_onwards(address) {
+                        "a `%` or `!` in the local part can route the message on to another domain through an old relay; write the address without it".to_owned()
+                    } else if self.options.allowed_recipients.is_empty() {
                         "this instance sends to its owner only (list patterns in `allowed_recipients` to allow others)".to_owned()
                     } else {
                         format!(

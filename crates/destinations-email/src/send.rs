@@ -226,16 +226,44 @@ fn is_content_type(value: &str) -> bool {
 
 /// Whether `address` matches one of `patterns` (`*` matches any run of characters; case does
 /// not matter), e.g. `*@example.com`, `ops+*@example.com`, `owner@example.com`.
+///
+/// An address whose local part holds `%` or `!` never matches: old relays route
+/// `a%evil.com@example.com` (and `evil.com!a@example.com`) on to another domain, which would
+/// walk past a pattern like `*@example.com`.
 pub fn allowed(address: &str, patterns: &[String]) -> bool {
+    if routes_onwards(address) {
+        return false;
+    }
     let address = address.to_ascii_lowercase();
     patterns
         .iter()
         .any(|p| destinations_core::glob_match(&p.to_ascii_lowercase(), &address))
 }
 
+/// Whether the local part of `address` holds a relay-routing character (`%` or `!`).
+pub(crate) fn routes_onwards(address: &str) -> bool {
+    address
+        .rsplit_once('@')
+        .map_or(address, |(local, _)| local)
+        .contains(['%', '!'])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relay_routing_local_parts_never_match_an_allow_list() {
+        let patterns = vec!["*@example.com".to_owned()];
+        assert!(allowed("ops@example.com", &patterns));
+        for routed in [
+            "a%evil.com@example.com",
+            "evil.com!a@example.com",
+            "A%EVIL.COM@EXAMPLE.COM",
+        ] {
+            assert!(!allowed(routed, &patterns), "{routed}");
+        }
+    }
 
     #[test]
     fn addresses() {

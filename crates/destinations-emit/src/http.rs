@@ -109,6 +109,7 @@ async fn list(State(emit): State<Arc<EmitDestination>>) -> Response {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct HistoryQuery {
     limit: Option<usize>,
 }
@@ -118,6 +119,13 @@ async fn history(
     Path(emitter): Path<String>,
     Query(query): Query<HistoryQuery>,
 ) -> Response {
+    if let Err(error) = destinations_core::check_name("emitter_id", &emitter) {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "invalid_emitter",
+            &error.to_string(),
+        );
+    }
     let limit = query.limit.unwrap_or(100);
     axum::Json(json!({"events": emit.history(&emitter, limit)})).into_response()
 }

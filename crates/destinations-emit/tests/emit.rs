@@ -347,7 +347,7 @@ async fn legacy_raw_events_are_taken_and_bad_emits_are_refused() {
         (json!({"event": {}, "channel": "$errors"}), "channel"),
         (json!({"event": {}, "emitter_id": "a b"}), "emitter_id"),
         (json!({"event": {}, "$delivery": {}}), "$delivery"),
-        (json!({"channel": "x"}), ""),
+        (json!({"channel": "x"}), "event"),
     ] {
         match hub.sender().to("emit", &payload) {
             Err(SendError::Invalid { error, .. }) => {

@@ -11,8 +11,9 @@ use serde_json::value::RawValue;
 /// Longest URL accepted.
 pub const MAX_URL_BYTES: usize = 8 * 1024;
 
-/// Headers the destination sets itself; a send may not set them.
-const RESERVED_HEADERS: [&str; 9] = [
+/// Headers the destination sets itself, or that steer the connection or a proxy rather than
+/// the request; a send may not set them.
+const RESERVED_HEADERS: [&str; 15] = [
     "host",
     "content-length",
     "transfer-encoding",
@@ -22,6 +23,12 @@ const RESERVED_HEADERS: [&str; 9] = [
     "webhook-id",
     "webhook-timestamp",
     "webhook-signature",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "expect",
+    "keep-alive",
 ];
 
 /// An HTTP method, upper case as on the wire.
@@ -35,9 +42,7 @@ pub enum Method {
     Post,
     Put,
     Delete,
-    Connect,
     Options,
-    Trace,
     Patch,
 }
 
@@ -49,9 +54,7 @@ impl Method {
             Self::Post => reqwest::Method::POST,
             Self::Put => reqwest::Method::PUT,
             Self::Delete => reqwest::Method::DELETE,
-            Self::Connect => reqwest::Method::CONNECT,
             Self::Options => reqwest::Method::OPTIONS,
-            Self::Trace => reqwest::Method::TRACE,
             Self::Patch => reqwest::Method::PATCH,
         }
     }
@@ -225,6 +228,27 @@ impl HttpRequest {
                 ),
             ));
         }
+        // The URL parser would drop or re-encode these without a word; a URL is taken as
+        // written or refused.
+        if let Some((at, c)) = self
+            .url
+            .char_indices()
+            .find(|(_, c)| c.is_control() || c.is_whitespace())
+        {
+            return Err(InvalidPayload::field(
+                "url",
+                format!(
+                    "has {} at byte {at}; percent-encode it (a URL is taken as written, never rewritten)",
+                    match c {
+                        '\r' => "a carriage return (CR)".to_owned(),
+                        '\n' => "a line feed (LF)".to_owned(),
+                        '\t' => "a tab".to_owned(),
+                        ' ' => "a space".to_owned(),
+                        other => format!("the character U+{:04X}", other as u32),
+                    }
+                ),
+            ));
+        }
         let mut url = Url::parse(&self.url).map_err(|e| {
             InvalidPayload::field("url", format!("`{}` is not a valid URL: {e}", self.url))
         })?;
@@ -386,7 +410,13 @@ mod tests {
         for (url, says) in [
             ("ftp://example.com/f", "scheme `ftp`"),
             ("file:///etc/passwd", "scheme `file`"),
-            ("not a url", "not a valid URL"),
+            ("not-a-url", "not a valid URL"),
+            ("not a url", "a space at byte 3"),
+            (
+                "http://example.com/\\r\\nX: 1",
+                "a carriage return (CR) at byte 19",
+            ),
+            ("http://example.com/\\t", "a tab"),
             ("http://user:pw@example.com", "credentials"),
         ] {
             let e = parse(&format!(r#"{{"url":"{url}"}}"#)).unwrap_err();
@@ -394,7 +424,10 @@ mod tests {
             assert!(e.message.contains(says), "{url}: {e}");
         }
         let e = parse(r#"{"method":"GET"}"#).unwrap_err();
-        assert!(e.message.contains("missing field `url`"), "{e}");
+        assert_eq!(
+            (e.field.as_str(), e.message.as_str()),
+            ("url", "is required")
+        );
     }
 
     #[test]

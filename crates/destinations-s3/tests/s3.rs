@@ -650,7 +650,7 @@ async fn bad_sends_are_refused_naming_the_field() {
             json!({"bucket": "allowed", "prefix": "a", "payload": {}, "body": 1}),
             "body",
         ),
-        (json!({"bucket": "allowed", "prefix": "a"}), ""),
+        (json!({"bucket": "allowed", "prefix": "a"}), "payload"),
         (json!({"bucket": 7, "payload": {}}), "bucket"),
     ];
     for (payload, field) in cases {

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -62,6 +62,87 @@ pub(crate) fn router(state: Arc<AppState>, guarded: Router) -> Router {
         .with_state(state)
         .merge(guarded)
         .layer(DefaultBodyLimit::max(max_request_bytes))
+}
+
+/// A query string read strictly, refused as JSON (`invalid_query`) naming what is wrong.
+pub(crate) struct ApiQuery<T>(pub(crate) T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, ApiError> {
+        Query::<T>::try_from_uri(&parts.uri)
+            .map(|Query(query)| Self(query))
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))
+    }
+}
+
+/// Every error the server answers is JSON, whoever made it: an extractor's plain-text
+/// rejection (in a destination's own routes, say) is rewrapped as
+/// `{"error": {"code", "message"}}` with a code for its status.
+pub(crate) async fn errors_as_json(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let code = match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "invalid_payload",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text
+    };
+    let mut rewrapped = (
+        status,
+        Json(json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response();
+    // Keep what the handler said besides its body (Retry-After, WWW-Authenticate, CORS).
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            rewrapped.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    rewrapped
+}
+
+/// A route that exists, asked with a method it does not take: said as JSON, like every error.
+pub(crate) async fn method_not_allowed(
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!(
+            "{} does not take {method}; see README.md for the API",
+            uri.path()
+        ),
+    )
 }
 
 async fn require_token(State(state): Shared, request: Request, next: Next) -> Response {
@@ -143,6 +224,11 @@ async fn post_run(State(state): Shared, body: Body) -> Result<Response, ApiError
         .map_err(|e| ApiError::from_send(e, ""))?;
     let raw = read_body(&state, body).await?;
     let request: RunRequest = parse_strict(&raw).map_err(|e| ApiError::invalid(&e))?;
+    // A run id names the emitter of its emits, an SSE stream and log lines: a name, not a
+    // payload (review C7).
+    if let Some(run_id) = &request.run_id {
+        destinations::check_name("run_id", run_id).map_err(|e| ApiError::invalid(&e))?;
+    }
     let run_id = request
         .run_id
         .unwrap_or_else(|| format!("run-{}", EventId::new()));
@@ -151,7 +237,7 @@ async fn post_run(State(state): Shared, body: Body) -> Result<Response, ApiError
         let payload = Bytes::copy_from_slice(send.payload.get().as_bytes());
         run.send()
             .json(&send.destination, payload)
-            .map_err(|e| ApiError::from_send(e, &format!("sends[{index}].payload")))?;
+            .map_err(|e| ApiError::in_run(e, index))?;
     }
     let ids = if request.failed {
         run.fail().await
@@ -200,7 +286,7 @@ struct WaitQuery {
 async fn get_event(
     State(state): Shared,
     Path(id): Path<String>,
-    Query(query): Query<WaitQuery>,
+    ApiQuery(query): ApiQuery<WaitQuery>,
 ) -> Result<Response, ApiError> {
     let id: EventId = id
         .parse()
@@ -243,7 +329,7 @@ async fn get_destinations(State(state): Shared) -> Response {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct DeadLetterQuery {
-    /// At most this many (capped at 1 000).
+    /// At most this many (1 to 1 000).
     limit: Option<usize>,
     /// The `next` of the previous page.
     after: Option<String>,
@@ -252,12 +338,17 @@ struct DeadLetterQuery {
     until: Option<String>,
 }
 
-fn time(field: &str, text: Option<&str>) -> Result<Option<std::time::SystemTime>, ApiError> {
+/// A time bound, RFC 3339; `code` says where it came from (`invalid_query`, `invalid_payload`).
+fn time(
+    field: &str,
+    text: Option<&str>,
+    code: &'static str,
+) -> Result<Option<std::time::SystemTime>, ApiError> {
     text.map(|text| {
         humantime::parse_rfc3339_weak(text).map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
-                "invalid_payload",
+                code,
                 format!("`{field}`: `{text}` is not a time ({e}); write e.g. 2026-12-01T10:00:00Z"),
             )
         })
@@ -265,15 +356,19 @@ fn time(field: &str, text: Option<&str>) -> Result<Option<std::time::SystemTime>
     .transpose()
 }
 
-fn limit(asked: Option<usize>) -> Result<usize, ApiError> {
+/// A page size: 100 unless asked, 1 to 1 000 if asked (more is refused, not cut: page with
+/// `after`). `code` says where it came from (`invalid_query`, `invalid_payload`).
+fn limit(asked: Option<usize>, code: &'static str) -> Result<usize, ApiError> {
     match asked {
         None => Ok(100),
-        Some(0) => Err(ApiError::new(
+        Some(n) if (1..=MAX_DEAD_LETTERS).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
-            "invalid_payload",
-            "`limit` must be at least 1",
+            code,
+            format!(
+                "`limit` is {n}; it must be 1 to {MAX_DEAD_LETTERS} (page on with `after`, or replay again while `more` is true)"
+            ),
         )),
-        Some(n) => Ok(n.min(MAX_DEAD_LETTERS)),
     }
 }
 
@@ -281,18 +376,22 @@ fn limit(asked: Option<usize>) -> Result<usize, ApiError> {
 /// time.
 async fn get_dead_letters(
     State(state): Shared,
-    Query(query): Query<DeadLetterQuery>,
+    ApiQuery(query): ApiQuery<DeadLetterQuery>,
 ) -> Result<Response, ApiError> {
     let filter = DeadLetterFilter {
         ids: None,
         destination: query.destination,
-        since: time("since", query.since.as_deref())?,
-        until: time("until", query.until.as_deref())?,
+        since: time("since", query.since.as_deref(), "invalid_query")?,
+        until: time("until", query.until.as_deref(), "invalid_query")?,
     };
     let unavailable = |e: destinations::QueueError| ApiError::from_send(e.into(), "");
     let page = state
         .hub
-        .dead_letter_page(&filter, query.after.as_deref(), limit(query.limit)?)
+        .dead_letter_page(
+            &filter,
+            query.after.as_deref(),
+            limit(query.limit, "invalid_query")?,
+        )
         .await
         .map_err(unavailable)?;
     let evicted = state
@@ -350,13 +449,13 @@ async fn post_replay(State(state): Shared, body: Body) -> Result<Response, ApiEr
     }
     let limit = match (&request.ids, request.limit) {
         (Some(ids), None) => ids.len().max(1),
-        (_, asked) => limit(asked.or(Some(MAX_DEAD_LETTERS)))?,
+        (_, asked) => limit(asked.or(Some(MAX_DEAD_LETTERS)), "invalid_payload")?,
     };
     let filter = DeadLetterFilter {
         ids: request.ids,
         destination: request.destination,
-        since: time("since", request.since.as_deref())?,
-        until: time("until", request.until.as_deref())?,
+        since: time("since", request.since.as_deref(), "invalid_payload")?,
+        until: time("until", request.until.as_deref(), "invalid_payload")?,
     };
     let replayed = state
         .hub

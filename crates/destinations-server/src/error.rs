@@ -45,6 +45,7 @@ impl ApiError {
             SendError::UnknownDestination { .. } => StatusCode::NOT_FOUND,
             SendError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             SendError::Queue(QueueError::NoConsumer(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+            SendError::Queue(QueueError::InvalidCursor(_)) => StatusCode::BAD_REQUEST,
             SendError::Queue(_) | SendError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             SendError::RunFinished { .. } => StatusCode::CONFLICT,
         };
@@ -57,6 +58,25 @@ impl ApiError {
             other => other.to_string(),
         };
         Self::new(status, code, message)
+    }
+}
+
+impl ApiError {
+    /// A send of a run was refused: the error names it by its index (`sends[3]`), whatever
+    /// was wrong with it.
+    pub(crate) fn in_run(error: SendError, index: usize) -> Self {
+        let field = match &error {
+            SendError::UnknownDestination { .. } | SendError::WrongKind { .. } => {
+                format!("sends[{index}].destination")
+            }
+            _ => format!("sends[{index}].payload"),
+        };
+        let named = matches!(error, SendError::Invalid { .. });
+        let mut refused = Self::from_send(error, &field);
+        if !named {
+            refused.message = format!("`{field}`: {}", refused.message);
+        }
+        refused
     }
 }
 

@@ -403,6 +403,8 @@ async fn serve(config: &ConfigArg, listen: Option<SocketAddr>) -> anyhow::Result
     ));
     let app = api::router(state, subscriptions)
         .merge(streams)
+        .method_not_allowed_fallback(api::method_not_allowed)
+        .layer(axum::middleware::from_fn(api::errors_as_json))
         .layer(axum::middleware::from_fn_with_state(
             config.clients.body_timeout,
             listener::bodies_within,

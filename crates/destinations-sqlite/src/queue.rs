@@ -908,6 +908,7 @@ impl DeadLetterStore for Shared {
         after: Option<&str>,
         limit: usize,
     ) -> Result<DeadLetterPage, QueueError> {
+        rows::check_cursor(after)?;
         let filter = filter.clone();
         let after = after.map(str::to_owned);
         self.readers

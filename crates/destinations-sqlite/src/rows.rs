@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use destinations_core::{
-    DeadLetter, DeadLetterFilter, DeadLetterPage, Envelope, EventId, SendStatus, State,
+    DeadLetter, DeadLetterFilter, DeadLetterPage, Envelope, EventId, QueueError, SendStatus, State,
 };
 use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, Row, params};
@@ -207,6 +207,13 @@ pub(crate) fn dead_status(conn: &Connection, id: EventId) -> rusqlite::Result<Op
         })
     })
     .optional()
+}
+
+/// Refuse a page cursor this queue did not make, before any read.
+pub(crate) fn check_cursor(after: Option<&str>) -> Result<(), QueueError> {
+    cursor(after)
+        .map(|_| ())
+        .map_err(|_| QueueError::InvalidCursor(after.unwrap_or_default().to_owned()))
 }
 
 /// A page cursor: when the last letter died, and its row.

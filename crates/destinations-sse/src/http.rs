@@ -36,6 +36,7 @@ pub(crate) fn router(served: Arc<Served>) -> Router {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct SubscribeQuery {
     token: Option<String>,
     #[serde(rename = "lastEventId")]

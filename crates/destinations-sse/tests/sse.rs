@@ -363,7 +363,7 @@ async fn bad_sends_are_refused_naming_the_field() {
             json!({"channel": "c", "payload": 1, "stream": "a/b"}),
             "stream",
         ),
-        (json!({"channel": "c"}), ""),
+        (json!({"channel": "c"}), "payload"),
         (json!({"channel": "c", "payload": 1, "data": 2}), "data"),
     ] {
         match hub.sender().to("sse", &payload) {

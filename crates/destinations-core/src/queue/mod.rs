@@ -257,4 +257,9 @@ pub enum QueueError {
     /// No consumer exists for this destination instance.
     #[error("no destination instance `{0}` consumes from this queue")]
     NoConsumer(String),
+    /// A dead-letter page cursor this queue did not make.
+    #[error(
+        "`after`: `{0}` is not a dead-letter cursor of this server; pass the `next` of the previous page"
+    )]
+    InvalidCursor(String),
 }
