@@ -24,6 +24,8 @@ pub(crate) struct AppState {
     pub(crate) hub: Hub,
     pub(crate) prometheus: Option<PrometheusHandle>,
     pub(crate) api_token: Option<String>,
+    /// The last readiness check, shared by `/readyz` callers.
+    pub(crate) readiness: Readiness,
     /// Largest request body accepted.
     pub(crate) max_request_bytes: usize,
 }
@@ -482,37 +484,87 @@ async fn healthz() -> Response {
 }
 
 /// Ready when every destination can reach its target.
-async fn readyz(State(state): Shared) -> Response {
-    let checks = tokio::time::timeout(Duration::from_secs(10), state.hub.health()).await;
-    let Ok(checks) = checks else {
-        return ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            "health checks timed out",
-        )
-        .into_response();
-    };
-    let ready = checks.iter().all(|(_, r)| r.is_ok());
-    let destinations: serde_json::Map<String, serde_json::Value> = checks
-        .into_iter()
-        .map(|(name, result)| {
-            let value = match result {
-                Ok(()) => json!({"ok": true}),
-                Err(e) => json!({"ok": false, "error": e.to_string()}),
-            };
-            (name, value)
-        })
-        .collect();
-    let status = if ready {
+/// What the last readiness check found, kept for `readiness_cache`: `/readyz` answers from
+/// it, so anonymous callers cannot make the server log in to SMTP or list buckets on demand
+/// (review S5). Concurrent callers share one check.
+pub(crate) struct Readiness {
+    keep: Duration,
+    last: tokio::sync::Mutex<Option<(std::time::Instant, Arc<Checked>)>>,
+}
+
+/// One readiness check: ready or not, and each destination's answer.
+struct Checked {
+    ready: bool,
+    destinations: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Readiness {
+    pub(crate) fn new(keep: Duration) -> Self {
+        Self {
+            keep,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn current(&self, hub: &Hub) -> Arc<Checked> {
+        let mut last = self.last.lock().await;
+        if let Some((at, checked)) = last.as_ref()
+            && at.elapsed() < self.keep
+        {
+            return checked.clone();
+        }
+        let checked = Arc::new(
+            match tokio::time::timeout(Duration::from_secs(10), hub.health()).await {
+                Ok(checks) => Checked {
+                    ready: checks.iter().all(|(_, r)| r.is_ok()),
+                    destinations: checks
+                        .into_iter()
+                        .map(|(name, result)| {
+                            let value = match result {
+                                Ok(()) => json!({"ok": true}),
+                                Err(e) => json!({"ok": false, "error": e.to_string()}),
+                            };
+                            (name, value)
+                        })
+                        .collect(),
+                },
+                Err(_) => Checked {
+                    ready: false,
+                    destinations: serde_json::Map::from_iter([(
+                        "*".to_owned(),
+                        json!({"ok": false, "error": "the health checks took over 10 s"}),
+                    )]),
+                },
+            },
+        );
+        *last = Some((std::time::Instant::now(), checked.clone()));
+        checked
+    }
+}
+
+/// `GET /readyz`: 200 or 503 from the last check (at most `readiness_cache` old). The
+/// destinations' details (host names, bucket names, errors) only for callers with the API
+/// token when one is set.
+async fn readyz(State(state): Shared, headers: axum::http::HeaderMap) -> Response {
+    let checked = state.readiness.current(&state.hub).await;
+    let status = if checked.ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (
-        status,
-        Json(json!({"ready": ready, "destinations": destinations})),
-    )
-        .into_response()
+    let detailed = state.api_token.as_deref().is_none_or(|expected| {
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(destinations::secret::bearer_token)
+            .is_some_and(|given| destinations::secret::tokens_match(given, expected))
+    });
+    let body = if detailed {
+        json!({"ready": checked.ready, "destinations": checked.destinations})
+    } else {
+        json!({"ready": checked.ready})
+    };
+    (status, Json(body)).into_response()
 }
 
 async fn metrics(State(state): Shared) -> Response {

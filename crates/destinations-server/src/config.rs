@@ -36,6 +36,12 @@ pub(crate) struct ServerConfig {
     /// stopping server waits for requests under way (`[clients]`).
     #[serde(default)]
     pub(crate) clients: crate::listener::ClientLimits,
+    /// How long a readiness check answers `/readyz` before the next is made (default 10 s).
+    #[serde(
+        with = "destinations::config::duration_text",
+        default = "default_readiness_cache"
+    )]
+    pub(crate) readiness_cache: std::time::Duration,
     /// Largest request body accepted, in bytes (default 16 MiB).
     #[serde(default = "default_max_request_bytes")]
     pub(crate) max_request_bytes: usize,
@@ -68,6 +74,10 @@ impl std::fmt::Debug for ServerConfig {
             )
             .finish_non_exhaustive()
     }
+}
+
+fn default_readiness_cache() -> std::time::Duration {
+    std::time::Duration::from_secs(10)
 }
 
 fn default_listen() -> SocketAddr {

@@ -391,6 +391,7 @@ async fn serve(config: &ConfigArg, listen: Option<SocketAddr>) -> anyhow::Result
         hub: hub.clone(),
         prometheus,
         api_token: config.api_token.clone(),
+        readiness: api::Readiness::new(config.readiness_cache),
         max_request_bytes: config.max_request_bytes,
     });
     // SSE streams are served beside the API, with their own read tokens, not the API token.

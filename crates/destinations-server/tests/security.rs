@@ -363,3 +363,61 @@ async fn secrets_in_sends_stay_out_of_statuses_and_dead_letters() {
         "[redacted]"
     );
 }
+
+/// `/readyz` answers from a recent check: a crowd of anonymous calls makes one SMTP session,
+/// not one each, and the details (host names, errors) are for token holders (review S5).
+#[tokio::test]
+async fn readiness_is_cached_and_its_details_need_the_token() {
+    let smtp = destinations_testkit::smtp::SmtpServer::start(
+        destinations_testkit::smtp::SmtpConfig::default(),
+    )
+    .await;
+    let token = "a-token-for-readiness-0001";
+    let server = Server::start_with(
+        Some(&format!(
+            r#"
+            readiness_cache = "1h"
+            [destinations.mail]
+            kind = "email"
+            from = "robot@example.com"
+            to = ["owner@example.com"]
+            [destinations.mail.smtp]
+            host = "127.0.0.1"
+            port = {}
+            tls = "none"
+            "#,
+            smtp.port()
+        )),
+        &[("DESTINATIONS__API_TOKEN", token)],
+    )
+    .await;
+    let before = smtp.greetings();
+    let calls: Vec<_> = (0..200)
+        .map(|_| {
+            let request = server.http.get(format!("{}/readyz", server.base));
+            tokio::spawn(request.send())
+        })
+        .collect();
+    for call in calls {
+        let response = call
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(response.status().as_u16(), 200);
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        assert_eq!(body, json!({"ready": true}), "no details without the token");
+    }
+    let made = smtp.greetings() - before;
+    assert!(made <= 1, "200 calls made {made} SMTP sessions");
+    let detailed: serde_json::Value = server
+        .http
+        .get(format!("{}/readyz", server.base))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .json()
+        .await
+        .unwrap_or_default();
+    assert_eq!(detailed["destinations"]["mail"]["ok"], true, "{detailed}");
+}

@@ -41,7 +41,18 @@ class Capture:
         self.deferred = {}
         self.numbers = itertools.count(1)
         self.sessions = itertools.count(1)
+        self.greetings = 0
         self.lock = threading.Lock()
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        # Counted (in DIR/greetings.count), so a test can tell how often a client connected.
+        session.host_name = hostname
+        with self.lock:
+            self.greetings += 1
+            count = self.greetings
+        write_atomically(os.path.join(self.folder, "greetings.count"), str(count).encode())
+        responses.append("250 HELP")
+        return responses
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if self.refuse and self.refuse.search(address):

@@ -127,6 +127,14 @@ impl SmtpServer {
         self.port
     }
 
+    /// How many EHLO greetings the server has answered: one per session a client opened.
+    pub fn greetings(&self) -> u64 {
+        std::fs::read_to_string(self.folder.path().join("mail/greetings.count"))
+            .ok()
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// The PEM file of the CA that signed the server's certificate (with TLS).
     pub fn ca_file(&self) -> Option<&Path> {
         self.ca.as_deref()
