@@ -22,6 +22,8 @@ pub struct Sender {
     /// Sends made by a destination while it delivers (emit fan-out): still taken while the
     /// hub drains at shutdown.
     internal: bool,
+    /// The run sends outside a run buffer are made in, if any.
+    detached_run: Option<Arc<str>>,
 }
 
 struct RunBuffer {
@@ -36,6 +38,15 @@ impl Sender {
             hub,
             run: None,
             internal,
+            detached_run: None,
+        }
+    }
+
+    /// Sends released at once, as [`detached`](Self::detached) ones, but in run `run`.
+    pub(crate) fn detached_in(hub: Arc<HubShared>, internal: bool, run: Arc<str>) -> Self {
+        Self {
+            detached_run: Some(run),
+            ..Self::detached(hub, internal)
         }
     }
 
@@ -149,7 +160,8 @@ impl Sender {
     fn record(&self, instance: &Instance, payload: Bytes) -> Result<EventId, SendError> {
         match &self.run {
             None => {
-                let envelope = Envelope::new(instance.name.clone(), None, payload);
+                let envelope =
+                    Envelope::new(instance.name.clone(), self.detached_run.clone(), payload);
                 let id = envelope.id;
                 self.hub.release_detached(envelope, self.internal)?;
                 Ok(id)
@@ -210,6 +222,7 @@ impl Run {
                 hub,
                 run: Some(buffer),
                 internal,
+                detached_run: None,
             },
         }
     }

@@ -375,9 +375,12 @@ impl EmitDestination {
         let Some((hub, instance)) = self.hub() else {
             return;
         };
-        // A `$errors` event that cannot be delivered must not make another.
-        if &*letter.envelope.destination == instance
-            && mentions_errors_channel(&letter.envelope.payload)
+        // A `$errors` event that cannot be delivered must not make another, nor may anything
+        // a failure report set off (it all belongs to the `$errors` run): a listener whose
+        // own alerts fail would otherwise feed `$errors` for ever.
+        if (&*letter.envelope.destination == instance
+            && mentions_errors_channel(&letter.envelope.payload))
+            || letter.envelope.run.as_deref() == Some(ERRORS_CHANNEL)
         {
             return;
         }
@@ -407,7 +410,7 @@ impl EmitDestination {
         let queued = serde_json::to_vec(&send)
             .map_err(|e| e.to_string())
             .and_then(|bytes| {
-                hub.internal_sender()
+                hub.internal_sender_in(ERRORS_CHANNEL)
                     .checked(instance, KIND, Bytes::from(bytes))
                     .map_err(|e| e.to_string())
             });

@@ -377,3 +377,49 @@ async fn subscriptions_survive_a_restart_when_a_file_is_configured() {
     );
     second.shutdown().await;
 }
+
+/// A listener on `$errors` whose own sends fail for good cannot feed `$errors` forever: what
+/// is sent while delivering an `$errors` event belongs to the `$errors` run, and its dead
+/// letters are kept but not reported again (review C5).
+#[tokio::test]
+async fn a_failing_errors_listener_does_not_loop() {
+    let hub = hub(json!({}));
+    let gone = Receiver::scripted(|_| {
+        Reply::After(
+            Duration::from_millis(20),
+            Box::new(Reply::Full(404, vec![], "no such hook".into())),
+        )
+    })
+    .await;
+    let alerts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (sender, alert_url, heard) = (hub.internal_sender(), gone.url("/alert"), alerts.clone());
+    destinations_emit::listen(&hub, "alerts", move |_| {
+        heard.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // Alert by HTTP, to a hook that is gone.
+        let sent = sender.to("http", &json!({"url": alert_url}));
+        async move { sent.map(|_| ()).map_err(|e| e.to_string()) }
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    subscribe(&hub, "*", "alerts", Some("$errors"));
+    hub.sender()
+        .to("http", &json!({"url": gone.url("/first")}))
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The first send dies, its $errors event is heard, the alert dies: then nothing more.
+    gone.wait_for_requests(2, Duration::from_secs(60)).await;
+    let report = hub.shutdown_within(Duration::from_secs(60)).await;
+    assert_eq!(
+        report.abandoned, 0,
+        "shutdown ends: nothing keeps feeding the queue"
+    );
+    assert_eq!(
+        alerts.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the alert's own death is not reported on $errors"
+    );
+    let letters = hub
+        .dead_letters(usize::MAX)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(letters.len(), 2, "both dead sends are kept: {letters:?}");
+    assert_eq!(gone.requests().len(), 2);
+}

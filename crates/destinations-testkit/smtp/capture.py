@@ -51,7 +51,7 @@ class Capture:
             self.greetings += 1
             count = self.greetings
         write_atomically(os.path.join(self.folder, "greetings.count"), str(count).encode())
-        responses.append("250 HELP")
+        # aiosmtpd has already ended the list with "250 HELP".
         return responses
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):

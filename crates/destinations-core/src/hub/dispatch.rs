@@ -495,7 +495,7 @@ impl Lane {
         self.metrics.in_flight.increment(count as f64);
         self.metrics.batch_events.record(count as f64);
         let started = Instant::now();
-        let collector = Collector::new(&self.hub);
+        let collector = Collector::new(&self.hub, envelopes.first().and_then(|e| e.run.clone()));
         // Lent, not cloned: the envelopes come back for the outcome.
         let batch = Batch::new(envelopes);
         let delivery =

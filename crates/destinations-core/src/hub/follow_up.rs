@@ -4,7 +4,9 @@
 //!
 //! While a dispatcher runs a destination's `deliver` (and the dead-letter observers), a
 //! collector sits in a task-local; internal sends of the same hub made in that task land in it
-//! instead of going to the queue on their own.
+//! instead of going to the queue on their own. A send made outside any run joins the run of
+//! the send being delivered: what a delivery causes is part of its run (the `$errors` run
+//! marks everything a failure report set off, so it is never reported again).
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -21,13 +23,16 @@ pub(crate) struct Collector {
     /// The hub whose delivery this is (its address: a send into another hub is not ours).
     hub: usize,
     sends: Arc<Mutex<Vec<Envelope>>>,
+    /// The run of the send being delivered, given to sends made outside any run.
+    lineage: Option<Arc<str>>,
 }
 
 impl Collector {
-    pub(crate) fn new(hub: &HubShared) -> Self {
+    pub(crate) fn new(hub: &HubShared, lineage: Option<Arc<str>>) -> Self {
         Self {
             hub: std::ptr::from_ref(hub) as usize,
             sends: Arc::default(),
+            lineage,
         }
     }
 
@@ -53,8 +58,13 @@ pub(crate) fn capture(hub: &HubShared, envelopes: Vec<Envelope>) -> Result<(), V
     let mut envelopes = Some(envelopes);
     let _ = COLLECTING.try_with(|collector| {
         if collector.hub == std::ptr::from_ref(hub) as usize
-            && let Some(envelopes) = envelopes.take()
+            && let Some(mut envelopes) = envelopes.take()
         {
+            if let Some(lineage) = &collector.lineage {
+                for envelope in envelopes.iter_mut().filter(|e| e.run.is_none()) {
+                    envelope.run = Some(lineage.clone());
+                }
+            }
             collector
                 .sends
                 .lock()

@@ -566,6 +566,13 @@ impl Hub {
         Sender::detached(self.shared.clone(), true)
     }
 
+    /// An [`internal_sender`](Self::internal_sender) whose sends belong to run `run` — and so
+    /// do the sends their deliveries make. The emit destination sends `$errors` events in
+    /// run `$errors`, to know a failure that a failure report set off.
+    pub fn internal_sender_in(&self, run: &str) -> Sender {
+        Sender::detached_in(self.shared.clone(), true, Arc::from(run))
+    }
+
     /// A run whose sends are internal (see [`internal_sender`](Self::internal_sender)).
     pub fn begin_internal_run(&self, run_id: impl Into<String>) -> Run {
         Run::begin(self.shared.clone(), run_id.into(), true)
