@@ -249,6 +249,27 @@ pub(crate) fn routes_onwards(address: &str) -> bool {
 }
 
 #[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// An accepted address is one line with one `@` and nothing a header could be split
+        /// or extended with; one that an allow-list admits routes nowhere else.
+        #[test]
+        fn accepted_addresses_cannot_inject_or_route(address in "[a-z%!@.<>,;: \r\n\"-]{0,16}") {
+            if check_address(&address).is_ok() {
+                prop_assert!(!address.contains(['\r', '\n', '<', '>', ',', ';', '"', ' ']), "{address:?}");
+                prop_assert_eq!(address.matches('@').count(), 1, "{:?}", address);
+            }
+            if allowed(&address, &["*".to_owned()]) {
+                prop_assert!(!routes_onwards(&address), "{address:?}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

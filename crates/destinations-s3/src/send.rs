@@ -156,6 +156,36 @@ pub(crate) fn folder(prefix: &str) -> String {
 }
 
 #[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A prefix that is accepted stays inside its bucket and makes a clean key: no
+        /// leading `/`, no empty, `.` or `..` folder, whatever the characters tried.
+        #[test]
+        fn an_accepted_prefix_makes_a_clean_key(prefix in "[a-z./\\%: -]{0,16}") {
+            if check_prefix(&prefix).is_ok() {
+                let key = format!("{}2026/12/01/10/2026-12-01-10-00-00-ab.gz", folder(&prefix));
+                prop_assert!(!key.starts_with('/'), "{key}");
+                for segment in key.split('/') {
+                    prop_assert!(!matches!(segment, "" | "." | ".."), "{key}");
+                }
+                prop_assert!(!key.contains(['\\', '%', ':', ' ']), "{key}");
+            }
+        }
+
+        /// A bucket that is accepted is one path segment.
+        #[test]
+        fn an_accepted_bucket_is_one_segment(bucket in "[a-z0-9./-]{0,12}") {
+            if check_bucket(&bucket).is_ok() {
+                prop_assert!(!bucket.contains('/') && bucket != "." && bucket != "..", "{bucket}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
