@@ -61,7 +61,7 @@ proptest! {
         let payload = serde_json::json!({
             "url": url,
             "method": method,
-            "headers": {header_name.clone(): header_value.clone()},
+            "headers": {header_name.clone(): &header_value},
         });
         let bytes = serde_json::to_vec(&payload).unwrap_or_default();
         if let Ok(request) = parse_strict::<HttpRequest>(&bytes)
