@@ -1,4 +1,4 @@
-//! Project automation: `cargo xtask setup | test | ci | bench`.
+//! Project automation: `cargo xtask setup | test | ci | bench | soak`.
 //!
 //! Plain `std::process` on purpose: xtask builds in seconds on a fresh machine, before anything
 //! else is compiled.
@@ -18,7 +18,11 @@ commands:
   ci                    lint, then test (what .ci/run does)
   bench [--quick] [scenario...]
                         build release binaries, run the load scenarios, print a table beside
-                        references measured in the same run (writes target/bench/report.json)";
+                        references measured in the same run (writes target/bench/report.json)
+  soak --minutes N [--seed S]
+                        the fault suite for N minutes, faults drawn at random: a server with
+                        failing receivers, an object store that stops, a slow client; ends with
+                        accepted = delivered + dead, duplicates and peak memory";
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -28,6 +32,7 @@ fn main() -> ExitCode {
         Some("lint") => lint(),
         Some("ci") => lint().and_then(|()| setup()).and_then(|()| test()),
         Some("bench") => bench::run(&args[1..]),
+        Some("soak") => setup().and_then(|()| soak(&args[1..])),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             Ok(())
@@ -235,6 +240,51 @@ fn install_s3s_fs() -> Result<(), String> {
             "binary",
         ],
     )
+}
+
+/// The fault suite (`crates/destinations-server/tests/faults.rs`) in rounds for `--minutes`.
+fn soak(args: &[String]) -> Result<(), String> {
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let minutes = value("--minutes").ok_or("usage: cargo xtask soak --minutes N [--seed S]")?;
+    let minutes: f64 = minutes
+        .parse()
+        .ok()
+        .filter(|m: &f64| *m > 0.0)
+        .ok_or_else(|| format!("--minutes takes a positive number, not `{minutes}`"))?;
+    let seed = value("--seed").unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs())
+            .to_string()
+    });
+    println!(
+        "soak: {minutes} minutes, seed {seed} (run again with --seed {seed} to repeat the draw)"
+    );
+    let status = Command::new("cargo")
+        .args([
+            "test",
+            "-p",
+            "destinations-server",
+            "--test",
+            "faults",
+            "--",
+            "--nocapture",
+        ])
+        .env("DESTINATIONS_SOAK_MINUTES", minutes.to_string())
+        .env("DESTINATIONS_SOAK_SEED", &seed)
+        .current_dir(root())
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("the soak failed (seed {seed})"))
+    }
 }
 
 /// Run every test of the workspace and close with one summed line, `tests: N passed, M failed`,

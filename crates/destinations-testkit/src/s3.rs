@@ -111,6 +111,11 @@ impl S3Server {
             .unwrap_or_else(|e| panic!("cannot create bucket folder {}: {e}", path.display()));
     }
 
+    /// The folder that holds a bucket's objects (s3s-fs keeps each as a file under it).
+    pub fn bucket_folder(&self, bucket: &str) -> PathBuf {
+        self.root.path().join(bucket)
+    }
+
     /// Stop the server (its objects stay).
     pub async fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

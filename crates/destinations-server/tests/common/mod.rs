@@ -86,6 +86,13 @@ impl Server {
         }
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child
+            .id()
+            .unwrap_or_else(|| panic!("the server already exited"))
+    }
+
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         self.post_raw(path, serde_json::to_vec(body).unwrap_or_default())
             .await
