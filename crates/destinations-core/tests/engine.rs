@@ -990,3 +990,44 @@ fn the_hub_bounds_every_attempt_by_default() {
         serde_json::from_value(json!({"attempt_timeout": "2s"})).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(settings.attempt_timeout, Some(Duration::from_secs(2)));
 }
+
+/// The backoff really waits: over 200 sends, the mean gap before attempt k+1 is half its
+/// ceiling (full jitter is uniform on [0, ceiling]) — a backoff of zero fails this (review T2).
+#[tokio::test(start_paused = true)]
+async fn retries_wait_half_their_ceiling_on_average() {
+    let d = Scripted::new(|attempt| {
+        if attempt < 5 {
+            Report::retry("503")
+        } else {
+            Report::delivered()
+        }
+    });
+    let hub = hub(d.clone(), InstanceSettings::default(), HubConfig::default());
+    for marker in 0..200 {
+        send(&hub, marker);
+    }
+    hub.shutdown_within(Duration::from_secs(3600)).await;
+    let attempts = d.attempts();
+    for k in 1..5u32 {
+        let gaps: Vec<f64> = (0..200u64)
+            .map(|marker| {
+                let at = |attempt: u32| {
+                    attempts
+                        .iter()
+                        .find(|(_, markers, a)| *a == attempt && markers == &vec![marker])
+                        .map(|(at, _, _)| *at)
+                        .unwrap_or_else(|| panic!("send {marker} has no attempt {attempt}"))
+                };
+                (at(k + 1) - at(k)).as_secs_f64()
+            })
+            .collect();
+        let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
+        let ceiling = f64::from(1u32 << (k - 1));
+        assert!(
+            (0.3 * ceiling..=0.7 * ceiling).contains(&mean),
+            "mean gap before attempt {} was {mean:.3} s; full jitter under a {ceiling} s ceiling averages {:.1} s",
+            k + 1,
+            ceiling / 2.0
+        );
+    }
+}

@@ -488,10 +488,12 @@ async fn the_rate_limit_spaces_messages() {
             .unwrap_or(0),
         4
     );
+    // On the paused clock the spacing is exact: 10 s between messages, the first at once —
+    // neither faster nor slower (review T5).
+    let took = start.elapsed();
     assert!(
-        start.elapsed() >= Duration::from_secs(30),
-        "4 messages at 6 a minute take at least 30 s, took {:?}",
-        start.elapsed()
+        (Duration::from_secs(30)..Duration::from_secs(31)).contains(&took),
+        "4 messages at 6 a minute take 30 s, took {took:?}"
     );
 }
 

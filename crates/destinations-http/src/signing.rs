@@ -84,6 +84,21 @@ mod tests {
         assert!(WebhookSigner::new(&["whsec_c2hvcnQ="]).is_err());
     }
 
+    /// The Standard Webhooks specification's published test vector (review T5).
+    #[test]
+    fn matches_the_specifications_test_vector() {
+        let s = WebhookSigner::new(&["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            s.signature(
+                "msg_p5jXN8AQM9LWM0D4loKWxJek",
+                1_614_265_330,
+                br#"{"test": 2432232314}"#
+            ),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+    }
+
     #[test]
     fn one_signature_per_secret() {
         let s = WebhookSigner::new(&[

@@ -572,6 +572,49 @@ async fn a_missing_bucket_fails_health_and_dead_letters_a_write() {
     assert_eq!(letters[0].envelope.attempts, 1);
 }
 
+/// A 400 that the store answers for real is permanent: one attempt, then a dead letter —
+/// classified from object_store's own error, not from a string the test wrote (review T3).
+/// A 500 is transient and retried.
+#[tokio::test]
+async fn store_errors_are_classified_from_real_answers() {
+    let server = S3Server::start().await;
+    server.create_bucket("events");
+    let refusing =
+        FaultProxy::start(server.address(), Fault::RefuseWrites(400, "InvalidRequest")).await;
+    let hub = self::hub(s3_table(&refusing.endpoint(), json!({"store_retries": 0})));
+    hub.sender()
+        .s3(S3Send::new("events", "", &json!({"marker": 1})))
+        .unwrap_or_else(|e| panic!("{e}"));
+    hub.shutdown_within(Duration::from_secs(60)).await;
+    let letters = destinations_testkit::dead_letters(&hub).await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].envelope.attempts, 1, "{}", letters[0].reason);
+    assert!(
+        letters[0].reason.contains("InvalidRequest"),
+        "{}",
+        letters[0].reason
+    );
+
+    let failing =
+        FaultProxy::start(server.address(), Fault::RefuseWrites(500, "InternalError")).await;
+    let table = s3_table(
+        &failing.endpoint(),
+        json!({"store_retries": 0, "retry": {"initial_delay": "10ms", "max_delay": "20ms", "max_attempts": 3}}),
+    );
+    let hub = self::hub(table);
+    hub.sender()
+        .s3(S3Send::new("events", "", &json!({"marker": 2})))
+        .unwrap_or_else(|e| panic!("{e}"));
+    hub.shutdown_within(Duration::from_secs(60)).await;
+    let letters = destinations_testkit::dead_letters(&hub).await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(
+        letters[0].envelope.attempts, 3,
+        "a 500 is retried: {}",
+        letters[0].reason
+    );
+}
+
 #[tokio::test]
 async fn a_reachable_bucket_is_healthy() {
     let server = S3Server::start().await;
