@@ -20,6 +20,8 @@ use crate::signing::WebhookSigner;
 
 /// The most of an error body kept in a send's status.
 const ERROR_EXCERPT_BYTES: usize = 4096;
+/// The most of an error body repeated in the error text.
+const ERROR_HEADLINE_CHARS: usize = 200;
 /// The most of a response body read (then dropped) to keep the connection reusable.
 const DRAIN_BYTES: usize = 1 << 20;
 
@@ -305,9 +307,24 @@ fn is_transient(status: StatusCode) -> bool {
 fn describe(status: StatusCode, excerpt: Option<&str>) -> String {
     let reason = status.canonical_reason().unwrap_or("");
     match excerpt {
-        Some(body) => format!("HTTP {} {reason}: {body}", status.as_u16()),
+        Some(body) => format!("HTTP {} {reason}: {}", status.as_u16(), headline(body)),
         None => format!("HTTP {} {reason}", status.as_u16()),
     }
+}
+
+/// The start of an error body, for the error text: one line, at most
+/// [`ERROR_HEADLINE_CHARS`] characters. The whole excerpt (4 KiB) is kept once, in the
+/// response summary, not twice (review C6).
+fn headline(body: &str) -> String {
+    let mut line: String = body
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(ERROR_HEADLINE_CHARS)
+        .collect();
+    if body.chars().nth(ERROR_HEADLINE_CHARS).is_some() {
+        line.push('…');
+    }
+    line
 }
 
 /// Read the body: keep its first `keep` bytes as text, drain a bounded rest so the

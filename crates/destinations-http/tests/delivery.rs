@@ -206,11 +206,18 @@ async fn a_permanent_4xx_dead_letters_at_once_with_status_and_body() {
 async fn error_bodies_are_cut_at_4_kib() {
     let receiver = Receiver::scripted(|_| Reply::Full(400, vec![], "x".repeat(100_000))).await;
     let (_, status) = status_of_one(HttpRequest::post(receiver.url("/"))).await;
+    let error = status.last_error.clone().unwrap_or_default();
     let excerpt = status
         .response
         .and_then(|r| r.body_excerpt)
         .unwrap_or_default();
     assert_eq!(excerpt.len(), 4096);
+    // The error repeats one line of it, not the 4 KiB again.
+    assert!(
+        error.starts_with("HTTP 400 Bad Request: xxx") && error.chars().count() < 260,
+        "{} characters: {error}",
+        error.chars().count()
+    );
 }
 
 #[tokio::test]

@@ -18,6 +18,15 @@ use crate::options::S3Options;
 
 /// Where an object for a bucket goes: the store, and the folder inside it (the bucket's, on
 /// stores that hold every bucket).
+/// A store built for a bucket, and when it was last used (a count of uses).
+type UsedStore = (Arc<dyn ObjectStore>, u64);
+
+/// Stores kept built, one per bucket, when sends name the bucket (`buckets` empty).
+const MAX_STORES: usize = 256;
+
+/// Buckets a health check looks at when sends name them: the most recently used.
+const HEALTH_BUCKETS: usize = 8;
+
 pub(crate) struct Placement {
     pub(crate) store: Arc<dyn ObjectStore>,
     pub(crate) folder: String,
@@ -42,7 +51,10 @@ enum Cloud {
 pub(crate) struct Stores {
     kind: Kind,
     options: S3Options,
-    by_bucket: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
+    /// Stores built per bucket, with when each was last used; at most [`MAX_STORES`].
+    by_bucket: Mutex<HashMap<String, UsedStore>>,
+    /// A counter that orders uses, for forgetting the least recently used store.
+    uses: std::sync::atomic::AtomicU64,
     local: Mutex<Option<Arc<dyn ObjectStore>>>,
 }
 
@@ -111,6 +123,7 @@ impl Stores {
             kind,
             options: options.clone(),
             by_bucket: Mutex::new(HashMap::new()),
+            uses: std::sync::atomic::AtomicU64::new(0),
             local: Mutex::new(None),
         };
         if let Kind::Cloud(cloud) = stores.kind {
@@ -149,11 +162,24 @@ impl Stores {
                     .by_bucket
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner);
-                let store = match cache.get(bucket) {
-                    Some(store) => store.clone(),
+                let now = self.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let store = match cache.get_mut(bucket) {
+                    Some((store, used)) => {
+                        *used = now;
+                        store.clone()
+                    }
                     None => {
                         let store = self.build_cloud(*cloud, bucket)?;
-                        cache.insert(bucket.to_owned(), store.clone());
+                        if cache.len() >= MAX_STORES
+                            && let Some(oldest) = cache
+                                .iter()
+                                .min_by_key(|(_, (_, used))| *used)
+                                .map(|(name, _)| name.clone())
+                        {
+                            // Senders name buckets: a client per bucket must not pile up.
+                            cache.remove(&oldest);
+                        }
+                        cache.insert(bucket.to_owned(), (store.clone(), now));
                         store
                     }
                 };
@@ -171,11 +197,20 @@ impl Stores {
         if !self.options.buckets.is_empty() {
             return self.options.buckets.clone();
         }
-        self.by_bucket
+        // The most recently used few: a check per bucket ever named would make /readyz slow.
+        let cache = self
+            .by_bucket
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .keys()
-            .cloned()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut recent: Vec<(&String, u64)> = cache
+            .iter()
+            .map(|(name, (_, used))| (name, *used))
+            .collect();
+        recent.sort_by_key(|(_, used)| std::cmp::Reverse(*used));
+        recent
+            .into_iter()
+            .take(HEALTH_BUCKETS)
+            .map(|(name, _)| name.clone())
             .collect()
     }
 
@@ -256,5 +291,45 @@ impl Stores {
             }
         };
         Ok(store)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Buckets named by senders build a store each: at most MAX_STORES are kept (the least
+    /// recently used go), and health looks at the few most recently used (review C6).
+    #[test]
+    fn stores_per_bucket_are_bounded_and_health_looks_at_the_recent_ones() {
+        let options = S3Options {
+            url: "s3://".to_owned(),
+            endpoint: Some("http://127.0.0.1:9".to_owned()),
+            allow_http: true,
+            region: Some("us-east-1".to_owned()),
+            access_key_id: Some("k".to_owned()),
+            secret_access_key: Some("s".to_owned()),
+            ..S3Options::default()
+        };
+        let stores = Stores::new(&options).unwrap_or_else(|e| panic!("{e}"));
+        for n in 0..MAX_STORES + 100 {
+            stores
+                .placement(&format!("bucket-{n}"))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        // The first bucket is used again: it is recent now.
+        stores
+            .placement("bucket-0")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let kept = stores
+            .by_bucket
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
+        assert_eq!(kept, MAX_STORES);
+        let known = stores.known_buckets();
+        assert_eq!(known.len(), HEALTH_BUCKETS);
+        assert_eq!(known[0], "bucket-0");
+        assert_eq!(known[1], format!("bucket-{}", MAX_STORES + 99));
     }
 }
