@@ -306,7 +306,10 @@ mod tests {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let shown = format!("{c:?}");
-        assert!(!shown.contains("hunter2") && shown.contains("smtp"), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("smtp"),
+            "{shown}"
+        );
     }
 
     #[test]

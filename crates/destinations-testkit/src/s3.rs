@@ -84,13 +84,19 @@ pub struct S3Server {
 impl S3Server {
     /// Start a server; fails the test, naming `cargo xtask setup`, if s3s-fs is missing.
     pub async fn start() -> Self {
-        let port = free_port();
         let mut server = Self {
             child: None,
-            address: SocketAddr::from(([127, 0, 0, 1], port)),
+            address: SocketAddr::from(([127, 0, 0, 1], free_port())),
             root: TempDir::new("s3s"),
         };
-        server.restart().await;
+        // The port was free when picked; another test may take it before s3s-fs binds it
+        // (review T6): then try another.
+        let mut tries = 0;
+        while let Err(why) = server.launch().await {
+            tries += 1;
+            assert!(tries < 5, "{why}");
+            server.address = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        }
         server
     }
 
@@ -125,6 +131,13 @@ impl S3Server {
 
     /// Start the server again on the same port and folder.
     pub async fn restart(&mut self) {
+        if let Err(why) = self.launch().await {
+            panic!("{why}");
+        }
+    }
+
+    /// Start s3s-fs on this server's port; why not, if it did not come up.
+    async fn launch(&mut self) -> Result<(), String> {
         self.stop().await;
         let binary = s3s_fs_binary();
         let mut child = Command::new(&binary)
@@ -141,22 +154,33 @@ impl S3Server {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
-        // s3s-fs prints nothing when ready: wait for its port to accept connections.
+            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        // s3s-fs prints nothing when ready: wait for its port to accept connections, and for
+        // it to be still running then (a port taken by another process answers too).
         for _ in 0..500 {
-            if TcpStream::connect(self.address).await.is_ok() {
-                self.child = Some(child);
-                return;
-            }
             if let Ok(Some(status)) = child.try_wait() {
-                panic!(
+                return Err(format!(
                     "s3s-fs exited during startup ({status}) on {}",
                     self.address
-                );
+                ));
+            }
+            if TcpStream::connect(self.address).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(format!(
+                        "s3s-fs exited during startup ({status}) on {}",
+                        self.address
+                    ));
+                }
+                self.child = Some(child);
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("s3s-fs did not listen on {} within 10 s", self.address);
+        Err(format!(
+            "s3s-fs did not listen on {} within 10 s",
+            self.address
+        ))
     }
 }
 

@@ -74,51 +74,62 @@ impl SmtpServer {
     /// Start a server that behaves as `config` says.
     pub async fn start(config: SmtpConfig) -> Self {
         let folder = TempDir::new("smtp");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("smtp/capture.py");
-        let port = free_port();
-        let mut command = Command::new(python_with_aiosmtpd());
-        command
-            .arg(&script)
-            .args(["--port", &port.to_string()])
-            .arg("--dir")
-            .arg(folder.path().join("mail"));
-        let mut ca = None;
-        if config.starttls || config.implicit_tls {
-            let (ca_pem, cert, key) = make_certificates(folder.path()).await;
-            command.arg("--cert").arg(cert).arg("--key").arg(key);
-            if config.implicit_tls {
-                command.arg("--implicit-tls");
+        let certificates = if config.starttls || config.implicit_tls {
+            Some(make_certificates(folder.path()).await)
+        } else {
+            None
+        };
+        // The port was free when picked; another test may take it before the server binds it
+        // (review T6): then try another.
+        let mut tries = 0;
+        loop {
+            let port = free_port();
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("smtp/capture.py");
+            let mut command = Command::new(python_with_aiosmtpd());
+            command
+                .arg(&script)
+                .args(["--port", &port.to_string()])
+                .arg("--dir")
+                .arg(folder.path().join("mail"));
+            if let Some((_, cert, key)) = &certificates {
+                command.arg("--cert").arg(cert).arg("--key").arg(key);
+                if config.implicit_tls {
+                    command.arg("--implicit-tls");
+                }
             }
-            ca = Some(ca_pem);
-        }
-        if let Some((user, password)) = &config.login {
-            command.args(["--login", &format!("{user}:{password}")]);
-        }
-        if let Some(refuse) = &config.refuse {
-            command.args(["--refuse", refuse]);
-        }
-        if let Some((defer, times)) = &config.defer {
-            command.args(["--defer", defer, "--defer-times", &times.to_string()]);
-        }
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start the SMTP test server: {e}"));
-        let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
-        let mut lines = BufReader::new(stdout).lines();
-        let ready = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await;
-        match ready {
-            Ok(Ok(Some(line))) if line == "ready" => {}
-            other => panic!("the SMTP test server did not start: {other:?}"),
-        }
-        Self {
-            _child: child,
-            port,
-            folder,
-            ca,
+            if let Some((user, password)) = &config.login {
+                command.args(["--login", &format!("{user}:{password}")]);
+            }
+            if let Some(refuse) = &config.refuse {
+                command.args(["--refuse", refuse]);
+            }
+            if let Some((defer, times)) = &config.defer {
+                command.args(["--defer", defer, "--defer-times", &times.to_string()]);
+            }
+            let mut child = command
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start the SMTP test server: {e}"));
+            let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+            let mut lines = BufReader::new(stdout).lines();
+            let ready = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await;
+            match ready {
+                Ok(Ok(Some(line))) if line == "ready" => {
+                    return Self {
+                        _child: child,
+                        port,
+                        ca: certificates.map(|(ca, _, _)| ca),
+                        folder,
+                    };
+                }
+                other => {
+                    tries += 1;
+                    assert!(tries < 5, "the SMTP test server did not start: {other:?}");
+                }
+            }
         }
     }
 
