@@ -98,10 +98,11 @@ pub struct DeadLetterPage {
     pub next: Option<String>,
 }
 
-/// The most recent dead letters in memory, up to a capacity (the oldest are dropped past it,
-/// and counted).
+/// The most recent dead letters in memory, up to a count and a size in payload bytes (the
+/// oldest are dropped past either, and counted).
 pub struct DeadLetters {
     capacity: usize,
+    max_bytes: usize,
     inner: Mutex<Inner>,
 }
 
@@ -109,15 +110,28 @@ pub struct DeadLetters {
 struct Inner {
     /// Oldest first, each with its sequence number (the page cursor).
     letters: VecDeque<(u64, DeadLetter)>,
+    /// The payload bytes of `letters`.
+    bytes: usize,
     next_seq: u64,
     evicted: u64,
 }
 
 impl DeadLetters {
-    /// A store that keeps up to `capacity` dead letters.
+    /// The payload bytes kept unless said otherwise (256 MiB).
+    pub const DEFAULT_MAX_BYTES: usize = 256 << 20;
+
+    /// A store that keeps up to `capacity` dead letters, of up to
+    /// [`DEFAULT_MAX_BYTES`](Self::DEFAULT_MAX_BYTES) of payload in all.
     pub fn new(capacity: usize) -> Self {
+        Self::bounded(capacity, Self::DEFAULT_MAX_BYTES)
+    }
+
+    /// A store that keeps up to `capacity` dead letters and `max_bytes` of their payloads
+    /// (review C6: 10 000 letters of 1 MiB each would otherwise hold 10 GiB).
+    pub fn bounded(capacity: usize, max_bytes: usize) -> Self {
         Self {
             capacity,
+            max_bytes,
             inner: Mutex::new(Inner::default()),
         }
     }
@@ -131,9 +145,13 @@ impl DeadLetters {
         let mut inner = self.lock();
         let seq = inner.next_seq;
         inner.next_seq += 1;
+        inner.bytes += letter.envelope.payload.len();
         inner.letters.push_back((seq, letter));
-        while inner.letters.len() > self.capacity {
-            inner.letters.pop_front();
+        while inner.letters.len() > self.capacity || inner.bytes > self.max_bytes {
+            let Some((_, oldest)) = inner.letters.pop_front() else {
+                break;
+            };
+            inner.bytes -= oldest.envelope.payload.len();
             inner.evicted += 1;
         }
     }
@@ -157,6 +175,11 @@ impl DeadLetters {
             .drain(..)
             .partition(|(_, d)| wanted.contains(&d.envelope.id));
         inner.letters = kept.into();
+        inner.bytes = inner
+            .letters
+            .iter()
+            .map(|(_, d)| d.envelope.payload.len())
+            .sum();
         taken.into_iter().map(|(_, d)| d).collect()
     }
 }
@@ -213,6 +236,20 @@ mod tests {
             reason: "x".into(),
             died_at: SystemTime::now(),
         }
+    }
+
+    #[tokio::test]
+    async fn the_oldest_go_past_the_byte_bound_and_are_counted() {
+        let store = DeadLetters::bounded(1000, 350);
+        for _ in 0..10 {
+            store.push(DeadLetter {
+                envelope: Envelope::new("a".into(), None, Bytes::from(vec![b'x'; 100])),
+                reason: "x".into(),
+                died_at: SystemTime::now(),
+            });
+        }
+        assert_eq!(store.len(), 3, "3 of 100 bytes fit in 350");
+        assert_eq!(store.evicted().await.unwrap_or_default(), 7);
     }
 
     #[tokio::test]

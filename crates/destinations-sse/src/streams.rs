@@ -155,12 +155,13 @@ impl Streams {
         let mut streams = self.lock();
         let stream = self.stream(&mut streams, name);
         stream.last_active = Instant::now();
-        if self.replay > 0 {
+        if self.replay > 0 && event.frame.len() <= self.replay_bytes {
             stream.recent_bytes += event.frame.len();
             stream.recent.push_back(event.clone());
-            while stream.recent.len() > self.replay
-                || (stream.recent_bytes > self.replay_bytes && stream.recent.len() > 1)
-            {
+            // An event larger than `replay_bytes` is delivered live but not kept (above):
+            // keeping the newest whatever its size let every stream hold one payload over the
+            // bound (review C6).
+            while stream.recent.len() > self.replay || stream.recent_bytes > self.replay_bytes {
                 if let Some(old) = stream.recent.pop_front() {
                     stream.recent_bytes -= old.frame.len();
                 }
@@ -269,6 +270,21 @@ mod tests {
 
     fn ids(events: &[Arc<Event>]) -> Vec<String> {
         events.iter().map(|e| e.id.clone()).collect()
+    }
+
+    #[test]
+    fn an_event_over_the_byte_bound_is_not_kept_for_replay() {
+        let streams = Streams::new("t", 100, 100, 8, 10, 10);
+        streams.publish("s", event(1));
+        streams.publish("s", Event::new("big".into(), "c", &"x".repeat(500)));
+        let kept = streams
+            .subscribe("s", None)
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(
+            ids(&kept.replay),
+            ["id-1"],
+            "the 500-byte event is delivered live, never held"
+        );
     }
 
     #[test]

@@ -100,9 +100,12 @@ pub fn open_queue(config: &HubConfig) -> Result<std::sync::Arc<dyn Queue>, Confi
                     "hub.queue: `{key}` is not a setting of the memory queue (it takes max_events, max_bytes, wait)"
                 )));
             }
-            Ok(std::sync::Arc::new(MemoryQueue::new(
+            Ok(std::sync::Arc::new(MemoryQueue::with_dead_letters(
                 config.status_retention(),
-                config.dead_letter_capacity,
+                destinations_core::DeadLetters::bounded(
+                    config.dead_letter_capacity,
+                    config.dead_letter_max_bytes,
+                ),
             )))
         }
         #[cfg(feature = "sqlite")]

@@ -46,6 +46,9 @@ pub struct HubConfig {
     pub status_max_age: Duration,
     /// How many dead letters are kept (default 10 000).
     pub dead_letter_capacity: usize,
+    /// How many payload bytes of dead letters a memory queue keeps (default 256 MiB); the
+    /// oldest go past it, counted as evicted.
+    pub dead_letter_max_bytes: usize,
     /// What a failed run does with its sends.
     pub on_run_error: OnRunError,
     /// How long shutdown waits for deliveries under way (and, for a memory queue, for the
@@ -66,6 +69,7 @@ impl Default for HubConfig {
             status_retention: 100_000,
             status_max_age: Duration::from_secs(24 * 3600),
             dead_letter_capacity: 10_000,
+            dead_letter_max_bytes: crate::dead_letters::DeadLetters::DEFAULT_MAX_BYTES,
             on_run_error: OnRunError::Discard,
             shutdown_timeout: Duration::from_secs(30),
             attempt_timeout: Duration::from_secs(300),
@@ -386,9 +390,12 @@ impl HubBuilder {
                         }
                     )));
                 }
-                Arc::new(MemoryQueue::new(
+                Arc::new(MemoryQueue::with_dead_letters(
                     self.config.status_retention(),
-                    self.config.dead_letter_capacity,
+                    crate::dead_letters::DeadLetters::bounded(
+                        self.config.dead_letter_capacity,
+                        self.config.dead_letter_max_bytes,
+                    ),
                 ))
             }
         };

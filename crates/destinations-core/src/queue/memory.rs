@@ -49,12 +49,17 @@ impl MemoryQueue {
     /// An empty queue that remembers finished statuses within `retention` and keeps up to
     /// `dead_letter_capacity` dead letters.
     pub fn new(retention: StatusRetention, dead_letter_capacity: usize) -> Self {
+        Self::with_dead_letters(retention, DeadLetters::new(dead_letter_capacity))
+    }
+
+    /// An empty queue keeping its dead letters in `dead_letters` (to bound them in bytes too).
+    pub fn with_dead_letters(retention: StatusRetention, dead_letters: DeadLetters) -> Self {
         Self {
             shared: Arc::new(Shared {
                 instances: RwLock::new(HashMap::new()),
                 stopped: AtomicBool::new(false),
                 statuses: StatusBook::new(retention),
-                dead_letters: DeadLetters::new(dead_letter_capacity),
+                dead_letters,
             }),
         }
     }
