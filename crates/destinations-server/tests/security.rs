@@ -421,3 +421,90 @@ async fn readiness_is_cached_and_its_details_need_the_token() {
         .unwrap_or_default();
     assert_eq!(detailed["destinations"]["mail"]["ok"], true, "{detailed}");
 }
+
+/// Headless Chromium on a page of another origin tries what a hostile page can: no-cors
+/// POSTs with a `text/plain`, a form-encoded and a JSON-looking body, and a subscription by
+/// query string. The page runs (it reports back), the server refuses each, nothing arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_page_in_a_real_browser_cannot_make_the_server_send() {
+    let chromium =
+        destinations_testkit::require_command("chromium", "the browser for the cross-site test");
+    let target = Receiver::start().await;
+    let server = Server::start(None).await;
+    let page_port = Receiver::unused_address().port();
+    let send = json!({"url": target.url("/csrf"), "method": "DELETE"}).to_string();
+    let page = format!(
+        r#"<!doctype html><meta charset="utf-8"><title>hostile</title><script>
+        const server = "{server}";
+        const body = {send:?};
+        const attempts = [
+          fetch(server + "/v1/send/http", {{method: "POST", mode: "no-cors", body}}),
+          fetch(server + "/v1/send/http", {{method: "POST", mode: "no-cors", body: new URLSearchParams({{payload: body}})}}),
+          fetch(server + "/v1/send/http", {{method: "POST", mode: "no-cors", headers: {{"Content-Type": "text/plain"}}, body}}),
+          fetch(server + "/v1/subscriptions?emitter_id=*&listener_id={listener}", {{method: "POST", mode: "no-cors"}}),
+        ];
+        Promise.allSettled(attempts).then(() => fetch("/report", {{method: "POST", body: "done"}}));
+        </script>"#,
+        server = server.base,
+        listener = target.url("/listener"),
+    );
+    let (reported, mut report) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let app = axum::Router::new()
+        .route(
+            "/",
+            axum::routing::get(move || async move { axum::response::Html(page) }),
+        )
+        .route(
+            "/report",
+            axum::routing::post(move || async move {
+                let _ = reported.send(());
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", page_port))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let profile = destinations_testkit::TempDir::new("chromium-csrf");
+    let mut browser = tokio::process::Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("http://127.0.0.1:{page_port}/"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start chromium: {e}"));
+    tokio::time::timeout(common::WITHIN, report.recv())
+        .await
+        .unwrap_or_else(|_| panic!("the page never reported that it ran"));
+    let _ = browser.kill().await;
+    // Every attempt was answered (the page reported after all settled): none was accepted,
+    // none arrived, no subscription was made.
+    let metrics = server.text("/metrics").await;
+    let accepted: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("destinations_sends_accepted_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(
+        accepted, 0.0,
+        "a cross-site request was accepted:\n{metrics}"
+    );
+    assert!(
+        target.requests().is_empty(),
+        "a cross-site request reached the target"
+    );
+    let (_, listed) = server.get("/v1/subscriptions").await;
+    assert_eq!(listed["subscriptions"], json!([]), "{listed}");
+}
