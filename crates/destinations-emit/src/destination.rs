@@ -36,6 +36,9 @@ pub struct EmitOptions {
     pub history: usize,
     /// Emitters whose history is kept; past it the idlest is forgotten (default 10 000).
     pub max_emitters: usize,
+    /// The most bytes of events the history keeps, all emitters together (default 64 MiB);
+    /// past it the idlest emitters' oldest events go.
+    pub history_bytes: usize,
     /// Where subscriptions are saved, so they survive a restart (default: memory only).
     pub subscriptions_file: Option<PathBuf>,
     /// Turn every dead letter of every destination into an event on `$errors` (default true).
@@ -49,6 +52,7 @@ impl Default for EmitOptions {
             max_hops: 8,
             history: 100,
             max_emitters: 10_000,
+            history_bytes: 64 << 20,
             subscriptions_file: None,
             errors_channel: true,
         }
@@ -142,7 +146,7 @@ impl EmitDestination {
         }
         Ok(Self {
             subscriptions: Subscriptions::load(options.subscriptions_file.clone())?,
-            history: History::new(options.history, options.max_emitters),
+            history: History::new(options.history, options.max_emitters, options.history_bytes),
             handlers: RwLock::new(HashMap::new()),
             webhooks: HttpDestination::new(options.webhook.clone())?,
             attached: OnceLock::new(),

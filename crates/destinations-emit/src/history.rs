@@ -44,19 +44,32 @@ struct Emitter {
     last_used: u64,
 }
 
-/// The histories of every emitter of one instance, bounded in length and in emitters.
+/// The histories of every emitter of one instance, bounded in length, in emitters and in the
+/// bytes of their events all together.
 pub(crate) struct History {
     emitters: Mutex<HashMap<String, Emitter>>,
     keep: usize,
     max_emitters: usize,
+    /// The most event bytes kept across emitters; past it the idlest emitters' oldest events
+    /// go (review C6: 10 000 emitters × 100 events could otherwise hold any amount).
+    max_bytes: usize,
+    /// The event bytes kept now.
+    bytes: std::sync::atomic::AtomicUsize,
+}
+
+/// The bytes an entry holds, as counted against the bound.
+fn size(entry: &HistoryEntry) -> usize {
+    entry.event.raw_event.get().len() + entry.id.len() + entry.metadata.emit_id.len()
 }
 
 impl History {
-    pub(crate) fn new(keep: usize, max_emitters: usize) -> Self {
+    pub(crate) fn new(keep: usize, max_emitters: usize, max_bytes: usize) -> Self {
         Self {
             emitters: Mutex::new(HashMap::new()),
             keep,
             max_emitters,
+            max_bytes,
+            bytes: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -86,12 +99,36 @@ impl History {
     }
 
     pub(crate) fn record(&self, entry: HistoryEntry) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let added = size(&entry);
+        if added > self.max_bytes {
+            return;
+        }
         let mut emitters = self.emitters.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(state) = emitters.get_mut(&entry.metadata.emitter_id) {
-            if state.entries.len() == self.keep {
-                state.entries.pop_back();
+        let Some(state) = emitters.get_mut(&entry.metadata.emitter_id) else {
+            return;
+        };
+        if state.entries.len() == self.keep
+            && let Some(old) = state.entries.pop_back()
+        {
+            self.bytes.fetch_sub(size(&old), Relaxed);
+        }
+        state.entries.push_front(entry);
+        let mut total = self.bytes.fetch_add(added, Relaxed) + added;
+        while total > self.max_bytes {
+            // The idlest emitter with anything kept gives up its oldest event.
+            let Some(idlest) = emitters
+                .iter_mut()
+                .filter(|(_, e)| !e.entries.is_empty())
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(_, e)| e)
+            else {
+                break;
+            };
+            if let Some(old) = idlest.entries.pop_back() {
+                total -= size(&old);
+                self.bytes.fetch_sub(size(&old), Relaxed);
             }
-            state.entries.push_front(entry);
         }
     }
 
@@ -110,8 +147,10 @@ impl History {
                 .iter()
                 .min_by_key(|(_, e)| e.last_used)
                 .map(|(name, _)| name.clone());
-            if let Some(idlest) = idlest {
-                emitters.remove(&idlest);
+            if let Some(forgotten) = idlest.and_then(|idlest| emitters.remove(&idlest)) {
+                let freed: usize = forgotten.entries.iter().map(size).sum();
+                self.bytes
+                    .fetch_sub(freed, std::sync::atomic::Ordering::Relaxed);
             }
         }
     }
@@ -139,8 +178,38 @@ mod tests {
     }
 
     #[test]
+    fn the_byte_bound_takes_from_the_idlest_emitter_first() {
+        let one = size(&entry(&History::new(1, 1, 1), "x", 0));
+        let history = History::new(100, 10, one * 5);
+        for n in 0..3 {
+            let e = entry(&history, "idle", n);
+            history.record(e);
+        }
+        // Idle since long ago (ids are in milliseconds: both would be of the same one).
+        if let Some(idle) = history
+            .emitters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut("idle")
+        {
+            idle.last_used = 0;
+        }
+        for n in 0..4 {
+            let e = entry(&history, "busy", n);
+            history.record(e);
+        }
+        assert_eq!(history.recent("busy", 10).len(), 4);
+        assert_eq!(
+            history.recent("idle", 10).len(),
+            1,
+            "the idle one gave up its oldest"
+        );
+        assert!(history.bytes.load(std::sync::atomic::Ordering::Relaxed) <= one * 5);
+    }
+
+    #[test]
     fn newest_first_bounded_with_increasing_ids() {
-        let history = History::new(3, 10);
+        let history = History::new(3, 10, 1 << 20);
         for n in 0..5 {
             let e = entry(&history, "p", n);
             history.record(e);
