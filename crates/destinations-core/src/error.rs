@@ -52,6 +52,19 @@ pub enum SendError {
     /// The hub is shutting down and takes no more sends.
     #[error("the hub is shutting down and takes no more sends")]
     ShuttingDown,
+    /// The run holds as much as the whole queue could: it could never be finished.
+    #[error(
+        "run `{run}` already holds {held} sends ({bytes} bytes), as much as the whole queue can hold \
+         (hub.queue.max_events / max_bytes); finish it and send the rest in another run"
+    )]
+    RunTooLarge {
+        /// The run.
+        run: String,
+        /// The sends it holds.
+        held: usize,
+        /// Their payload bytes.
+        bytes: usize,
+    },
     /// The run was already finished or discarded.
     #[error("run `{run}` is already finished; begin a new run to send more")]
     RunFinished {
@@ -82,6 +95,7 @@ impl SendError {
             Self::Queue(QueueError::NoConsumer(_)) => "no_consumer",
             Self::Queue(QueueError::InvalidCursor(_)) => "invalid_query",
             Self::RunFinished { .. } => "run_finished",
+            Self::RunTooLarge { .. } => "run_too_large",
         }
     }
 }

@@ -30,6 +30,8 @@ struct RunBuffer {
     id: Arc<str>,
     /// `None` once the run is finished or discarded.
     held: Mutex<Option<Vec<Envelope>>>,
+    /// The payload bytes held.
+    bytes: std::sync::atomic::AtomicUsize,
 }
 
 impl Sender {
@@ -173,6 +175,19 @@ impl Sender {
                 let held = held.as_mut().ok_or_else(|| SendError::RunFinished {
                     run: run.id.to_string(),
                 })?;
+                // A run is released whole: one larger than the queue could ever take would be
+                // held in memory, outside every bound, and then refused (review C6).
+                let bounds = &self.hub.config.queue.bounds;
+                let bytes = run.bytes.load(std::sync::atomic::Ordering::Relaxed);
+                if held.len() >= bounds.max_events || bytes + envelope.size() > bounds.max_bytes {
+                    return Err(SendError::RunTooLarge {
+                        run: run.id.to_string(),
+                        held: held.len(),
+                        bytes,
+                    });
+                }
+                run.bytes
+                    .fetch_add(envelope.size(), std::sync::atomic::Ordering::Relaxed);
                 held.push(envelope);
                 Ok(id)
             }
@@ -216,6 +231,7 @@ impl Run {
         let buffer = Arc::new(RunBuffer {
             id: id.into(),
             held: Mutex::new(Some(Vec::new())),
+            bytes: std::sync::atomic::AtomicUsize::new(0),
         });
         Self {
             sender: Sender {

@@ -342,8 +342,10 @@ async fn a_full_queue_refuses_a_whole_run_and_keeps_nothing_of_it() {
     // Hang deliveries so nothing leaves the queue while we fill it.
     let hanging = Scripted::hanging();
     let hub = hub(hanging.clone(), InstanceSettings::default(), bounded(3));
+    // One pending already: a run of three no longer fits.
+    send(&hub, 100);
     let run = hub.begin_run("big");
-    let ids: Vec<EventId> = (0..5)
+    let ids: Vec<EventId> = (0..3)
         .map(|m| {
             run.send()
                 .to("d", &json!({ "marker": m }))
@@ -357,9 +359,9 @@ async fn a_full_queue_refuses_a_whole_run_and_keeps_nothing_of_it() {
         .unwrap_or_else(|| panic!("refused"));
     match &refused.error {
         SendError::Queue(QueueError::Full(CapacityFull {
-            pending: 0,
+            pending: 1,
             limit: 3,
-            asked: 5,
+            asked: 3,
             ..
         })) => {}
         other => panic!("expected queue full, got {other:?}"),
@@ -370,9 +372,9 @@ async fn a_full_queue_refuses_a_whole_run_and_keeps_nothing_of_it() {
             "nothing of the run was kept"
         );
     }
-    assert_eq!(hub.queue_depth().events, 0);
-    assert_eq!(refused.into_run().held(), 5, "the run comes back whole");
-    for m in 0..3 {
+    assert_eq!(hub.queue_depth().events, 1);
+    assert_eq!(refused.into_run().held(), 3, "the run comes back whole");
+    for m in 0..2 {
         send(&hub, m);
     }
     let refused = hub.sender().to("d", &json!({"marker": 9}));
@@ -1030,4 +1032,26 @@ async fn retries_wait_half_their_ceiling_on_average() {
             ceiling / 2.0
         );
     }
+}
+
+/// A run cannot hold more than the whole queue could take: it would sit in memory outside
+/// every bound and then be refused whole (review C6).
+#[tokio::test]
+async fn a_run_larger_than_the_queue_is_refused_at_the_send_that_crosses_it() {
+    let d = Scripted::new(|_| Report::delivered());
+    let hub = hub(d, InstanceSettings::default(), bounded(3));
+    let run = hub.begin_run("big");
+    for marker in 0..3 {
+        run.send()
+            .to("d", &json!({ "marker": marker }))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    match run.send().to("d", &json!({ "marker": 3 })) {
+        Err(SendError::RunTooLarge { run, held, .. }) => {
+            assert_eq!((run.as_str(), held), ("big", 3));
+        }
+        other => panic!("the fourth send was not refused: {other:?}"),
+    }
+    assert_eq!(run.finish().await.map(|ids| ids.len()).unwrap_or(0), 3);
+    hub.shutdown_within(Duration::from_secs(60)).await;
 }

@@ -48,6 +48,7 @@ impl ApiError {
             SendError::Queue(QueueError::InvalidCursor(_)) => StatusCode::BAD_REQUEST,
             SendError::Queue(_) | SendError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             SendError::RunFinished { .. } => StatusCode::CONFLICT,
+            SendError::RunTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         };
         let code = error.code();
         let message = match error {
