@@ -427,8 +427,6 @@ async fn readiness_is_cached_and_its_details_need_the_token() {
 /// query string. The page runs (it reports back), the server refuses each, nothing arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_page_in_a_real_browser_cannot_make_the_server_send() {
-    let chromium =
-        destinations_testkit::require_command("chromium", "the browser for the cross-site test");
     let target = Receiver::start().await;
     let server = Server::start(None).await;
     let page_port = Receiver::unused_address().port();
@@ -466,29 +464,14 @@ async fn a_hostile_page_in_a_real_browser_cannot_make_the_server_send() {
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
-    let profile = destinations_testkit::TempDir::new("chromium-csrf");
-    let mut browser = tokio::process::Command::new(chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(format!("http://127.0.0.1:{page_port}/"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start chromium: {e}"));
+    let browser = destinations_testkit::Browser::open(
+        &format!("http://127.0.0.1:{page_port}/"),
+        "the browser for the cross-site test",
+    );
     tokio::time::timeout(common::WITHIN, report.recv())
         .await
         .unwrap_or_else(|_| panic!("the page never reported that it ran"));
-    let _ = browser.kill().await;
+    browser.close().await;
     // Every attempt was answered (the page reported after all settled): none was accepted,
     // none arrived, no subscription was made.
     let metrics = server.text("/metrics").await;

@@ -9,7 +9,7 @@ use axum::Router;
 use destinations_core::prelude::*;
 use destinations_core::{HubConfig, InstanceConfig, Registry};
 use destinations_sse::{SendSse, SseSend};
-use destinations_testkit::{SseClient, TempDir, require_command};
+use destinations_testkit::SseClient;
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -399,7 +399,6 @@ async fn the_stream_defaults_to_the_run_then_to_default() {
 /// the page posts each event it receives back to the test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_arrive_in_a_real_browser() {
-    let chromium = require_command("chromium", "the browser for the EventSource test");
     let page_port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -445,25 +444,10 @@ async fn events_arrive_in_a_real_browser() {
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
-    let profile = TempDir::new("chromium");
-    let mut browser = tokio::process::Command::new(chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(format!("{page_origin}/"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start chromium: {e}"));
+    let browser = destinations_testkit::Browser::open(
+        &format!("{page_origin}/"),
+        "the browser for the EventSource test",
+    );
     let wait = |count: usize| {
         let reports = reports.clone();
         async move { reports.lock().unwrap_or_else(PoisonError::into_inner).len() >= count }
@@ -480,7 +464,7 @@ async fn events_arrive_in_a_real_browser() {
             .await
             .unwrap_or_else(|_| panic!("the browser did not report every event"));
     }
-    let _ = browser.kill().await;
+    browser.close().await;
     let reports = reports
         .lock()
         .unwrap_or_else(PoisonError::into_inner)

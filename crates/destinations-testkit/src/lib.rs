@@ -44,3 +44,45 @@ pub fn require_command(command: &str, what: &str) -> std::path::PathBuf {
         panic!("`{command}` ({what}) is not installed; run `cargo xtask setup` first")
     })
 }
+
+/// Headless Chromium on a page, with a profile of its own; closed when dropped. Fails the
+/// test, naming `cargo xtask setup`, if Chromium is missing.
+pub struct Browser {
+    child: tokio::process::Child,
+    _profile: TempDir,
+}
+
+impl Browser {
+    /// Open `url` in a fresh headless Chromium.
+    pub fn open(url: &str, what: &str) -> Self {
+        let chromium = require_command("chromium", what);
+        let profile = TempDir::new("chromium");
+        let child = tokio::process::Command::new(chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(url)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start chromium: {e}"));
+        Self {
+            child,
+            _profile: profile,
+        }
+    }
+
+    /// Close the browser.
+    pub async fn close(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
