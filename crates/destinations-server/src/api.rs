@@ -148,22 +148,28 @@ pub(crate) async fn method_not_allowed(
 }
 
 async fn require_token(State(state): Shared, request: Request, next: Next) -> Response {
-    if let Some(expected) = &state.api_token {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(destinations::secret::bearer_token);
-        if !given.is_some_and(|given| destinations::secret::tokens_match(given, expected)) {
-            return ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "this server requires `Authorization: Bearer <api_token>`",
-            )
-            .into_response();
-        }
+    if !state.authorized(request.headers()) {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this server requires `Authorization: Bearer <api_token>`",
+        )
+        .into_response();
     }
     next.run(request).await
+}
+
+impl AppState {
+    /// Whether a request may use the API: no token is set, or it carries the token.
+    fn authorized(&self, headers: &axum::http::HeaderMap) -> bool {
+        self.api_token.as_deref().is_none_or(|expected| {
+            headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(destinations::secret::bearer_token)
+                .is_some_and(|given| destinations::secret::tokens_match(given, expected))
+        })
+    }
 }
 
 /// Read the body, up to the server's limit; 413 past it.
@@ -552,14 +558,7 @@ async fn readyz(State(state): Shared, headers: axum::http::HeaderMap) -> Respons
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let detailed = state.api_token.as_deref().is_none_or(|expected| {
-        headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(destinations::secret::bearer_token)
-            .is_some_and(|given| destinations::secret::tokens_match(given, expected))
-    });
-    let body = if detailed {
+    let body = if state.authorized(&headers) {
         json!({"ready": checked.ready, "destinations": checked.destinations})
     } else {
         json!({"ready": checked.ready})
