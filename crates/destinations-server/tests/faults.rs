@@ -1,6 +1,6 @@
 //! The fault suite: a real server (SQLite queue) delivering to a receiver that answers 503,
 //! 429 with `Retry-After`, drops connections, stalls past the timeout or refuses for good; to
-//! s3s-fs, stopped and started again mid-run; to an SMTP server; with a slow client holding a
+//! s3s-fs and an SMTP server, each stopped and started again mid-run; with a slow client holding a
 //! half-sent request meanwhile. At the end every accepted send is delivered or dead — counted
 //! by id at the targets — duplicates are counted, and the server's peak memory is bounded.
 //!
@@ -117,7 +117,7 @@ async fn under_faults_every_accepted_send_is_delivered_or_dead() {
         Receiver::scripted(|request| reply(fault_of(&request.uri), request.attempt)).await;
     let mut s3 = S3Server::start().await;
     s3.create_bucket("events");
-    let smtp = SmtpServer::start(SmtpConfig::default()).await;
+    let mut smtp = SmtpServer::start(SmtpConfig::default()).await;
     let server = Server::start(Some(&format!(
         r#"
         [clients]
@@ -198,6 +198,7 @@ async fn under_faults_every_accepted_send_is_delivered_or_dead() {
                 .collect();
             http_ids.extend(ids[..30].iter().cloned());
             let first_event = ids[30].clone();
+            let mail = ids[50].clone();
             accepted.extend(ids);
             if run == 3 {
                 // The object store goes away mid-run — until a batch has failed on it — and
@@ -208,6 +209,15 @@ async fn under_faults_every_accepted_send_is_delivered_or_dead() {
             }
             if run == 7 {
                 s3.restart().await;
+            }
+            if run == 2 {
+                // So does the mail server.
+                smtp.stop().await;
+                faults_injected += 1;
+                retrying(&server, &mail).await;
+            }
+            if run == 6 {
+                smtp.restart().await;
             }
         }
         faults_injected += 1; // the slow client

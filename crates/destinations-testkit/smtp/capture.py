@@ -39,9 +39,15 @@ class Capture:
         self.defer = re.compile(defer) if defer else None
         self.defer_times = defer_times
         self.deferred = {}
-        self.numbers = itertools.count(1)
+        # A restarted server goes on numbering where the last one stopped.
+        taken = [int(name[:6]) for name in os.listdir(folder) if name.endswith(".json")]
+        self.numbers = itertools.count(max(taken, default=0) + 1)
         self.sessions = itertools.count(1)
-        self.greetings = 0
+        try:
+            with open(os.path.join(folder, "greetings.count")) as f:
+                self.greetings = int(f.read().strip() or 0)
+        except OSError:
+            self.greetings = 0
         self.lock = threading.Lock()
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):

@@ -46,10 +46,12 @@ pub struct CapturedMail {
 
 /// The capture server on a port of its own, stopped (by its process id) when dropped.
 pub struct SmtpServer {
-    _child: Child,
+    child: Option<Child>,
     port: u16,
     folder: TempDir,
-    ca: Option<PathBuf>,
+    config: SmtpConfig,
+    /// The CA, server certificate and key, when the server speaks TLS.
+    certificates: Option<(PathBuf, PathBuf, PathBuf)>,
 }
 
 /// Where `cargo xtask setup` makes the Python with aiosmtpd.
@@ -79,57 +81,82 @@ impl SmtpServer {
         } else {
             None
         };
+        let mut server = Self {
+            child: None,
+            port: free_port(),
+            folder,
+            config,
+            certificates,
+        };
         // The port was free when picked; another test may take it before the server binds it
         // (review T6): then try another.
         let mut tries = 0;
-        loop {
-            let port = free_port();
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("smtp/capture.py");
-            let mut command = Command::new(python_with_aiosmtpd());
-            command
-                .arg(&script)
-                .args(["--port", &port.to_string()])
-                .arg("--dir")
-                .arg(folder.path().join("mail"));
-            if let Some((_, cert, key)) = &certificates {
-                command.arg("--cert").arg(cert).arg("--key").arg(key);
-                if config.implicit_tls {
-                    command.arg("--implicit-tls");
-                }
+        while let Err(why) = server.launch().await {
+            tries += 1;
+            assert!(tries < 5, "{why}");
+            server.port = free_port();
+        }
+        server
+    }
+
+    /// Stop the server (what it received stays).
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+            let _ = child.wait().await;
+        }
+    }
+
+    /// Start the server again on the same port and folder.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        if let Err(why) = self.launch().await {
+            panic!("{why}");
+        }
+    }
+
+    /// Start the server on its port; why not, if it did not come up.
+    async fn launch(&mut self) -> Result<(), String> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("smtp/capture.py");
+        let mut command = Command::new(python_with_aiosmtpd());
+        command
+            .arg(&script)
+            .args(["--port", &self.port.to_string()])
+            .arg("--dir")
+            .arg(self.folder.path().join("mail"));
+        if let Some((_, cert, key)) = &self.certificates {
+            command.arg("--cert").arg(cert).arg("--key").arg(key);
+            if self.config.implicit_tls {
+                command.arg("--implicit-tls");
             }
-            if let Some((user, password)) = &config.login {
-                command.args(["--login", &format!("{user}:{password}")]);
+        }
+        if let Some((user, password)) = &self.config.login {
+            command.args(["--login", &format!("{user}:{password}")]);
+        }
+        if let Some(refuse) = &self.config.refuse {
+            command.args(["--refuse", refuse]);
+        }
+        if let Some((defer, times)) = &self.config.defer {
+            command.args(["--defer", defer, "--defer-times", &times.to_string()]);
+        }
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start the SMTP test server: {e}"))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        match tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await {
+            Ok(Ok(Some(line))) if line == "ready" => {
+                self.child = Some(child);
+                Ok(())
             }
-            if let Some(refuse) = &config.refuse {
-                command.args(["--refuse", refuse]);
-            }
-            if let Some((defer, times)) = &config.defer {
-                command.args(["--defer", defer, "--defer-times", &times.to_string()]);
-            }
-            let mut child = command
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .kill_on_drop(true)
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start the SMTP test server: {e}"));
-            let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
-            let mut lines = BufReader::new(stdout).lines();
-            let ready = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await;
-            match ready {
-                Ok(Ok(Some(line))) if line == "ready" => {
-                    return Self {
-                        _child: child,
-                        port,
-                        ca: certificates.map(|(ca, _, _)| ca),
-                        folder,
-                    };
-                }
-                other => {
-                    tries += 1;
-                    assert!(tries < 5, "the SMTP test server did not start: {other:?}");
-                }
-            }
+            other => Err(format!(
+                "the SMTP test server did not start on port {}: {other:?}",
+                self.port
+            )),
         }
     }
 
@@ -148,7 +175,7 @@ impl SmtpServer {
 
     /// The PEM file of the CA that signed the server's certificate (with TLS).
     pub fn ca_file(&self) -> Option<&Path> {
-        self.ca.as_deref()
+        self.certificates.as_ref().map(|(ca, _, _)| ca.as_path())
     }
 
     /// Every message accepted so far, in order.
