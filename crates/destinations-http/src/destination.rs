@@ -88,14 +88,35 @@ impl HttpDestination {
         Self::host_of(&serde_json::from_slice::<UrlOnly<'_>>(payload).ok()?.url)
     }
 
-    /// The `host:port` of a URL.
+    /// The `host:port` of a URL, lower case, the scheme's port when none is written. Read
+    /// from the text, not by a full URL parse: the dispatcher asks for every send, and the
+    /// URL was checked when it was sent.
     pub fn host_of(url: &str) -> Option<String> {
-        let url = url::Url::parse(url).ok()?;
-        Some(format!(
-            "{}:{}",
-            url.host_str()?,
-            url.port_or_known_default().unwrap_or(0)
-        ))
+        let (scheme, rest) = url.split_once("://")?;
+        let default_port = if scheme.eq_ignore_ascii_case("https") {
+            443
+        } else if scheme.eq_ignore_ascii_case("http") {
+            80
+        } else {
+            return None;
+        };
+        let authority = rest.split(['/', '?', '#']).next()?;
+        let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        if host_port.is_empty() {
+            return None;
+        }
+        // A port is what follows the last `:` outside brackets (`[::1]:8080`).
+        let has_port = host_port.rsplit_once(':').is_some_and(|(host, port)| {
+            !port.is_empty()
+                && !host.ends_with(':')
+                && (!host.starts_with('[') || host.ends_with(']'))
+        });
+        let mut key = host_port.to_ascii_lowercase();
+        if !has_port {
+            key.push(':');
+            key.push_str(&default_port.to_string());
+        }
+        Some(key)
     }
 
     /// The most requests at once to one host.
@@ -355,6 +376,28 @@ pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
     }
     let at = httpdate::parse_http_date(value).ok()?;
     Some(at.duration_since(SystemTime::now()).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::HttpDestination;
+
+    #[test]
+    fn host_keys_name_host_and_port() {
+        for (url, key) in [
+            ("http://Example.com/x", "example.com:80"),
+            ("https://example.com", "example.com:443"),
+            ("http://example.com:8080/x?y#z", "example.com:8080"),
+            ("http://127.0.0.1:9000/hook", "127.0.0.1:9000"),
+            ("http://[::1]:8080/", "[::1]:8080"),
+            ("http://[::1]/", "[::1]:80"),
+            ("HTTPS://Hooks.Example.com?x=1", "hooks.example.com:443"),
+        ] {
+            assert_eq!(HttpDestination::host_of(url).as_deref(), Some(key), "{url}");
+        }
+        assert_eq!(HttpDestination::host_of("ftp://x/"), None);
+        assert_eq!(HttpDestination::host_of("no scheme"), None);
+    }
 }
 
 fn redirect_policy(follow: usize, guard: Arc<AddressGuard>) -> redirect::Policy {
