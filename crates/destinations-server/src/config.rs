@@ -289,6 +289,32 @@ pub(crate) fn apply_env_overrides(
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Any variable, any value: the override lands at its path, as the TOML value it
+        /// reads as or else as the text itself, unchanged — or is refused; never a panic.
+        #[test]
+        fn env_overrides_land_where_they_say(
+            path in "[A-Za-z_]{1,8}(__[A-Za-z_]{1,8}){0,3}",
+            raw in "\\PC{0,24}",
+        ) {
+            let mut table: toml::Table = toml::from_str(EMBEDDED_DEFAULTS).unwrap_or_default();
+            let name = format!("{ENV_PREFIX}{path}");
+            if apply_env_overrides(&mut table, std::iter::once((name, raw.clone()))).is_ok() {
+                let keys: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+                let mut node = &table;
+                for key in &keys[..keys.len() - 1] {
+                    node = node.get(key).and_then(toml::Value::as_table).unwrap_or_else(|| panic!("{key} is a table"));
+                }
+                let landed = node.get(&keys[keys.len() - 1]).unwrap_or_else(|| panic!("{path} landed"));
+                let parsed = toml::from_str::<toml::Table>(&format!("v = {raw}")).ok().and_then(|mut t| t.remove("v"));
+                match parsed {
+                    Some(value) => proptest::prop_assert_eq!(landed, &value),
+                    None => proptest::prop_assert_eq!(landed.as_str(), Some(raw.as_str())),
+                }
+            }
+        }
+    }
+
     #[test]
     fn embedded_defaults_parse() {
         let table: toml::Table = toml::from_str(EMBEDDED_DEFAULTS).unwrap_or_default();

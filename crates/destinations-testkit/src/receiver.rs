@@ -173,7 +173,9 @@ impl Receiver {
         self.lock().requests.clone()
     }
 
-    /// The distinct idempotency keys answered with a 2xx.
+    /// The distinct idempotency keys the receiver answered with a 2xx — counted when the
+    /// answer is made, so a key whose sender gave up before the answer reached it counts too:
+    /// this says "arrived at least once", not "acknowledged" (review T6).
     pub fn accepted_keys(&self) -> HashSet<String> {
         self.lock().accepted.clone()
     }
