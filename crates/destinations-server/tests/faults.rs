@@ -1,8 +1,9 @@
 //! The fault suite: a real server (SQLite queue) delivering to a receiver that answers 503,
-//! 429 with `Retry-After`, drops connections, stalls past the timeout or refuses for good; to
-//! s3s-fs and an SMTP server, each stopped and started again mid-run; with a slow client holding a
-//! half-sent request meanwhile. At the end every accepted send is delivered or dead — counted
-//! by id at the targets — duplicates are counted, and the server's peak memory is bounded.
+//! 429 with `Retry-After`, drops connections, stalls or trickles past the timeout or refuses
+//! for good; to s3s-fs and an SMTP server, each stopped and started again mid-run; with a slow
+//! client holding a half-sent request meanwhile. At the end every accepted send is delivered
+//! or dead — counted by id at the targets — duplicates are counted, and the server's peak
+//! memory is bounded.
 //!
 //! CI runs one round. `cargo xtask soak --minutes N` runs rounds for N minutes, with faults
 //! drawn at random (`DESTINATIONS_SOAK_MINUTES`, `DESTINATIONS_SOAK_SEED`).
@@ -29,16 +30,19 @@ enum Fault {
     Dropped,
     /// No answer within the instance's timeout on the first attempt.
     Stalled,
+    /// A 503 whose body trickles a byte every 100 ms, on the first attempt.
+    Trickled,
     /// 410 every time: dead at once.
     Gone,
 }
 
-const FAULTS: [Fault; 6] = [
+const FAULTS: [Fault; 7] = [
     Fault::Accept,
     Fault::Unavailable,
     Fault::TooMany,
     Fault::Dropped,
     Fault::Stalled,
+    Fault::Trickled,
     Fault::Gone,
 ];
 
@@ -58,6 +62,11 @@ fn reply(fault: Fault, attempt: u32) -> Reply {
         (Fault::TooMany, 1) => Reply::Full(429, vec![("retry-after", "1".into())], String::new()),
         (Fault::Dropped, 1) => Reply::Drop,
         (Fault::Stalled, 1) => Reply::After(Duration::from_secs(5), Box::new(Reply::Status(200))),
+        (Fault::Trickled, 1) => Reply::Trickle {
+            status: 503,
+            bytes: 100,
+            every: Duration::from_millis(100),
+        },
         _ => Reply::Status(200),
     }
 }

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -62,7 +63,20 @@ pub enum Reply {
     Drop,
     /// Wait, then answer.
     After(Duration, Box<Reply>),
+    /// Answer this status at once, then send a body of `bytes` bytes one at a time, `every`
+    /// apart: a target that trickles.
+    Trickle {
+        /// The status.
+        status: u16,
+        /// How many bytes the body has.
+        bytes: usize,
+        /// The wait before each.
+        every: Duration,
+    },
 }
+
+/// What the receiver answers with: a whole body, or one that trickles.
+type Body = BoxBody<Bytes, std::convert::Infallible>;
 
 /// Decides the reply to each request.
 type Script = Arc<dyn Fn(&ReceivedRequest) -> Reply + Send + Sync>;
@@ -245,7 +259,7 @@ async fn handle(
     record: Arc<Mutex<Record>>,
     script: Script,
     counts: Arc<Counts>,
-) -> Result<Response<Full<Bytes>>, DropConnection> {
+) -> Result<Response<Body>, DropConnection> {
     let (parts, body) = request.into_parts();
     let body = body
         .collect()
@@ -297,6 +311,34 @@ async fn handle(
                 reply = *then;
             }
             Reply::Drop => return Err(DropConnection),
+            Reply::Trickle {
+                status,
+                bytes,
+                every,
+            } => {
+                let mut response = answer(
+                    status,
+                    Vec::new(),
+                    String::new(),
+                    &received,
+                    &record,
+                    &counts.accepted,
+                );
+                let drip = futures::stream::unfold(bytes, move |left| async move {
+                    if left == 0 {
+                        return None;
+                    }
+                    tokio::time::sleep(every).await;
+                    Some((
+                        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                            Bytes::from_static(b"x"),
+                        )),
+                        left - 1,
+                    ))
+                });
+                *response.body_mut() = StreamBody::new(drip).boxed();
+                return Ok(response);
+            }
             Reply::Status(code) => {
                 return Ok(answer(
                     code,
@@ -328,7 +370,7 @@ fn answer(
     received: &ReceivedRequest,
     record: &Mutex<Record>,
     accepted_tx: &watch::Sender<usize>,
-) -> Response<Full<Bytes>> {
+) -> Response<Body> {
     let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     if status.is_success() {
         let mut record = record.lock().unwrap_or_else(PoisonError::into_inner);
@@ -338,7 +380,7 @@ fn answer(
         }
         accepted_tx.send_replace(record.accepted.len());
     }
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let mut response = Response::new(Full::new(Bytes::from(body)).boxed());
     *response.status_mut() = status;
     for (name, value) in headers {
         if let Ok(value) = hyper::header::HeaderValue::from_str(&value) {
