@@ -238,24 +238,32 @@ async fn under_faults_every_accepted_send_is_delivered_or_dead() {
 
     // Every accepted send ends delivered or dead.
     let (mut delivered, mut dead) = (0usize, 0usize);
+    let mut dead_ids = HashSet::new();
     for id in &accepted {
         let status = settled(&server, id).await;
         match status["state"].as_str() {
             Some("delivered") => delivered += 1,
-            Some("dead") => dead += 1,
+            Some("dead") => {
+                dead += 1;
+                dead_ids.insert(id.clone());
+            }
             other => panic!("{id} is {other:?}: {status}"),
         }
     }
     assert_eq!(delivered + dead, accepted.len());
-    // At the targets, by id: every delivered HTTP send arrived, none that died did.
+    // At the targets, by id: every HTTP send that is not dead arrived. A dead one may have
+    // arrived too — its last attempts timed out, so their result is unknown — and is counted.
     let arrived = receiver.accepted_keys();
-    let http_delivered: HashSet<&String> =
-        http_ids.iter().filter(|id| arrived.contains(*id)).collect();
-    assert_eq!(
-        dead,
-        http_ids.len() - http_delivered.len(),
-        "the dead are the HTTP sends that never arrived"
-    );
+    let lost: Vec<&String> = http_ids
+        .iter()
+        .filter(|id| !dead_ids.contains(*id) && !arrived.contains(*id))
+        .collect();
+    assert!(lost.is_empty(), "delivered yet never arrived: {lost:?}");
+    let dead_but_arrived = dead_ids.iter().filter(|id| arrived.contains(*id)).count();
+    // In CI's round, the only dead are the scripted 410s, which never answer 2xx.
+    if minutes == 0.0 {
+        assert_eq!(dead_but_arrived, 0);
+    }
     let duplicates = receiver.accepted_requests().len() - arrived.len();
     let peak = peak_rss_mib(server.pid());
     assert!(server.terminate().await.success());
@@ -275,7 +283,7 @@ async fn under_faults_every_accepted_send_is_delivered_or_dead() {
     assert_eq!(markers.len(), s3_markers, "every S3 event is in an object");
     assert_eq!(smtp.messages().len(), mails, "every mail arrived once");
     eprintln!(
-        "faults: {round} rounds, {} accepted, {delivered} delivered, {dead} dead, {faults_injected} faults injected; HTTP duplicates {duplicates}, S3 events written {lines} for {s3_markers}; server peak RSS {peak:.0} MiB",
+        "faults: {round} rounds, {} accepted, {delivered} delivered, {dead} dead ({dead_but_arrived} of them arrived, their result unknown to the server), {faults_injected} faults injected; HTTP duplicates {duplicates}, S3 events written {lines} for {s3_markers}; server peak RSS {peak:.0} MiB",
         accepted.len()
     );
     assert!(peak < 400.0, "peak RSS {peak:.0} MiB");
