@@ -166,6 +166,7 @@ async fn under_faults_every_accepted_send_is_delivered_or_dead() {
     let (mut accepted, mut http_ids, mut s3_markers, mut mails) =
         (Vec::<String>::new(), HashSet::new(), 0usize, 0usize);
     let mut round = 0;
+    let (mut s3_ids, mut mail_ids) = (Vec::new(), Vec::new());
     let mut faults_injected = 0;
     loop {
         round += 1;
@@ -179,6 +180,9 @@ async fn under_faults_every_accepted_send_is_delivered_or_dead() {
         )
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+        // The object store and the mail server go away in CI's round, and in a third of the
+        // rounds when soaking (every round would leave them down most of the time).
+        let outage = minutes == 0.0 || random.usize(0..3) == 0;
         for run in 0..10 {
             let mut sends: Vec<Value> = (0..30)
                 .map(|n| {
@@ -208,24 +212,26 @@ async fn under_faults_every_accepted_send_is_delivered_or_dead() {
             http_ids.extend(ids[..30].iter().cloned());
             let first_event = ids[30].clone();
             let mail = ids[50].clone();
+            s3_ids.extend(ids[30..50].iter().cloned());
+            mail_ids.push(mail.clone());
             accepted.extend(ids);
-            if run == 3 {
+            if outage && run == 3 {
                 // The object store goes away mid-run — until a batch has failed on it — and
                 // comes back a few runs later.
                 s3.stop().await;
                 faults_injected += 1;
                 retrying(&server, &first_event).await;
             }
-            if run == 7 {
+            if outage && run == 7 {
                 s3.restart().await;
             }
-            if run == 2 {
+            if outage && run == 2 {
                 // So does the mail server.
                 smtp.stop().await;
                 faults_injected += 1;
                 retrying(&server, &mail).await;
             }
-            if run == 6 {
+            if outage && run == 6 {
                 smtp.restart().await;
             }
         }
@@ -280,8 +286,35 @@ async fn under_faults_every_accepted_send_is_delivered_or_dead() {
             markers.insert(line.to_owned());
         }
     }
-    assert_eq!(markers.len(), s3_markers, "every S3 event is in an object");
-    assert_eq!(smtp.messages().len(), mails, "every mail arrived once");
+    // What is not dead arrived; a dead one may have too (its result was unknown).
+    let s3_delivered = s3_ids.iter().filter(|id| !dead_ids.contains(*id)).count();
+    assert!(
+        (s3_delivered..=s3_markers).contains(&markers.len()),
+        "{} S3 events in objects for {s3_delivered} delivered of {s3_markers}",
+        markers.len()
+    );
+    let mails_delivered = mail_ids.iter().filter(|id| !dead_ids.contains(*id)).count();
+    let subjects: HashSet<String> = smtp
+        .messages()
+        .iter()
+        .filter_map(|mail| {
+            String::from_utf8_lossy(&mail.raw)
+                .lines()
+                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_owned))
+        })
+        .collect();
+    let received = subjects.len();
+    assert!(
+        (mails_delivered..=mails).contains(&received),
+        "{received} distinct mails received for {mails_delivered} delivered of {mails}"
+    );
+    if minutes == 0.0 {
+        assert_eq!(
+            (markers.len(), received),
+            (s3_markers, mails),
+            "in CI's round every S3 event and every mail arrives"
+        );
+    }
     eprintln!(
         "faults: {round} rounds, {} accepted, {delivered} delivered, {dead} dead ({dead_but_arrived} of them arrived, their result unknown to the server), {faults_injected} faults injected; HTTP duplicates {duplicates}, S3 events written {lines} for {s3_markers}; server peak RSS {peak:.0} MiB",
         accepted.len()
