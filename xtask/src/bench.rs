@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 
 use crate::{apt_install, have, root};
 
-const SCENARIOS: [&str; 8] = [
+const SCENARIOS: [&str; 10] = [
     "send-path",
     "http",
     "ingest",
@@ -19,6 +19,8 @@ const SCENARIOS: [&str; 8] = [
     "memory",
     "queues",
     "overload",
+    "server-http",
+    "server-s3",
 ];
 
 struct Options {
@@ -633,6 +635,128 @@ fn overload_scenario(quick: bool) -> Result<Vec<(Row, String)>, String> {
     Ok(rows)
 }
 
+/// The server end to end, on its default SQLite queue: wrk posting runs of 100 × 256 B to
+/// `POST /v1/runs` for a fixed time, the server delivering each send to the receiver; the
+/// figure is delivered sends/s from the first request to the last delivery, beside wrk
+/// posting 256 B straight to the same receiver.
+fn server_http_scenario(quick: bool) -> Result<(Row, String), String> {
+    let seconds = if quick { 5 } else { 10 };
+    let (_receiver, receiver_url) = start_receiver()?;
+    let single = format!(r#"{{"n":1,"pad":"{}"}}"#, "x".repeat(240));
+    let reference = wrk_post(&format!("{receiver_url}/wrk"), &single, seconds, 64)?;
+    let reference_rate = reference.requests as f64 / reference.seconds;
+    let instance = "[destinations.http]\nkind = \"http\"\nallow_networks = [\"127.0.0.0/8\"]\n";
+    let (rate, accepted, load) = end_to_end(
+        "server-http",
+        instance,
+        &http_run_body(&format!("{receiver_url}/e2e")),
+        seconds,
+    )?;
+    Ok((
+        Row {
+            scenario: "server-http",
+            goal: "ratio ≥ 0.4",
+            measure: "HTTP sends/s delivered, end to end".into(),
+            value: rate,
+            reference_name: "wrk -c64 posting 256 B to the same receiver".into(),
+            reference: reference_rate,
+            notes: format!(
+                "wrk -c16 posting runs of 100 × 256 B for {seconds} s to the server (SQLite queue, CPU 0, with the receiver), wrk on CPU 1; {accepted} accepted, {} refused; from the first request to the last delivery",
+                load.non_2xx
+            ),
+        },
+        format!(
+            r#"{{"scenario":"server-http","accepted":{accepted},"delivered_per_second":{rate},"reference_per_second":{reference_rate}}}"#
+        ),
+    ))
+}
+
+/// The same for S3: runs of 100 events into gzip objects on s3s-fs, beside one core of
+/// `gzip -1` on the same NDJSON bytes.
+fn server_s3_scenario(quick: bool) -> Result<(Row, String), String> {
+    let seconds = if quick { 5 } else { 10 };
+    let (_s3, endpoint, _bucket) = start_s3_server()?;
+    let instance = format!(
+        "[destinations.s3]\nkind = \"s3\"\nurl = \"s3://\"\nendpoint = \"{endpoint}\"\nallow_http = true\nregion = \"us-east-1\"\naccess_key_id = \"bench\"\nsecret_access_key = \"bench-secret\"\nbatch = {{ max_age = \"1s\" }}\n"
+    );
+    let events: Vec<String> = (0..100)
+        .map(|n| {
+            format!(
+                r#"{{"event":"page_view","n":{n},"user":"u_{n:08x}","page":"/pricing","referrer":"https://search.example.com/?q=event+delivery","ua":"Mozilla/5.0 (X11; Linux x86_64) Firefox/140.0","ms":{n}}}"#
+            )
+        })
+        .collect();
+    let sends: Vec<String> = events
+        .iter()
+        .map(|event| {
+            format!(
+                r#"{{"destination":"s3","payload":{{"bucket":"bench","prefix":"e2e","payload":{event}}}}}"#
+            )
+        })
+        .collect();
+    let body = format!(r#"{{"sends":[{}]}}"#, sends.join(","));
+    let (rate, accepted, load) = end_to_end("server-s3", &instance, &body, seconds)?;
+    // The reference: gzip -1 over the same NDJSON bytes, as many events, on one core.
+    let ndjson = root().join("target/bench/server-s3.ndjson");
+    let mut text = String::with_capacity(accepted * 260);
+    for n in 0..accepted {
+        text.push_str(&events[n % events.len()]);
+        text.push('\n');
+    }
+    std::fs::write(&ndjson, &text).map_err(|e| e.to_string())?;
+    let started = std::time::Instant::now();
+    let out = pinned(1, "gzip")
+        .args(["-1", "-c"])
+        .arg(&ndjson)
+        .output()
+        .map_err(|e| format!("gzip: {e}"))?;
+    let gzip_rate = accepted as f64 / started.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&ndjson);
+    Ok((
+        Row {
+            scenario: "server-s3",
+            goal: "ratio ≥ 1.2",
+            measure: "S3 events/s into gzip objects, end to end".into(),
+            value: rate,
+            reference_name: "gzip -1, same NDJSON bytes, one core".into(),
+            reference: gzip_rate,
+            notes: format!(
+                "wrk -c16 posting runs of 100 events for {seconds} s to the server (SQLite queue, CPU 0, with s3s-fs), wrk and gzip on CPU 1; {accepted} accepted, {} refused; {:.1} MiB NDJSON → gzip -1 {:.1} MiB",
+                load.non_2xx,
+                text.len() as f64 / 1048576.0,
+                out.stdout.len() as f64 / 1048576.0
+            ),
+        },
+        format!(
+            r#"{{"scenario":"server-s3","accepted":{accepted},"delivered_per_second":{rate},"reference_per_second":{gzip_rate}}}"#
+        ),
+    ))
+}
+
+/// A fresh server (`name`, with `instance`) loaded by wrk posting `body` for `seconds`: the
+/// sends delivered per second from the first request to the last delivery, how many were
+/// accepted, and wrk's run.
+fn end_to_end(
+    name: &str,
+    instance: &str,
+    body: &str,
+    seconds: u64,
+) -> Result<(f64, usize, WrkRun), String> {
+    let (server, port) = start_server(name, instance)?;
+    let started = std::time::Instant::now();
+    let load = wrk_post(
+        &format!("http://127.0.0.1:{port}/v1/runs"),
+        body,
+        seconds,
+        16,
+    )?;
+    let accepted = ((load.requests - load.non_2xx) * 100) as usize;
+    let delivered_at = wait_delivered(port, accepted as f64, std::time::Duration::from_secs(600))?;
+    drop(server);
+    let rate = accepted as f64 / (delivered_at - started).as_secs_f64();
+    Ok((rate, accepted, load))
+}
+
 /// One overload case: `instance` is the destination's config table, `body` a run for it.
 fn overload_case(
     kind: &str,
@@ -924,6 +1048,8 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
             "memory" => memory_scenario(options.quick)?,
             "queues" => queues_scenario(options.quick)?,
             "overload" => overload_scenario(options.quick)?,
+            "server-http" => vec![server_http_scenario(options.quick)?],
+            "server-s3" => vec![server_s3_scenario(options.quick)?],
             other => return Err(format!("scenario `{other}` is not built yet")),
         };
         for (row, json) in results {
