@@ -458,21 +458,14 @@ fn queues_scenario(quick: bool) -> Result<Vec<(Row, String)>, String> {
         || http_load(&url, sends, None),
         || http_load(&url, sends, Some(&fresh_queue_file("http")?)),
     )?;
-    rows.push((
-        Row {
-            scenario: "queues",
-            goal: "ratio ≥ 0.7",
-            measure: "HTTP sends/s, sqlite queue".into(),
-            value: json_field(&sqlite, "sends_per_second"),
-            reference_name: "the memory queue, same load".into(),
-            reference: json_field(&memory, "sends_per_second"),
-            notes: format!(
-                "N={sends} × 256 B in runs of 100, 8 producers, each run committed before finish returns; median of {ROUNDS} runs taken in turn (sqlite {sqlite_spread}, memory {memory_spread}); peak RSS {:.0} MiB (memory queue {:.0} MiB)",
-                json_field(&sqlite, "peak_rss_kib") / 1024.0,
-                json_field(&memory, "peak_rss_kib") / 1024.0
-            ),
-        },
-        format!(r#"{{"scenario":"queues-http","memory":{memory},"sqlite":{sqlite}}}"#),
+    rows.push(queue_row(
+        "http",
+        "HTTP sends/s, sqlite queue",
+        &memory,
+        &sqlite,
+        &format!(
+            "N={sends} × 256 B in runs of 100, 8 producers, each run committed before finish returns; median of {ROUNDS} runs taken in turn (sqlite {sqlite_spread}, memory {memory_spread})"
+        ),
     ));
     let (_server, endpoint, _bucket) = start_s3_server()?;
     let sends = if quick { 100_000 } else { 500_000 };
@@ -484,24 +477,38 @@ fn queues_scenario(quick: bool) -> Result<Vec<(Row, String)>, String> {
         || s3_load(&endpoint, sends, &ndjson, Some(&fresh_queue_file("s3")?)),
     )?;
     let _ = std::fs::remove_file(&ndjson);
-    rows.push((
+    rows.push(queue_row(
+        "s3",
+        "S3 events/s, sqlite queue",
+        &memory,
+        &sqlite,
+        &format!(
+            "N={sends} × ~241 B into gzip objects on s3s-fs, 8 producers; median of {ROUNDS} runs taken in turn (sqlite {sqlite_spread}, memory {memory_spread}); all delivered: {}",
+            sqlite.contains("\"all_delivered\":true")
+        ),
+    ));
+    Ok(rows)
+}
+
+/// A `queues` row: the sqlite queue's figure beside the memory queue's (the load program's
+/// JSON lines), with `notes` and both peak RSS.
+fn queue_row(kind: &str, measure: &str, memory: &str, sqlite: &str, notes: &str) -> (Row, String) {
+    (
         Row {
             scenario: "queues",
             goal: "ratio ≥ 0.7",
-            measure: "S3 events/s, sqlite queue".into(),
-            value: json_field(&sqlite, "sends_per_second"),
+            measure: measure.into(),
+            value: json_field(sqlite, "sends_per_second"),
             reference_name: "the memory queue, same load".into(),
-            reference: json_field(&memory, "sends_per_second"),
+            reference: json_field(memory, "sends_per_second"),
             notes: format!(
-                "N={sends} × ~241 B into gzip objects on s3s-fs, 8 producers; median of {ROUNDS} runs taken in turn (sqlite {sqlite_spread}, memory {memory_spread}); all delivered: {}; peak RSS {:.0} MiB (memory queue {:.0} MiB)",
-                sqlite.contains("\"all_delivered\":true"),
-                json_field(&sqlite, "peak_rss_kib") / 1024.0,
-                json_field(&memory, "peak_rss_kib") / 1024.0
+                "{notes}; peak RSS {:.0} MiB (memory queue {:.0} MiB)",
+                json_field(sqlite, "peak_rss_kib") / 1024.0,
+                json_field(memory, "peak_rss_kib") / 1024.0
             ),
         },
-        format!(r#"{{"scenario":"queues-s3","memory":{memory},"sqlite":{sqlite}}}"#),
-    ));
-    Ok(rows)
+        format!(r#"{{"scenario":"queues-{kind}","memory":{memory},"sqlite":{sqlite}}}"#),
+    )
 }
 
 /// A run of 100 sends of about 256 B to the `http` instance, posting to `url`.

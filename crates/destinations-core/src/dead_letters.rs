@@ -175,11 +175,10 @@ impl DeadLetters {
             .drain(..)
             .partition(|(_, d)| wanted.contains(&d.envelope.id));
         inner.letters = kept.into();
-        inner.bytes = inner
-            .letters
+        inner.bytes -= taken
             .iter()
             .map(|(_, d)| d.envelope.payload.len())
-            .sum();
+            .sum::<usize>();
         taken.into_iter().map(|(_, d)| d).collect()
     }
 }

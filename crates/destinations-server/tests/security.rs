@@ -429,7 +429,7 @@ async fn readiness_is_cached_and_its_details_need_the_token() {
 async fn a_hostile_page_in_a_real_browser_cannot_make_the_server_send() {
     let target = Receiver::start().await;
     let server = Server::start(None).await;
-    let page_port = Receiver::unused_address().port();
+    let site = destinations_testkit::Site::bind().await;
     let send = json!({"url": target.url("/csrf"), "method": "DELETE"}).to_string();
     let page = format!(
         r#"<!doctype html><meta charset="utf-8"><title>hostile</title><script>
@@ -458,16 +458,7 @@ async fn a_hostile_page_in_a_real_browser_cannot_make_the_server_send() {
                 let _ = reported.send(());
             }),
         );
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", page_port))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    let browser = destinations_testkit::Browser::open(
-        &format!("http://127.0.0.1:{page_port}/"),
-        "the browser for the cross-site test",
-    );
+    let browser = site.open(app, "the browser for the cross-site test");
     tokio::time::timeout(common::WITHIN, report.recv())
         .await
         .unwrap_or_else(|_| panic!("the page never reported that it ran"));

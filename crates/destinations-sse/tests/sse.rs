@@ -399,11 +399,8 @@ async fn the_stream_defaults_to_the_run_then_to_default() {
 /// the page posts each event it receives back to the test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_arrive_in_a_real_browser() {
-    let page_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("{e}"));
-    let page_origin = format!("http://127.0.0.1:{page_port}");
+    let site = destinations_testkit::Site::bind().await;
+    let page_origin = site.origin().to_owned();
     let (hub, base) = serve(
         json!({"cors_origins": [page_origin], "tokens": {"browser": ["b-token-for-the-browser"]}}),
     )
@@ -438,16 +435,7 @@ async fn events_arrive_in_a_real_browser() {
                 }
             }),
         );
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", page_port))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    let browser = destinations_testkit::Browser::open(
-        &format!("{page_origin}/"),
-        "the browser for the EventSource test",
-    );
+    let browser = site.open(app, "the browser for the EventSource test");
     let wait = |count: usize| {
         let reports = reports.clone();
         async move { reports.lock().unwrap_or_else(PoisonError::into_inner).len() >= count }

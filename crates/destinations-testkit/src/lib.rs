@@ -45,16 +45,55 @@ pub fn require_command(command: &str, what: &str) -> std::path::PathBuf {
     })
 }
 
-/// Headless Chromium on a page, with a profile of its own; closed when dropped. Fails the
-/// test, naming `cargo xtask setup`, if Chromium is missing.
+/// A web site of a test's own on 127.0.0.1, bound before its pages are written (they often
+/// need their own origin), then served and opened in a browser.
+pub struct Site {
+    listener: tokio::net::TcpListener,
+    origin: String,
+}
+
+impl Site {
+    /// Bind a free port.
+    pub async fn bind() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("cannot bind a page server: {e}"));
+        let port = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .port();
+        Self {
+            listener,
+            origin: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// Serve `app` and open its `/` in headless Chromium (`what` names the test's need of it,
+    /// for the message when Chromium is missing).
+    pub fn open(self, app: axum::Router, what: &str) -> Browser {
+        let url = format!("{}/", self.origin);
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(self.listener, app).await;
+        });
+        Browser::open(&url, what, server)
+    }
+}
+
+/// Headless Chromium on a page, with a profile of its own; closed, with its site, when
+/// dropped. Fails the test, naming `cargo xtask setup`, if Chromium is missing.
 pub struct Browser {
     child: tokio::process::Child,
+    site: tokio::task::JoinHandle<()>,
     _profile: TempDir,
 }
 
 impl Browser {
-    /// Open `url` in a fresh headless Chromium.
-    pub fn open(url: &str, what: &str) -> Self {
+    fn open(url: &str, what: &str, site: tokio::task::JoinHandle<()>) -> Self {
         let chromium = require_command("chromium", what);
         let profile = TempDir::new("chromium");
         let child = tokio::process::Command::new(chromium)
@@ -77,12 +116,14 @@ impl Browser {
             .unwrap_or_else(|e| panic!("cannot start chromium: {e}"));
         Self {
             child,
+            site,
             _profile: profile,
         }
     }
 
-    /// Close the browser.
+    /// Close the browser and its site.
     pub async fn close(mut self) {
         let _ = self.child.kill().await;
+        self.site.abort();
     }
 }

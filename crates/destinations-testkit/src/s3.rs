@@ -157,21 +157,18 @@ impl S3Server {
             .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
         // s3s-fs prints nothing when ready: wait for its port to accept connections, and for
         // it to be still running then (a port taken by another process answers too).
+        let address = self.address;
+        let exited = |child: &mut Child| match child.try_wait() {
+            Ok(Some(status)) => Err(format!(
+                "s3s-fs exited during startup ({status}) on {address}"
+            )),
+            _ => Ok(()),
+        };
         for _ in 0..500 {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(format!(
-                    "s3s-fs exited during startup ({status}) on {}",
-                    self.address
-                ));
-            }
-            if TcpStream::connect(self.address).await.is_ok() {
+            exited(&mut child)?;
+            if TcpStream::connect(address).await.is_ok() {
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                if let Ok(Some(status)) = child.try_wait() {
-                    return Err(format!(
-                        "s3s-fs exited during startup ({status}) on {}",
-                        self.address
-                    ));
-                }
+                exited(&mut child)?;
                 self.child = Some(child);
                 return Ok(());
             }
