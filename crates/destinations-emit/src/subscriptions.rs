@@ -1,6 +1,7 @@
 //! Who listens to whom: `(emitter_id pattern, listener_id, event_name)`, kept in memory and,
 //! when a file is configured, on disk (rewritten whole, atomically, on every change).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{PoisonError, RwLock};
 
@@ -64,14 +65,82 @@ pub(crate) fn is_webhook(listener_id: &str) -> bool {
 
 /// Every subscription of one emit instance.
 pub(crate) struct Subscriptions {
-    list: RwLock<Vec<Subscription>>,
+    table: RwLock<Table>,
     file: Option<PathBuf>,
+}
+
+/// The subscriptions in the order they were made, indexed so that finding an emit's
+/// listeners costs what matches, not how many subscriptions there are: exact emitter ids by
+/// hash, patterns (`p_*`) scanned.
+#[derive(Default)]
+struct Table {
+    /// In subscription order: what is listed and saved.
+    ordered: Vec<Subscription>,
+    /// The subscriptions of each exact emitter id, with their place in the order.
+    exact: HashMap<String, Vec<(u64, Subscription)>>,
+    /// The subscriptions whose emitter is a pattern, with their place in the order.
+    patterns: Vec<(u64, Subscription)>,
+    /// The next place in the order.
+    next: u64,
+}
+
+impl Table {
+    fn from_list(list: Vec<Subscription>) -> Self {
+        let mut table = Self::default();
+        for subscription in list {
+            if !table.contains(&subscription) {
+                table.insert(subscription);
+            }
+        }
+        table
+    }
+
+    fn contains(&self, subscription: &Subscription) -> bool {
+        if subscription.emitter_id.contains('*') {
+            self.patterns.iter().any(|(_, s)| s == subscription)
+        } else {
+            self.exact
+                .get(&subscription.emitter_id)
+                .is_some_and(|subs| subs.iter().any(|(_, s)| s == subscription))
+        }
+    }
+
+    fn insert(&mut self, subscription: Subscription) {
+        let place = (self.next, subscription.clone());
+        self.next += 1;
+        if subscription.emitter_id.contains('*') {
+            self.patterns.push(place);
+        } else {
+            self.exact
+                .entry(subscription.emitter_id.clone())
+                .or_default()
+                .push(place);
+        }
+        self.ordered.push(subscription);
+    }
+
+    fn remove(&mut self, subscription: &Subscription) -> bool {
+        let before = self.ordered.len();
+        self.ordered.retain(|s| s != subscription);
+        if self.ordered.len() == before {
+            return false;
+        }
+        if subscription.emitter_id.contains('*') {
+            self.patterns.retain(|(_, s)| s != subscription);
+        } else if let Some(subs) = self.exact.get_mut(&subscription.emitter_id) {
+            subs.retain(|(_, s)| s != subscription);
+            if subs.is_empty() {
+                self.exact.remove(&subscription.emitter_id);
+            }
+        }
+        true
+    }
 }
 
 impl Subscriptions {
     /// The subscriptions saved in `file` (none if it does not exist yet).
     pub(crate) fn load(file: Option<PathBuf>) -> Result<Self, String> {
-        let list = match &file {
+        let list: Vec<Subscription> = match &file {
             Some(path) if path.exists() => {
                 let text = std::fs::read(path).map_err(|e| {
                     format!("cannot read `subscriptions_file` {}: {e}", path.display())
@@ -83,50 +152,68 @@ impl Subscriptions {
             _ => Vec::new(),
         };
         Ok(Self {
-            list: RwLock::new(list),
+            table: RwLock::new(Table::from_list(list)),
             file,
         })
     }
 
     /// Add one; `false` if it was there already (creating is idempotent).
     pub(crate) fn add(&self, subscription: Subscription) -> Result<bool, String> {
-        let mut list = self.list.write().unwrap_or_else(PoisonError::into_inner);
-        if list.contains(&subscription) {
+        let mut table = self.table.write().unwrap_or_else(PoisonError::into_inner);
+        if table.contains(&subscription) {
             return Ok(false);
         }
         // Saved first: a subscription that could not be saved is not taken.
-        let mut changed = list.clone();
-        changed.push(subscription);
-        self.save(&changed)?;
-        *list = changed;
+        if self.file.is_some() {
+            let mut changed = table.ordered.clone();
+            changed.push(subscription.clone());
+            self.save(&changed)?;
+        }
+        table.insert(subscription);
         Ok(true)
     }
 
     /// Remove one; `false` if there was no such subscription.
     pub(crate) fn remove(&self, subscription: &Subscription) -> Result<bool, String> {
-        let mut list = self.list.write().unwrap_or_else(PoisonError::into_inner);
-        let mut changed = list.clone();
-        changed.retain(|s| s != subscription);
-        if changed.len() == list.len() {
+        let mut table = self.table.write().unwrap_or_else(PoisonError::into_inner);
+        if !table.contains(subscription) {
             return Ok(false);
         }
-        self.save(&changed)?;
-        *list = changed;
-        Ok(true)
+        if self.file.is_some() {
+            let mut changed = table.ordered.clone();
+            changed.retain(|s| s != subscription);
+            self.save(&changed)?;
+        }
+        Ok(table.remove(subscription))
     }
 
     pub(crate) fn list(&self) -> Vec<Subscription> {
-        self.list
+        self.table
             .read()
             .unwrap_or_else(PoisonError::into_inner)
+            .ordered
             .clone()
     }
 
     /// The listeners of an event, each once, in the order they subscribed.
     pub(crate) fn listeners(&self, emitter: &str, channel: Option<&str>) -> Vec<String> {
-        let list = self.list.read().unwrap_or_else(PoisonError::into_inner);
-        let mut listeners: Vec<String> = Vec::new();
-        for subscription in list.iter().filter(|s| s.matches(emitter, channel)) {
+        let table = self.table.read().unwrap_or_else(PoisonError::into_inner);
+        let mut matching: Vec<&(u64, Subscription)> = table
+            .exact
+            .get(emitter)
+            .into_iter()
+            .flatten()
+            .filter(|(_, s)| s.event_name.as_deref() == channel)
+            .chain(
+                table
+                    .patterns
+                    .iter()
+                    .filter(|(_, s)| s.matches(emitter, channel)),
+            )
+            .collect();
+        matching.sort_unstable_by_key(|(place, _)| *place);
+        let mut listeners: Vec<String> = Vec::with_capacity(matching.len());
+        for (_, subscription) in matching {
             if !listeners.contains(&subscription.listener_id) {
                 listeners.push(subscription.listener_id.clone());
             }
@@ -185,6 +272,26 @@ mod tests {
         assert_eq!(subs.remove(&sub("p_*", "a", None)), Ok(true));
         assert_eq!(subs.remove(&sub("p_*", "a", None)), Ok(false));
         assert_eq!(subs.listeners("p_x", None), Vec::<String>::new());
+    }
+
+    #[test]
+    fn many_exact_emitters_and_patterns_keep_the_subscription_order() {
+        let subs = Subscriptions::load(None).unwrap_or_else(|e| panic!("{e}"));
+        for n in 0..10_000 {
+            assert_eq!(
+                subs.add(sub(&format!("e{n}"), &format!("l{n}"), None)),
+                Ok(true)
+            );
+        }
+        assert_eq!(subs.add(sub("e*", "pattern", None)), Ok(true));
+        assert_eq!(subs.add(sub("e7", "late", None)), Ok(true));
+        assert_eq!(subs.add(sub("e7", "l7", Some("other"))), Ok(true));
+        assert_eq!(subs.listeners("e7", None), ["l7", "pattern", "late"]);
+        assert_eq!(subs.listeners("e7", Some("other")), ["l7"]);
+        assert_eq!(subs.listeners("x", None), Vec::<String>::new());
+        assert_eq!(subs.remove(&sub("e7", "l7", None)), Ok(true));
+        assert_eq!(subs.listeners("e7", None), ["pattern", "late"]);
+        assert_eq!(subs.list().len(), 10_002);
     }
 
     #[test]
