@@ -14,9 +14,12 @@ use tokio::time::Instant;
 /// What an envelope held in memory costs beyond its payload (the envelope, its line slot).
 const ENVELOPE_COST: usize = 192;
 
-/// Memory for envelopes waiting in the lines, shared by every instance.
+/// Memory for envelopes waiting in the lines, shared by every instance. Each line may also
+/// keep a small floor of its own whatever the others hold, so that one instance's backlog
+/// does not send every other instance's fresh sends to disk and back.
 pub(crate) struct Memory {
     budget: usize,
+    floor: usize,
     used: AtomicUsize,
 }
 
@@ -24,6 +27,7 @@ impl Memory {
     pub(crate) fn new(budget: usize) -> Self {
         Self {
             budget,
+            floor: budget / 16,
             used: AtomicUsize::new(0),
         }
     }
@@ -32,23 +36,36 @@ impl Memory {
         envelope.size() + ENVELOPE_COST
     }
 
-    /// Take room for `envelope`, if there is some.
-    fn take(&self, envelope: &Envelope) -> bool {
+    /// Take room for `envelope` in a line holding `line` bytes already, if there is some.
+    fn take(&self, envelope: &Envelope, line: &mut usize) -> bool {
         let cost = Self::cost(envelope);
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                used.checked_add(cost).filter(|total| *total <= self.budget)
-            })
-            .is_ok()
+        let within_floor = *line + cost <= self.floor;
+        let taken = within_floor
+            || self
+                .used
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                    used.checked_add(cost).filter(|total| *total <= self.budget)
+                })
+                .is_ok();
+        if taken {
+            if within_floor {
+                self.used.fetch_add(cost, Ordering::AcqRel);
+            }
+            *line += cost;
+        }
+        taken
     }
 
     /// Take room for `envelope` whatever the budget says (it is in memory already).
-    fn force(&self, envelope: &Envelope) {
-        self.used.fetch_add(Self::cost(envelope), Ordering::AcqRel);
+    fn force(&self, envelope: &Envelope, line: &mut usize) {
+        let cost = Self::cost(envelope);
+        self.used.fetch_add(cost, Ordering::AcqRel);
+        *line += cost;
     }
 
-    fn give(&self, envelope: &Envelope) {
+    fn give(&self, envelope: &Envelope, line: &mut usize) {
         let cost = Self::cost(envelope);
+        *line = line.saturating_sub(cost);
         let _ = self
             .used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
@@ -75,6 +92,8 @@ pub(crate) struct Slot {
 struct LineState {
     /// Ready sends whose envelopes are in memory; all of them come before `spilled`.
     loaded: VecDeque<(Slot, Envelope)>,
+    /// What `loaded` costs in [`Memory`].
+    loaded_bytes: usize,
     /// Ready sends whose envelopes are on disk only, as runs of consecutive places in a chunk
     /// (a backlog of a million sends is a few thousand runs).
     spilled: Spilled,
@@ -137,7 +156,8 @@ impl Lines {
         let mut state = self.lock();
         let mut kept = 0;
         for (slot, envelope) in sends {
-            if state.spilled.is_empty() && memory.take(&envelope) {
+            let state = &mut *state;
+            if state.spilled.is_empty() && memory.take(&envelope, &mut state.loaded_bytes) {
                 state.loaded.push_back((slot, envelope));
                 kept += 1;
             } else {
@@ -158,7 +178,7 @@ impl Lines {
     pub(crate) fn push_front(&self, sends: Vec<(Slot, Envelope)>, memory: &Memory) {
         let mut state = self.lock();
         for (slot, envelope) in sends.into_iter().rev() {
-            memory.force(&envelope);
+            memory.force(&envelope, &mut state.loaded_bytes);
             state.loaded.push_front((slot, envelope));
         }
         drop(state);
@@ -202,7 +222,7 @@ impl Lines {
         let mut spilled = Vec::new();
         while loaded.len() + spilled.len() < max.max(1) {
             if let Some((slot, envelope)) = state.loaded.pop_front() {
-                memory.give(&envelope);
+                memory.give(&envelope, &mut state.loaded_bytes);
                 loaded.push((slot, envelope));
             } else if let Some(slot) = state.spilled.pop_front() {
                 spilled.push(slot);
@@ -296,5 +316,34 @@ mod tests {
         assert_eq!(order[99], slot(1, 99));
         assert_eq!(order[100], slot(2, 0));
         assert_eq!(order[101], slot(1, 100));
+    }
+
+    #[test]
+    fn one_instances_backlog_leaves_the_others_fresh_sends_in_memory() {
+        let envelope = || {
+            Envelope::new(
+                std::sync::Arc::from("d"),
+                None,
+                bytes::Bytes::from(vec![b'x'; 808]),
+            )
+        };
+        // Room for 16 envelopes of 1 000 bytes in all: a line's floor is one of them.
+        let memory = Memory::new(16 * (envelope().size() + ENVELOPE_COST));
+        let (backlog, fresh) = (Lines::new(), Lines::new());
+        let kept = backlog.push_ready((0..100).map(|n| (slot(1, n), envelope())), &memory);
+        assert!(
+            (16..100).contains(&kept),
+            "the backlog fills the budget, then spills: {kept}"
+        );
+        assert_eq!(
+            fresh.push_ready([(slot(2, 0), envelope())], &memory),
+            1,
+            "another instance's send stays in memory, within its floor"
+        );
+        assert_eq!(
+            fresh.push_ready([(slot(2, 1), envelope())], &memory),
+            0,
+            "past its floor it spills like any other"
+        );
     }
 }
