@@ -278,6 +278,58 @@ async fn batches_flush_by_count_and_by_age() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_full_batch_leaves_its_deadline_behind_not_its_groups_next_batch() {
+    let d = Scripted::batching(2, Duration::from_secs(60), |_| Report::delivered());
+    let hub = hub(d.clone(), InstanceSettings::default(), HubConfig::default());
+    let start = Instant::now();
+    let grouped = |marker: u64, group: &str| {
+        hub.sender()
+            .to("d", &json!({ "marker": marker, "group": group }))
+            .unwrap_or_else(|e| panic!("{e}"));
+    };
+    // Group `a` fills at once (its deadline, at 60 s, stays behind); its next batch opens
+    // at 30 s and is due at 90 s, not at the old 60 s.
+    grouped(0, "a");
+    grouped(1, "a");
+    // Thousands of other groups open meanwhile, each due on its own.
+    for n in 0..5_000 {
+        grouped(1_000 + n, &format!("g{n}"));
+    }
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    grouped(2, "a");
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    let attempts = d.attempts();
+    let of_a: Vec<(Vec<u64>, Duration)> = attempts
+        .iter()
+        .filter(|a| a.1.iter().any(|m| *m < 1_000))
+        .map(|a| (a.1.clone(), a.0 - start))
+        .collect();
+    assert_eq!(
+        of_a.len(),
+        1,
+        "only the full batch of `a` went by 61 s: {of_a:?}"
+    );
+    assert_eq!(
+        attempts.len(),
+        5_001,
+        "every other group went at its own 60 s"
+    );
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let last = d
+        .attempts()
+        .last()
+        .cloned()
+        .unwrap_or_else(|| panic!("no attempt"));
+    assert_eq!(last.1, vec![2]);
+    assert!(
+        last.0 - start >= Duration::from_secs(90),
+        "{:?}",
+        last.0 - start
+    );
+    hub.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn each_group_fills_and_ages_on_its_own() {
     let d = Scripted::batching(3, Duration::from_secs(60), |_| Report::delivered());
     let hub = hub(d.clone(), InstanceSettings::default(), HubConfig::default());

@@ -5,8 +5,9 @@
 //! in one settlement. Retry timing and attempt counts live in the queue; the dispatcher only
 //! decides, with the instance's retry policy, when the next attempt should be.
 
+use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -107,8 +108,8 @@ pub(super) struct Dispatcher {
     leases: mpsc::Receiver<Leased>,
     /// Batches still filling, one per group the destination names.
     open: HashMap<Option<String>, OpenBatch>,
-    /// The earliest deadline among the open batches.
-    next_deadline: Option<tokio::time::Instant>,
+    /// The open batches' deadlines, earliest first.
+    deadlines: Deadlines,
     lifecycle: watch::Receiver<Lifecycle>,
     /// The most attempts at once to one target, if the destination names targets.
     per_target: Option<usize>,
@@ -127,6 +128,61 @@ struct OpenBatch {
     envelopes: Vec<Envelope>,
     bytes: usize,
     deadline: tokio::time::Instant,
+    /// Its number in [`Deadlines`]: a deadline left by an earlier batch of the same group is
+    /// not this one's.
+    opened: u64,
+}
+
+/// The deadlines of the open batches, earliest first (review C13: with thousands of groups
+/// open, finding the due ones must not mean looking at every one). A batch that leaves full
+/// leaves its deadline behind; it is skipped when it comes up, and the heap is rebuilt when
+/// such leftovers outnumber the open batches.
+#[derive(Default)]
+struct Deadlines {
+    heap: BinaryHeap<Reverse<(tokio::time::Instant, u64, Option<String>)>>,
+    opened: u64,
+}
+
+impl Deadlines {
+    /// A batch of `group` opened with this deadline; its number.
+    fn add(&mut self, deadline: tokio::time::Instant, group: Option<String>) -> u64 {
+        self.opened += 1;
+        self.heap.push(Reverse((deadline, self.opened, group)));
+        self.opened
+    }
+
+    /// The earliest deadline (perhaps of a batch gone already: an early wake-up, no more).
+    fn next(&self) -> Option<tokio::time::Instant> {
+        self.heap.peek().map(|Reverse((deadline, _, _))| *deadline)
+    }
+
+    /// The next deadline passed by `now`: its batch's number and group.
+    fn pop_due(&mut self, now: tokio::time::Instant) -> Option<(u64, Option<String>)> {
+        if self.next()? > now {
+            return None;
+        }
+        let Reverse((_, opened, group)) = self.heap.pop()?;
+        Some((opened, group))
+    }
+
+    fn clear(&mut self) {
+        self.heap.clear();
+    }
+
+    /// The deadlines of `open` only.
+    fn rebuild(&mut self, open: &HashMap<Option<String>, OpenBatch>) {
+        self.heap = open
+            .iter()
+            .map(|(group, batch)| Reverse((batch.deadline, batch.opened, group.clone())))
+            .collect();
+    }
+
+    /// Rebuild once leftovers outnumber the open batches, so memory follows what is open.
+    fn compact(&mut self, open: &HashMap<Option<String>, OpenBatch>) {
+        if self.heap.len() > 2 * open.len() + 1024 {
+            self.rebuild(open);
+        }
+    }
 }
 
 impl Dispatcher {
@@ -170,7 +226,7 @@ impl Dispatcher {
             policy,
             leases,
             open: HashMap::new(),
-            next_deadline: None,
+            deadlines: Deadlines::default(),
             lifecycle: hub.lifecycle.subscribe(),
             per_target,
             targets: HashMap::new(),
@@ -201,7 +257,7 @@ impl Dispatcher {
                     }
                 },
                 () = sleep_until(self.stall_check), if self.stall_check.is_some() => self.defer_stalled().await,
-                () = sleep_until(self.next_deadline), if self.next_deadline.is_some() => self.flush_due().await,
+                () = sleep_until(self.deadlines.next()), if self.deadlines.next().is_some() => self.flush_due().await,
                 Ok(()) = self.lifecycle.changed() => {
                     if *self.lifecycle.borrow_and_update() == Lifecycle::Draining {
                         self.due_now();
@@ -223,7 +279,7 @@ impl Dispatcher {
     /// as a batch under way (given up on at the deadline: dead-lettered by a memory queue, kept
     /// by a durable one).
     async fn intake_closed(&mut self) {
-        self.next_deadline = None;
+        self.deadlines.clear();
         let open: Vec<Vec<Envelope>> = self.open.drain().map(|(_, b)| b.envelopes).collect();
         for envelopes in open {
             self.deliver(envelopes).await;
@@ -278,13 +334,12 @@ impl Dispatcher {
                     self.policy.max_age
                 };
                 let deadline = tokio::time::Instant::now() + wait;
-                if self.next_deadline.is_none_or(|next| deadline < next) {
-                    self.next_deadline = Some(deadline);
-                }
+                let opened = self.deadlines.add(deadline, vacant.key().clone());
                 vacant.insert_entry(OpenBatch {
                     envelopes: Vec::new(),
                     bytes: 0,
                     deadline,
+                    opened,
                 })
             }
         };
@@ -292,15 +347,17 @@ impl Dispatcher {
         open.bytes += envelope.size();
         open.envelopes.push(envelope);
         if self.policy.is_full(open.envelopes.len(), open.bytes) {
-            // A stale `next_deadline` only wakes `flush_due` early, which then recomputes it.
+            // Its deadline stays behind in `deadlines`, recognised as stale when it comes up.
             let full = entry.remove();
+            self.deadlines.compact(&self.open);
             self.deliver(full.envelopes).await;
         }
         // The loop looks at the queue before deadlines: while a backlog lasts, batches that
         // came of age go out from here, not after the backlog.
         if !draining
             && self
-                .next_deadline
+                .deadlines
+                .next()
                 .is_some_and(|deadline| deadline <= tokio::time::Instant::now())
         {
             self.flush_due().await;
@@ -314,20 +371,22 @@ impl Dispatcher {
         for open in self.open.values_mut() {
             open.deadline = now;
         }
-        if !self.open.is_empty() {
-            self.next_deadline = Some(now);
-        }
+        self.deadlines.rebuild(&self.open);
     }
 
-    /// Deliver every open batch whose deadline has passed.
+    /// Deliver every open batch whose deadline has passed: the cost is the batches due (and
+    /// the stale deadlines of batches that left full), not the batches open.
     async fn flush_due(&mut self) {
         let now = tokio::time::Instant::now();
-        let due: Vec<_> = self
-            .open
-            .extract_if(|_, open| open.deadline <= now)
-            .map(|(_, open)| open.envelopes)
-            .collect();
-        self.next_deadline = self.open.values().map(|open| open.deadline).min();
+        let mut due = Vec::new();
+        while let Some((opened, group)) = self.deadlines.pop_due(now) {
+            if let Entry::Occupied(entry) = self.open.entry(group)
+                && entry.get().opened == opened
+            {
+                due.push(entry.remove().envelopes);
+            }
+        }
+        self.deadlines.compact(&self.open);
         for envelopes in due {
             self.deliver(envelopes).await;
         }
