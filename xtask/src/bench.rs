@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 
 use crate::{apt_install, have, root};
 
-const SCENARIOS: [&str; 10] = [
+const SCENARIOS: [&str; 11] = [
     "send-path",
     "http",
     "ingest",
@@ -21,6 +21,7 @@ const SCENARIOS: [&str; 10] = [
     "overload",
     "server-http",
     "server-s3",
+    "scaling",
 ];
 
 struct Options {
@@ -1011,6 +1012,201 @@ fn wrk_duration_ms(text: &str) -> f64 {
         }
 }
 
+/// One line of the scaling table: what a send costs at each size of one kind of work.
+pub(crate) struct Dimension {
+    pub(crate) name: String,
+    /// What is counted in `sizes`, e.g. `sends queued`.
+    pub(crate) counted: &'static str,
+    pub(crate) sizes: Vec<usize>,
+    /// Nanoseconds per send at each size.
+    pub(crate) costs: Vec<f64>,
+    pub(crate) cost_is: &'static str,
+}
+
+impl Dimension {
+    /// The largest size's cost over the smallest's.
+    fn growth(&self) -> f64 {
+        match (self.costs.first(), self.costs.last()) {
+            (Some(first), Some(last)) => last / first,
+            _ => f64::NAN,
+        }
+    }
+}
+
+/// One `destinations-bench scaling ...` case on CPU 1: its cost per send.
+fn scaling_case(args: &[&str], field: &str) -> Result<f64, String> {
+    let mut all = vec!["scaling"];
+    all.extend_from_slice(args);
+    Ok(json_field(&bench_json(&all)?, field))
+}
+
+/// How a send's cost grows with the work around it: sends queued (memory and SQLite), S3
+/// prefixes open, emit subscriptions, and `?wait=` status waiters on the server.
+fn scaling_scenario(quick: bool) -> Result<Vec<(Row, String)>, String> {
+    let mut dimensions = Vec::new();
+    let queued_sizes = [1_000, 100_000, 1_000_000];
+    for (name, sqlite) in [("memory queue", false), ("SQLite queue", true)] {
+        let mut costs = Vec::new();
+        for size in queued_sizes {
+            let file = if sqlite {
+                Some(fresh_queue_file("scaling")?.display().to_string())
+            } else {
+                None
+            };
+            let size_text = size.to_string();
+            let mut args = vec!["queued", size_text.as_str()];
+            args.extend(file.as_deref());
+            costs.push(scaling_case(&args, "cpu_ns_per_send")?);
+        }
+        dimensions.push(Dimension {
+            name: format!("sends queued, {name}"),
+            counted: "sends queued",
+            sizes: queued_sizes.to_vec(),
+            costs,
+            cost_is: "CPU ns per send, 100 000 sends through an instant destination beside the queued ones",
+        });
+    }
+    // The same objects in every case (10 000 of them, all closed by size); only how many
+    // batches are open at once differs.
+    let (events, batch) = if quick { (50_000, 5) } else { (200_000, 20) };
+    let prefixes = [1, 100, 10_000];
+    let mut costs = Vec::new();
+    for p in prefixes {
+        let (_s3, endpoint, _bucket) = start_s3_server()?;
+        costs.push(scaling_case(
+            &[
+                "s3",
+                &endpoint,
+                &p.to_string(),
+                &events.to_string(),
+                &batch.to_string(),
+            ],
+            "cpu_ns_per_send",
+        )?);
+    }
+    dimensions.push(Dimension {
+        name: "S3 prefixes open".into(),
+        counted: "prefixes",
+        sizes: prefixes.to_vec(),
+        costs,
+        cost_is: "CPU ns per event, into s3s-fs: the same 10 000 objects whatever the prefixes",
+    });
+    let subscriptions = [1, 100, 10_000];
+    let mut costs = Vec::new();
+    for s in subscriptions {
+        costs.push(scaling_case(
+            &["emit", &s.to_string(), "50000"],
+            "cpu_ns_per_send",
+        )?);
+    }
+    dimensions.push(Dimension {
+        name: "emit subscriptions".into(),
+        counted: "subscriptions",
+        sizes: subscriptions.to_vec(),
+        costs,
+        cost_is: "CPU ns per emit, each to one in-process listener",
+    });
+    dimensions.push(waiters_dimension(quick)?);
+
+    let mut results = Vec::new();
+    println!("\nscaling (cost per send at each size; growth = largest / smallest):");
+    for d in &dimensions {
+        let sizes: Vec<String> = d
+            .sizes
+            .iter()
+            .zip(&d.costs)
+            .map(|(size, cost)| format!("{size}: {cost:.0} ns"))
+            .collect();
+        println!(
+            "  {:<34} {}  growth {:.2}",
+            d.name,
+            sizes.join(", "),
+            d.growth()
+        );
+        let (Some(first), Some(last)) = (d.costs.first(), d.costs.last()) else {
+            continue;
+        };
+        let (small, large) = (d.sizes[0], d.sizes[d.sizes.len() - 1]);
+        results.push((
+            Row {
+                scenario: "scaling",
+                goal: "ratio ≤ 1.2",
+                measure: format!("ns/send, {} at {large}", d.name),
+                value: *last,
+                reference_name: format!("the same at {small}"),
+                reference: *first,
+                notes: format!("{}; {}", d.cost_is, sizes.join(", ")),
+            },
+            format!(
+                r#"{{"scenario":"scaling","dimension":"{}","sizes":{:?},"ns_per_send":{:?}}}"#,
+                d.name, d.sizes, d.costs
+            ),
+        ));
+    }
+    let folder = if quick { "target/bench" } else { "docs/bench" };
+    let path = root().join(folder).join("scaling.svg");
+    std::fs::create_dir_all(root().join(folder)).map_err(|e| e.to_string())?;
+    std::fs::write(&path, crate::charts::scaling(&dimensions)).map_err(|e| e.to_string())?;
+    println!("  chart: {}", path.display());
+    Ok(results)
+}
+
+/// The server end to end (as `server-http`), with none and with 5 000 `?wait=60s` status
+/// waiters held open on sends parked behind a target that never answers.
+fn waiters_dimension(quick: bool) -> Result<Dimension, String> {
+    let seconds = if quick { 5 } else { 10 };
+    let (_receiver, receiver_url) = start_receiver()?;
+    let instance = "[destinations.http]\nkind = \"http\"\nallow_networks = [\"127.0.0.0/8\"]\n\n[destinations.parked]\nkind = \"http\"\nallow_networks = [\"127.0.0.0/8\"]\ntimeout = \"1h\"\n\n[clients]\nmax_connections = 8000\n";
+    let body = http_run_body(&format!("{receiver_url}/e2e"));
+    let sizes = vec![0, 5_000];
+    let mut costs = Vec::new();
+    for &waiters in &sizes {
+        let name = format!("scaling-waiters-{waiters}");
+        let (server, port) = start_server(&name, instance)?;
+        let holding = if waiters > 0 {
+            let mut child = pinned(1, &bench_binary())
+                .args([
+                    "waiters",
+                    &format!("http://127.0.0.1:{port}"),
+                    &waiters.to_string(),
+                ])
+                .stdout(Stdio::piped())
+                .spawn()
+                .map_err(|e| format!("cannot start the waiters: {e}"))?;
+            let stdout = child.stdout.take().ok_or("the waiters have no stdout")?;
+            let mut first = String::new();
+            BufReader::new(stdout)
+                .read_line(&mut first)
+                .map_err(|e| e.to_string())?;
+            if !first.starts_with("holding") {
+                return Err(format!("the waiters did not start: {first}"));
+            }
+            Some(Background(child))
+        } else {
+            None
+        };
+        let started = std::time::Instant::now();
+        let load = wrk_post(
+            &format!("http://127.0.0.1:{port}/v1/runs"),
+            &body,
+            seconds,
+            16,
+        )?;
+        let accepted = ((load.requests - load.non_2xx) * 100) as f64;
+        let delivered_at = wait_delivered(port, accepted, std::time::Duration::from_secs(600))?;
+        drop(holding);
+        drop(server);
+        costs.push((delivered_at - started).as_secs_f64() * 1e9 / accepted);
+    }
+    Ok(Dimension {
+        name: "?wait= status waiters".into(),
+        counted: "waiters",
+        sizes,
+        costs,
+        cost_is: "wall ns per HTTP send delivered end to end by the server (server-http's load)",
+    })
+}
+
 pub(crate) fn run(args: &[String]) -> Result<(), String> {
     let options = parse(args)?;
     let mut missing = Vec::new();
@@ -1057,6 +1253,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
             "overload" => overload_scenario(options.quick)?,
             "server-http" => vec![server_http_scenario(options.quick)?],
             "server-s3" => vec![server_s3_scenario(options.quick)?],
+            "scaling" => scaling_scenario(options.quick)?,
             other => return Err(format!("scenario `{other}` is not built yet")),
         };
         for (row, json) in results {
@@ -1094,5 +1291,28 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     let path = root().join("target/bench/report.json");
     std::fs::write(&path, report).map_err(|e| e.to_string())?;
     println!("\nreport: {}", path.display());
+    // A full run of every scenario draws the README's chart; anything less, a chart beside
+    // the report.
+    let whole = !options.quick && options.scenarios.len() == SCENARIOS.len();
+    let chart = root().join(if whole { "docs/bench" } else { "target/bench" });
+    std::fs::create_dir_all(&chart).map_err(|e| e.to_string())?;
+    let chart = chart.join("ratios.svg");
+    let bars: Vec<crate::charts::RatioBar> = rows
+        .iter()
+        .map(|r| crate::charts::RatioBar {
+            label: format!("{}: {}", r.scenario, r.measure),
+            ratio: r.value / r.reference,
+            goal: crate::charts::Goal::parse(r.goal),
+        })
+        .collect();
+    std::fs::write(
+        &chart,
+        crate::charts::ratios(
+            &format!("cargo xtask bench: each figure ÷ its reference ({cpus} CPUs)"),
+            &bars,
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    println!("chart: {}", chart.display());
     Ok(())
 }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 mod bench;
+mod charts;
 
 const USAGE: &str = "usage: cargo xtask <command>
 

@@ -9,6 +9,7 @@
 //!   events of about 256 B through the S3 destination (gzip, default batching) to an
 //!   S3-compatible server, prints one JSON line of results, and writes the same events as NDJSON
 //!   to NDJSON_OUT so the reference (`gzip -1`) compresses exactly the bytes the objects hold.
+//! - `destinations-bench scaling ...` and `waiters ...`: the scaling cases (see `scaling.rs`).
 //!
 //! With a QUEUE_FILE, the hub runs on the SQLite queue in that file (created fresh); without
 //! one, on the memory queue.
@@ -28,6 +29,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 
 mod memory;
+mod scaling;
 mod send_path;
 mod sse;
 
@@ -48,6 +50,10 @@ fn main() -> Result<(), String> {
         return runtime.block_on(send_path::send_path(sends));
     }
     let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    let number = |text: &str| {
+        text.parse::<usize>()
+            .map_err(|_| format!("`{text}` must be a number"))
+    };
     match args
         .iter()
         .map(String::as_str)
@@ -65,7 +71,6 @@ fn main() -> Result<(), String> {
         }
         ["sse-reference", addr] => runtime.block_on(sse::reference(addr)),
         ["sse-clients", url, subscribers, events, rate, publish, style] => {
-            let number = |text: &str| text.parse::<usize>().map_err(|_| format!("`{text}` must be a number"));
             runtime.block_on(sse::clients(
                 url,
                 number(subscribers)?,
@@ -79,8 +84,22 @@ fn main() -> Result<(), String> {
             let sends = sends.parse().map_err(|_| "SENDS must be a number")?;
             runtime.block_on(s3_load(endpoint, sends, ndjson, queue.first().copied()))
         }
+        ["scaling", "queued", waiting, queue @ ..] if queue.len() <= 1 => {
+            let waiting = number(waiting)?;
+            runtime.block_on(scaling::queued(waiting, queue.first().copied()))
+        }
+        ["scaling", "s3", endpoint, prefixes, events, batch] => runtime.block_on(scaling::s3(
+            endpoint,
+            number(prefixes)?,
+            number(events)?,
+            number(batch)?,
+        )),
+        ["scaling", "emit", subscriptions, emits] => {
+            runtime.block_on(scaling::emit(number(subscriptions)?, number(emits)?))
+        }
+        ["waiters", server, count] => runtime.block_on(scaling::waiters(server, number(count)?)),
         _ => Err(
-            "usage: destinations-bench receiver ADDR | http URL SENDS [QUEUE_FILE] | s3 ENDPOINT SENDS NDJSON_OUT [QUEUE_FILE] | send-path SENDS | memory SENDS [QUEUE_FILE] | sse-reference ADDR | sse-clients STREAM_URL SUBSCRIBERS EVENTS RATE PUBLISH_URL STYLE"
+            "usage: destinations-bench scaling queued N [QUEUE_FILE] | scaling s3 ENDPOINT PREFIXES EVENTS BATCH | scaling emit SUBSCRIPTIONS EMITS | waiters SERVER N | destinations-bench receiver ADDR | http URL SENDS [QUEUE_FILE] | s3 ENDPOINT SENDS NDJSON_OUT [QUEUE_FILE] | send-path SENDS | memory SENDS [QUEUE_FILE] | sse-reference ADDR | sse-clients STREAM_URL SUBSCRIBERS EVENTS RATE PUBLISH_URL STYLE"
                 .into(),
         ),
     }
@@ -258,7 +277,7 @@ async fn http_load(url: &str, sends: usize, queue: Option<&str>) -> Result<(), S
 /// Runs of 100 recorded by concurrent producers, as a service's request handlers would
 /// (`DESTINATIONS_BENCH_PRODUCERS`, default 8): `run(hub, first, count)` records and finishes
 /// one run.
-async fn producers<F, Fut>(sends: usize, run: F, hub: &Hub) -> Result<(), String>
+pub(crate) async fn producers<F, Fut>(sends: usize, run: F, hub: &Hub) -> Result<(), String>
 where
     F: Fn(Hub, usize, usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<(), String>> + Send,
@@ -291,7 +310,7 @@ where
 }
 
 /// Finish a run; a full queue waits for room, then refuses it whole: finish it again.
-async fn finish(mut run: destinations::Run) -> Result<(), String> {
+pub(crate) async fn finish(mut run: destinations::Run) -> Result<(), String> {
     loop {
         match run.finish().await {
             Ok(_) => return Ok(()),
@@ -309,7 +328,7 @@ async fn finish(mut run: destinations::Run) -> Result<(), String> {
 }
 
 /// This process's peak resident set, from `/proc/self/status`.
-fn peak_rss_kib() -> u64 {
+pub(crate) fn peak_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
