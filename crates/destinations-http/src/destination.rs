@@ -1,19 +1,26 @@
 //! The HTTP destination: one request per send.
 
-use std::error::Error as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use base64::Engine as _;
+use bytes::Bytes;
 use destinations_core::{
     Batch, BatchOutcome, ConfigError, Destination, Envelope, InvalidPayload, Report,
     ResponseSummary, parse_strict,
 };
-use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
-use reqwest::{Client, StatusCode, redirect};
+use http::header::{
+    AUTHORIZATION, CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue, LOCATION, RETRY_AFTER,
+    USER_AGENT,
+};
+use http::{Method, Request, StatusCode};
+use http_body_util::Full;
+use url::Url;
 
 use crate::KIND;
-use crate::guard::{AddressGuard, GuardedResolver, Refused};
+use crate::client::{Answer, Client, ClientError, Origin, tls_config};
+use crate::guard::AddressGuard;
 use crate::options::HttpOptions;
 use crate::request::{Body, HttpRequest};
 use crate::signing::WebhookSigner;
@@ -32,6 +39,7 @@ pub struct HttpDestination {
     signer: Option<WebhookSigner>,
     per_host_concurrency: usize,
     timeout: Duration,
+    follow_redirects: usize,
 }
 
 impl HttpDestination {
@@ -43,26 +51,21 @@ impl HttpDestination {
         } else {
             Some(WebhookSigner::new(&options.signing_secrets).map_err(|e| e.to_string())?)
         };
-        let client = Client::builder()
-            // Never through a proxy from the environment: a proxy resolves the target itself,
-            // out of the guard's sight (HTTP_PROXY would turn every host name into a way in).
-            .no_proxy()
-            .timeout(options.timeout)
-            .redirect(redirect_policy(options.follow_redirects, guard.clone()))
-            .dns_resolver(Arc::new(GuardedResolver {
-                guard: guard.clone(),
-            }))
-            .pool_max_idle_per_host(options.per_host_concurrency)
-            .tcp_nodelay(true)
-            .user_agent(concat!("destinations/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        // The client dials what the guard admits, itself: never through a proxy from the
+        // environment (a proxy resolves the target out of the guard's sight, and HTTP_PROXY
+        // would turn every host name into a way in).
+        let client = Client::new(
+            guard.clone(),
+            tls_config(options.ca_file.as_deref())?,
+            options.per_host_concurrency.max(1),
+        );
         Ok(Self {
             client,
             guard,
             signer,
             per_host_concurrency: options.per_host_concurrency.max(1),
             timeout: options.timeout,
+            follow_redirects: options.follow_redirects,
         })
     }
 
@@ -144,26 +147,85 @@ impl HttpDestination {
             Ok(parts) => parts,
             Err(e) => return Report::failed(e.to_string()),
         };
-        let mut builder = self
-            .client
-            .request(request.method.as_reqwest(), url)
-            .headers(headers);
-        if let Some(auth) = &request.auth {
-            builder = match (&auth.bearer, &auth.username) {
-                (Some(token), _) => builder.bearer_auth(token),
-                (None, Some(user)) => builder.basic_auth(user, auth.password.as_ref()),
-                (None, None) => builder,
-            };
-        }
-        if let Some(body) = body {
-            builder = builder.body(body);
-        }
         let started = Instant::now();
-        match builder.send().await {
-            Ok(response) => classify(response, started).await,
-            // Without the URL: its query or path may hold a secret, and the error reaches statuses,
-            // dead letters and logs.
-            Err(error) => self.classify_error(&error.without_url(), started),
+        let exchange = self.follow(request.method.as_http(), url, headers, body);
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(Ok(answer)) => classify(&answer, started),
+            Ok(Err(error)) => classify_error(error, started),
+            Err(_) => Report::retry(format!(
+                "timed out after {:?} (the instance's `timeout`)",
+                self.timeout
+            ))
+            .with_response(no_answer(started)),
+        }
+    }
+
+    /// The exchange, following up to `follow_redirects` redirects, each held to the guard
+    /// like the first request. A 303 (and a 301 or 302 answering a POST) is followed with a
+    /// GET without a body, as browsers do; 307 and 308 keep the method and body. Credentials
+    /// do not follow a redirect to another origin.
+    async fn follow(
+        &self,
+        mut method: Method,
+        mut url: Url,
+        mut headers: HeaderMap,
+        mut body: Bytes,
+    ) -> Result<Answer, ClientError> {
+        let mut redirects = 0;
+        loop {
+            let origin = Origin::of(&url).ok_or_else(|| {
+                ClientError::Redirect(format!(
+                    "`{}` is not an http(s) URL with a host",
+                    redact(&url)
+                ))
+            })?;
+            let mut request = Request::new(Full::new(body.clone()));
+            *request.method_mut() = method.clone();
+            *request.uri_mut() = path_and_query(&url)
+                .parse()
+                .map_err(|e| ClientError::Exchange(format!("the URL's path: {e}")))?;
+            *request.headers_mut() = headers.clone();
+            if let Ok(host) = HeaderValue::from_str(&Origin::host_header(&url)) {
+                request.headers_mut().insert(HOST, host);
+            }
+            let answer = self
+                .client
+                .exchange(&origin, request, keep_of, DRAIN_BYTES)
+                .await?;
+            let location = answer.headers.get(LOCATION).and_then(|v| v.to_str().ok());
+            let (true, Some(location)) = (
+                answer.status.is_redirection() && self.follow_redirects > 0,
+                location,
+            ) else {
+                return Ok(answer);
+            };
+            if redirects == self.follow_redirects {
+                return Err(ClientError::Redirect(format!(
+                    "more than {} redirects (the instance's `follow_redirects`)",
+                    self.follow_redirects
+                )));
+            }
+            redirects += 1;
+            let next = url.join(location).map_err(|e| {
+                ClientError::Redirect(format!("the location `{location}` is not a URL: {e}"))
+            })?;
+            if !matches!(next.scheme(), "http" | "https") {
+                return Err(ClientError::Redirect(format!(
+                    "to a `{}:` URL; only http and https are followed",
+                    next.scheme()
+                )));
+            }
+            self.guard.check_url(&next).map_err(ClientError::Refused)?;
+            let status = answer.status.as_u16();
+            if status == 303 || (matches!(status, 301 | 302) && method == Method::POST) {
+                method = Method::GET;
+                body = Bytes::new();
+                headers.remove(CONTENT_TYPE);
+            }
+            if Origin::of(&next).as_ref() != Some(&origin) {
+                headers.remove(AUTHORIZATION);
+            }
+            url = next;
         }
     }
 
@@ -172,8 +234,12 @@ impl HttpDestination {
         request: &HttpRequest,
         envelope: &Envelope,
         body: Body<'_>,
-    ) -> Result<(HeaderMap, Option<Vec<u8>>), InvalidPayload> {
-        let mut headers = HeaderMap::with_capacity(request.headers.len() + 5);
+    ) -> Result<(HeaderMap, Bytes), InvalidPayload> {
+        let mut headers = HeaderMap::with_capacity(request.headers.len() + 7);
+        headers.insert(
+            USER_AGENT,
+            HeaderValue::from_static(concat!("destinations/", env!("CARGO_PKG_VERSION"))),
+        );
         for (name, value) in &request.headers {
             let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
                 InvalidPayload::field(format!("headers.{name}"), "is not a valid header name")
@@ -183,25 +249,45 @@ impl HttpDestination {
             })?;
             headers.append(name, value);
         }
+        if let Some(auth) = &request.auth {
+            let value = match (&auth.bearer, &auth.username) {
+                (Some(token), _) => Some(format!("Bearer {token}")),
+                (None, Some(user)) => Some(format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(format!(
+                        "{user}:{}",
+                        auth.password.as_deref().unwrap_or_default()
+                    ))
+                )),
+                (None, None) => None,
+            };
+            if let Some(value) = value {
+                let mut value = HeaderValue::from_str(&value).map_err(|_| {
+                    InvalidPayload::field("auth", "holds characters a header cannot carry")
+                })?;
+                value.set_sensitive(true);
+                headers.insert(AUTHORIZATION, value);
+            }
+        }
         let id = envelope.id.to_string();
         if let Ok(value) = HeaderValue::from_str(&id) {
             headers.insert(HeaderName::from_static("idempotency-key"), value);
         }
         let body = match body {
-            Body::None => None,
-            Body::Text(text) => Some(text.into_bytes()),
+            Body::None => Bytes::new(),
+            Body::Text(text) => Bytes::from(text.into_bytes()),
             Body::Json(json) => {
                 if !headers.contains_key(CONTENT_TYPE) {
                     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
                 }
-                Some(json.as_bytes().to_vec())
+                Bytes::copy_from_slice(json.as_bytes())
             }
         };
         if let Some(signer) = &self.signer {
             let timestamp = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
-            let signature = signer.signature(&id, timestamp, body.as_deref().unwrap_or_default());
+            let signature = signer.signature(&id, timestamp, &body);
             for (name, value) in [
                 ("webhook-id", id),
                 ("webhook-timestamp", timestamp.to_string()),
@@ -214,35 +300,47 @@ impl HttpDestination {
         }
         Ok((headers, body))
     }
+}
 
-    fn classify_error(&self, error: &reqwest::Error, started: Instant) -> Report {
-        let summary = ResponseSummary {
-            status: None,
-            elapsed_ms: started.elapsed().as_millis() as u64,
-            body_excerpt: None,
-            location: None,
-        };
-        if let Some(refused) = find_source::<Refused>(error) {
-            return Report::failed(refused.to_string()).with_response(summary);
-        }
-        let message = if error.is_timeout() {
-            format!(
-                "timed out after {:?} (the instance's `timeout`)",
-                self.timeout
-            )
-        } else if error.is_connect() {
-            format!("could not connect: {}", error_chain(error))
-        } else if error.is_redirect() {
-            return Report::failed(format!("redirect refused: {}", error_chain(error)))
-                .with_response(summary);
-        } else if error.is_builder() {
-            return Report::failed(format!("invalid request: {}", error_chain(error)))
-                .with_response(summary);
-        } else {
-            format!("request failed: {}", error_chain(error))
-        };
-        Report::retry(message).with_response(summary)
+/// How much of a body to keep: nothing of a success, an excerpt of anything else.
+fn keep_of(status: StatusCode) -> usize {
+    if status.is_success() {
+        0
+    } else {
+        ERROR_EXCERPT_BYTES
     }
+}
+
+/// The request target of a URL: its path and query (origin form).
+fn path_and_query(url: &Url) -> &str {
+    &url[url::Position::BeforePath..url::Position::AfterQuery]
+}
+
+/// A URL for an error text, without what may be a secret (credentials, query).
+fn redact(url: &Url) -> String {
+    crate::request::redact_url(url.as_str())
+}
+
+fn no_answer(started: Instant) -> ResponseSummary {
+    ResponseSummary {
+        status: None,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+        body_excerpt: None,
+        location: None,
+    }
+}
+
+/// Without the URL: its query or path may hold a secret, and the error reaches statuses, dead
+/// letters and logs.
+fn classify_error(error: ClientError, started: Instant) -> Report {
+    let summary = no_answer(started);
+    match error {
+        ClientError::Refused(refused) => Report::failed(refused.to_string()),
+        ClientError::Redirect(why) => Report::failed(format!("redirect refused: {why}")),
+        ClientError::Connect(why) => Report::retry(format!("could not connect: {why}")),
+        ClientError::Exchange(why) => Report::retry(format!("request failed: {why}")),
+    }
+    .with_response(summary)
 }
 
 #[async_trait]
@@ -279,24 +377,19 @@ impl Destination for HttpDestination {
 
 /// 2xx: delivered. 408, 429 and 5xx but 501: retry, honouring `Retry-After`. Anything else
 /// (3xx not followed, 4xx, 501): permanent.
-async fn classify(mut response: reqwest::Response, started: Instant) -> Report {
-    let status = response.status();
-    let retry_after = response
-        .headers()
+fn classify(answer: &Answer, started: Instant) -> Report {
+    let status = answer.status;
+    let retry_after = answer
+        .headers
         .get(RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(parse_retry_after);
-    let location = response
-        .headers()
-        .get(reqwest::header::LOCATION)
+    let location = answer
+        .headers
+        .get(LOCATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let keep = if status.is_success() {
-        0
-    } else {
-        ERROR_EXCERPT_BYTES
-    };
-    let excerpt = read_excerpt(&mut response, keep).await;
+    let excerpt = String::from_utf8_lossy(&answer.excerpt).into_owned();
     let summary = ResponseSummary {
         status: Some(status.as_u16()),
         elapsed_ms: started.elapsed().as_millis() as u64,
@@ -348,26 +441,6 @@ fn headline(body: &str) -> String {
     line
 }
 
-/// Read the body: keep its first `keep` bytes as text, drain a bounded rest so the
-/// connection can be reused.
-async fn read_excerpt(response: &mut reqwest::Response, keep: usize) -> String {
-    let mut kept = Vec::new();
-    let mut read = 0;
-    while read < DRAIN_BYTES {
-        match response.chunk().await {
-            Ok(Some(chunk)) => {
-                read += chunk.len();
-                if kept.len() < keep {
-                    let room = keep - kept.len();
-                    kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
-                }
-            }
-            Ok(None) | Err(_) => break,
-        }
-    }
-    String::from_utf8_lossy(&kept).into_owned()
-}
-
 /// `Retry-After`: seconds, or an HTTP date.
 pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();
@@ -398,45 +471,6 @@ mod host_tests {
         assert_eq!(HttpDestination::host_of("ftp://x/"), None);
         assert_eq!(HttpDestination::host_of("no scheme"), None);
     }
-}
-
-fn redirect_policy(follow: usize, guard: Arc<AddressGuard>) -> redirect::Policy {
-    if follow == 0 {
-        return redirect::Policy::none();
-    }
-    redirect::Policy::custom(move |attempt| {
-        if attempt.previous().len() > follow {
-            return attempt.error(format!("more than {follow} redirects"));
-        }
-        match guard.check_url(attempt.url()) {
-            Ok(()) => attempt.follow(),
-            Err(refused) => attempt.error(refused),
-        }
-    })
-}
-
-fn find_source<'a, T: std::error::Error + 'static>(
-    error: &'a (dyn std::error::Error + 'static),
-) -> Option<&'a T> {
-    let mut current = Some(error);
-    while let Some(e) = current {
-        if let Some(found) = e.downcast_ref::<T>() {
-            return Some(found);
-        }
-        current = e.source();
-    }
-    None
-}
-
-fn error_chain(error: &reqwest::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -4,10 +4,8 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
 
 use ipnet::IpNet;
-use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
 /// Which addresses an instance may connect to.
 #[derive(Clone, Debug, Default)]
@@ -57,7 +55,7 @@ impl AddressGuard {
 
     /// Check a URL whose host is an IP literal (literals never reach the resolver); a URL
     /// with a host name passes here and is checked when it is resolved.
-    pub fn check_url(&self, url: &reqwest::Url) -> Result<(), Refused> {
+    pub fn check_url(&self, url: &url::Url) -> Result<(), Refused> {
         let ip: IpAddr = match url.host() {
             Some(url::Host::Ipv4(ip)) => ip.into(),
             Some(url::Host::Ipv6(ip)) => ip.into(),
@@ -154,28 +152,6 @@ fn v6_class(ip: Ipv6Addr) -> Option<&'static str> {
         0x0100 if segments[1..4] == [0, 0, 0] => "discard-only",
         _ => return None,
     })
-}
-
-/// A resolver that hands reqwest only the addresses the guard admits.
-pub(crate) struct GuardedResolver {
-    pub(crate) guard: Arc<AddressGuard>,
-}
-
-impl Resolve for GuardedResolver {
-    fn resolve(&self, name: Name) -> Resolving {
-        let guard = self.guard.clone();
-        Box::pin(async move {
-            let host = name.as_str().to_owned();
-            let found: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let allowed = guard.filter(&host, found).inspect_err(|refused| {
-                // The addresses go to the operator's log only, never into a send's status.
-                tracing::info!(host = %refused.host, addresses = ?refused.addresses, "the address guard refused a connection");
-            })?;
-            let addrs: Addrs = Box::new(allowed.into_iter());
-            Ok(addrs)
-        })
-    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 //! # Ok(()) }
 //! ```
 
+mod client;
 mod destination;
 mod guard;
 mod options;

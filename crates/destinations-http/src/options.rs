@@ -1,6 +1,7 @@
 //! The options of one HTTP destination instance, from `[destinations.NAME]`.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use destinations_core::config::duration_text;
@@ -25,6 +26,9 @@ pub struct HttpOptions {
     pub signing_secrets: Vec<String>,
     /// Most requests at once to one host (default 64).
     pub per_host_concurrency: usize,
+    /// Trust only the CA certificates in this PEM file for `https` (a private CA); by default
+    /// the system's trust store.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for HttpOptions {
@@ -35,6 +39,7 @@ impl Default for HttpOptions {
             follow_redirects: 0,
             signing_secrets: Vec::new(),
             per_host_concurrency: 64,
+            ca_file: None,
         }
     }
 }
@@ -50,6 +55,7 @@ impl std::fmt::Debug for HttpOptions {
                 &format_args!("[{} hidden]", self.signing_secrets.len()),
             )
             .field("per_host_concurrency", &self.per_host_concurrency)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }

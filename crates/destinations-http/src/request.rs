@@ -3,10 +3,10 @@
 use std::collections::BTreeMap;
 
 use destinations_core::InvalidPayload;
-use reqwest::Url;
-use reqwest::header::{HeaderName, HeaderValue};
+use http::header::{HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use url::Url;
 
 /// Longest URL accepted.
 pub const MAX_URL_BYTES: usize = 8 * 1024;
@@ -47,15 +47,15 @@ pub enum Method {
 }
 
 impl Method {
-    pub(crate) fn as_reqwest(self) -> reqwest::Method {
+    pub(crate) fn as_http(self) -> http::Method {
         match self {
-            Self::Get => reqwest::Method::GET,
-            Self::Head => reqwest::Method::HEAD,
-            Self::Post => reqwest::Method::POST,
-            Self::Put => reqwest::Method::PUT,
-            Self::Delete => reqwest::Method::DELETE,
-            Self::Options => reqwest::Method::OPTIONS,
-            Self::Patch => reqwest::Method::PATCH,
+            Self::Get => http::Method::GET,
+            Self::Head => http::Method::HEAD,
+            Self::Post => http::Method::POST,
+            Self::Put => http::Method::PUT,
+            Self::Delete => http::Method::DELETE,
+            Self::Options => http::Method::OPTIONS,
+            Self::Patch => http::Method::PATCH,
         }
     }
 }

@@ -623,3 +623,157 @@ async fn a_stalled_host_never_holds_up_another() {
     }
     hub.shutdown_within(Duration::from_millis(100)).await;
 }
+
+/// Deliver `requests` through a hub on `options` (one at a time), let it finish; their
+/// statuses.
+async fn statuses_with(options: HttpOptions, requests: Vec<HttpRequest>) -> Vec<SendStatus> {
+    let destination =
+        destinations_http::HttpDestination::new(options).unwrap_or_else(|e| panic!("{e}"));
+    let hub = Hub::builder()
+        .destination(
+            "http",
+            Arc::new(destination),
+            InstanceSettings {
+                retry: fast_retries(),
+                concurrency: Some(1),
+                ..InstanceSettings::default()
+            },
+        )
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ids: Vec<EventId> = requests
+        .into_iter()
+        .map(|request| hub.sender().http(request).unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    hub.shutdown_within(WITHIN).await;
+    let mut statuses = Vec::new();
+    for id in ids {
+        statuses.push(destinations_testkit::status(&hub, id).await);
+    }
+    statuses
+}
+
+#[tokio::test]
+async fn https_to_a_private_ca_with_ca_file_and_refused_without() {
+    let receiver = Receiver::tls(|_| Reply::Status(200)).await;
+    let mut trusting = HttpOptions::allowing_loopback();
+    trusting.ca_file = Some(receiver.ca_file());
+    let request = HttpRequest::post(receiver.url("/tls")).json(&json!({"over": "tls"}));
+    let statuses = statuses_with(trusting, vec![request.clone()]).await;
+    assert_eq!(statuses[0].state, State::Delivered, "{:?}", statuses[0]);
+    let arrived = receiver.requests();
+    assert_eq!(arrived.len(), 1);
+    assert_eq!(arrived[0].json(), json!({"over": "tls"}));
+    assert_eq!(
+        arrived[0].header("host"),
+        Some(format!("localhost:{}", receiver.addr().port()).as_str())
+    );
+    // The system's trust does not know the test CA: the certificate is refused, nothing
+    // is delivered.
+    let untrusting = HttpOptions::allowing_loopback();
+    let statuses = statuses_with(untrusting, vec![request]).await;
+    let error = statuses[0].last_error.clone().unwrap_or_default();
+    assert_ne!(statuses[0].state, State::Delivered);
+    assert!(
+        error.contains("TLS") && error.contains("certificate"),
+        "{error}"
+    );
+    assert_eq!(receiver.requests().len(), 1, "nothing more arrived");
+}
+
+#[tokio::test]
+async fn followed_redirects_change_the_method_as_browsers_do_and_drop_credentials_across_origins() {
+    let target = Receiver::start().await;
+    let (see_other, temporary, other_origin) = (
+        target.url("/after-303"),
+        target.url("/after-307"),
+        target.url("/other-origin"),
+    );
+    let redirecting = Receiver::scripted(move |request| {
+        let to = match request.uri.as_str() {
+            "/303" => (303, see_other.clone()),
+            "/307" => (307, temporary.clone()),
+            "/away" => (302, other_origin.clone()),
+            _ => (308, "/loop".to_owned()),
+        };
+        Reply::Full(to.0, vec![("location", to.1)], String::new())
+    })
+    .await;
+    let mut options = HttpOptions::allowing_loopback();
+    options.follow_redirects = 2;
+    let body = json!({"kept": true});
+    let statuses = statuses_with(
+        options,
+        vec![
+            HttpRequest::post(redirecting.url("/303")).json(&body),
+            HttpRequest::post(redirecting.url("/307")).json(&body),
+            HttpRequest::put(redirecting.url("/away"))
+                .json(&body)
+                .bearer("secret-token"),
+            HttpRequest::post(redirecting.url("/loop")).json(&body),
+        ],
+    )
+    .await;
+    let states: Vec<State> = statuses.iter().map(|s| s.state).collect();
+    assert_eq!(
+        states,
+        [
+            State::Delivered,
+            State::Delivered,
+            State::Delivered,
+            State::Dead
+        ],
+        "{statuses:?}"
+    );
+    let arrived = target.requests();
+    let at = |path: &str| {
+        arrived
+            .iter()
+            .find(|r| r.uri == path)
+            .unwrap_or_else(|| panic!("nothing arrived at {path}: {arrived:?}"))
+    };
+    assert_eq!(
+        at("/after-303").method,
+        "GET",
+        "a 303 is followed with a GET"
+    );
+    assert!(at("/after-303").body.is_empty());
+    assert_eq!(at("/after-307").method, "POST", "a 307 keeps the method");
+    assert_eq!(at("/after-307").json(), body, "and the body");
+    assert_eq!(at("/other-origin").method, "PUT", "a 302 keeps a PUT");
+    assert_eq!(
+        at("/other-origin").header("authorization"),
+        None,
+        "credentials do not cross to another origin"
+    );
+    let error = statuses[3].last_error.clone().unwrap_or_default();
+    assert!(error.contains("more than 2 redirects"), "{error}");
+}
+
+#[tokio::test]
+async fn sends_reuse_a_connection_and_survive_targets_that_close_theirs() {
+    let keeping = Receiver::start().await;
+    let requests = (0..20)
+        .map(|n| HttpRequest::post(keeping.url("/kept")).json(&json!({"n": n})))
+        .collect();
+    let statuses = statuses_with(HttpOptions::allowing_loopback(), requests).await;
+    assert!(statuses.iter().all(|s| s.state == State::Delivered));
+    assert_eq!(keeping.requests().len(), 20);
+    assert_eq!(keeping.connections(), 1, "one at a time, on one connection");
+    // A target that closes every connection after its answer: each send gets a new one.
+    let closing = Receiver::scripted(|_| {
+        Reply::Full(200, vec![("connection", "close".to_owned())], String::new())
+    })
+    .await;
+    let requests = (0..5)
+        .map(|n| HttpRequest::post(closing.url("/closed")).json(&json!({"n": n})))
+        .collect();
+    let statuses = statuses_with(HttpOptions::allowing_loopback(), requests).await;
+    assert!(
+        statuses
+            .iter()
+            .all(|s| s.state == State::Delivered && s.attempts == 1),
+        "{statuses:?}"
+    );
+    assert_eq!(closing.connections(), 5);
+}

@@ -83,6 +83,8 @@ type Script = Arc<dyn Fn(&ReceivedRequest) -> Reply + Send + Sync>;
 
 #[derive(Default)]
 struct Record {
+    /// TCP connections accepted.
+    connections: usize,
     requests: Vec<ReceivedRequest>,
     attempts: HashMap<String, u32>,
     accepted: HashSet<String>,
@@ -92,6 +94,8 @@ struct Record {
 /// A running receiver. Stops when dropped.
 pub struct Receiver {
     addr: SocketAddr,
+    /// `https` receivers: the folder holding the test CA (`ca.pem`) and the server's key.
+    tls: Option<crate::TempDir>,
     record: Arc<Mutex<Record>>,
     accepted: watch::Receiver<usize>,
     arrived: watch::Receiver<usize>,
@@ -111,7 +115,29 @@ impl Receiver {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap_or_else(|e| panic!("cannot bind a receiver on 127.0.0.1: {e}"));
-        Self::serve(listener, Arc::new(script))
+        Self::serve(listener, Arc::new(script), None)
+    }
+
+    /// An `https` receiver answering as `script` says, with a certificate for `localhost`
+    /// and `127.0.0.1` from a test CA made for it ([`ca_file`](Self::ca_file)).
+    pub async fn tls(script: impl Fn(&ReceivedRequest) -> Reply + Send + Sync + 'static) -> Self {
+        let folder = crate::TempDir::new("tls-receiver");
+        let (_, cert, key) = crate::smtp::make_certificates(folder.path()).await;
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("cannot bind a receiver on 127.0.0.1: {e}"));
+        let acceptor = tls_acceptor(&cert, &key);
+        let mut receiver = Self::serve(listener, Arc::new(script), Some(acceptor));
+        receiver.tls = Some(folder);
+        receiver
+    }
+
+    /// The PEM file of the CA an `https` receiver's certificate comes from.
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        match &self.tls {
+            Some(folder) => folder.path().join("ca.pem"),
+            None => panic!("ca_file: this receiver speaks plain HTTP"),
+        }
     }
 
     /// A receiver at `addr` (a port a test set aside: a target that was down comes up),
@@ -123,7 +149,7 @@ impl Receiver {
         let listener = TcpListener::bind(addr)
             .await
             .unwrap_or_else(|e| panic!("cannot bind a receiver on {addr}: {e}"));
-        Self::serve(listener, Arc::new(script))
+        Self::serve(listener, Arc::new(script), None)
     }
 
     /// An address on 127.0.0.1 where nothing listens (yet): a target that is down.
@@ -135,7 +161,11 @@ impl Receiver {
             .unwrap_or_else(|e| panic!("no local address: {e}"))
     }
 
-    fn serve(listener: TcpListener, script: Script) -> Self {
+    fn serve(
+        listener: TcpListener,
+        script: Script,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Self {
         let addr = listener
             .local_addr()
             .unwrap_or_else(|e| panic!("receiver has no address: {e}"));
@@ -153,18 +183,31 @@ impl Receiver {
                     continue;
                 };
                 let (record, script, counts) = state.clone();
+                record
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .connections += 1;
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request| {
                         handle(request, record.clone(), script.clone(), counts.clone())
                     });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let http = http1::Builder::new();
+                    let _ = match tls {
+                        None => http.serve_connection(TokioIo::new(stream), service).await,
+                        Some(tls) => match tls.accept(stream).await {
+                            Ok(stream) => {
+                                http.serve_connection(TokioIo::new(stream), service).await
+                            }
+                            Err(_) => return,
+                        },
+                    };
                 });
             }
         });
         Self {
             addr,
+            tls: None,
             record,
             accepted,
             arrived,
@@ -177,9 +220,18 @@ impl Receiver {
         self.addr
     }
 
-    /// `http://127.0.0.1:PORT` + `path`.
+    /// `http://127.0.0.1:PORT` + `path` (`https://localhost:PORT` for an `https` receiver,
+    /// the name its certificate holds).
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        match self.tls {
+            None => format!("http://{}{path}", self.addr),
+            Some(_) => format!("https://localhost:{}{path}", self.addr.port()),
+        }
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.lock().connections
     }
 
     /// Every request so far, in arrival order.
@@ -388,4 +440,21 @@ fn answer(
         }
     }
     response
+}
+
+/// A TLS acceptor serving this certificate and key (PEM files).
+fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<_, _>>())
+        .unwrap_or_else(|e| panic!("{}: {e}", cert.display()));
+    let key =
+        PrivateKeyDer::from_pem_file(key).unwrap_or_else(|e| panic!("{}: {e}", key.display()));
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|builder| builder.with_no_client_auth().with_single_cert(chain, key))
+        .unwrap_or_else(|e| panic!("the test certificate: {e}"));
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }

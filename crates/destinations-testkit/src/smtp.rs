@@ -223,7 +223,7 @@ fn free_port() -> u16 {
 }
 
 /// A test CA and a server certificate it signs for `localhost` and `127.0.0.1`.
-async fn make_certificates(folder: &Path) -> (PathBuf, PathBuf, PathBuf) {
+pub(crate) async fn make_certificates(folder: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let at = |name: &str| folder.join(name).display().to_string();
     let (ca_key, ca, key, csr, cert, ext) = (
         at("ca.key"),
