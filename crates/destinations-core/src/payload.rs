@@ -71,6 +71,11 @@ pub fn parse_strict<T: DeserializeOwned>(payload: &[u8]) -> Result<T, InvalidPay
             ));
         }
     }
+    // Most payloads fit: parse them at full speed, and only a payload that does not is parsed
+    // again with the field path tracked, for the message.
+    if let Ok(value) = serde_json::from_slice(payload) {
+        return Ok(value);
+    }
     let mut de = serde_json::Deserializer::from_slice(payload);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();

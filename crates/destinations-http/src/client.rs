@@ -21,46 +21,43 @@ use url::Url;
 
 use crate::guard::{AddressGuard, Refused};
 
-/// Where a request goes: scheme, host and port, the key of a connection pool.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Origin {
+/// Where a request goes: scheme, host and port, the key of a connection pool. Borrowed from
+/// the URL: nothing is allocated to find a pooled connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Origin<'a> {
     pub(crate) https: bool,
     /// The host as the URL writes it, without brackets around an IPv6 address.
-    pub(crate) host: String,
+    pub(crate) host: &'a str,
     pub(crate) port: u16,
-    key: Arc<str>,
+    /// `scheme://host[:port]` as the parsed URL writes it (lower case, no default port).
+    key: &'a str,
 }
 
-impl Origin {
+impl<'a> Origin<'a> {
     /// The origin of an `http` or `https` URL with a host.
-    pub(crate) fn of(url: &Url) -> Option<Self> {
+    pub(crate) fn of(url: &'a Url) -> Option<Self> {
         let https = match url.scheme() {
             "https" => true,
             "http" => false,
             _ => return None,
         };
-        let host = match url.host()? {
-            url::Host::Domain(name) => name.to_owned(),
-            url::Host::Ipv4(ip) => ip.to_string(),
-            url::Host::Ipv6(ip) => ip.to_string(),
-        };
-        let port = url.port_or_known_default()?;
-        let key = Arc::from(format!("{}://{}:{port}", url.scheme(), host));
+        let host = url.host_str()?;
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
         Some(Self {
             https,
             host,
-            port,
-            key,
+            port: url.port_or_known_default()?,
+            key: &url[..url::Position::BeforePath],
         })
     }
 
-    /// The `Host` header's value: the host, and the port when it is not the scheme's.
-    pub(crate) fn host_header(url: &Url) -> String {
-        let host = url.host_str().unwrap_or_default();
-        match url.port() {
-            Some(port) => format!("{host}:{port}"),
-            None => host.to_owned(),
-        }
+    /// The `Host` header's value: the host, and the port when it is not the scheme's (as the
+    /// parsed URL writes them).
+    pub(crate) fn host_header(url: &Url) -> &str {
+        &url[url::Position::BeforeHost..url::Position::AfterPort]
     }
 }
 
@@ -90,7 +87,7 @@ type Connection = SendRequest<Full<Bytes>>;
 
 /// Connections per origin, and how to make new ones.
 pub(crate) struct Client {
-    idle: Mutex<HashMap<Arc<str>, Vec<Connection>>>,
+    idle: Mutex<HashMap<Box<str>, Vec<Connection>>>,
     guard: Arc<AddressGuard>,
     tls: TlsConnector,
     max_idle_per_origin: usize,
@@ -114,7 +111,7 @@ impl Client {
     /// of its body and reading at most `drain` in all.
     pub(crate) async fn exchange(
         &self,
-        origin: &Origin,
+        origin: &Origin<'_>,
         mut request: Request<Full<Bytes>>,
         keep: impl Fn(StatusCode) -> usize,
         drain: usize,
@@ -143,11 +140,11 @@ impl Client {
     }
 
     /// An idle connection to `origin` that can take a request, if there is one.
-    async fn checkout(&self, origin: &Origin) -> Option<Connection> {
+    async fn checkout(&self, origin: &Origin<'_>) -> Option<Connection> {
         loop {
             let mut sender = {
                 let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-                idle.get_mut(&origin.key)?.pop()?
+                idle.get_mut(origin.key)?.pop()?
             };
             if !sender.is_closed() && sender.ready().await.is_ok() {
                 return Some(sender);
@@ -155,20 +152,23 @@ impl Client {
         }
     }
 
-    fn checkin(&self, origin: &Origin, sender: Connection) {
+    fn checkin(&self, origin: &Origin<'_>, sender: Connection) {
         if sender.is_closed() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let senders = idle.entry(origin.key.clone()).or_default();
-        if senders.len() < self.max_idle_per_origin {
-            senders.push(sender);
+        match idle.get_mut(origin.key) {
+            Some(senders) if senders.len() < self.max_idle_per_origin => senders.push(sender),
+            Some(_) => {}
+            None => {
+                idle.insert(Box::from(origin.key), vec![sender]);
+            }
         }
     }
 
     /// A new connection: the host's addresses through the guard, TCP, TLS for `https`, and
     /// the HTTP/1.1 handshake.
-    async fn connect(&self, origin: &Origin) -> Result<Connection, ClientError> {
+    async fn connect(&self, origin: &Origin<'_>) -> Result<Connection, ClientError> {
         let addresses = self.addresses(origin).await?;
         let mut last = None;
         let mut stream = None;
@@ -190,7 +190,7 @@ impl Client {
         if !origin.https {
             return handshake(stream).await;
         }
-        let name = ServerName::try_from(origin.host.clone())
+        let name = ServerName::try_from(origin.host.to_owned())
             .map_err(|e| ClientError::Connect(format!("`{}`: {e}", origin.host)))?;
         let stream = self
             .tls
@@ -202,21 +202,21 @@ impl Client {
 
     /// The addresses to dial: an IP literal as written, a name as resolved, each admitted by
     /// the guard (checked on what is dialled, so DNS rebinding cannot slip past it).
-    async fn addresses(&self, origin: &Origin) -> Result<Vec<SocketAddr>, ClientError> {
+    async fn addresses(&self, origin: &Origin<'_>) -> Result<Vec<SocketAddr>, ClientError> {
         if let Ok(ip) = origin.host.parse::<IpAddr>() {
             self.guard.check(ip).map_err(|class| {
                 ClientError::Refused(Refused {
-                    host: origin.host.clone(),
+                    host: origin.host.to_owned(),
                     addresses: vec![(ip, class)],
                 })
             })?;
             return Ok(vec![SocketAddr::new(ip, origin.port)]);
         }
-        let found: Vec<SocketAddr> = tokio::net::lookup_host((origin.host.as_str(), origin.port))
+        let found: Vec<SocketAddr> = tokio::net::lookup_host((origin.host, origin.port))
             .await
             .map_err(|e| ClientError::Connect(format!("cannot resolve `{}`: {e}", origin.host)))?
             .collect();
-        self.guard.filter(&origin.host, found).map_err(|refused| {
+        self.guard.filter(origin.host, found).map_err(|refused| {
             // The addresses go to the operator's log only, never into a send's status.
             tracing::info!(host = %refused.host, addresses = ?refused.addresses, "the address guard refused a connection");
             ClientError::Refused(refused)

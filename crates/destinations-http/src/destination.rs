@@ -185,7 +185,7 @@ impl HttpDestination {
                 .parse()
                 .map_err(|e| ClientError::Exchange(format!("the URL's path: {e}")))?;
             *request.headers_mut() = headers.clone();
-            if let Ok(host) = HeaderValue::from_str(&Origin::host_header(&url)) {
+            if let Ok(host) = HeaderValue::from_str(Origin::host_header(&url)) {
                 request.headers_mut().insert(HOST, host);
             }
             let answer = self
@@ -222,7 +222,7 @@ impl HttpDestination {
                 body = Bytes::new();
                 headers.remove(CONTENT_TYPE);
             }
-            if Origin::of(&next).as_ref() != Some(&origin) {
+            if Origin::of(&next) != Some(origin) {
                 headers.remove(AUTHORIZATION);
             }
             url = next;

@@ -1,6 +1,7 @@
 //! The request of one HTTP send: `send.http({method, url, headers, params, auth, data})`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use destinations_core::InvalidPayload;
 use http::header::{HeaderName, HeaderValue};
@@ -219,6 +220,19 @@ impl HttpRequest {
 
     /// The URL with the params appended.
     pub(crate) fn parsed_url(&self) -> Result<Url, InvalidPayload> {
+        if self.params.is_empty()
+            && let Some(url) = RecentUrls::get(&self.url)
+        {
+            return Ok(url);
+        }
+        let url = self.parse_url()?;
+        if self.params.is_empty() {
+            RecentUrls::keep(&self.url, &url);
+        }
+        Ok(url)
+    }
+
+    fn parse_url(&self) -> Result<Url, InvalidPayload> {
         if self.url.len() > MAX_URL_BYTES {
             return Err(InvalidPayload::field(
                 "url",
@@ -292,6 +306,39 @@ impl HttpRequest {
                 format!("must be a string or a JSON object or array, not `{raw}`"),
             )),
         }
+    }
+}
+
+/// URLs checked lately, by their text, as parsed: a service sends to the same few URLs over
+/// and over, and each send's URL is checked when it is made and used again when it is
+/// delivered. Parsing depends on the text alone, so what was parsed once holds.
+struct RecentUrls;
+
+impl RecentUrls {
+    /// How many are kept; past it, the memory starts again empty.
+    const KEPT: usize = 1024;
+
+    fn map() -> std::sync::MutexGuard<'static, HashMap<Box<str>, Url>> {
+        static RECENT: OnceLock<Mutex<HashMap<Box<str>, Url>>> = OnceLock::new();
+        RECENT
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn get(text: &str) -> Option<Url> {
+        Self::map().get(text).cloned()
+    }
+
+    fn keep(text: &str, url: &Url) {
+        if text.len() > 512 {
+            return;
+        }
+        let mut map = Self::map();
+        if map.len() >= Self::KEPT {
+            map.clear();
+        }
+        map.insert(Box::from(text), url.clone());
     }
 }
 
@@ -454,6 +501,22 @@ mod tests {
         assert_eq!(e.field, "auth.user");
         let e = parse(r#"{"url":"http://example.com","data":42}"#).unwrap_err();
         assert_eq!(e.field, "data");
+    }
+
+    #[test]
+    fn a_url_checked_twice_is_judged_the_same_twice() {
+        for _ in 0..2 {
+            let ok = parse(r#"{"url":"HTTP://Example.COM:8080/a?b=1"}"#)
+                .and_then(|r| r.parsed_url())
+                .map(|u| u.to_string());
+            assert_eq!(ok.as_deref(), Ok("http://example.com:8080/a?b=1"));
+            let refused = parse(r#"{"url":"http://user:pw@example.com/"}"#).unwrap_err();
+            assert!(refused.to_string().contains("credentials"), "{refused}");
+        }
+        let with_params = parse(r#"{"url":"http://example.com/a","params":{"k":"v"}}"#)
+            .and_then(|r| r.parsed_url())
+            .map(|u| u.to_string());
+        assert_eq!(with_params.as_deref(), Ok("http://example.com/a?k=v"));
     }
 
     #[test]
