@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use serde::de::DeserializeOwned;
+use serde::Deserialize;
 
 /// A payload was refused at send time. Says which field and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -56,7 +56,7 @@ impl fmt::Display for InvalidPayload {
 /// `T` should use `#[serde(deny_unknown_fields)]`: an unknown field is reported by its name.
 /// Only an object is taken: serde would otherwise fill a struct positionally from an array,
 /// reading `["http://x/", "POST"]` as a request nobody wrote.
-pub fn parse_strict<T: DeserializeOwned>(payload: &[u8]) -> Result<T, InvalidPayload> {
+pub fn parse_strict<'a, T: Deserialize<'a>>(payload: &'a [u8]) -> Result<T, InvalidPayload> {
     match payload.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'{') => {}
         Some(_) => {

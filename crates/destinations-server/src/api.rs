@@ -206,10 +206,12 @@ async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RunRequest {
+struct RunRequest<'a> {
     #[serde(default)]
     run_id: Option<String>,
-    sends: Vec<RunSend>,
+    /// Borrowed from the body: each payload is copied once, into its send.
+    #[serde(borrow)]
+    sends: Vec<RunSend<'a>>,
     /// The run failed: its sends follow `hub.on_run_error` (discarded by default).
     #[serde(default)]
     failed: bool,
@@ -217,9 +219,11 @@ struct RunRequest {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RunSend {
-    destination: String,
-    payload: Box<RawValue>,
+struct RunSend<'a> {
+    #[serde(borrow)]
+    destination: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    payload: &'a RawValue,
 }
 
 /// `POST /v1/runs`: validate every send, then enqueue all or none. A queue with no room for
@@ -231,7 +235,7 @@ async fn post_run(State(state): Shared, body: Body) -> Result<Response, ApiError
         .await
         .map_err(|e| ApiError::from_send(e, ""))?;
     let raw = read_body(&state, body).await?;
-    let request: RunRequest = parse_strict(&raw).map_err(|e| ApiError::invalid(&e))?;
+    let request: RunRequest<'_> = parse_strict(&raw).map_err(|e| ApiError::invalid(&e))?;
     // A run id names the emitter of its emits, an SSE stream and log lines: a name, not a
     // payload (review C7).
     if let Some(run_id) = &request.run_id {
