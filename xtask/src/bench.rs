@@ -977,7 +977,8 @@ fn sse_scenario(subscribers: usize, events: usize) -> Result<(Row, String), Stri
     };
     let (server, port) = start_server(
         "sse",
-        "[destinations.sse]\nkind = \"sse\"\nreplay = 0\nsubscriber_buffer = 1000000\n",
+        // Every subscriber holds a connection: room for all of them (the default is 4 096).
+        "[destinations.sse]\nkind = \"sse\"\nreplay = 0\nsubscriber_buffer = 1000000\n\n[clients]\nmax_connections = 20000\n",
     )?;
     let ours = clients(
         &format!("http://127.0.0.1:{port}/v1/sse/bench"),
