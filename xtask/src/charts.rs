@@ -145,11 +145,14 @@ pub(crate) fn scaling(dimensions: &[Dimension]) -> String {
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" viewBox=\"0 0 {width} {height}\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"10\" y=\"20\" {TITLE}>Cost per send as the work grows (× the smallest size; goal ≤ 1.2×)</text>\n"
     );
     let bottom = 40.0 + bar * rows as f64;
-    for (tick, colour) in [(1.0, "#888"), (1.2, "black")] {
+    // The two ticks are close: one label left of its line, the other right of it.
+    for (tick, colour, anchor, shift) in [(1.0, "#888", "end", -3.0), (1.2, "black", "start", 3.0)]
+    {
         let tx = x(tick);
         let _ = writeln!(
             svg,
-            "<line x1=\"{tx:.1}\" y1=\"34\" x2=\"{tx:.1}\" y2=\"{bottom}\" stroke=\"{colour}\" stroke-dasharray=\"4 3\"/>\n<text x=\"{tx:.1}\" y=\"{:.1}\" {FONT} text-anchor=\"middle\">{tick}×</text>",
+            "<line x1=\"{tx:.1}\" y1=\"34\" x2=\"{tx:.1}\" y2=\"{bottom}\" stroke=\"{colour}\" stroke-dasharray=\"4 3\"/>\n<text x=\"{:.1}\" y=\"{:.1}\" {FONT} text-anchor=\"{anchor}\">{tick}×</text>",
+            tx + shift,
             bottom + 16.0
         );
     }
