@@ -557,7 +557,7 @@ fn ingest_scenario(quick: bool) -> Result<Vec<(Row, String)>, String> {
         rows.push((
             Row {
                 scenario: "ingest",
-                goal: "—",
+                goal: "ratio ≥ 0.5",
                 measure: format!("sends/s into POST /v1/runs, {kind} queue"),
                 value: accepted * 100.0,
                 reference_name: "wrk, same body, to the receiver".into(),
@@ -997,7 +997,12 @@ fn sse_scenario(subscribers: usize, events: usize) -> Result<(Row, String), Stri
     drop(reference_server);
     let row = Row {
         scenario: "sse",
-        goal: "p99 ≤ 50 ms",
+        // Issue 13: p99 within 50 ms at 1 000 subscribers, 3× the bare server at 10 000.
+        goal: if subscribers >= 10_000 {
+            "ratio ≥ 3"
+        } else {
+            "p99 ≤ 50 ms"
+        },
         measure: format!("deliveries/s, {subscribers} subscribers"),
         value: json_field(&ours, "deliveries_per_second"),
         reference_name: "bare tokio broadcast server".into(),
