@@ -17,6 +17,9 @@ use crate::chunk::{Outcome, Record, Runs};
 use crate::rows::{self, from_ms};
 use crate::writer::Written;
 
+/// How many of a chunk's last outcomes a new one is compared with, to share it.
+const RECENT_OUTCOMES: usize = 16;
+
 /// A chunk with sends in memory: leased, or waiting in a line with their envelopes. Other
 /// chunks stay on disk only, and are read back with their sends' payloads.
 pub(crate) struct ChunkState {
@@ -81,15 +84,36 @@ impl ChunkState {
     /// Keep `outcome` for a send: sends that came to the same (a batch, deliveries answered
     /// alike) share it. Its number, for the send's record.
     pub(crate) fn add_outcome(&mut self, outcome: Outcome) -> u32 {
-        let at = match self.outcomes.iter().rposition(|known| *known == outcome) {
-            Some(at) => at,
+        // Sends answered alike settle together, so a match is among the last few: looking
+        // further would cost every settlement the whole list (a backlog deferred again and
+        // again adds one outcome per batch).
+        let recent = self.outcomes.len().saturating_sub(RECENT_OUTCOMES);
+        let at = match self.outcomes[recent..]
+            .iter()
+            .rposition(|known| *known == outcome)
+        {
+            Some(at) => recent + at,
             None => {
-                self.outcomes.push(outcome);
-                self.changed_outcomes();
+                self.push_outcome(outcome);
                 self.outcomes.len() - 1
             }
         };
         u32::try_from(at + 1).unwrap_or(u32::MAX)
+    }
+
+    /// A new outcome at the end. The outcomes serialized so far are extended rather than
+    /// serialized again: each settlement hands them to the writer, and a chunk of a long
+    /// backlog may hold thousands.
+    fn push_outcome(&mut self, outcome: Outcome) {
+        let extended = self.outcomes_json.as_deref().and_then(|json| {
+            let element = serde_json::to_string(&outcome).ok()?;
+            let open = json.strip_suffix(']')?;
+            let separator = if self.outcomes.is_empty() { "" } else { "," };
+            Some(Arc::<str>::from(format!("{open}{separator}{element}]")))
+        });
+        self.outcomes.push(outcome);
+        self.outcomes_version += 1;
+        self.outcomes_json = extended;
     }
 
     fn changed_outcomes(&mut self) {
@@ -332,6 +356,27 @@ mod tests {
             batch: Some(batch),
             error: Some(format!("failure {batch}")),
             response: None,
+        }
+    }
+
+    #[test]
+    fn outcomes_extended_in_place_read_as_if_serialized_whole() {
+        let mut chunk = ChunkState::stored(stored(1, 1), 1);
+        assert_eq!(chunk.outcomes_to_write(), None, "nothing changed yet");
+        for batch in 1..=50 {
+            chunk.add_outcome(retried(batch));
+            // Shared with the last one: no new outcome.
+            assert_eq!(
+                chunk.add_outcome(retried(batch)) as usize,
+                chunk.outcomes.len()
+            );
+            let written = chunk
+                .outcomes_to_write()
+                .unwrap_or_else(|| panic!("changed"));
+            let whole = serde_json::to_string(&chunk.outcomes).unwrap_or_default();
+            assert_eq!(&*written, whole.as_str(), "after {batch} outcomes");
+            let read: Vec<Outcome> = serde_json::from_str(&written).unwrap_or_default();
+            assert_eq!(read, chunk.outcomes);
         }
     }
 
