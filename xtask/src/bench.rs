@@ -659,12 +659,15 @@ fn server_http_scenario(quick: bool) -> Result<(Row, String), String> {
     let reference = wrk_post(&format!("{receiver_url}/wrk"), &single, seconds, 64)?;
     let reference_rate = reference.requests as f64 / reference.seconds;
     let instance = "[destinations.http]\nkind = \"http\"\nallow_networks = [\"127.0.0.0/8\"]\n";
-    let (rate, accepted, load) = end_to_end(
-        "server-http",
-        instance,
-        &http_run_body(&format!("{receiver_url}/e2e")),
-        seconds,
-    )?;
+    let body = http_run_body(&format!("{receiver_url}/e2e"));
+    let (rate, accepted, load) = end_to_end("server-http", instance, alone, |port| {
+        wrk_post(
+            &format!("http://127.0.0.1:{port}/v1/runs"),
+            &body,
+            seconds,
+            16,
+        )
+    })?;
     Ok((
         Row {
             scenario: "server-http",
@@ -693,18 +696,14 @@ fn server_s3_scenario(quick: bool) -> Result<(Row, String), String> {
     let instance = format!(
         "[destinations.s3]\nkind = \"s3\"\nurl = \"s3://\"\nendpoint = \"{endpoint}\"\nallow_http = true\nregion = \"us-east-1\"\naccess_key_id = \"bench\"\nsecret_access_key = \"bench-secret\"\nbatch = {{ max_age = \"1s\" }}\n"
     );
-    let (server, port) = start_server_on("server-s3", &instance, &all_cpus())?;
-    let started = std::time::Instant::now();
-    let load = wrk_script(
-        &format!("http://127.0.0.1:{port}/v1/runs"),
-        VARIED_EVENTS_LUA,
-        seconds,
-        16,
-    )?;
-    let accepted = ((load.requests - load.non_2xx) * 100) as usize;
-    let delivered_at = wait_delivered(port, accepted as f64, std::time::Duration::from_secs(600))?;
-    drop(server);
-    let rate = accepted as f64 / (delivered_at - started).as_secs_f64();
+    let (rate, accepted, load) = end_to_end("server-s3", &instance, alone, |port| {
+        wrk_script(
+            &format!("http://127.0.0.1:{port}/v1/runs"),
+            VARIED_EVENTS_LUA,
+            seconds,
+            16,
+        )
+    })?;
     // The reference: gzip -1 over what the objects hold, decompressed, on one core.
     let mut objects = Vec::new();
     collect_files(&bucket, &mut objects);
@@ -801,22 +800,25 @@ fn collect_files(folder: &std::path::Path, into: &mut Vec<std::path::PathBuf>) {
 fn end_to_end(
     name: &str,
     instance: &str,
-    body: &str,
-    seconds: u64,
+    beside: impl FnOnce(u16) -> Result<Option<Background>, String>,
+    load: impl FnOnce(u16) -> Result<WrkRun, String>,
 ) -> Result<(f64, usize, WrkRun), String> {
     let (server, port) = start_server_on(name, instance, &all_cpus())?;
+    // What runs beside the load (status waiters) starts before the clock and lasts until the
+    // last delivery.
+    let _beside = beside(port)?;
     let started = std::time::Instant::now();
-    let load = wrk_post(
-        &format!("http://127.0.0.1:{port}/v1/runs"),
-        body,
-        seconds,
-        16,
-    )?;
+    let load = load(port)?;
     let accepted = ((load.requests - load.non_2xx) * 100) as usize;
     let delivered_at = wait_delivered(port, accepted as f64, std::time::Duration::from_secs(600))?;
     drop(server);
     let rate = accepted as f64 / (delivered_at - started).as_secs_f64();
     Ok((rate, accepted, load))
+}
+
+/// Nothing beside the load.
+fn alone(_port: u16) -> Result<Option<Background>, String> {
+    Ok(None)
 }
 
 /// One overload case: `instance` is the destination's config table, `body` a run for it.
@@ -1254,9 +1256,10 @@ fn waiters_dimension(quick: bool) -> Result<Dimension, String> {
     let sizes = vec![0, 5_000];
     let mut costs = Vec::new();
     for &waiters in &sizes {
-        let name = format!("scaling-waiters-{waiters}");
-        let (server, port) = start_server_on(&name, instance, &all_cpus())?;
-        let holding = if waiters > 0 {
+        let hold = |port: u16| -> Result<Option<Background>, String> {
+            if waiters == 0 {
+                return Ok(None);
+            }
             let mut child = pinned(1, &bench_binary())
                 .args([
                     "waiters",
@@ -1274,22 +1277,22 @@ fn waiters_dimension(quick: bool) -> Result<Dimension, String> {
             if !first.starts_with("holding") {
                 return Err(format!("the waiters did not start: {first}"));
             }
-            Some(Background(child))
-        } else {
-            None
+            Ok(Some(Background(child)))
         };
-        let started = std::time::Instant::now();
-        let load = wrk_post(
-            &format!("http://127.0.0.1:{port}/v1/runs"),
-            &body,
-            seconds,
-            16,
+        let (rate, _, _) = end_to_end(
+            &format!("scaling-waiters-{waiters}"),
+            instance,
+            hold,
+            |port| {
+                wrk_post(
+                    &format!("http://127.0.0.1:{port}/v1/runs"),
+                    &body,
+                    seconds,
+                    16,
+                )
+            },
         )?;
-        let accepted = ((load.requests - load.non_2xx) * 100) as f64;
-        let delivered_at = wait_delivered(port, accepted, std::time::Duration::from_secs(600))?;
-        drop(holding);
-        drop(server);
-        costs.push((delivered_at - started).as_secs_f64() * 1e9 / accepted);
+        costs.push(1e9 / rate);
     }
     Ok(Dimension {
         name: "?wait= status waiters".into(),

@@ -277,16 +277,19 @@ async fn batches_flush_by_count_and_by_age() {
     hub.shutdown().await;
 }
 
+/// Send `marker` in batch group `group`.
+fn send_grouped(hub: &Hub, marker: u64, group: &str) {
+    hub.sender()
+        .to("d", &json!({ "marker": marker, "group": group }))
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_full_batch_leaves_its_deadline_behind_not_its_groups_next_batch() {
     let d = Scripted::batching(2, Duration::from_secs(60), |_| Report::delivered());
     let hub = hub(d.clone(), InstanceSettings::default(), HubConfig::default());
     let start = Instant::now();
-    let grouped = |marker: u64, group: &str| {
-        hub.sender()
-            .to("d", &json!({ "marker": marker, "group": group }))
-            .unwrap_or_else(|e| panic!("{e}"));
-    };
+    let grouped = |marker: u64, group: &str| send_grouped(&hub, marker, group);
     // Group `a` fills at once (its deadline, at 60 s, stays behind); its next batch opens
     // at 30 s and is due at 90 s, not at the old 60 s.
     grouped(0, "a");
@@ -334,11 +337,7 @@ async fn each_group_fills_and_ages_on_its_own() {
     let d = Scripted::batching(3, Duration::from_secs(60), |_| Report::delivered());
     let hub = hub(d.clone(), InstanceSettings::default(), HubConfig::default());
     let start = Instant::now();
-    let grouped = |marker: u64, group: &str| {
-        hub.sender()
-            .to("d", &json!({ "marker": marker, "group": group }))
-            .unwrap_or_else(|e| panic!("{e}"));
-    };
+    let grouped = |marker: u64, group: &str| send_grouped(&hub, marker, group);
     for marker in 0..5 {
         grouped(marker, if marker % 2 == 0 { "even" } else { "odd" });
     }
