@@ -184,7 +184,12 @@ impl HttpDestination {
             *request.uri_mut() = path_and_query(&url)
                 .parse()
                 .map_err(|e| ClientError::Exchange(format!("the URL's path: {e}")))?;
-            *request.headers_mut() = headers.clone();
+            // Kept for a redirect only when one may be followed; otherwise moved, not copied.
+            *request.headers_mut() = if self.follow_redirects > redirects {
+                headers.clone()
+            } else {
+                std::mem::take(&mut headers)
+            };
             if let Ok(host) = HeaderValue::from_str(Origin::host_header(&url)) {
                 request.headers_mut().insert(HOST, host);
             }
