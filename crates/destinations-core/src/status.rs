@@ -348,23 +348,26 @@ impl StatusBook {
         inner.by_id.reserve(envelopes.len());
         for e in envelopes {
             let destination = inner.name_index(&e.destination);
-            let generation = inner
-                .by_id
-                .get(&e.id)
-                .map_or(0, |earlier| earlier.generation.wrapping_add(1));
-            inner.by_id.insert(
-                e.id,
-                Entry {
-                    destination,
-                    run: e.run.clone(),
-                    created_ms: to_ms(e.created_at),
-                    updated_ms: now,
-                    state: State::Queued,
-                    attempts: e.attempts,
-                    generation,
-                    detail: None,
-                },
-            );
+            let entry = |generation| Entry {
+                destination,
+                run: e.run.clone(),
+                created_ms: to_ms(e.created_at),
+                updated_ms: now,
+                state: State::Queued,
+                attempts: e.attempts,
+                generation,
+                detail: None,
+            };
+            // One lookup a send: a replayed send's entry is replaced, one generation on.
+            match inner.by_id.entry(e.id) {
+                std::collections::hash_map::Entry::Occupied(mut earlier) => {
+                    let generation = earlier.get().generation.wrapping_add(1);
+                    earlier.insert(entry(generation));
+                }
+                std::collections::hash_map::Entry::Vacant(new) => {
+                    new.insert(entry(0));
+                }
+            }
         }
     }
 
