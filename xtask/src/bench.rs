@@ -371,9 +371,21 @@ fn memory_scenario(quick: bool) -> Result<Vec<(Row, String)>, String> {
             queued / sends as f64
         ),
     };
-    let file = fresh_queue_file("memory")?;
-    let on_disk = bench_json(&["memory", &sends.to_string(), &file.display().to_string()])?;
-    let durable = grown(&on_disk);
+    // The resident set after a burst depends on how the allocator kept what was freed, and
+    // swings by a third from one run to the next: the median of three runs.
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let file = fresh_queue_file("memory")?;
+        let result = bench_json(&["memory", &sends.to_string(), &file.display().to_string()])?;
+        runs.push((grown(&result), result, file_size(&file)));
+    }
+    runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let spread = format!(
+        "median of 3 runs ({:.0}–{:.0} MiB)",
+        runs[0].0 / 1048576.0,
+        runs[2].0 / 1048576.0
+    );
+    let (durable, on_disk, file_bytes) = runs.swap_remove(1);
     let disk_row = Row {
         scenario: "memory",
         goal: "≤ 150 MiB",
@@ -382,8 +394,8 @@ fn memory_scenario(quick: bool) -> Result<Vec<(Row, String)>, String> {
         reference_name: "the memory queue, same sends".into(),
         reference: in_memory / 1048576.0,
         notes: format!(
-            "{sends} sends behind the same stopped receiver: the backlog waits in the file ({:.0} MiB on disk), {:.0} B/send in memory",
-            file_size(&file) / 1048576.0,
+            "{sends} sends behind the same stopped receiver: the backlog waits in the file ({:.0} MiB on disk), {:.0} B/send in memory; {spread}",
+            file_bytes / 1048576.0,
             durable / sends as f64
         ),
     };
