@@ -108,20 +108,13 @@ fn http_get(url: &str) -> Result<String, String> {
 
 fn start_receiver() -> Result<(Background, String), String> {
     let port = free_port()?;
-    let mut child = pinned(0, &bench_binary())
-        .args(["receiver", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start the bench receiver: {e}"))?;
-    let stdout = child.stdout.take().ok_or("receiver has no stdout")?;
-    let mut first = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut first)
-        .map_err(|e| e.to_string())?;
-    if !first.starts_with("receiving on") {
-        return Err(format!("the receiver did not start: {first}"));
-    }
-    Ok((Background(child), format!("http://127.0.0.1:{port}")))
+    let receiver = start_announcing(
+        "0",
+        &bench_binary(),
+        &["receiver", &format!("127.0.0.1:{port}")],
+        &["receiving on"],
+    )?;
+    Ok((receiver, format!("http://127.0.0.1:{port}")))
 }
 
 struct Row {
@@ -956,6 +949,17 @@ fn start_printing(program: &str, args: &[&str]) -> Result<Background, String> {
 }
 
 fn start_printing_on(cpus: &str, program: &str, args: &[&str]) -> Result<Background, String> {
+    start_announcing(cpus, program, args, &["listening on", "serving on"])
+}
+
+/// Start `program` on `cpus` and wait for its first line, which must begin with one of
+/// `announces` (it is up then).
+fn start_announcing(
+    cpus: &str,
+    program: &str,
+    args: &[&str],
+    announces: &[&str],
+) -> Result<Background, String> {
     let mut child = pinned_to(cpus, program)
         .args(args)
         .env("RUST_LOG", "error")
@@ -968,8 +972,11 @@ fn start_printing_on(cpus: &str, program: &str, args: &[&str]) -> Result<Backgro
     BufReader::new(stdout)
         .read_line(&mut first)
         .map_err(|e| e.to_string())?;
-    if !(first.starts_with("listening on") || first.starts_with("serving on")) {
-        return Err(format!("{program} did not start: {first}"));
+    if !announces.iter().any(|announce| first.starts_with(announce)) {
+        return Err(format!(
+            "{program} {} did not start: {first}",
+            args.join(" ")
+        ));
     }
     Ok(child)
 }
@@ -1272,24 +1279,17 @@ fn waiters_dimension(quick: bool) -> Result<Dimension, String> {
             if waiters == 0 {
                 return Ok(None);
             }
-            let mut child = pinned(1, &bench_binary())
-                .args([
+            start_announcing(
+                "1",
+                &bench_binary(),
+                &[
                     "waiters",
                     &format!("http://127.0.0.1:{port}"),
                     &waiters.to_string(),
-                ])
-                .stdout(Stdio::piped())
-                .spawn()
-                .map_err(|e| format!("cannot start the waiters: {e}"))?;
-            let stdout = child.stdout.take().ok_or("the waiters have no stdout")?;
-            let mut first = String::new();
-            BufReader::new(stdout)
-                .read_line(&mut first)
-                .map_err(|e| e.to_string())?;
-            if !first.starts_with("holding") {
-                return Err(format!("the waiters did not start: {first}"));
-            }
-            Ok(Some(Background(child)))
+                ],
+                &["holding"],
+            )
+            .map(Some)
         };
         let (rate, _, _) = end_to_end(
             &format!("scaling-waiters-{waiters}"),

@@ -31,6 +31,7 @@ use serde_json::json;
 mod memory;
 mod scaling;
 mod send_path;
+mod shared;
 mod sse;
 
 fn main() -> Result<(), String> {

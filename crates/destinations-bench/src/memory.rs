@@ -1,11 +1,12 @@
 //! `memory SENDS`: what SENDS queued sends cost in memory, beside the bytes they carry. The
 //! receiver is stopped — it listens but never accepts — so the sends stay queued.
 
+use crate::shared::{StoppedTarget, large_queue};
 use std::sync::Arc;
 use std::time::Duration;
 
-use destinations::http::{HttpOptions, HttpRequest, SendHttp};
-use destinations::{HubConfig, InstanceSettings, QueueBounds, QueueConfig};
+use destinations::InstanceSettings;
+use destinations::http::{HttpRequest, SendHttp};
 use serde_json::json;
 
 /// This process's resident set now, from `/proc/self/status`.
@@ -22,31 +23,13 @@ fn rss_kib() -> u64 {
 }
 
 pub(crate) async fn memory(sends: usize, queue: Option<&str>) -> Result<(), String> {
-    // Listens, never accepts: connections wait in the backlog and no answer ever comes.
-    let stopped = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    let url = format!(
-        "http://{}/stopped",
-        stopped.local_addr().map_err(|e| e.to_string())?
-    );
-    let mut options = HttpOptions::allowing_loopback();
-    options.timeout = Duration::from_secs(3600);
-    let destination = destinations::http::HttpDestination::new(options)?;
-    let hub = crate::builder_on(
-        HubConfig {
-            queue: QueueConfig {
-                bounds: QueueBounds {
-                    max_events: sends + 1000,
-                    max_bytes: usize::MAX / 2,
-                },
-                ..QueueConfig::default()
-            },
-            ..HubConfig::default()
-        },
-        queue,
-    )?
-    .destination("http", Arc::new(destination), InstanceSettings::default())
-    .build()
-    .map_err(|e| e.to_string())?;
+    let stopped = StoppedTarget::at("/stopped")?;
+    let url = stopped.url.clone();
+    let destination = StoppedTarget::patient_http()?;
+    let hub = crate::builder_on(large_queue(sends + 1000), queue)?
+        .destination("http", Arc::new(destination), InstanceSettings::default())
+        .build()
+        .map_err(|e| e.to_string())?;
     let pad = "x".repeat(200);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let before = rss_kib();

@@ -13,19 +13,16 @@
 //!   never answers), then one `GET /v1/events/{id}?wait=60s` per send held open, again
 //!   and again, until the process is killed.
 
+use crate::shared::{InstantDestination, StoppedTarget, large_queue};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use destinations::emit::{EmitDestination, EmitOptions, EmitSend, SendEmit, Subscription};
-use destinations::http::{HttpOptions, HttpRequest, SendHttp};
+use destinations::http::{HttpRequest, SendHttp};
 use destinations::policy::BatchPolicyOverrides;
 use destinations::s3::{S3Destination, S3Options, S3Send, SendS3};
-use destinations::{
-    Batch, BatchOutcome, Destination, HubConfig, InstanceSettings, InstanceShare, InvalidPayload,
-    QueueBounds, QueueConfig, Report,
-};
+use destinations::{InstanceSettings, InstanceShare};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
@@ -34,69 +31,6 @@ use crate::{builder_on, finish, peak_rss_kib, producers};
 
 /// Sends measured in the `queued` case.
 const MEASURED: usize = 100_000;
-
-/// Delivers every batch at once and counts the sends: what is left of a send's cost is the
-/// engine's (queue, dispatcher, statuses).
-struct Instant0 {
-    delivered: AtomicUsize,
-    target: usize,
-    done: Notify,
-}
-
-impl Instant0 {
-    fn counting_to(target: usize) -> Arc<Self> {
-        Arc::new(Self {
-            delivered: AtomicUsize::new(0),
-            target,
-            done: Notify::new(),
-        })
-    }
-
-    async fn all_delivered(&self) {
-        loop {
-            let notified = self.done.notified();
-            if self.delivered.load(Ordering::Acquire) >= self.target {
-                return;
-            }
-            notified.await;
-        }
-    }
-
-    fn count(&self, sends: usize) {
-        if self.delivered.fetch_add(sends, Ordering::AcqRel) + sends >= self.target {
-            self.done.notify_waiters();
-        }
-    }
-}
-
-#[async_trait]
-impl Destination for Instant0 {
-    fn kind(&self) -> &'static str {
-        "instant"
-    }
-
-    fn validate(&self, _payload: &[u8]) -> Result<(), InvalidPayload> {
-        Ok(())
-    }
-
-    async fn deliver(&self, batch: &Batch) -> BatchOutcome {
-        self.count(batch.len());
-        BatchOutcome::All(Report::delivered())
-    }
-}
-
-fn large_queue(events: usize) -> HubConfig {
-    HubConfig {
-        queue: QueueConfig {
-            bounds: QueueBounds {
-                max_events: events,
-                max_bytes: usize::MAX / 2,
-            },
-            ..QueueConfig::default()
-        },
-        ..HubConfig::default()
-    }
-}
 
 /// CPU time this process has used (user and system, every thread), from `/proc/self/stat`.
 fn cpu_time() -> Duration {
@@ -133,9 +67,13 @@ impl Measured {
         }
     }
 
+    /// Wall clock and CPU time since the start.
+    fn stop(self) -> (Duration, Duration) {
+        (self.wall.elapsed(), cpu_time().saturating_sub(self.cpu))
+    }
+
     fn report(self, case: &str, size: usize, sends: usize) {
-        let wall = self.wall.elapsed();
-        let cpu = cpu_time().saturating_sub(self.cpu);
+        let (wall, cpu) = self.stop();
         report(case, size, sends, wall, cpu);
     }
 }
@@ -157,16 +95,11 @@ fn report(case: &str, size: usize, sends: usize, elapsed: Duration, cpu: Duratio
 
 /// `queued N [QUEUE_FILE]`.
 pub(crate) async fn queued(waiting: usize, queue: Option<&str>) -> Result<(), String> {
-    // Listens, never accepts: the parked sends' attempts never end, so the rest stay queued.
-    let stopped = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    let url = format!(
-        "http://{}/parked",
-        stopped.local_addr().map_err(|e| e.to_string())?
-    );
-    let mut options = HttpOptions::allowing_loopback();
-    options.timeout = Duration::from_secs(3600);
-    let parked = destinations::http::HttpDestination::new(options)?;
-    let instant = Instant0::counting_to(MEASURED);
+    // The parked sends' attempts never end, so the rest stay queued.
+    let stopped = StoppedTarget::at("/parked")?;
+    let url = stopped.url.clone();
+    let parked = StoppedTarget::patient_http()?;
+    let instant = InstantDestination::counting_to(MEASURED);
     // Room for every parked send, and the measured ones' own share beside them.
     let share = |reserved: usize| InstanceSettings {
         queue: InstanceShare {
@@ -265,8 +198,7 @@ pub(crate) async fn s3(
     )
     .await?;
     let drained = hub.drained(Duration::from_secs(3600)).await;
-    let wall = measured.wall.elapsed();
-    let cpu = cpu_time().saturating_sub(measured.cpu);
+    let (wall, cpu) = measured.stop();
     let dead = hub.dead_letters(1).await.map_err(|e| e.to_string())?;
     hub.shutdown().await;
     if !drained || !dead.is_empty() {
@@ -282,7 +214,7 @@ pub(crate) async fn s3(
 /// `emit SUBSCRIPTIONS EMITS`.
 pub(crate) async fn emit(subscriptions: usize, emits: usize) -> Result<(), String> {
     let emit = Arc::new(EmitDestination::new(EmitOptions::default())?);
-    let heard = Instant0::counting_to(emits);
+    let heard = InstantDestination::counting_to(emits);
     let listener = heard.clone();
     emit.listen("listener", move |_| {
         listener.count(1);
@@ -322,12 +254,9 @@ pub(crate) async fn emit(subscriptions: usize, emits: usize) -> Result<(), Strin
 
 /// `waiters SERVER N`.
 pub(crate) async fn waiters(server: &str, count: usize) -> Result<(), String> {
-    // The parked sends' target: listens, never accepts.
-    let stopped = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    let park_url = format!(
-        "http://{}/parked",
-        stopped.local_addr().map_err(|e| e.to_string())?
-    );
+    // The parked sends' target never answers.
+    let stopped = StoppedTarget::at("/parked")?;
+    let park_url = stopped.url.clone();
     let address = server
         .strip_prefix("http://")
         .ok_or("SERVER must be an http:// URL")?

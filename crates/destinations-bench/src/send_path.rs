@@ -1,51 +1,26 @@
 //! `send-path SENDS`: what recording a send and finishing its run costs, on one core, beside
 //! the floor every send pays anyway — serializing its payload once.
 
+use crate::shared::{InstantDestination, large_queue};
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Instant;
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use destinations::http::{HttpOptions, HttpRequest, SendHttp};
-use destinations::{
-    Batch, BatchOutcome, Destination, Hub, HubConfig, InstanceSettings, InvalidPayload,
-    QueueBounds, QueueConfig, Report,
-};
+use destinations::{Hub, InstanceSettings};
 use serde_json::json;
-
-/// Accepts everything at once: the hub's own cost, with no destination's.
-struct Null;
-
-#[async_trait]
-impl Destination for Null {
-    fn kind(&self) -> &'static str {
-        "null"
-    }
-
-    fn validate(&self, _payload: &[u8]) -> Result<(), InvalidPayload> {
-        Ok(())
-    }
-
-    async fn deliver(&self, _batch: &Batch) -> BatchOutcome {
-        BatchOutcome::All(Report::delivered())
-    }
-}
 
 fn hub(sends: usize) -> Result<Hub, String> {
     let http = destinations::http::HttpDestination::new(HttpOptions::allowing_loopback())?;
     Hub::builder()
-        .config(HubConfig {
-            queue: QueueConfig {
-                bounds: QueueBounds {
-                    max_events: sends * 2 + 1000,
-                    max_bytes: usize::MAX / 2,
-                },
-                ..QueueConfig::default()
-            },
-            ..HubConfig::default()
-        })
-        .destination("null", Arc::new(Null), InstanceSettings::default())
+        .config(large_queue(sends * 2 + 1000))
+        // Delivers at once: the hub's own cost, with no destination's.
+        .destination(
+            "null",
+            InstantDestination::counting_to(usize::MAX),
+            InstanceSettings::default(),
+        )
         .destination("http", Arc::new(http), InstanceSettings::default())
         .build()
         .map_err(|e| e.to_string())

@@ -74,8 +74,6 @@ pub(crate) struct Subscriptions {
 /// hash, patterns (`p_*`) scanned.
 #[derive(Default)]
 struct Table {
-    /// In subscription order: what is listed and saved.
-    ordered: Vec<Subscription>,
     /// The subscriptions of each exact emitter id, with their place in the order.
     exact: HashMap<String, Vec<(u64, Subscription)>>,
     /// The subscriptions whose emitter is a pattern, with their place in the order.
@@ -106,23 +104,20 @@ impl Table {
     }
 
     fn insert(&mut self, subscription: Subscription) {
-        let place = (self.next, subscription.clone());
+        let place = self.next;
         self.next += 1;
         if subscription.emitter_id.contains('*') {
-            self.patterns.push(place);
+            self.patterns.push((place, subscription));
         } else {
             self.exact
                 .entry(subscription.emitter_id.clone())
                 .or_default()
-                .push(place);
+                .push((place, subscription));
         }
-        self.ordered.push(subscription);
     }
 
     fn remove(&mut self, subscription: &Subscription) -> bool {
-        let before = self.ordered.len();
-        self.ordered.retain(|s| s != subscription);
-        if self.ordered.len() == before {
+        if !self.contains(subscription) {
             return false;
         }
         if subscription.emitter_id.contains('*') {
@@ -134,6 +129,18 @@ impl Table {
             }
         }
         true
+    }
+
+    /// Every subscription, in the order they were made: what is listed and saved.
+    fn ordered(&self) -> Vec<Subscription> {
+        let mut all: Vec<&(u64, Subscription)> = self
+            .exact
+            .values()
+            .flatten()
+            .chain(&self.patterns)
+            .collect();
+        all.sort_unstable_by_key(|(place, _)| *place);
+        all.into_iter().map(|(_, s)| s.clone()).collect()
     }
 }
 
@@ -165,7 +172,7 @@ impl Subscriptions {
         }
         // Saved first: a subscription that could not be saved is not taken.
         if self.file.is_some() {
-            let mut changed = table.ordered.clone();
+            let mut changed = table.ordered();
             changed.push(subscription.clone());
             self.save(&changed)?;
         }
@@ -180,7 +187,7 @@ impl Subscriptions {
             return Ok(false);
         }
         if self.file.is_some() {
-            let mut changed = table.ordered.clone();
+            let mut changed = table.ordered();
             changed.retain(|s| s != subscription);
             self.save(&changed)?;
         }
@@ -191,8 +198,7 @@ impl Subscriptions {
         self.table
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .ordered
-            .clone()
+            .ordered()
     }
 
     /// The listeners of an event, each once, in the order they subscribed.

@@ -26,17 +26,20 @@ fn fast_retries() -> RetryPolicy {
 }
 
 fn hub_with(options: HttpOptions, retry: RetryPolicy) -> Hub {
+    hub_with_settings(
+        options,
+        InstanceSettings {
+            retry,
+            ..InstanceSettings::default()
+        },
+    )
+}
+
+fn hub_with_settings(options: HttpOptions, settings: InstanceSettings) -> Hub {
     let destination =
         destinations_http::HttpDestination::new(options).unwrap_or_else(|e| panic!("{e}"));
     Hub::builder()
-        .destination(
-            "http",
-            Arc::new(destination),
-            InstanceSettings {
-                retry,
-                ..InstanceSettings::default()
-            },
-        )
+        .destination("http", Arc::new(destination), settings)
         .build()
         .unwrap_or_else(|e| panic!("{e}"))
 }
@@ -627,20 +630,14 @@ async fn a_stalled_host_never_holds_up_another() {
 /// Deliver `requests` through a hub on `options` (one at a time), let it finish; their
 /// statuses.
 async fn statuses_with(options: HttpOptions, requests: Vec<HttpRequest>) -> Vec<SendStatus> {
-    let destination =
-        destinations_http::HttpDestination::new(options).unwrap_or_else(|e| panic!("{e}"));
-    let hub = Hub::builder()
-        .destination(
-            "http",
-            Arc::new(destination),
-            InstanceSettings {
-                retry: fast_retries(),
-                concurrency: Some(1),
-                ..InstanceSettings::default()
-            },
-        )
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let hub = hub_with_settings(
+        options,
+        InstanceSettings {
+            retry: fast_retries(),
+            concurrency: Some(1),
+            ..InstanceSettings::default()
+        },
+    );
     let ids: Vec<EventId> = requests
         .into_iter()
         .map(|request| hub.sender().http(request).unwrap_or_else(|e| panic!("{e}")))
