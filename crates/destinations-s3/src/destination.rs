@@ -1,6 +1,5 @@
 //! The S3 destination: each batch of a (bucket, prefix) becomes one compressed NDJSON object.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -170,26 +169,37 @@ fn encode_groups(
 ) -> (Vec<EncodedGroup>, Vec<(usize, String)>) {
     /// The envelopes of one (bucket, folder) while they are gathered.
     struct Gathering<'a> {
+        bucket: std::borrow::Cow<'a, str>,
+        prefix: std::borrow::Cow<'a, str>,
         indices: Vec<usize>,
         lines: Vec<&'a str>,
         first_sent_at: SystemTime,
         first_id: EventId,
         size: usize,
     }
-    let mut groups: BTreeMap<(String, String), Gathering<'_>> = BTreeMap::new();
+    // A batch holds one group's sends (the dispatcher batches by group), so the groups here
+    // are few: found by comparing, with no key built per send.
+    let mut groups: Vec<Gathering<'_>> = Vec::new();
     let mut unreadable = Vec::new();
     for (index, (payload, sent_at, id)) in payloads.iter().enumerate() {
         match serde_json::from_slice::<Route<'_>>(payload) {
             Ok(route) => {
-                let group = groups
-                    .entry((route.bucket.into_owned(), folder(&route.prefix)))
-                    .or_insert_with(|| Gathering {
+                let known = groups.iter().position(|g| {
+                    g.bucket == route.bucket && same_folder(&g.prefix, &route.prefix)
+                });
+                let at = known.unwrap_or_else(|| {
+                    groups.push(Gathering {
+                        bucket: route.bucket,
+                        prefix: route.prefix,
                         indices: Vec::new(),
                         lines: Vec::new(),
                         first_sent_at: *sent_at,
                         first_id: *id,
                         size: 0,
                     });
+                    groups.len() - 1
+                });
+                let group = &mut groups[at];
                 group.indices.push(index);
                 group.lines.push(route.payload.get());
                 group.first_sent_at = group.first_sent_at.min(*sent_at);
@@ -201,7 +211,8 @@ fn encode_groups(
         }
     }
     let mut encoded = Vec::with_capacity(groups.len());
-    for ((bucket, folder), group) in groups {
+    for group in groups {
+        let (bucket, folder) = (group.bucket.into_owned(), folder(&group.prefix));
         let label = group.first_id.to_string();
         match encode(
             group.lines.into_iter(),
@@ -225,6 +236,15 @@ fn encode_groups(
         }
     }
     (encoded, unreadable)
+}
+
+/// Whether two prefixes name the same folder, as [`folder`] makes them (`a` and `a/` do; the
+/// empty prefix is the bucket's root).
+fn same_folder(a: &str, b: &str) -> bool {
+    fn named(prefix: &str) -> Option<&str> {
+        (!prefix.is_empty()).then(|| prefix.strip_suffix('/').unwrap_or(prefix))
+    }
+    named(a) == named(b)
 }
 
 /// Transient or permanent, with the store's own message.
@@ -375,6 +395,16 @@ impl Destination for S3Destination {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefixes_share_a_group_exactly_when_they_share_a_folder() {
+        let prefixes = ["", "/", "a", "a/", "a//", "ab", "a/b", "a/b/"];
+        for a in prefixes {
+            for b in prefixes {
+                assert_eq!(same_folder(a, b), folder(a) == folder(b), "`{a}` and `{b}`");
+            }
+        }
+    }
 
     #[test]
     fn statuses_are_read_from_store_errors() {
