@@ -1,6 +1,7 @@
 //! The trait a destination implements, and what it answers for each envelope.
 
 use std::any::Any;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -149,8 +150,9 @@ pub enum Outcome {
 pub struct Report {
     /// What happened.
     pub outcome: Outcome,
-    /// The target's answer, kept in the send's status.
-    pub response: Option<ResponseSummary>,
+    /// The target's answer, kept in the send's status: shared by every send it answers for
+    /// (one object holds thousands of sends).
+    pub response: Option<Arc<ResponseSummary>>,
 }
 
 impl Report {
@@ -187,7 +189,7 @@ impl Report {
 
     /// The same report, with the target's answer attached.
     pub fn with_response(mut self, response: ResponseSummary) -> Self {
-        self.response = Some(response);
+        self.response = Some(Arc::new(response));
         self
     }
 }

@@ -89,13 +89,13 @@ pub enum Transition {
         attempts: u32,
     },
     /// Delivered.
-    Delivered(Option<ResponseSummary>),
+    Delivered(Option<Arc<ResponseSummary>>),
     /// Failed; another attempt at this time.
     Retrying {
         /// What went wrong.
         error: String,
         /// The target's answer.
-        response: Option<ResponseSummary>,
+        response: Option<Arc<ResponseSummary>>,
         /// When the next attempt is due.
         next_attempt_at: SystemTime,
     },
@@ -104,7 +104,7 @@ pub enum Transition {
         /// Why.
         error: String,
         /// The target's answer.
-        response: Option<ResponseSummary>,
+        response: Option<Arc<ResponseSummary>>,
     },
 }
 
@@ -199,11 +199,22 @@ struct Entry {
     created_ms: u64,
     updated_ms: u64,
     detail: Option<Box<Detail>>,
-    attempts: u32,
+    /// The target's last answer, shared with the other sends it answered for: most delivered
+    /// sends have one and nothing else to keep, so it is not boxed into the detail.
+    response: Option<Arc<ResponseSummary>>,
+    /// Attempts made (at most `u16::MAX` are counted).
+    attempts: u16,
     destination: u16,
     /// How many times the send was queued again (dead-letter replays).
     generation: u16,
     state: State,
+}
+
+// A million waiting sends are a million entries: keep one within 56 bytes (72 with its key).
+const _: () = assert!(std::mem::size_of::<Entry>() <= 56);
+
+fn saturate(attempts: u32) -> u16 {
+    u16::try_from(attempts).unwrap_or(u16::MAX)
 }
 
 fn to_ms(time: SystemTime) -> u64 {
@@ -218,7 +229,6 @@ fn from_ms(ms: u64) -> SystemTime {
 #[derive(Default)]
 struct Detail {
     last_error: Option<String>,
-    response: Option<ResponseSummary>,
     next_attempt_at: Option<SystemTime>,
 }
 
@@ -248,13 +258,11 @@ impl Inner {
         match transition {
             Transition::Attempting { attempts } => {
                 status.state = State::InFlight;
-                status.attempts = attempts;
+                status.attempts = saturate(attempts);
             }
             Transition::Delivered(response) => {
                 status.state = State::Delivered;
-                if response.is_some() || status.detail.is_some() {
-                    status.detail().response = response;
-                }
+                status.response = response;
             }
             Transition::Retrying {
                 error,
@@ -262,16 +270,15 @@ impl Inner {
                 next_attempt_at,
             } => {
                 status.state = State::Retrying;
+                status.response = response;
                 let detail = status.detail();
                 detail.last_error = Some(error);
-                detail.response = response;
                 detail.next_attempt_at = Some(next_attempt_at);
             }
             Transition::Dead { error, response } => {
                 status.state = State::Dead;
-                let detail = status.detail();
-                detail.last_error = Some(error);
-                detail.response = response;
+                status.response = response;
+                status.detail().last_error = Some(error);
             }
         }
         if !status.state.is_final() {
@@ -313,9 +320,9 @@ impl Entry {
                 .unwrap_or_else(|| Arc::from("")),
             run: self.run.clone(),
             state: self.state,
-            attempts: self.attempts,
+            attempts: u32::from(self.attempts),
             last_error: detail.and_then(|d| d.last_error.clone()),
-            response: detail.and_then(|d| d.response.clone()),
+            response: self.response.as_deref().cloned(),
             created_at: from_ms(self.created_ms),
             updated_at: from_ms(self.updated_ms),
             next_attempt_at: detail.and_then(|d| d.next_attempt_at),
@@ -354,9 +361,10 @@ impl StatusBook {
                 created_ms: to_ms(e.created_at),
                 updated_ms: now,
                 state: State::Queued,
-                attempts: e.attempts,
+                attempts: saturate(e.attempts),
                 generation,
                 detail: None,
+                response: None,
             };
             // One lookup a send: a replayed send's entry is replaced, one generation on.
             match inner.by_id.entry(e.id) {

@@ -656,7 +656,7 @@ impl QueueConsumer for SqliteConsumer {
                         .flatten(),
                     batch: (state == Stored::Retrying).then_some(batch).flatten(),
                     error: settled.error.clone().or(earlier_error),
-                    response: settled.response.clone().map(|mut response| {
+                    response: settled.response.as_deref().cloned().map(|mut response| {
                         response.elapsed_ms = 0;
                         response
                     }),

@@ -134,7 +134,7 @@ pub struct Settled {
     /// The error of a failed attempt (for a dead letter, the reason).
     pub error: Option<String>,
     /// What the target answered.
-    pub response: Option<ResponseSummary>,
+    pub response: Option<Arc<ResponseSummary>>,
 }
 
 /// A batch to try again.
