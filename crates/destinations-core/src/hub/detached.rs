@@ -96,8 +96,12 @@ impl Detached {
 async fn hand_over(hub: &HubShared, mut envelopes: Vec<Envelope>) {
     let mut wait = Duration::from_millis(50);
     loop {
+        let tally = hub.tally(&envelopes);
         let refused = match hub.queue.enqueue(envelopes).await {
-            Ok(()) => return,
+            Ok(()) => {
+                hub.queue_took(&tally);
+                return;
+            }
             Err(refused) => refused,
         };
         envelopes = refused.envelopes;

@@ -738,7 +738,10 @@ impl Lane {
             envelope.start_budget(now);
         }
         let made = self.hub.tally(&settlement.follow_ups);
-        self.hub.capacity.force(&made);
+        let frees_room = self.hub.settling_frees_room();
+        if frees_room {
+            self.hub.capacity.force(&made);
+        }
         self.hub.count_accepted(&made);
         let finished = self.hub.tally(settlement.finished());
         let mut wait = Duration::from_millis(50);
@@ -760,7 +763,9 @@ impl Lane {
             .delivered
             .increment(settlement.delivered.len() as u64);
         self.metrics.dead.increment(settlement.dead.len() as u64);
-        self.hub.capacity.release(&finished);
+        if frees_room {
+            self.hub.capacity.release(&finished);
+        }
     }
 
     /// Hand a batch for a busy target back to the queue, due again after a wait as long as

@@ -238,6 +238,7 @@ impl HubShared {
         }
         match self.queue.enqueue(envelopes).await {
             Ok(()) => {
+                self.queue_took(&tally);
                 self.count_accepted(&tally);
                 Ok(())
             }
@@ -275,6 +276,20 @@ impl HubShared {
         }
         self.count_accepted(&tally);
         Ok(())
+    }
+
+    /// The queue took these sends: a shared queue bounds them from now on (see
+    /// [`Queue::shared`]), so their room here is given back.
+    pub(crate) fn queue_took(&self, tally: &Tally) {
+        if self.queue.shared() {
+            self.capacity.release(tally);
+        }
+    }
+
+    /// Whether room is given back as sends settle: only for sends this hub admitted, which is
+    /// every send of a queue that is not shared.
+    pub(crate) fn settling_frees_room(&self) -> bool {
+        !self.queue.shared()
     }
 
     /// Dead-letter envelopes the hub gives up on at the shutdown deadline (a memory queue's
@@ -444,12 +459,14 @@ impl HubBuilder {
             slots.push(name.clone());
             instances.insert(name, instance);
         }
-        // A durable queue's backlog counts against each instance's room.
+        // A durable queue's backlog counts against each instance's room (a shared queue bounds
+        // its backlog itself).
         let backlog = queue
             .backlog()
             .map_err(|e| ConfigError::hub(format!("hub.queue: {e}")))?;
         for (name, depth) in backlog {
             match instances.get(name.as_str()) {
+                Some(_) if queue.shared() => {}
                 Some(instance) => {
                     let mut tally = Tally::default();
                     tally.add_many(instance.slot, depth.events, depth.bytes);
@@ -721,7 +738,9 @@ impl Hub {
                 .filter(|e| !moved_ids.contains(&e.id)),
         );
         shared.capacity.release(&gone);
-        shared.count_accepted(&shared.tally(&moved));
+        let moved_tally = shared.tally(&moved);
+        shared.queue_took(&moved_tally);
+        shared.count_accepted(&moved_tally);
         Ok(moved.iter().map(|e| e.id).collect())
     }
 

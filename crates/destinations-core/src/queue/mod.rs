@@ -58,6 +58,15 @@ pub trait Queue: Send + Sync + 'static {
     /// What survives when the process ends.
     fn durability(&self) -> Durability;
 
+    /// Whether other hubs (other servers) enqueue to and lease from the same backlog. A hub
+    /// counts each send it admits against its instance's room until the send is settled;
+    /// settlements of a shared queue include sends other hubs admitted, so there a hub counts
+    /// a send only until the queue has taken it, and the queue bounds the backlog itself
+    /// (refusing with [`QueueError::Full`] or [`QueueError::Unavailable`]). Default: not shared.
+    fn shared(&self) -> bool {
+        false
+    }
+
     /// A short description for logs and `destinations check` (`memory`, `sqlite ./data/queue.db`).
     fn describe(&self) -> String;
 
