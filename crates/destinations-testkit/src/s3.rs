@@ -86,7 +86,7 @@ impl S3Server {
     pub async fn start() -> Self {
         let mut server = Self {
             child: None,
-            address: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            address: SocketAddr::from(([127, 0, 0, 1], crate::free_port())),
             root: TempDir::new("s3s"),
         };
         // The port was free when picked; another test may take it before s3s-fs binds it
@@ -95,7 +95,7 @@ impl S3Server {
         while let Err(why) = server.launch().await {
             tries += 1;
             assert!(tries < 5, "{why}");
-            server.address = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            server.address = SocketAddr::from(([127, 0, 0, 1], crate::free_port()));
         }
         server
     }
@@ -179,14 +179,6 @@ impl S3Server {
             self.address
         ))
     }
-}
-
-/// A port nobody listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free port: {e}"))
 }
 
 /// What the proxy does to write requests (every method but GET and HEAD).

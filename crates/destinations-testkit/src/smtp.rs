@@ -83,7 +83,7 @@ impl SmtpServer {
         };
         let mut server = Self {
             child: None,
-            port: free_port(),
+            port: crate::free_port(),
             folder,
             config,
             certificates,
@@ -94,7 +94,7 @@ impl SmtpServer {
         while let Err(why) = server.launch().await {
             tries += 1;
             assert!(tries < 5, "{why}");
-            server.port = free_port();
+            server.port = crate::free_port();
         }
         server
     }
@@ -213,13 +213,6 @@ impl SmtpServer {
             })
             .collect()
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free port: {e}"))
 }
 
 /// A test CA and a server certificate it signs for `localhost` and `127.0.0.1`.
