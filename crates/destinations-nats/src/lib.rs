@@ -1,0 +1,26 @@
+//! A shared queue for `destinations` on NATS JetStream: several servers, one backlog.
+//!
+//! Sends wait in a work-queue stream, a subject per destination instance
+//! (`PREFIX.send.INSTANCE`); every server leases from the instance's one durable pull consumer,
+//! so each send goes to one server at a time. A run is published all or none (JetStream 2.12's
+//! atomic batch publish, up to 1 000 sends a batch) with each send's id as its `Nats-Msg-Id`, so
+//! a publish repeated after a lost answer is not stored twice. A delivered send is acknowledged
+//! (and leaves the stream); a failed one is answered with a delayed negative acknowledgement,
+//! and comes back when its retry is due, to whichever server asks first; a server that dies
+//! hands its leased sends on when their lease (`lease`, 30 s) runs out. Dead letters wait in a
+//! stream of their own, statuses in a key-value bucket, so every server lists, replays and
+//! answers the same.
+//!
+//! Needs nats-server 2.12.1 or later with JetStream.
+
+mod dead;
+mod options;
+mod queue;
+mod statuses;
+mod wire;
+
+pub use options::NatsOptions;
+pub use queue::{NatsError, NatsQueue};
+
+/// The queue kind name used in config (`[hub.queue] kind = "nats"`).
+pub const KIND: &str = "nats";

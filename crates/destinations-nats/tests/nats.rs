@@ -1,0 +1,261 @@
+//! The NATS queue against a real nats-server on 127.0.0.1 (`cargo xtask setup` installs it):
+//! several hubs — servers, as far as the queue can tell — share one backlog.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use destinations_core::{
+    Batch, BatchOutcome, DeadLetterFilter, Destination, EventId, Hub, HubConfig, InstanceSettings,
+    InvalidPayload, Report, State,
+};
+use destinations_nats::{NatsOptions, NatsQueue};
+use destinations_testkit::NatsServer;
+use serde_json::json;
+use tokio::sync::Notify;
+
+/// Counts deliveries by send id; fails permanently while `refusing`.
+#[derive(Default)]
+struct Counting {
+    delivered: Mutex<HashMap<EventId, u32>>,
+    arrived: Notify,
+    refusing: AtomicBool,
+}
+
+impl Counting {
+    fn counts(&self) -> HashMap<EventId, u32> {
+        self.delivered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Wait until every one of `ids` was delivered at least once.
+    async fn wait_for(&self, ids: &[EventId]) {
+        let waited = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                let arrived = self.arrived.notified();
+                let counts = self.counts();
+                if ids.iter().all(|id| counts.contains_key(id)) {
+                    return;
+                }
+                arrived.await;
+            }
+        })
+        .await;
+        let counts = self.counts();
+        let missing = ids.iter().filter(|id| !counts.contains_key(id)).count();
+        assert!(
+            waited.is_ok(),
+            "{missing} of {} sends never arrived",
+            ids.len()
+        );
+    }
+}
+
+#[async_trait]
+impl Destination for Counting {
+    fn kind(&self) -> &'static str {
+        "counting"
+    }
+
+    fn validate(&self, _: &[u8]) -> Result<(), InvalidPayload> {
+        Ok(())
+    }
+
+    async fn deliver(&self, batch: &Batch) -> BatchOutcome {
+        if self.refusing.load(Ordering::Acquire) {
+            return BatchOutcome::All(Report::failed("refused: the test says no"));
+        }
+        {
+            let mut delivered = self
+                .delivered
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for envelope in batch.envelopes() {
+                *delivered.entry(envelope.id).or_default() += 1;
+            }
+        }
+        self.arrived.notify_waiters();
+        BatchOutcome::All(Report::delivered())
+    }
+}
+
+/// A hub on the shared queue, delivering instance `sink` to `destination`.
+async fn node(server: &NatsServer, destination: Arc<Counting>) -> Hub {
+    let config = HubConfig::default();
+    let queue = NatsQueue::connect(
+        NatsOptions::at(server.url()),
+        config.status_retention(),
+        config.dead_letter_capacity,
+        config.dead_letter_max_bytes,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    Hub::builder()
+        .config(config)
+        .queue(Arc::new(queue))
+        .destination("sink", destination, InstanceSettings::default())
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Send `runs` runs of `size` from `hub`; their ids.
+async fn send_runs(hub: &Hub, runs: usize, size: usize) -> Vec<EventId> {
+    let mut ids = Vec::new();
+    for r in 0..runs {
+        let run = hub.begin_run(format!("run-{r}"));
+        for n in 0..size {
+            run.send()
+                .to("sink", &json!({ "run": r, "n": n }))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        ids.extend(run.finish().await.unwrap_or_else(|e| panic!("{e}")));
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_spread_over_three_servers_arrive_once_each() {
+    let server = NatsServer::start().await;
+    let sink = Arc::new(Counting::default());
+    let nodes = [
+        node(&server, sink.clone()).await,
+        node(&server, sink.clone()).await,
+        node(&server, sink.clone()).await,
+    ];
+    let mut ids = Vec::new();
+    for hub in &nodes {
+        ids.extend(send_runs(hub, 10, 30).await);
+    }
+    // One alone too (a single publish rather than an atomic batch).
+    ids.extend(send_runs(&nodes[1], 1, 1).await);
+    sink.wait_for(&ids).await;
+    let counts = sink.counts();
+    let duplicates: u32 = counts.values().map(|c| c - 1).sum();
+    assert_eq!(counts.len(), ids.len(), "only the sends made arrived");
+    assert_eq!(duplicates, 0, "no send arrived twice on a healthy run");
+    // Every server answers for every send.
+    for id in [ids[0], ids[150], ids[ids.len() - 1]] {
+        for hub in &nodes {
+            let status = hub
+                .wait_final(id, Duration::from_secs(10))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|| panic!("{id} unknown to a server"));
+            assert_eq!(status.state, State::Delivered, "{id}");
+            assert_eq!(&*status.destination, "sink");
+        }
+    }
+    for hub in &nodes {
+        hub.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_made_on_one_server_is_listed_and_replayed_on_another() {
+    let server = NatsServer::start().await;
+    let sink = Arc::new(Counting::default());
+    sink.refusing.store(true, Ordering::Release);
+    let a = node(&server, sink.clone()).await;
+    let b = node(&server, sink.clone()).await;
+    let ids = send_runs(&a, 1, 3).await;
+    for id in &ids {
+        let status = b
+            .wait_final(*id, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("{id} unknown on the other server"));
+        assert_eq!(status.state, State::Dead);
+        assert!(
+            status
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("the test says no")),
+            "{status:?}"
+        );
+    }
+    let listed = b.dead_letters(100).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut listed_ids: Vec<EventId> = listed.iter().map(|l| l.envelope.id).collect();
+    listed_ids.sort();
+    let mut made = ids.clone();
+    made.sort();
+    assert_eq!(listed_ids, made, "the other server lists every dead letter");
+    assert!(listed.iter().all(|l| l.reason.contains("the test says no")));
+
+    sink.refusing.store(false, Ordering::Release);
+    let replayed = b
+        .replay_dead_letters(&DeadLetterFilter::default(), 100)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(replayed.len(), 3);
+    sink.wait_for(&ids).await;
+    for id in &ids {
+        let status = a
+            .wait_final(*id, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("{id} unknown"));
+        assert_eq!(status.state, State::Delivered, "replayed and delivered");
+    }
+    assert!(
+        a.dead_letters(100)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_empty(),
+        "replayed letters leave the dead-letter stream"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_are_refused_while_nats_is_down_and_accepted_again_after() {
+    let mut server = NatsServer::start().await;
+    let sink = Arc::new(Counting::default());
+    let hub = node(&server, sink.clone()).await;
+    let before = send_runs(&hub, 1, 5).await;
+    sink.wait_for(&before).await;
+
+    server.kill().await;
+    // The client notices the closed connection at once; a send then is refused, not kept in
+    // memory.
+    let refused = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let run = hub.begin_run("during");
+            run.send()
+                .to("sink", &json!({ "during": true }))
+                .unwrap_or_else(|e| panic!("{e}"));
+            match run.finish().await {
+                Err(error) => return error.to_string(),
+                Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("a send was still accepted 30 s after nats-server died"));
+    assert!(
+        refused.contains("not reachable") || refused.contains("unavailable"),
+        "{refused}"
+    );
+
+    server.restart().await;
+    let after = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let run = hub.begin_run("after");
+            run.send()
+                .to("sink", &json!({ "after": true }))
+                .unwrap_or_else(|e| panic!("{e}"));
+            if let Ok(ids) = run.finish().await {
+                return ids;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("sends still refused 30 s after nats-server came back"));
+    sink.wait_for(&after).await;
+    hub.shutdown().await;
+}
