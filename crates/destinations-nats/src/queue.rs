@@ -506,7 +506,7 @@ impl NatsConsumer {
                         envelopes.push(envelope);
                     }
                     (Ok(_), None) => {
-                        foreign.push((message.subject, "no reply subject".into(), acker))
+                        foreign.push((message.subject, "no reply subject".into(), acker));
                     }
                     (Err(why), _) => foreign.push((message.subject, why, acker)),
                 }

@@ -227,8 +227,8 @@ impl ServerConfig {
 
     /// Open the queue and build the hub with every configured instance. Needs a Tokio runtime.
     /// A queue file that cannot be used is refused here, with its name.
-    pub(crate) fn build_hub(&self, registry: &Registry) -> anyhow::Result<Hub> {
-        let queue = destinations::open_queue(&self.hub)?;
+    pub(crate) async fn build_hub(&self, registry: &Registry) -> anyhow::Result<Hub> {
+        let queue = destinations::open_queue(&self.hub).await?;
         let mut builder = Hub::builder().config(self.hub.clone()).queue(queue);
         for (name, instance) in self.instances()? {
             builder = builder.configured(registry, &name, instance)?;

@@ -221,7 +221,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
-            Command::Check { config } => check(&config),
+            Command::Check { config } => check(&config).await,
             Command::Dlq { action, server } => {
                 let api = client::Api::new(&server.server, server.token.as_deref())?;
                 match action {
@@ -251,7 +251,7 @@ impl From<DeadLetterSelection> for client::Selection {
     }
 }
 
-fn check(config: &ConfigArg) -> anyhow::Result<()> {
+async fn check(config: &ConfigArg) -> anyhow::Result<()> {
     let (config, source) = config.load()?;
     let registry = destinations::registry();
     println!("config: {source}");
@@ -293,10 +293,15 @@ fn check(config: &ConfigArg) -> anyhow::Result<()> {
             "queue: sqlite {} (created at the first start)",
             path.display()
         ),
-        None => println!(
-            "queue: {} (lost when the process ends)",
-            config.hub.queue.kind
-        ),
+        None if config.hub.queue.kind == "memory" => {
+            println!("queue: memory (lost when the process ends)");
+        }
+        None => {
+            // A shared queue: connecting checks the server and creates or checks its streams.
+            let queue = destinations::open_queue(&config.hub).await?;
+            let waiting: usize = queue.backlog()?.iter().map(|(_, d)| d.events).sum();
+            println!("queue: {} (ok, {waiting} sends waiting)", queue.describe());
+        }
     }
     for (name, instance) in config.instances()? {
         // Build each instance to run its own strict checks, without starting anything.
@@ -370,7 +375,7 @@ async fn serve(config: &ConfigArg, listen: Option<SocketAddr>) -> anyhow::Result
         .install_recorder()
         .map_err(|e| tracing::warn!("metrics disabled: {e}"))
         .ok();
-    let hub = config.build_hub(&destinations::registry())?;
+    let hub = config.build_hub(&destinations::registry()).await?;
     let waiting = hub.queue_depth().events;
     tracing::info!(queue = %hub.queue_description(), waiting, "queue open");
     let listen = listen.unwrap_or(config.listen);

@@ -88,11 +88,13 @@ pub fn hub_with_defaults() -> Result<Hub, ConfigError> {
     builder.build()
 }
 
-/// The queue `[hub.queue]` names: `memory`, or `sqlite` (feature `sqlite`) at its `path`, with
-/// the hub's status retention and dead-letter capacity. A durable queue's file is checked as it
-/// opens: a damaged, foreign or busy file is refused with its name.
-pub fn open_queue(config: &HubConfig) -> Result<std::sync::Arc<dyn Queue>, ConfigError> {
+/// The queue `[hub.queue]` names: `memory`, `sqlite` (feature `sqlite`) at its `path`, or
+/// `nats` (feature `nats`) at its `url`, with the hub's status retention and dead-letter
+/// bounds. A durable queue is checked as it opens: a damaged, foreign or busy file, or a NATS
+/// server that cannot be reached or is too old, is refused with what is wrong.
+pub async fn open_queue(config: &HubConfig) -> Result<std::sync::Arc<dyn Queue>, ConfigError> {
     let queue = &config.queue;
+    let options = || serde_json::Value::Object(queue.options.clone());
     match queue.kind.as_str() {
         "memory" => {
             if let Some(key) = queue.options.keys().next() {
@@ -110,9 +112,8 @@ pub fn open_queue(config: &HubConfig) -> Result<std::sync::Arc<dyn Queue>, Confi
         }
         #[cfg(feature = "sqlite")]
         destinations_sqlite::KIND => {
-            let options: destinations_sqlite::SqliteOptions =
-                serde_json::from_value(serde_json::Value::Object(queue.options.clone()))
-                    .map_err(|e| ConfigError::hub(format!("hub.queue: {e}")))?;
+            let options: destinations_sqlite::SqliteOptions = serde_json::from_value(options())
+                .map_err(|e| ConfigError::hub(format!("hub.queue: {e}")))?;
             let opened = destinations_sqlite::SqliteQueue::open(
                 &options,
                 config.status_retention(),
@@ -121,12 +122,31 @@ pub fn open_queue(config: &HubConfig) -> Result<std::sync::Arc<dyn Queue>, Confi
             .map_err(|e| ConfigError::hub(e.to_string()))?;
             Ok(std::sync::Arc::new(opened))
         }
+        #[cfg(feature = "nats")]
+        destinations_nats::KIND => {
+            let options: destinations_nats::NatsOptions = serde_json::from_value(options())
+                .map_err(|e| ConfigError::hub(format!("hub.queue: {e}")))?;
+            let opened = destinations_nats::NatsQueue::connect(
+                options,
+                config.status_retention(),
+                config.dead_letter_capacity,
+                config.dead_letter_max_bytes,
+            )
+            .await
+            .map_err(|e| ConfigError::hub(e.to_string()))?;
+            Ok(std::sync::Arc::new(opened))
+        }
         other => Err(ConfigError::hub(format!(
-            "hub.queue: no queue of kind `{other}` in this build; kinds: memory{}",
+            "hub.queue: no queue of kind `{other}` in this build; kinds: memory{}{}",
             if cfg!(feature = "sqlite") {
                 ", sqlite"
             } else {
                 " (sqlite needs the `sqlite` feature)"
+            },
+            if cfg!(feature = "nats") {
+                ", nats"
+            } else {
+                " (nats needs the `nats` feature)"
             }
         ))),
     }

@@ -1,0 +1,170 @@
+//! Several `destinations serve` processes on one real nats-server (`[hub.queue] kind = "nats"`):
+//! one backlog, every send delivered, nothing lost when a server is killed; counted by send id.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::{Server, WITHIN};
+use destinations_testkit::{NatsServer, Receiver, Reply};
+use serde_json::{Value, json};
+
+/// A server's config on `nats`, with a short lease so a killed server's sends come back
+/// quickly.
+fn on_nats(nats: &NatsServer) -> String {
+    format!(
+        r#"
+[hub.queue]
+kind = "nats"
+url = "{}"
+lease = "2s"
+
+[destinations.http]
+kind = "http"
+timeout = "5s"
+allow_networks = ["127.0.0.0/8"]
+"#,
+        nats.url()
+    )
+}
+
+async fn start(config: &str) -> Server {
+    Server::start(Some(config)).await
+}
+
+/// POST `runs` runs of `per_run` sends to `url` through `server`; their ids.
+async fn send_runs(server: &Server, url: &str, runs: usize, per_run: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for r in 0..runs {
+        let sends: Vec<Value> = (0..per_run)
+            .map(|n| json!({"destination": "http", "payload": {"url": url, "data": {"run": r, "n": n}}}))
+            .collect();
+        let (code, body) = server.post("/v1/runs", &json!({ "sends": sends })).await;
+        assert_eq!(code, 202, "{body}");
+        ids.extend(
+            body["ids"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|id| id.as_str().map(str::to_owned)),
+        );
+    }
+    ids
+}
+
+/// How many times each send id arrived (its `Idempotency-Key`, answered 2xx).
+fn arrivals(receiver: &Receiver) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for request in receiver.accepted_requests() {
+        if let Some(key) = request.header("idempotency-key") {
+            *counts.entry(key.to_owned()).or_default() += 1;
+        }
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_servers_share_one_backlog_and_a_killed_one_loses_nothing() {
+    let nats = NatsServer::start().await;
+    let receiver = Receiver::scripted(|_| {
+        Reply::After(Duration::from_millis(5), Box::new(Reply::Status(200)))
+    })
+    .await;
+    let url = receiver.url("/hook");
+    let env = on_nats(&nats);
+    let a = start(&env).await;
+    let b = start(&env).await;
+    let c = start(&env).await;
+    let mut ids = Vec::new();
+    for server in [&a, &b, &c] {
+        ids.extend(send_runs(server, &url, 6, 100).await);
+    }
+    // Kill one server while the three deliver: what it leased comes back to the others when
+    // its lease runs out.
+    receiver.wait_for_accepted(150, WITHIN).await;
+    c.kill9().await;
+    let before = receiver.accepted_keys().len();
+    assert!(
+        before < ids.len(),
+        "killed while delivering ({before} arrived)"
+    );
+
+    receiver.wait_for_accepted(ids.len(), WITHIN).await;
+    let expected: HashSet<&str> = ids.iter().map(String::as_str).collect();
+    let counts = arrivals(&receiver);
+    assert!(
+        counts.keys().all(|key| expected.contains(key.as_str())),
+        "a request arrived for a send that was never accepted"
+    );
+    assert_eq!(counts.len(), ids.len(), "every send arrived");
+    let duplicates: usize = counts.values().map(|n| n - 1).sum();
+    // At least once: only the sends the killed server had in hand may come twice.
+    assert!(
+        duplicates <= 100,
+        "{duplicates} duplicates: more than the killed server could have had in hand"
+    );
+    eprintln!("{} sends, {duplicates} delivered twice", ids.len());
+
+    // Every surviving server answers for every send, whoever accepted it.
+    for id in [&ids[0], &ids[650], &ids[ids.len() - 1]] {
+        for server in [&a, &b] {
+            let status = server.final_status(id).await;
+            assert_eq!(status["state"], "delivered", "{status}");
+        }
+    }
+    assert!(a.terminate().await.success());
+    assert!(b.terminate().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_are_refused_with_503_while_nats_is_down() {
+    let mut nats = NatsServer::start().await;
+    let receiver = Receiver::start().await;
+    let url = receiver.url("/hook");
+    let server = start(&on_nats(&nats)).await;
+    let ids = send_runs(&server, &url, 1, 10).await;
+    receiver.wait_for_accepted(ids.len(), WITHIN).await;
+
+    nats.kill().await;
+    let refused = tokio::time::timeout(WITHIN, async {
+        loop {
+            let (code, body) = server
+                .post(
+                    "/v1/runs",
+                    &json!({"sends": [{"destination": "http", "payload": {"url": url}}]}),
+                )
+                .await;
+            if code != 202 {
+                return (code, body);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("sends were still accepted after nats-server died"));
+    assert_eq!(refused.0, 503, "{}", refused.1);
+    let message = refused.1["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("not reachable"), "{}", refused.1);
+
+    nats.restart().await;
+    let accepted = tokio::time::timeout(WITHIN, async {
+        loop {
+            let (code, body) = server
+                .post(
+                    "/v1/runs",
+                    &json!({"sends": [{"destination": "http", "payload": {"url": url}}]}),
+                )
+                .await;
+            if code == 202 {
+                return body["ids"][0].as_str().unwrap_or_default().to_owned();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("sends were still refused after nats-server came back"));
+    let status = server.final_status(&accepted).await;
+    assert_eq!(status["state"], "delivered", "{status}");
+    assert!(server.terminate().await.success());
+}
