@@ -12,8 +12,8 @@ use async_nats::jetstream::{self, stream};
 use async_nats::{HeaderMap, header};
 use async_trait::async_trait;
 use destinations_core::{
-    DeadLetterStore, Durability, Envelope, EventId, Leased, Queue, QueueConsumer, QueueDepth,
-    QueueError, Refused, Settlement, StatusRetention, StatusStore,
+    DeadLetterStore, Durability, Envelope, EventId, HubConfig, Leased, Queue, QueueConsumer,
+    QueueDepth, QueueError, Refused, Settlement, StatusStore,
 };
 use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
@@ -54,13 +54,13 @@ pub struct NatsError {
 }
 
 impl NatsQueue {
-    /// Connect, check the server, and create (or bring up to date) the streams and the bucket.
-    pub async fn connect(
-        options: NatsOptions,
-        retention: StatusRetention,
-        dead_letter_capacity: usize,
-        dead_letter_max_bytes: usize,
-    ) -> Result<Self, NatsError> {
+    /// Connect, check the server, and create (or bring up to date) the streams and the bucket,
+    /// with the hub's settings: `hub.queue.max_events` and `max_bytes` bound the shared backlog
+    /// (the stream's own limits; a send past them is refused), the status retention and the
+    /// dead-letter bounds apply to the bucket and the dead-letter stream.
+    pub async fn connect(options: NatsOptions, hub: &HubConfig) -> Result<Self, NatsError> {
+        let retention = hub.status_retention();
+        let bounds = hub.queue.bounds;
         let fail = |message: String| NatsError {
             url: options.url.clone(),
             message,
@@ -102,6 +102,8 @@ impl NatsQueue {
                 num_replicas: options.replicas,
                 discard: stream::DiscardPolicy::New,
                 duplicate_window: Duration::from_secs(120),
+                max_messages: i64::try_from(bounds.max_events).unwrap_or(i64::MAX),
+                max_bytes: i64::try_from(bounds.max_bytes).unwrap_or(i64::MAX),
                 allow_atomic_publish: true,
                 ..Default::default()
             })
@@ -129,8 +131,8 @@ impl NatsQueue {
             &context,
             &options.dead_letter_stream,
             &options.subject_prefix,
-            dead_letter_capacity,
-            dead_letter_max_bytes,
+            hub.dead_letter_capacity,
+            hub.dead_letter_max_bytes,
             options.replicas,
         )
         .await
@@ -194,6 +196,18 @@ impl Shared {
         })
     }
 
+    /// Why nats-server did not store sends, in words.
+    fn refusal(&self, what: &str, error: &dyn std::fmt::Display) -> QueueError {
+        let text = error.to_string();
+        if text.contains("maximum messages") || text.contains("maximum bytes") {
+            return QueueError::Unavailable(format!(
+                "the shared queue is full: the stream `{}` holds hub.queue.max_events sends or max_bytes bytes ({text})",
+                self.options.stream
+            ));
+        }
+        QueueError::Unavailable(format!("nats-server did not store {what}: {text}"))
+    }
+
     fn subject(&self, instance: &str) -> String {
         format!("{}.send.{instance}", self.options.subject_prefix)
     }
@@ -218,9 +232,7 @@ impl Shared {
     }
 
     async fn publish_one(&self, envelope: &Envelope, message_id: &str) -> Result<(), QueueError> {
-        let fail = |e: &dyn std::fmt::Display| {
-            QueueError::Unavailable(format!("nats-server did not store the send: {e}"))
-        };
+        let fail = |e: &dyn std::fmt::Display| self.refusal("the send", e);
         self.context
             .publish_with_headers(
                 self.subject(&envelope.destination),
@@ -238,9 +250,7 @@ impl Shared {
     /// commit are requests, the rest plain publishes on the same connection, in order.
     async fn publish_atomic(&self, part: &[Envelope]) -> Result<(), QueueError> {
         let batch = EventId::new().to_string();
-        let fail = |e: &dyn std::fmt::Display| {
-            QueueError::Unavailable(format!("nats-server did not store the run: {e}"))
-        };
+        let fail = |e: &dyn std::fmt::Display| self.refusal("the run", e);
         let last = part.len();
         for (index, envelope) in part.iter().enumerate() {
             let mut headers: HeaderMap = wire::send_headers(envelope, &envelope.id.to_string());

@@ -16,12 +16,15 @@ use destinations_testkit::NatsServer;
 use serde_json::json;
 use tokio::sync::Notify;
 
-/// Counts deliveries by send id; fails permanently while `refusing`.
+/// Counts deliveries by send id; fails permanently while `refusing`; holds every delivery
+/// while `holding`, until `release`.
 #[derive(Default)]
 struct Counting {
     delivered: Mutex<HashMap<EventId, u32>>,
     arrived: Notify,
     refusing: AtomicBool,
+    holding: AtomicBool,
+    release: Notify,
 }
 
 impl Counting {
@@ -66,6 +69,13 @@ impl Destination for Counting {
     }
 
     async fn deliver(&self, batch: &Batch) -> BatchOutcome {
+        while self.holding.load(Ordering::Acquire) {
+            let released = self.release.notified();
+            if !self.holding.load(Ordering::Acquire) {
+                break;
+            }
+            released.await;
+        }
         if self.refusing.load(Ordering::Acquire) {
             return BatchOutcome::All(Report::failed("refused: the test says no"));
         }
@@ -85,15 +95,13 @@ impl Destination for Counting {
 
 /// A hub on the shared queue, delivering instance `sink` to `destination`.
 async fn node(server: &NatsServer, destination: Arc<Counting>) -> Hub {
-    let config = HubConfig::default();
-    let queue = NatsQueue::connect(
-        NatsOptions::at(server.url()),
-        config.status_retention(),
-        config.dead_letter_capacity,
-        config.dead_letter_max_bytes,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    node_with(server, destination, HubConfig::default()).await
+}
+
+async fn node_with(server: &NatsServer, destination: Arc<Counting>, config: HubConfig) -> Hub {
+    let queue = NatsQueue::connect(NatsOptions::at(server.url()), &config)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     Hub::builder()
         .config(config)
         .queue(Arc::new(queue))
@@ -257,5 +265,42 @@ async fn sends_are_refused_while_nats_is_down_and_accepted_again_after() {
     .await
     .unwrap_or_else(|_| panic!("sends still refused 30 s after nats-server came back"));
     sink.wait_for(&after).await;
+    hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_past_the_shared_bound_is_refused_whole() {
+    let server = NatsServer::start().await;
+    let sink = Arc::new(Counting::default());
+    let mut config = HubConfig::default();
+    config.queue.bounds.max_events = 5;
+    let hub = node_with(&server, sink.clone(), config).await;
+    // Four sends wait in the stream (leased, their delivery held)...
+    sink.holding.store(true, Ordering::Release);
+    let first = send_runs(&hub, 1, 4).await;
+    // ... so a run of four more does not fit, and none of it is stored.
+    let run = hub.begin_run("too-long");
+    for n in 0..4 {
+        run.send()
+            .to("sink", &json!({ "n": n }))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let refused = run
+        .finish()
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("8 sends were accepted by a queue bounded at 5"))
+        .to_string();
+    assert!(refused.contains("the shared queue is full"), "{refused}");
+    sink.holding.store(false, Ordering::Release);
+    sink.release.notify_waiters();
+    sink.wait_for(&first).await;
+    let fits = send_runs(&hub, 1, 3).await;
+    sink.wait_for(&fits).await;
+    assert_eq!(
+        sink.counts().len(),
+        7,
+        "nothing of the refused run was delivered"
+    );
     hub.shutdown().await;
 }

@@ -126,14 +126,9 @@ pub async fn open_queue(config: &HubConfig) -> Result<std::sync::Arc<dyn Queue>,
         destinations_nats::KIND => {
             let options: destinations_nats::NatsOptions = serde_json::from_value(options())
                 .map_err(|e| ConfigError::hub(format!("hub.queue: {e}")))?;
-            let opened = destinations_nats::NatsQueue::connect(
-                options,
-                config.status_retention(),
-                config.dead_letter_capacity,
-                config.dead_letter_max_bytes,
-            )
-            .await
-            .map_err(|e| ConfigError::hub(e.to_string()))?;
+            let opened = destinations_nats::NatsQueue::connect(options, config)
+                .await
+                .map_err(|e| ConfigError::hub(e.to_string()))?;
             Ok(std::sync::Arc::new(opened))
         }
         other => Err(ConfigError::hub(format!(
