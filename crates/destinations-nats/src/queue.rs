@@ -324,7 +324,8 @@ impl Queue for NatsQueue {
             shared: self.shared.clone(),
             instance: instance.to_owned(),
             consumer: tokio::sync::Mutex::new(None),
-            leases: Mutex::new(HashMap::new()),
+            leases: Arc::new(Mutex::new(HashMap::new())),
+            renewing: std::sync::Once::new(),
         }))
     }
 
@@ -386,8 +387,44 @@ struct NatsConsumer {
     shared: Arc<Shared>,
     instance: String,
     consumer: tokio::sync::Mutex<Option<PullConsumer>>,
-    /// Where to answer for each leased send (its message's reply subject).
-    leases: Mutex<HashMap<EventId, async_nats::Subject>>,
+    /// Where to answer for each leased send (its message's reply subject), from the lease to
+    /// the settlement.
+    leases: Arc<Mutex<Leases>>,
+    /// The task that keeps the leases (started with the first lease).
+    renewing: std::sync::Once,
+}
+
+type Leases = HashMap<EventId, async_nats::Subject>;
+
+/// Keep every send this server holds — in a batch still filling, waiting for a busy target, in
+/// an attempt — leased: a third of the lease time apart, tell nats-server work is in progress
+/// (`+WPI`), so no other server takes a send this one still has. Ends with the consumer.
+async fn renew(
+    leases: std::sync::Weak<Mutex<Leases>>,
+    context: jetstream::Context,
+    lease: Duration,
+    timeout: Duration,
+) {
+    let mut tick = tokio::time::interval(lease / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(leases) = leases.upgrade() else {
+            return;
+        };
+        let replies: Vec<async_nats::Subject> = leases
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        drop(leases);
+        for reply in replies {
+            let acker = Acker::new(context.clone(), Some(reply));
+            let _ = tokio::time::timeout(timeout, acker.ack_with(AckKind::Progress)).await;
+        }
+    }
 }
 
 impl NatsConsumer {
@@ -420,7 +457,7 @@ impl NatsConsumer {
         Ok(consumer)
     }
 
-    fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<EventId, async_nats::Subject>> {
+    fn leases(&self) -> std::sync::MutexGuard<'_, Leases> {
         self.leases.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -536,6 +573,15 @@ impl NatsConsumer {
 #[async_trait]
 impl QueueConsumer for NatsConsumer {
     async fn lease(&self, max: usize) -> Option<Leased> {
+        self.renewing.call_once(|| {
+            let options = &self.shared.options;
+            tokio::spawn(renew(
+                Arc::downgrade(&self.leases),
+                self.shared.context.clone(),
+                options.lease,
+                options.timeout,
+            ));
+        });
         self.next_leased(max).await.map(Leased::Ready)
     }
 

@@ -25,6 +25,8 @@ struct Counting {
     refusing: AtomicBool,
     holding: AtomicBool,
     release: Notify,
+    /// Told when a delivery starts.
+    entered: Notify,
 }
 
 impl Counting {
@@ -69,6 +71,7 @@ impl Destination for Counting {
     }
 
     async fn deliver(&self, batch: &Batch) -> BatchOutcome {
+        self.entered.notify_waiters();
         while self.holding.load(Ordering::Acquire) {
             let released = self.release.notified();
             if !self.holding.load(Ordering::Acquire) {
@@ -99,7 +102,11 @@ async fn node(server: &NatsServer, destination: Arc<Counting>) -> Hub {
 }
 
 async fn node_with(server: &NatsServer, destination: Arc<Counting>, config: HubConfig) -> Hub {
-    let queue = NatsQueue::connect(NatsOptions::at(server.url()), &config)
+    node_on(NatsOptions::at(server.url()), destination, config).await
+}
+
+async fn node_on(options: NatsOptions, destination: Arc<Counting>, config: HubConfig) -> Hub {
+    let queue = NatsQueue::connect(options, &config)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     Hub::builder()
@@ -303,4 +310,41 @@ async fn a_run_past_the_shared_bound_is_refused_whole() {
         "nothing of the refused run was delivered"
     );
     hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_keeps_what_it_holds_past_the_lease_time() {
+    let server = NatsServer::start().await;
+    let mut options = NatsOptions::at(server.url());
+    options.lease = Duration::from_secs(1);
+    let slow = Arc::new(Counting::default());
+    slow.holding.store(true, Ordering::Release);
+    let a = node_on(options.clone(), slow.clone(), HubConfig::default()).await;
+    let entered = slow.entered.notified();
+    let ids = send_runs(&a, 1, 5).await;
+    entered.await;
+    // Another server asks for work while the first holds the sends for several lease times:
+    // it gets none of them.
+    let other = Arc::new(Counting::default());
+    let b = node_on(options, other.clone(), HubConfig::default()).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    slow.holding.store(false, Ordering::Release);
+    slow.release.notify_waiters();
+    slow.wait_for(&ids).await;
+    for id in &ids {
+        let status = a
+            .wait_final(*id, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("{id} unknown"));
+        assert_eq!(status.state, State::Delivered);
+    }
+    assert!(
+        other.counts().is_empty(),
+        "the other server delivered sends the first still held: {:?}",
+        other.counts()
+    );
+    assert!(slow.counts().values().all(|n| *n == 1));
+    a.shutdown().await;
+    b.shutdown().await;
 }
