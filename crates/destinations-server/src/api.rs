@@ -39,8 +39,8 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 const MAX_DEAD_LETTERS: usize = 1000;
 
 /// The API; `guarded` (the subscriptions API of the emit destination) sits behind the same
-/// token.
-pub(crate) fn router(state: Arc<AppState>, guarded: Router) -> Router {
+/// token. Without `serves_api` (a delivery worker), only the probes and metrics.
+pub(crate) fn router(state: Arc<AppState>, guarded: Router, serves_api: bool) -> Router {
     let max_request_bytes = state.max_request_bytes;
     let guarded = if guarded.has_routes() {
         guarded.route_layer(middleware::from_fn_with_state(state.clone(), require_token))
@@ -55,6 +55,7 @@ pub(crate) fn router(state: Arc<AppState>, guarded: Router) -> Router {
         .route("/v1/dead-letters", get(get_dead_letters))
         .route("/v1/dead-letters/replay", post(post_replay))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    let api = if serves_api { api } else { Router::new() };
     Router::new()
         .merge(api)
         .route("/healthz", get(healthz))

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use crate::Role;
 use anyhow::{Context, bail};
 use destinations::{ConfigError, Hub, HubConfig, InstanceConfig, Registry};
 use serde::Deserialize;
@@ -225,11 +226,21 @@ impl ServerConfig {
             .collect()
     }
 
-    /// Open the queue and build the hub with every configured instance. Needs a Tokio runtime.
-    /// A queue file that cannot be used is refused here, with its name.
-    pub(crate) async fn build_hub(&self, registry: &Registry) -> anyhow::Result<Hub> {
+    /// Open the queue and build the hub with every configured instance, delivering unless the
+    /// server is an API server. Needs a Tokio runtime. A queue file that cannot be used is
+    /// refused here, with its name.
+    pub(crate) async fn build_hub(&self, registry: &Registry, role: Role) -> anyhow::Result<Hub> {
         let queue = destinations::open_queue(&self.hub).await?;
-        let mut builder = Hub::builder().config(self.hub.clone()).queue(queue);
+        if role == Role::Worker && !queue.shared() {
+            anyhow::bail!(
+                "--role worker delivers from a queue API servers share ([hub.queue] kind = \"nats\"); nothing else would put sends into `{}`",
+                queue.describe()
+            );
+        }
+        let mut builder = Hub::builder()
+            .config(self.hub.clone())
+            .queue(queue)
+            .delivering(role != Role::Api);
         for (name, instance) in self.instances()? {
             builder = builder.configured(registry, &name, instance)?;
         }

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::ServerConfig;
@@ -89,6 +89,11 @@ enum Command {
         /// Listen here instead of the config's `listen`.
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// What this server does: take sends and answer the API (`api`), deliver (`worker`),
+        /// or both (`all`). `api` and `worker` need a shared queue (`kind = "nats"`), so the
+        /// two tiers scale apart.
+        #[arg(long, value_enum, default_value_t = Role::All, env = "DESTINATIONS_ROLE")]
+        role: Role,
     },
     /// Send one payload to a destination instance through a running server.
     Send {
@@ -200,7 +205,11 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         match cli.command {
-            Command::Serve { config, listen } => serve(&config, listen).await,
+            Command::Serve {
+                config,
+                listen,
+                role,
+            } => serve(&config, listen, role).await,
             Command::Send {
                 destination,
                 payload,
@@ -368,14 +377,25 @@ fn queue(action: QueueAction, config: &ConfigArg) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(config: &ConfigArg, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+/// What a server does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Role {
+    /// Take sends and answer the API; deliver them too.
+    All,
+    /// Take sends and answer the API; workers deliver them.
+    Api,
+    /// Deliver what the API servers took; serve only /healthz, /readyz and /metrics.
+    Worker,
+}
+
+async fn serve(config: &ConfigArg, listen: Option<SocketAddr>, role: Role) -> anyhow::Result<()> {
     let (config, source) = config.load()?;
     // The recorder must exist before the hub resolves its metric handles.
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .map_err(|e| tracing::warn!("metrics disabled: {e}"))
         .ok();
-    let hub = config.build_hub(&destinations::registry()).await?;
+    let hub = config.build_hub(&destinations::registry(), role).await?;
     let waiting = hub.queue_depth().events;
     tracing::info!(queue = %hub.queue_description(), waiting, "queue open");
     let listen = listen.unwrap_or(config.listen);
@@ -407,7 +427,13 @@ async fn serve(config: &ConfigArg, listen: Option<SocketAddr>) -> anyhow::Result
         local,
         &config.allowed_hosts,
     ));
-    let app = api::router(state, subscriptions)
+    let serves_api = role != Role::Worker;
+    let (subscriptions, streams) = if serves_api {
+        (subscriptions, streams)
+    } else {
+        (axum::Router::new(), axum::Router::new())
+    };
+    let app = api::router(state, subscriptions, serves_api)
         .merge(streams)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(axum::middleware::from_fn(api::errors_as_json))

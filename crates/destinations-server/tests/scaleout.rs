@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use common::{Server, WITHIN};
-use destinations_testkit::{NatsServer, Receiver, Reply};
+use destinations_testkit::{NatsServer, Receiver, Reply, TempDir};
 use serde_json::{Value, json};
 
 /// A server's config on `nats`, with a short lease so a killed server's sends come back
@@ -167,4 +167,46 @@ async fn sends_are_refused_with_503_while_nats_is_down() {
     let status = server.final_status(&accepted).await;
     assert_eq!(status["state"], "delivered", "{status}");
     assert!(server.terminate().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_server_takes_sends_and_a_worker_delivers_them() {
+    let nats = NatsServer::start().await;
+    let receiver = Receiver::start().await;
+    let url = receiver.url("/hook");
+    let config = on_nats(&nats);
+    let api = Server::start_with(Some(&config), &[("DESTINATIONS_ROLE", "api")]).await;
+    let ids = send_runs(&api, &url, 2, 50).await;
+    // No server delivers yet.
+    let (_, status) = api.get(&format!("/v1/events/{}", ids[0])).await;
+    assert_eq!(status["state"], "queued", "{status}");
+    assert!(receiver.requests().is_empty());
+
+    let worker = Server::start_with(Some(&config), &[("DESTINATIONS_ROLE", "worker")]).await;
+    receiver.wait_for_accepted(ids.len(), WITHIN).await;
+    let status = api.final_status(&ids[99]).await;
+    assert_eq!(status["state"], "delivered", "{status}");
+    // A worker answers probes and metrics only.
+    let (code, body) = worker
+        .post(
+            "/v1/runs",
+            &json!({"sends": [{"destination": "http", "payload": {"url": url}}]}),
+        )
+        .await;
+    assert_eq!(code, 404, "{body}");
+    let (code, _) = worker.get("/healthz").await;
+    assert_eq!(code, 200);
+    assert!(api.terminate().await.success());
+    assert!(worker.terminate().await.success());
+}
+
+#[tokio::test]
+async fn api_and_worker_roles_need_a_shared_queue() {
+    let dir = TempDir::new("roles");
+    for role in ["api", "worker"] {
+        let (status, said) =
+            Server::refused_start_with(None, dir.path(), &[("DESTINATIONS_ROLE", role)]).await;
+        assert!(!status.success());
+        assert!(said.contains("nats"), "--role {role}: {said}");
+    }
 }

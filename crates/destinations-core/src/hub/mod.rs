@@ -337,11 +337,22 @@ impl HubShared {
 }
 
 /// Builds a [`Hub`].
-#[derive(Default)]
 pub struct HubBuilder {
     config: HubConfig,
     queue: Option<Arc<dyn Queue>>,
     instances: Vec<(String, Arc<dyn Destination>, InstanceSettings)>,
+    delivering: bool,
+}
+
+impl Default for HubBuilder {
+    fn default() -> Self {
+        Self {
+            config: HubConfig::default(),
+            queue: None,
+            instances: Vec::new(),
+            delivering: true,
+        }
+    }
 }
 
 impl HubBuilder {
@@ -354,6 +365,13 @@ impl HubBuilder {
     /// Use this queue instead of an in-memory one.
     pub fn queue(mut self, queue: Arc<dyn Queue>) -> Self {
         self.queue = Some(queue);
+        self
+    }
+
+    /// Whether this hub delivers (the default): with `false` it only accepts sends into a
+    /// shared queue that other hubs deliver from — an API server beside delivery workers.
+    pub fn delivering(mut self, delivering: bool) -> Self {
+        self.delivering = delivering;
         self
     }
 
@@ -414,6 +432,13 @@ impl HubBuilder {
                 ))
             }
         };
+        if !self.delivering && !queue.shared() {
+            return Err(ConfigError::hub(format!(
+                "a hub that does not deliver needs a queue other hubs deliver from (kind = \"nats\"); \
+                 sends into `{}` would never leave it",
+                queue.describe()
+            )));
+        }
         let mut named = Vec::with_capacity(self.instances.len());
         for (name, destination, settings) in self.instances {
             if name.is_empty()
@@ -501,6 +526,7 @@ impl HubBuilder {
         }
         let handles = runtimes
             .into_iter()
+            .filter(|_| self.delivering)
             .map(|(name, settings)| Dispatcher::start(&shared, &name, &settings))
             .collect();
         *shared

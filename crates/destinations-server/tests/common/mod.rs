@@ -168,7 +168,17 @@ impl Server {
         config: Option<&str>,
         dir: &Path,
     ) -> (std::process::ExitStatus, String) {
+        Self::refused_start_with(config, dir, &[]).await
+    }
+
+    /// The same, with these environment variables.
+    pub async fn refused_start_with(
+        config: Option<&str>,
+        dir: &Path,
+        env: &[(&str, &str)],
+    ) -> (std::process::ExitStatus, String) {
         let mut command = Command::new(BIN);
+        command.envs(env.iter().copied());
         command
             .current_dir(dir)
             .args(["serve", "--listen", "127.0.0.1:0"]);
