@@ -43,6 +43,8 @@ struct Shared {
     dead_letters: NatsDeadLetters,
     backlog: Vec<(String, QueueDepth)>,
     stopped: watch::Sender<bool>,
+    /// Every consumer's leases, to hand back what is still held at close.
+    held: Mutex<Vec<std::sync::Weak<Mutex<Leases>>>>,
 }
 
 /// The queue could not be opened: what is wrong, in words.
@@ -150,6 +152,7 @@ impl NatsQueue {
                 dead_letters,
                 backlog,
                 stopped: watch::channel(false).0,
+                held: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -320,11 +323,17 @@ impl Queue for NatsQueue {
     }
 
     fn consumer(&self, instance: &str) -> Result<Arc<dyn QueueConsumer>, QueueError> {
+        let leases = Arc::new(Mutex::new(HashMap::new()));
+        self.shared
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Arc::downgrade(&leases));
         Ok(Arc::new(NatsConsumer {
             shared: self.shared.clone(),
             instance: instance.to_owned(),
             consumer: tokio::sync::Mutex::new(None),
-            leases: Arc::new(Mutex::new(HashMap::new())),
+            leases,
             renewing: std::sync::Once::new(),
         }))
     }
@@ -371,6 +380,31 @@ impl Queue for NatsQueue {
     async fn stop(&self) -> Vec<Envelope> {
         self.shared.stopped.send_replace(true);
         Vec::new()
+    }
+
+    /// Hand back at once what this server still holds (a batch cut off by the shutdown
+    /// deadline), so another server takes it now rather than when its lease runs out.
+    async fn close(&self) {
+        let shared = &self.shared;
+        let held: Vec<async_nats::Subject> = shared
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .flat_map(|leases| {
+                std::mem::take(&mut *leases.lock().unwrap_or_else(PoisonError::into_inner))
+                    .into_values()
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for reply in held {
+            let acker = Acker::new(shared.context.clone(), Some(reply));
+            let _ =
+                tokio::time::timeout(shared.options.timeout, acker.ack_with(AckKind::Nak(None)))
+                    .await;
+        }
+        let _ = tokio::time::timeout(shared.options.timeout, shared.client.flush()).await;
     }
 
     fn statuses(&self) -> &dyn StatusStore {

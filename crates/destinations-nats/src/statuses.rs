@@ -214,6 +214,12 @@ impl NatsStatuses {
         self.write(records, false).await
     }
 
+    /// The error a send's status holds now, if any.
+    async fn last_error(&self, id: EventId) -> Option<String> {
+        let value = self.store.get(id.to_string()).await.ok()??;
+        serde_json::from_slice::<Record>(&value).ok()?.last_error
+    }
+
     /// Record what a settlement decided.
     pub(crate) async fn settled(&self, settlement: &Settlement) -> Result<(), QueueError> {
         let now = to_ms(SystemTime::now());
@@ -221,7 +227,11 @@ impl NatsStatuses {
         for s in &settlement.delivered {
             let mut record = Record::of(&s.envelope, StoredState::Delivered, now);
             record.response = s.response.as_deref().cloned();
-            record.last_error = s.error.clone();
+            record.last_error = match &s.error {
+                // Delivered after failures: it keeps the error of its last failed attempt.
+                None if s.envelope.attempts > 1 => self.last_error(s.envelope.id).await,
+                error => error.clone(),
+            };
             records.push((s.envelope.id, record));
         }
         if let Some(retry) = &settlement.retry {
