@@ -66,9 +66,9 @@ pub use pattern::glob_match;
 pub use payload::{InvalidPayload, check_name, check_serialized, parse_strict, raw_json};
 pub use policy::{BatchPolicy, RateLimit, RetryPolicy};
 pub use queue::{
-    CapacityFull, DeadLetterStore, Durability, InstanceShare, Leased, MemoryQueue, Queue,
-    QueueBounds, QueueConsumer, QueueDepth, QueueError, Refused, RetryBatch, Settled, Settlement,
-    StatusStore,
+    CapacityFull, DeadLetterStore, Durability, Fanout, FanoutMessage, InstanceShare, Leased,
+    MemoryQueue, Queue, QueueBounds, QueueConsumer, QueueDepth, QueueError, Refused, RetryBatch,
+    Settled, Settlement, StatusStore,
 };
 pub use registry::{DestinationPlugin, Registry};
 pub use run::{FinishError, Run, Sender};

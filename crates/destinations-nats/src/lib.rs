@@ -14,6 +14,8 @@
 //! Needs nats-server 2.12.1 or later with JetStream.
 
 mod dead;
+mod fanout;
+mod lock;
 mod options;
 mod queue;
 mod statuses;

@@ -25,6 +25,15 @@ pub struct NatsOptions {
     pub dead_letter_stream: String,
     /// The key-value bucket holding statuses (created if missing).
     pub status_bucket: String,
+    /// The stream through which every server hears what one publishes — SSE events (created
+    /// if missing).
+    pub fanout_stream: String,
+    /// The key-value bucket that lets one server at a time deliver an instance whose sends go
+    /// out in order (SSE) (created if missing).
+    pub lock_bucket: String,
+    /// How many of the newest messages of each topic (an SSE stream) the fan-out stream keeps
+    /// for servers that start later and for `Last-Event-ID` resumes.
+    pub fanout_keep: i64,
     /// The subjects' first token: sends wait on `PREFIX.send.INSTANCE`, dead letters on
     /// `PREFIX.dead.ID`.
     pub subject_prefix: String,
@@ -54,6 +63,9 @@ impl Default for NatsOptions {
             stream: "DESTINATIONS".into(),
             dead_letter_stream: "DESTINATIONS_DEAD".into(),
             status_bucket: "destinations_status".into(),
+            fanout_stream: "DESTINATIONS_FANOUT".into(),
+            lock_bucket: "destinations_locks".into(),
+            fanout_keep: 1000,
             subject_prefix: "destinations".into(),
             replicas: 1,
             lease: Duration::from_secs(30),
@@ -84,6 +96,8 @@ impl NatsOptions {
             ("stream", &self.stream),
             ("dead_letter_stream", &self.dead_letter_stream),
             ("status_bucket", &self.status_bucket),
+            ("fanout_stream", &self.fanout_stream),
+            ("lock_bucket", &self.lock_bucket),
             ("subject_prefix", &self.subject_prefix),
         ] {
             if !name_ok(value) {
@@ -92,8 +106,16 @@ impl NatsOptions {
                 ));
             }
         }
-        if self.stream == self.dead_letter_stream {
-            return Err("hub.queue: `stream` and `dead_letter_stream` must differ".into());
+        if self.stream == self.dead_letter_stream
+            || self.stream == self.fanout_stream
+            || self.dead_letter_stream == self.fanout_stream
+        {
+            return Err(
+                "hub.queue: `stream`, `dead_letter_stream` and `fanout_stream` must differ".into(),
+            );
+        }
+        if self.fanout_keep < 1 {
+            return Err("hub.queue.fanout_keep: at least 1".into());
         }
         if self.replicas == 0 || self.replicas > 5 {
             return Err(format!(

@@ -8,17 +8,19 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
 use async_nats::jetstream::message::{AckKind, Acker};
 use async_nats::jetstream::response::Response;
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream::{self, kv, stream};
 use async_nats::{HeaderMap, header};
 use async_trait::async_trait;
 use destinations_core::{
-    DeadLetterStore, Durability, Envelope, EventId, HubConfig, Leased, Queue, QueueConsumer,
-    QueueDepth, QueueError, Refused, Settlement, StatusStore,
+    DeadLetterStore, Durability, Envelope, EventId, Fanout, HubConfig, Leased, Queue,
+    QueueConsumer, QueueDepth, QueueError, Refused, Settlement, StatusStore,
 };
 use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 
 use crate::dead::NatsDeadLetters;
+use crate::fanout::NatsFanout;
+use crate::lock::{self, InstanceLock};
 use crate::options::NatsOptions;
 use crate::statuses::NatsStatuses;
 use crate::wire;
@@ -41,10 +43,17 @@ struct Shared {
     stream: stream::Stream,
     statuses: NatsStatuses,
     dead_letters: NatsDeadLetters,
+    fanout: Arc<NatsFanout>,
     backlog: Vec<(String, QueueDepth)>,
     stopped: watch::Sender<bool>,
     /// Every consumer's leases, to hand back what is still held at close.
     held: Mutex<Vec<std::sync::Weak<Mutex<Leases>>>>,
+    /// The locks of in-order instances.
+    locks: kv::Store,
+    /// Every in-order consumer's lock, to release at close.
+    held_locks: Mutex<Vec<Arc<InstanceLock>>>,
+    /// This server, as a lock holder.
+    node: String,
 }
 
 /// The queue could not be opened: what is wrong, in words.
@@ -139,6 +148,23 @@ impl NatsQueue {
         )
         .await
         .map_err(fail)?;
+        let fanout = NatsFanout::open(
+            &context,
+            &options.fanout_stream,
+            &options.subject_prefix,
+            options.fanout_keep,
+            options.replicas,
+        )
+        .await
+        .map_err(fail)?;
+        let locks = lock::bucket(
+            &context,
+            &options.lock_bucket,
+            options.lease,
+            options.replicas,
+        )
+        .await
+        .map_err(fail)?;
         let backlog = backlog(&stream, &options.subject_prefix)
             .await
             .map_err(fail)?;
@@ -150,9 +176,13 @@ impl NatsQueue {
                 stream,
                 statuses,
                 dead_letters,
+                fanout: Arc::new(fanout),
                 backlog,
                 stopped: watch::channel(false).0,
                 held: Mutex::new(Vec::new()),
+                locks,
+                held_locks: Mutex::new(Vec::new()),
+                node: EventId::new().to_string(),
             }),
         })
     }
@@ -305,6 +335,29 @@ impl Shared {
     }
 }
 
+impl NatsQueue {
+    fn nats_consumer(
+        &self,
+        instance: &str,
+        lock: Option<Arc<InstanceLock>>,
+    ) -> Arc<dyn QueueConsumer> {
+        let leases = Arc::new(Mutex::new(HashMap::new()));
+        self.shared
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Arc::downgrade(&leases));
+        Arc::new(NatsConsumer {
+            shared: self.shared.clone(),
+            instance: instance.to_owned(),
+            consumer: tokio::sync::Mutex::new(None),
+            leases,
+            renewing: std::sync::Once::new(),
+            lock,
+        })
+    }
+}
+
 #[async_trait]
 impl Queue for NatsQueue {
     fn durability(&self) -> Durability {
@@ -323,19 +376,24 @@ impl Queue for NatsQueue {
     }
 
     fn consumer(&self, instance: &str) -> Result<Arc<dyn QueueConsumer>, QueueError> {
-        let leases = Arc::new(Mutex::new(HashMap::new()));
-        self.shared
-            .held
+        Ok(self.nats_consumer(instance, None))
+    }
+
+    /// One server at a time leases the instance's sends (see [`lock`](crate::lock)).
+    fn consumer_in_order(&self, instance: &str) -> Result<Arc<dyn QueueConsumer>, QueueError> {
+        let shared = &self.shared;
+        let lock = Arc::new(InstanceLock::new(
+            shared.locks.clone(),
+            instance,
+            &shared.node,
+            shared.options.lease,
+        ));
+        shared
+            .held_locks
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push(Arc::downgrade(&leases));
-        Ok(Arc::new(NatsConsumer {
-            shared: self.shared.clone(),
-            instance: instance.to_owned(),
-            consumer: tokio::sync::Mutex::new(None),
-            leases,
-            renewing: std::sync::Once::new(),
-        }))
+            .push(lock.clone());
+        Ok(self.nats_consumer(instance, Some(lock)))
     }
 
     fn backlog(&self) -> Result<Vec<(String, QueueDepth)>, QueueError> {
@@ -404,6 +462,14 @@ impl Queue for NatsQueue {
                 tokio::time::timeout(shared.options.timeout, acker.ack_with(AckKind::Nak(None)))
                     .await;
         }
+        let locks: Vec<Arc<InstanceLock>> = shared
+            .held_locks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        for lock in locks {
+            let _ = tokio::time::timeout(shared.options.timeout, lock.release()).await;
+        }
         let _ = tokio::time::timeout(shared.options.timeout, shared.client.flush()).await;
     }
 
@@ -413,6 +479,10 @@ impl Queue for NatsQueue {
 
     fn dead_letters(&self) -> &dyn DeadLetterStore {
         &self.shared.dead_letters
+    }
+
+    fn fanout(&self) -> Option<Arc<dyn Fanout>> {
+        Some(self.shared.fanout.clone())
     }
 }
 
@@ -426,6 +496,8 @@ struct NatsConsumer {
     leases: Arc<Mutex<Leases>>,
     /// The task that keeps the leases (started with the first lease).
     renewing: std::sync::Once,
+    /// For an instance whose sends go out in order: held while this server leases them.
+    lock: Option<Arc<InstanceLock>>,
 }
 
 type Leases = HashMap<EventId, async_nats::Subject>;
@@ -435,6 +507,7 @@ type Leases = HashMap<EventId, async_nats::Subject>;
 /// (`+WPI`), so no other server takes a send this one still has. Ends with the consumer.
 async fn renew(
     leases: std::sync::Weak<Mutex<Leases>>,
+    lock: Option<Arc<InstanceLock>>,
     context: jetstream::Context,
     lease: Duration,
     timeout: Duration,
@@ -454,6 +527,12 @@ async fn renew(
             .cloned()
             .collect();
         drop(leases);
+        // An in-order instance's lock is kept while this server holds its sends.
+        if let Some(lock) = &lock
+            && !replies.is_empty()
+        {
+            lock.hold().await;
+        }
         for reply in replies {
             let acker = Acker::new(context.clone(), Some(reply));
             let _ = tokio::time::timeout(timeout, acker.ack_with(AckKind::Progress)).await;
@@ -523,6 +602,16 @@ impl NatsConsumer {
         loop {
             if *stopped.borrow() {
                 return None;
+            }
+            // An in-order instance: only while this server holds it.
+            if let Some(lock) = &self.lock
+                && !lock.hold().await
+            {
+                tokio::select! {
+                    _ = stopped.changed() => {}
+                    () = tokio::time::sleep(self.shared.options.lease / 3) => {}
+                }
+                continue;
             }
             let consumer = match self.consumer().await {
                 Ok(consumer) => consumer,
@@ -611,6 +700,7 @@ impl QueueConsumer for NatsConsumer {
             let options = &self.shared.options;
             tokio::spawn(renew(
                 Arc::downgrade(&self.leases),
+                self.lock.clone(),
                 self.shared.context.clone(),
                 options.lease,
                 options.timeout,

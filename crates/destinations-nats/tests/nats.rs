@@ -27,6 +27,8 @@ struct Counting {
     release: Notify,
     /// Told when a delivery starts.
     entered: Notify,
+    /// One attempt at a time, to keep the sends in order (as SSE does).
+    in_order: bool,
 }
 
 impl Counting {
@@ -68,6 +70,10 @@ impl Destination for Counting {
 
     fn validate(&self, _: &[u8]) -> Result<(), InvalidPayload> {
         Ok(())
+    }
+
+    fn max_concurrency(&self) -> Option<usize> {
+        self.in_order.then_some(1)
     }
 
     async fn deliver(&self, batch: &Batch) -> BatchOutcome {
@@ -347,4 +353,44 @@ async fn a_server_keeps_what_it_holds_past_the_lease_time() {
     assert!(slow.counts().values().all(|n| *n == 1));
     a.shutdown().await;
     b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_server_at_a_time_delivers_an_in_order_instance_and_hands_it_on_when_it_stops() {
+    let server = NatsServer::start().await;
+    let in_order = || {
+        Arc::new(Counting {
+            in_order: true,
+            ..Counting::default()
+        })
+    };
+    let (first, second) = (in_order(), in_order());
+    let a = node(&server, first.clone()).await;
+    let b = node(&server, second.clone()).await;
+    let mut ids = send_runs(&a, 2, 10).await;
+    ids.extend(send_runs(&b, 2, 10).await);
+    let all = |sink: &Counting| ids.iter().all(|id| sink.counts().contains_key(id));
+    let waited = tokio::time::timeout(Duration::from_secs(60), async {
+        while !(all(&first) || all(&second)) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "no single server delivered all 40");
+    let (holder, other, holder_sink, other_sink) = if all(&first) {
+        (a, b, first, second)
+    } else {
+        (b, a, second, first)
+    };
+    assert!(
+        other_sink.counts().is_empty(),
+        "both servers delivered the in-order instance"
+    );
+    // The holder stops: the other takes the instance at once (not after the lease time).
+    holder.shutdown().await;
+    drop(holder);
+    let after = send_runs(&other, 1, 5).await;
+    other_sink.wait_for(&after).await;
+    assert_eq!(holder_sink.counts().len(), 40);
+    other.shutdown().await;
 }

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use common::{Server, WITHIN};
-use destinations_testkit::{NatsServer, Receiver, Reply, TempDir};
+use destinations_testkit::{NatsServer, Receiver, Reply, SseClient, TempDir};
 use serde_json::{Value, json};
 
 /// A server's config on `nats`, with a short lease so a killed server's sends come back
@@ -24,6 +24,10 @@ lease = "2s"
 kind = "http"
 timeout = "5s"
 allow_networks = ["127.0.0.0/8"]
+
+[destinations.sse]
+kind = "sse"
+replay = 100
 "#,
         nats.url()
     )
@@ -208,5 +212,59 @@ async fn api_and_worker_roles_need_a_shared_queue() {
             Server::refused_start_with(None, dir.path(), &[("DESTINATIONS_ROLE", role)]).await;
         assert!(!status.success());
         assert!(said.contains("nats"), "--role {role}: {said}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sse_subscriber_on_one_server_sees_sends_made_on_another_and_resumes_on_a_third() {
+    let nats = NatsServer::start().await;
+    let config = on_nats(&nats);
+    let a = start(&config).await;
+    let b = start(&config).await;
+    let c = start(&config).await;
+    let http = reqwest::Client::new();
+    let mut on_c = SseClient::open(&http, &format!("{}/v1/sse/orders", c.base), &[]).await;
+    // Ten events made on A in one run: stored together, leased together, published in order
+    // by whichever server delivers them.
+    let sends: Vec<Value> = (0..10)
+        .map(|n| json!({"destination": "sse", "payload": {"channel": "order", "stream": "orders", "payload": {"n": n}}}))
+        .collect();
+    let (code, body) = a.post("/v1/runs", &json!({ "sends": sends })).await;
+    assert_eq!(code, 202, "{body}");
+    let ids: Vec<String> = body["ids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|id| id.as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(ids.len(), 10);
+    for (n, id) in ids.iter().enumerate() {
+        let event = tokio::time::timeout(WITHIN, on_c.next_event())
+            .await
+            .unwrap_or_else(|_| panic!("event {n} never reached the subscriber on C"))
+            .unwrap_or_else(|| panic!("the stream on C ended"));
+        assert_eq!(event.id.as_deref(), Some(id.as_str()), "in order");
+        assert_eq!(event.json(), json!({"n": n}));
+    }
+    // The subscriber drops after the fourth event and resumes on B.
+    let mut on_b = SseClient::open(
+        &http,
+        &format!("{}/v1/sse/orders", b.base),
+        &[("last-event-id", ids[3].as_str())],
+    )
+    .await;
+    for (n, id) in ids.iter().enumerate().skip(4) {
+        let event = tokio::time::timeout(WITHIN, on_b.next_event())
+            .await
+            .unwrap_or_else(|_| panic!("event {n} was not replayed on B"))
+            .unwrap_or_else(|| panic!("the stream on B ended"));
+        assert_eq!(
+            event.id.as_deref(),
+            Some(id.as_str()),
+            "replayed in order from B"
+        );
+    }
+    for server in [a, b, c] {
+        assert!(server.terminate().await.success());
     }
 }

@@ -5,9 +5,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use axum::Router;
 use destinations_core::{
-    Batch, BatchOutcome, ConfigError, Destination, InvalidPayload, Report, ResponseSummary,
+    Batch, BatchOutcome, ConfigError, Destination, Fanout, InvalidPayload, Report, ResponseSummary,
     parse_strict,
 };
+use futures::StreamExt;
 
 use crate::KIND;
 use crate::http::{Served, router};
@@ -21,6 +22,87 @@ pub const DEFAULT_STREAM: &str = "default";
 /// Publishes each send to the subscribers of its stream.
 pub struct SseDestination {
     served: Arc<Served>,
+    /// This instance's topic among the hubs of a shared queue (`sse.INSTANCE`).
+    topic: String,
+    /// The hubs' fan-out, when the queue is shared: events are published there and every
+    /// server's streams (this one's too) take them from it, all in the same order.
+    fanout: std::sync::OnceLock<Arc<dyn Fanout>>,
+    /// The task that hears the other servers' events.
+    hearing: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for SseDestination {
+    fn drop(&mut self) {
+        if let Some(task) = self
+            .hearing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
+            task.abort();
+        }
+    }
+}
+
+/// A stream name as one topic token: letters, digits, `_` and `-` as they are, every other
+/// byte as `~XX` (hex). Stream names take `.`, `:`, `@`, `~` and any letter.
+fn topic_token(stream: &str) -> String {
+    let mut token = String::with_capacity(stream.len());
+    for byte in stream.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-' {
+            token.push(char::from(byte));
+        } else {
+            token.push_str(&format!("~{byte:02x}"));
+        }
+    }
+    token
+}
+
+/// The stream name a topic token stands for.
+fn stream_of(token: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(token.len());
+    let mut rest = token.as_bytes();
+    while let Some((&first, tail)) = rest.split_first() {
+        if first == b'~' {
+            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            rest = &tail[2..];
+        } else {
+            bytes.push(first);
+            rest = tail;
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
+/// Hear every server's events for this instance and hand them to the local streams, from
+/// where the last subscription stopped if the backend drops it.
+async fn hear(fanout: Arc<dyn Fanout>, topic: String, streams: Arc<Streams>) {
+    let mut last = None;
+    loop {
+        match fanout.subscribe(&topic, last).await {
+            Ok(mut heard) => {
+                while let Some(message) = heard.next().await {
+                    last = Some(message.sequence);
+                    let stream = message
+                        .topic
+                        .strip_prefix(topic.as_str())
+                        .and_then(|rest| rest.strip_prefix('.'))
+                        .and_then(stream_of);
+                    match (stream, Event::from_frame(message.message)) {
+                        (Some(stream), Some(event)) => streams.publish(&stream, event),
+                        _ => {
+                            tracing::warn!(topic = %message.topic, "an SSE event heard from another server does not read");
+                        }
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "SSE events of other servers are not heard; trying again");
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }
 
 impl SseDestination {
@@ -41,6 +123,9 @@ impl SseDestination {
                 options,
                 closing: tokio::sync::watch::Sender::new(false),
             }),
+            topic: format!("sse.{}", topic_token(instance)),
+            fanout: std::sync::OnceLock::new(),
+            hearing: std::sync::Mutex::new(None),
         })
     }
 
@@ -88,39 +173,88 @@ impl Destination for SseDestination {
         Some(1)
     }
 
+    /// On a shared queue, events go through the hubs' fan-out, so a subscriber on any server
+    /// sees every server's events, and resumes by `Last-Event-ID` on any of them.
+    fn attach(&self, hub: &destinations_core::Hub) {
+        let Some(fanout) = hub.fanout() else {
+            return;
+        };
+        if self.fanout.set(fanout.clone()).is_err() {
+            return;
+        }
+        let task = tokio::spawn(hear(
+            fanout,
+            self.topic.clone(),
+            self.served.streams.clone(),
+        ));
+        *self
+            .hearing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task);
+    }
+
     async fn deliver(&self, batch: &Batch) -> BatchOutcome {
-        let reports = batch
-            .envelopes()
-            .iter()
-            .map(|envelope| {
-                let route: Route<'_> = match serde_json::from_slice(&envelope.payload) {
-                    Ok(route) => route,
-                    Err(e) => {
-                        return Report::failed(format!("the stored send no longer parses: {e}"));
-                    }
-                };
-                // A run id that is not a valid stream name (the API takes any) would name a
-                // stream nobody can open: such sends go to the default stream.
-                let stream = route
-                    .stream
-                    .as_deref()
-                    .or(envelope
-                        .run
-                        .as_deref()
-                        .filter(|run| crate::send::check_name("stream", run).is_ok()))
-                    .unwrap_or(DEFAULT_STREAM);
-                self.served.streams.publish(
-                    stream,
-                    Event::new(envelope.id.to_string(), &route.channel, route.payload.get()),
-                );
-                Report::delivered().with_response(ResponseSummary {
-                    status: None,
-                    elapsed_ms: 0,
-                    body_excerpt: None,
-                    location: Some(format!("{}/{stream}", self.served.options.route)),
-                })
-            })
-            .collect();
+        let mut reports = Vec::with_capacity(batch.len());
+        for envelope in batch.envelopes() {
+            reports.push(self.deliver_one(envelope).await);
+        }
         BatchOutcome::Each(reports)
+    }
+}
+
+impl SseDestination {
+    /// Publish one send: to the fan-out on a shared queue, else to the streams here.
+    async fn deliver_one(&self, envelope: &destinations_core::Envelope) -> Report {
+        let route: Route<'_> = match serde_json::from_slice(&envelope.payload) {
+            Ok(route) => route,
+            Err(e) => {
+                return Report::failed(format!("the stored send no longer parses: {e}"));
+            }
+        };
+        // A run id that is not a valid stream name (the API takes any) would name a
+        // stream nobody can open: such sends go to the default stream.
+        let stream = route
+            .stream
+            .as_deref()
+            .or(envelope
+                .run
+                .as_deref()
+                .filter(|run| crate::send::check_name("stream", run).is_ok()))
+            .unwrap_or(DEFAULT_STREAM);
+        let event = Event::new(envelope.id.to_string(), &route.channel, route.payload.get());
+        match self.fanout.get() {
+            Some(fanout) => {
+                let topic = format!("{}.{}", self.topic, topic_token(stream));
+                if let Err(error) = fanout.publish(&topic, event.frame).await {
+                    return Report::retry(error.to_string());
+                }
+            }
+            None => self.served.streams.publish(stream, event),
+        }
+        Report::delivered().with_response(ResponseSummary {
+            status: None,
+            elapsed_ms: 0,
+            body_excerpt: None,
+            location: Some(format!("{}/{stream}", self.served.options.route)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_names_round_trip_through_topic_tokens() {
+        for name in ["orders", "a.b:c~d@e+f", "é", "workflow-42", "p_abc123"] {
+            let token = topic_token(name);
+            assert!(
+                token
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'~'),
+                "{token}"
+            );
+            assert_eq!(stream_of(&token).as_deref(), Some(name));
+        }
     }
 }

@@ -23,6 +23,16 @@ pub(crate) struct Event {
 impl Event {
     /// An event with its frame. `channel` is one line (checked at send time); the data's line
     /// breaks (pretty-printed JSON) become `data:` lines, which a client joins back.
+    /// An event from its frame as [`new`](Self::new) wrote it (heard from another server);
+    /// `None` if the frame does not start with its `id:` line.
+    pub(crate) fn from_frame(frame: Bytes) -> Option<Self> {
+        let line = frame.split(|b| *b == b'\n').next()?;
+        let id = std::str::from_utf8(line.strip_prefix(b"id: ")?)
+            .ok()?
+            .to_owned();
+        Some(Self { id, frame })
+    }
+
     pub(crate) fn new(id: String, channel: &str, data: &str) -> Self {
         let mut frame = String::with_capacity(id.len() + channel.len() + data.len() + 24);
         frame.push_str("id: ");

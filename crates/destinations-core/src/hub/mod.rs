@@ -466,7 +466,13 @@ impl HubBuilder {
         let mut slots = Vec::with_capacity(named.len());
         let mut runtimes = Vec::new();
         for (slot, (name, destination, settings)) in named.into_iter().enumerate() {
-            let consumer = queue.consumer(&name).map_err(|e| {
+            // A destination that takes one attempt at a time does so to keep its sends in order.
+            let consumer = if destination.max_concurrency() == Some(1) {
+                queue.consumer_in_order(&name)
+            } else {
+                queue.consumer(&name)
+            };
+            let consumer = consumer.map_err(|e| {
                 ConfigError::new(&name, format!("the queue has no place for it: {e}"))
             })?;
             let instance = Instance {
@@ -642,6 +648,12 @@ impl Hub {
     /// The queue, described for logs (`memory`, `sqlite ./data/queue.db`).
     pub fn queue_description(&self) -> String {
         self.shared.queue.describe()
+    }
+
+    /// How this hub hears what the other hubs on a shared queue publish (see
+    /// [`Queue::fanout`]); `None` when it is alone.
+    pub fn fanout(&self) -> Option<Arc<dyn crate::queue::Fanout>> {
+        self.shared.queue.fanout()
     }
 
     /// The status of a send, while it is remembered.

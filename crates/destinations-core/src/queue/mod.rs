@@ -75,6 +75,14 @@ pub trait Queue: Send + Sync + 'static {
     /// ([`QueueError::NoConsumer`]).
     fn consumer(&self, instance: &str) -> Result<Arc<dyn QueueConsumer>, QueueError>;
 
+    /// The consumer of an instance whose sends go out one at a time, in order (its
+    /// destination's `max_concurrency` is 1, as SSE's is): a shared queue lets one hub at a
+    /// time lease them. Default: [`consumer`](Self::consumer), for a queue only one hub
+    /// leases from.
+    fn consumer_in_order(&self, instance: &str) -> Result<Arc<dyn QueueConsumer>, QueueError> {
+        self.consumer(instance)
+    }
+
     /// What the queue already holds per instance (a durable queue's backlog from an earlier
     /// run), so the hub can count it against each instance's capacity.
     fn backlog(&self) -> Result<Vec<(String, QueueDepth)>, QueueError>;
@@ -100,6 +108,44 @@ pub trait Queue: Send + Sync + 'static {
 
     /// The dead letters.
     fn dead_letters(&self) -> &dyn DeadLetterStore;
+
+    /// How a shared queue's hubs all hear what one of them publishes (an SSE event delivered by
+    /// one server reaches the subscribers of every server). `None` (the default): hubs on this
+    /// queue are alone, and in-process delivery stays in-process.
+    fn fanout(&self) -> Option<Arc<dyn Fanout>> {
+        None
+    }
+}
+
+/// Messages every hub on a shared queue receives, in one order.
+///
+/// A topic is dot-separated tokens of letters, digits, `_` and `-` (`sse.live.orders`); a
+/// subscription to `sse.live` receives every topic below it.
+#[async_trait]
+pub trait Fanout: Send + Sync {
+    /// Publish `message` under `topic`; resolves once every hub will receive it.
+    async fn publish(&self, topic: &str, message: bytes::Bytes) -> Result<(), QueueError>;
+
+    /// Every message below `topic`, in publish order: first those still kept (the newest few
+    /// of each topic), then new ones as they come; from after `after` (a message's
+    /// [`sequence`](FanoutMessage::sequence)) when given. The stream ends if the backend
+    /// loses it: subscribe again from the last sequence seen.
+    async fn subscribe(
+        &self,
+        topic: &str,
+        after: Option<u64>,
+    ) -> Result<futures::stream::BoxStream<'static, FanoutMessage>, QueueError>;
+}
+
+/// One message heard through a [`Fanout`].
+#[derive(Clone, Debug)]
+pub struct FanoutMessage {
+    /// Its topic, whole.
+    pub topic: String,
+    /// Its place in the order every hub hears messages in.
+    pub sequence: u64,
+    /// What was published.
+    pub message: bytes::Bytes,
 }
 
 /// The consumer side of one destination instance's share of the queue.
