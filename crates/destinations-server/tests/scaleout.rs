@@ -122,14 +122,17 @@ async fn three_servers_share_one_backlog_and_a_killed_one_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sends_are_refused_with_503_while_nats_is_down() {
+async fn nats_killed_mid_delivery_loses_nothing_and_sends_meanwhile_get_503() {
     let mut nats = NatsServer::start().await;
-    let receiver = Receiver::start().await;
+    let receiver = Receiver::scripted(|_| {
+        Reply::After(Duration::from_millis(5), Box::new(Reply::Status(200)))
+    })
+    .await;
     let url = receiver.url("/hook");
     let server = start(&on_nats(&nats)).await;
-    let ids = send_runs(&server, &url, 1, 10).await;
-    receiver.wait_for_accepted(ids.len(), WITHIN).await;
-
+    let ids = send_runs(&server, &url, 3, 100).await;
+    // nats-server dies (kill -9) while the server delivers.
+    receiver.wait_for_accepted(20, WITHIN).await;
     nats.kill().await;
     let refused = tokio::time::timeout(WITHIN, async {
         loop {
@@ -170,6 +173,13 @@ async fn sends_are_refused_with_503_while_nats_is_down() {
     .unwrap_or_else(|_| panic!("sends were still refused after nats-server came back"));
     let status = server.final_status(&accepted).await;
     assert_eq!(status["state"], "delivered", "{status}");
+    // Everything accepted before the outage arrived, once or more.
+    receiver.wait_for_accepted(ids.len() + 1, WITHIN).await;
+    let arrived = arrivals(&receiver);
+    assert!(
+        ids.iter().all(|id| arrived.contains_key(id)),
+        "a send accepted before nats-server died never arrived"
+    );
     assert!(server.terminate().await.success());
 }
 
