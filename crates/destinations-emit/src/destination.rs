@@ -10,8 +10,8 @@ use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use async_trait::async_trait;
 use bytes::Bytes;
 use destinations_core::{
-    Batch, BatchOutcome, ConfigError, DeadLetter, Destination, Envelope, Hub, InvalidPayload,
-    QueueError, Report, ResponseSummary, SendError, WeakHub, parse_strict,
+    Batch, BatchOutcome, ConfigError, DeadLetter, Destination, Envelope, Fanout, Hub,
+    InvalidPayload, QueueError, Report, ResponseSummary, SendError, WeakHub, parse_strict,
 };
 use destinations_http::{HttpDestination, HttpOptions, HttpRequest};
 use futures::future::BoxFuture;
@@ -136,6 +136,88 @@ pub struct EmitDestination {
     attached: OnceLock<(WeakHub, String)>,
     /// `$errors` events made per destination in the current second.
     errors_window: std::sync::Mutex<HashMap<String, (u64, u32)>>,
+    /// On a shared queue: the hubs' fan-out and this instance's topic for subscription
+    /// changes (`emit.INSTANCE.subscriptions`), which every server applies in one order.
+    shared: OnceLock<(Arc<dyn Fanout>, String)>,
+    /// The task that applies the other servers' subscription changes.
+    hearing: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for EmitDestination {
+    fn drop(&mut self) {
+        if let Some(task) = self
+            .hearing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            task.abort();
+        }
+    }
+}
+
+/// A subscription made or removed, as every server hears it.
+#[derive(Serialize, Deserialize)]
+struct Change {
+    subscribe: bool,
+    subscription: Subscription,
+}
+
+/// The topic token of a subscription (FNV-1a of its three parts): a subscription's changes
+/// share a topic, so the fan-out keeps its newest ones together.
+fn subscription_token(subscription: &Subscription) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in [
+        subscription.emitter_id.as_str(),
+        "\n",
+        subscription.listener_id.as_str(),
+        "\n",
+        subscription.event_name.as_deref().unwrap_or(""),
+    ] {
+        for byte in part.bytes() {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    format!("{hash:016x}")
+}
+
+/// Apply every server's subscription changes here, in the order all of them hear them.
+async fn hear_subscriptions(
+    me: std::sync::Weak<EmitDestination>,
+    fanout: Arc<dyn Fanout>,
+    topic: String,
+) {
+    use futures::StreamExt;
+    let mut last = None;
+    loop {
+        match fanout.subscribe(&topic, last).await {
+            Ok(mut heard) => {
+                while let Some(message) = heard.next().await {
+                    last = Some(message.sequence);
+                    let Some(me) = me.upgrade() else { return };
+                    match serde_json::from_slice::<Change>(&message.message) {
+                        Ok(change) if change.subscribe => {
+                            if let Err(error) = me.subscriptions.add(change.subscription) {
+                                tracing::warn!(%error, "a shared subscription was not kept here");
+                            }
+                        }
+                        Ok(change) => {
+                            if let Err(error) = me.subscriptions.remove(&change.subscription) {
+                                tracing::warn!(%error, "a shared unsubscription was not kept here");
+                            }
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "a subscription change from another server does not read");
+                        }
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "subscription changes of other servers are not heard; trying again");
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }
 
 impl EmitDestination {
@@ -151,6 +233,8 @@ impl EmitDestination {
             webhooks: HttpDestination::new(options.webhook.clone())?,
             attached: OnceLock::new(),
             errors_window: std::sync::Mutex::new(HashMap::new()),
+            shared: OnceLock::new(),
+            hearing: std::sync::Mutex::new(None),
             options,
         })
     }
@@ -181,15 +265,91 @@ impl EmitDestination {
     }
 
     /// Subscribe `listener_id` to emitters matching `emitter_id` on `event_name`; `false` if
-    /// the subscription existed already.
+    /// the subscription existed already. On a shared queue the change also goes to every
+    /// server, in the background ([`subscribe_everywhere`](Self::subscribe_everywhere) waits
+    /// for it).
     pub fn subscribe(&self, subscription: Subscription) -> Result<bool, String> {
         subscription.check().map_err(|e| e.to_string())?;
+        self.share_later(true, &subscription);
         self.subscriptions.add(subscription)
     }
 
-    /// Remove a subscription; `false` if there was none.
+    /// Remove a subscription; `false` if there was none (here). On a shared queue the change
+    /// also goes to every server, in the background.
     pub fn unsubscribe(&self, subscription: &Subscription) -> Result<bool, String> {
+        self.share_later(false, subscription);
         self.subscriptions.remove(subscription)
+    }
+
+    /// [`subscribe`](Self::subscribe), resolving once every server will have the subscription
+    /// (on a shared queue; at once otherwise).
+    ///
+    /// The change applies here first (so the answer says whether it is new here), then goes
+    /// to every server, this one included, which applies every change in the one order they
+    /// all hear them in; if the others cannot be told, it is undone here.
+    pub async fn subscribe_everywhere(&self, subscription: Subscription) -> Result<bool, String> {
+        subscription.check().map_err(|e| e.to_string())?;
+        let created = self.subscriptions.add(subscription.clone())?;
+        if let Err(error) = self.share(true, &subscription).await {
+            if created {
+                let _ = self.subscriptions.remove(&subscription);
+            }
+            return Err(error);
+        }
+        Ok(created)
+    }
+
+    /// [`unsubscribe`](Self::unsubscribe), resolving once every server will have dropped it.
+    pub async fn unsubscribe_everywhere(
+        &self,
+        subscription: &Subscription,
+    ) -> Result<bool, String> {
+        let removed = self.subscriptions.remove(subscription)?;
+        if let Err(error) = self.share(false, subscription).await {
+            if removed {
+                let _ = self.subscriptions.add(subscription.clone());
+            }
+            return Err(error);
+        }
+        Ok(removed)
+    }
+
+    /// Tell every server of a subscription change (on a shared queue).
+    async fn share(&self, subscribe: bool, subscription: &Subscription) -> Result<(), String> {
+        let Some((fanout, topic)) = self.shared.get() else {
+            return Ok(());
+        };
+        let change = Change {
+            subscribe,
+            subscription: subscription.clone(),
+        };
+        let message = serde_json::to_vec(&change).map_err(|e| e.to_string())?;
+        fanout
+            .publish(
+                &format!("{topic}.{}", subscription_token(subscription)),
+                Bytes::from(message),
+            )
+            .await
+            .map_err(|e| format!("the other servers were not told: {e}"))
+    }
+
+    fn share_later(&self, subscribe: bool, subscription: &Subscription) {
+        let Some((fanout, topic)) = self.shared.get().cloned() else {
+            return;
+        };
+        let change = Change {
+            subscribe,
+            subscription: subscription.clone(),
+        };
+        let topic = format!("{topic}.{}", subscription_token(subscription));
+        tokio::spawn(async move {
+            let Ok(message) = serde_json::to_vec(&change) else {
+                return;
+            };
+            if let Err(error) = fanout.publish(&topic, Bytes::from(message)).await {
+                tracing::warn!(%error, "a subscription change did not reach the other servers");
+            }
+        });
     }
 
     /// Every subscription.
@@ -305,6 +465,17 @@ impl EmitDestination {
             .get(&emitted.listener_id)
             .cloned();
         let Some(handler) = handler else {
+            // Servers on a shared queue may register different listeners: leave it to one
+            // that has it.
+            if self.shared.get().is_some() {
+                return Report::retry_after(
+                    format!(
+                        "no in-process listener `{}` is registered on this server; register it on every server that delivers",
+                        emitted.listener_id
+                    ),
+                    Some(std::time::Duration::from_secs(1)),
+                );
+            }
             return Report::failed(format!(
                 "no in-process listener `{}` is registered (EmitDestination::listen); replay this dead letter once it is",
                 emitted.listener_id
@@ -457,8 +628,15 @@ impl Destination for EmitDestination {
         else {
             return;
         };
-        if self.attached.set((hub.downgrade(), name)).is_err() {
+        if self.attached.set((hub.downgrade(), name.clone())).is_err() {
             return;
+        }
+        if let Some(fanout) = hub.fanout() {
+            let topic = format!("emit.{name}.subscriptions");
+            if self.shared.set((fanout.clone(), topic.clone())).is_ok() {
+                let task = tokio::spawn(hear_subscriptions(Arc::downgrade(&me), fanout, topic));
+                *self.hearing.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
+            }
         }
         if self.options.errors_channel {
             let me = Arc::downgrade(&me);

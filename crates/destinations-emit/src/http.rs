@@ -72,7 +72,7 @@ async fn subscribe(
     State(emit): State<Arc<EmitDestination>>,
     RequestedSubscription(subscription): RequestedSubscription,
 ) -> Response {
-    match emit.subscribe(subscription.clone()) {
+    match emit.subscribe_everywhere(subscription.clone()).await {
         Ok(created) => {
             let status = if created {
                 StatusCode::CREATED
@@ -93,7 +93,7 @@ async fn unsubscribe(
     State(emit): State<Arc<EmitDestination>>,
     RequestedSubscription(subscription): RequestedSubscription,
 ) -> Response {
-    match emit.unsubscribe(&subscription) {
+    match emit.unsubscribe_everywhere(&subscription).await {
         Ok(true) => axum::Json(json!({"deleted": subscription})).into_response(),
         Ok(false) => refuse(
             StatusCode::NOT_FOUND,

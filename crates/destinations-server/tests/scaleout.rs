@@ -28,6 +28,12 @@ allow_networks = ["127.0.0.0/8"]
 [destinations.sse]
 kind = "sse"
 replay = 100
+
+[destinations.emit]
+kind = "emit"
+
+[destinations.emit.webhook]
+allow_networks = ["127.0.0.0/8"]
 "#,
         nats.url()
     )
@@ -277,4 +283,71 @@ async fn an_sse_subscriber_on_one_server_sees_sends_made_on_another_and_resumes_
     for server in [a, b, c] {
         assert!(server.terminate().await.success());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_made_on_one_server_hears_emits_made_on_another() {
+    let nats = NatsServer::start().await;
+    let receiver = Receiver::start().await;
+    let config = on_nats(&nats);
+    let a = start(&config).await;
+    let b = start(&config).await;
+    let hook = receiver.url("/listener");
+    let query = format!("/v1/subscriptions?emitter_id=checkout&listener_id={hook}");
+    let (code, body) = b.post(&query, &json!(null)).await;
+    assert_eq!(code, 201, "{body}");
+    // Server A has it too (every server applies every change, in one order).
+    tokio::time::timeout(WITHIN, async {
+        loop {
+            let (_, listed) = a.get("/v1/subscriptions").await;
+            if listed["subscriptions"]
+                .as_array()
+                .is_some_and(|s| s.len() == 1)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("server A never had the subscription made on B"));
+
+    let (code, body) = a
+        .post(
+            "/v1/send/emit",
+            &json!({"event": {"order": 42}, "emitter_id": "checkout"}),
+        )
+        .await;
+    assert_eq!(code, 202, "{body}");
+    receiver.wait_for_accepted(1, WITHIN).await;
+    let call = receiver
+        .requests()
+        .pop()
+        .unwrap_or_else(|| panic!("no webhook call"));
+    assert_eq!(call.json()["event"], json!({"order": 42}));
+
+    // Removed on A: gone from B.
+    let code = a
+        .http
+        .delete(format!("{}{query}", a.base))
+        .send()
+        .await
+        .map_or(0, |r| r.status().as_u16());
+    assert_eq!(code, 200);
+    tokio::time::timeout(WITHIN, async {
+        loop {
+            let (_, listed) = b.get("/v1/subscriptions").await;
+            if listed["subscriptions"]
+                .as_array()
+                .is_some_and(Vec::is_empty)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("server B kept a subscription removed on A"));
+    assert!(a.terminate().await.success());
+    assert!(b.terminate().await.success());
 }
