@@ -352,6 +352,7 @@ impl NatsQueue {
             instance: instance.to_owned(),
             consumer: tokio::sync::Mutex::new(None),
             leases,
+            fetching: tokio::sync::Mutex::new(None),
             renewing: std::sync::Once::new(),
             lock,
         })
@@ -494,6 +495,8 @@ struct NatsConsumer {
     /// Where to answer for each leased send (its message's reply subject), from the lease to
     /// the settlement.
     leases: Arc<Mutex<Leases>>,
+    /// The pull under way, read across leases until it ends.
+    fetching: tokio::sync::Mutex<Option<pull::Batch>>,
     /// The task that keeps the leases (started with the first lease).
     renewing: std::sync::Once,
     /// For an instance whose sends go out in order: held while this server leases them.
@@ -624,33 +627,60 @@ impl NatsConsumer {
                     continue;
                 }
             };
-            let fetched = consumer
-                .fetch()
-                .max_messages(max.max(1))
-                .expires(Duration::from_secs(1))
-                .messages()
-                .await;
-            let mut batch = match fetched {
-                Ok(batch) => batch,
-                Err(error) => {
-                    tracing::debug!(%error, "fetch failed");
-                    tokio::select! {
-                        _ = stopped.changed() => {}
-                        () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            // The pull under way is kept from one lease to the next: messages nats-server
+            // sent to it are this server's until acknowledged, so none may be left unread.
+            let mut fetching = self.fetching.lock().await;
+            if fetching.is_none() {
+                match consumer
+                    .fetch()
+                    .max_messages(max.max(1))
+                    .expires(Duration::from_secs(1))
+                    .messages()
+                    .await
+                {
+                    Ok(batch) => *fetching = Some(batch),
+                    Err(error) => {
+                        drop(fetching);
+                        tracing::debug!(%error, "fetch failed");
+                        tokio::select! {
+                            _ = stopped.changed() => {}
+                            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        }
+                        continue;
                     }
-                    continue;
                 }
+            }
+            let Some(batch) = fetching.as_mut() else {
+                continue;
             };
             let first = tokio::select! {
                 _ = stopped.changed() => return None,
                 first = batch.next() => first,
             };
             let mut messages = Vec::new();
-            messages.extend(first.and_then(Result::ok));
-            // Then whatever has already arrived, without waiting for more.
-            while let Some(Some(next)) = batch.next().now_or_never() {
-                messages.extend(next.ok());
+            match first {
+                Some(Ok(message)) => messages.push(message),
+                Some(Err(error)) => {
+                    tracing::debug!(%error, "a pull ended with an error");
+                    *fetching = None;
+                }
+                // This pull is done: the next lease starts another.
+                None => *fetching = None,
             }
+            // Then whatever has already arrived, without waiting for more.
+            if let Some(batch) = fetching.as_mut() {
+                loop {
+                    match batch.next().now_or_never() {
+                        Some(Some(Ok(message))) => messages.push(message),
+                        Some(Some(Err(_)) | None) => {
+                            *fetching = None;
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+            }
+            drop(fetching);
             let envelopes = self.take(messages).await;
             if !envelopes.is_empty() {
                 return Some(envelopes);

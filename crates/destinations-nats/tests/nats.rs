@@ -158,6 +158,16 @@ async fn sends_spread_over_three_servers_arrive_once_each() {
     let duplicates: u32 = counts.values().map(|c| c - 1).sum();
     assert_eq!(counts.len(), ids.len(), "only the sends made arrived");
     assert_eq!(duplicates, 0, "no send arrived twice on a healthy run");
+    // Nor was any handed out twice: a message nats-server sent that a server left unread
+    // would come back after the lease time, its attempt count one higher.
+    for id in &ids {
+        let status = nodes[0]
+            .wait_final(*id, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("{id} unknown"));
+        assert_eq!(status.attempts, 1, "{id} was handed out more than once");
+    }
     // Every server answers for every send.
     for id in [ids[0], ids[150], ids[ids.len() - 1]] {
         for hub in &nodes {
