@@ -10,7 +10,9 @@ use std::process::{Child, Command, Stdio};
 
 use crate::{apt_install, have, root};
 
-const SCENARIOS: [&str; 11] = [
+mod nats;
+
+const SCENARIOS: [&str; 12] = [
     "send-path",
     "http",
     "ingest",
@@ -22,6 +24,7 @@ const SCENARIOS: [&str; 11] = [
     "server-http",
     "server-s3",
     "scaling",
+    "nats",
 ];
 
 struct Options {
@@ -1362,6 +1365,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
             "server-http" => vec![server_http_scenario(options.quick)?],
             "server-s3" => vec![server_s3_scenario(options.quick)?],
             "scaling" => scaling_scenario(options.quick)?,
+            "nats" => nats::nats_scenario(options.quick)?,
             other => return Err(format!("scenario `{other}` is not built yet")),
         };
         for (row, json) in results {
