@@ -77,8 +77,9 @@ fn arrivals(receiver: &Receiver) -> HashMap<String, usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_servers_share_one_backlog_and_a_killed_one_loses_nothing() {
     let nats = NatsServer::start().await;
+    // A slow receiver, so the kill comes while every server still delivers.
     let receiver = Receiver::scripted(|_| {
-        Reply::After(Duration::from_millis(5), Box::new(Reply::Status(200)))
+        Reply::After(Duration::from_millis(300), Box::new(Reply::Status(200)))
     })
     .await;
     let url = receiver.url("/hook");
