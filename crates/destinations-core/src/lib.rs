@@ -68,7 +68,7 @@ pub use policy::{BatchPolicy, RateLimit, RetryPolicy};
 pub use queue::{
     CapacityFull, DeadLetterStore, Durability, Fanout, FanoutMessage, InstanceShare, Leased,
     MemoryQueue, Queue, QueueBounds, QueueConsumer, QueueDepth, QueueError, Refused, RetryBatch,
-    Settled, Settlement, StatusStore,
+    Settled, Settlement, StatusStore, hear,
 };
 pub use registry::{DestinationPlugin, Registry};
 pub use run::{FinishError, Run, Sender};

@@ -187,37 +187,21 @@ async fn hear_subscriptions(
     fanout: Arc<dyn Fanout>,
     topic: String,
 ) {
-    use futures::StreamExt;
-    let mut last = None;
-    loop {
-        match fanout.subscribe(&topic, last).await {
-            Ok(mut heard) => {
-                while let Some(message) = heard.next().await {
-                    last = Some(message.sequence);
-                    let Some(me) = me.upgrade() else { return };
-                    match serde_json::from_slice::<Change>(&message.message) {
-                        Ok(change) if change.subscribe => {
-                            if let Err(error) = me.subscriptions.add(change.subscription) {
-                                tracing::warn!(%error, "a shared subscription was not kept here");
-                            }
-                        }
-                        Ok(change) => {
-                            if let Err(error) = me.subscriptions.remove(&change.subscription) {
-                                tracing::warn!(%error, "a shared unsubscription was not kept here");
-                            }
-                        }
-                        Err(error) => {
-                            tracing::warn!(%error, "a subscription change from another server does not read");
-                        }
-                    }
-                }
-            }
-            Err(error) => {
-                tracing::warn!(%error, "subscription changes of other servers are not heard; trying again");
-            }
+    destinations_core::hear(fanout, topic, move |message| {
+        let Some(me) = me.upgrade() else {
+            return false;
+        };
+        let applied = match serde_json::from_slice::<Change>(&message.message) {
+            Ok(change) if change.subscribe => me.subscriptions.add(change.subscription).map(drop),
+            Ok(change) => me.subscriptions.remove(&change.subscription).map(drop),
+            Err(error) => Err(format!("it does not read: {error}")),
+        };
+        if let Err(error) = applied {
+            tracing::warn!(%error, "a subscription change from another server was not kept here");
         }
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    }
+        true
+    })
+    .await;
 }
 
 impl EmitDestination {

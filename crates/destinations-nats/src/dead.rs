@@ -47,14 +47,7 @@ impl NatsDeadLetters {
             allow_direct: true,
             ..Default::default()
         };
-        context
-            .create_or_update_stream(config)
-            .await
-            .map_err(|e| format!("cannot open the dead-letter stream `{name}`: {e}"))?;
-        let stream = context
-            .get_stream(name)
-            .await
-            .map_err(|e| format!("cannot open the dead-letter stream `{name}`: {e}"))?;
+        let (stream, _) = crate::open_stream(context, config, "dead-letter stream").await?;
         Ok(Self {
             context: context.clone(),
             stream,

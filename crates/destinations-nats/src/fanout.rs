@@ -41,14 +41,7 @@ impl NatsFanout {
             discard: stream::DiscardPolicy::Old,
             ..Default::default()
         };
-        context
-            .create_or_update_stream(config)
-            .await
-            .map_err(|e| format!("cannot open the fan-out stream `{name}`: {e}"))?;
-        let stream = context
-            .get_stream(name)
-            .await
-            .map_err(|e| format!("cannot open the fan-out stream `{name}`: {e}"))?;
+        let (stream, _) = crate::open_stream(context, config, "fan-out stream").await?;
         Ok(Self {
             context: context.clone(),
             stream,

@@ -26,3 +26,26 @@ pub use queue::{NatsError, NatsQueue};
 
 /// The queue kind name used in config (`[hub.queue] kind = "nats"`).
 pub const KIND: &str = "nats";
+
+/// Create a stream, or bring an existing one to `config` (`what` names it in errors): the
+/// stream and its config as the server holds it.
+async fn open_stream(
+    context: &async_nats::jetstream::Context,
+    config: async_nats::jetstream::stream::Config,
+    what: &str,
+) -> Result<
+    (
+        async_nats::jetstream::stream::Stream,
+        async_nats::jetstream::stream::Config,
+    ),
+    String,
+> {
+    let name = config.name.clone();
+    let fail = |e: &dyn std::fmt::Display| format!("cannot open the {what} `{name}`: {e}");
+    let info = context
+        .create_or_update_stream(config)
+        .await
+        .map_err(|e| fail(&e))?;
+    let stream = context.get_stream(&name).await.map_err(|e| fail(&e))?;
+    Ok((stream, info.config))
+}

@@ -104,8 +104,9 @@ impl NatsQueue {
         let context = jetstream::ContextBuilder::new()
             .timeout(options.timeout)
             .build(client.clone());
-        let info = context
-            .create_or_update_stream(stream::Config {
+        let (stream, held) = crate::open_stream(
+            &context,
+            stream::Config {
                 name: options.stream.clone(),
                 subjects: vec![format!("{}.send.>", options.subject_prefix)],
                 retention: stream::RetentionPolicy::WorkQueue,
@@ -117,19 +118,17 @@ impl NatsQueue {
                 max_bytes: i64::try_from(bounds.max_bytes).unwrap_or(i64::MAX),
                 allow_atomic_publish: true,
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| fail(format!("cannot open the stream `{}`: {e}", options.stream)))?;
-        if !info.config.allow_atomic_publish {
+            },
+            "stream",
+        )
+        .await
+        .map_err(fail)?;
+        if !held.allow_atomic_publish {
             return Err(fail(format!(
                 "the stream `{}` does not take atomic publishes (is JetStream 2.12.1 or later?)",
                 options.stream
             )));
         }
-        let stream = context
-            .get_stream(&options.stream)
-            .await
-            .map_err(|e| fail(format!("cannot open the stream `{}`: {e}", options.stream)))?;
         let statuses = NatsStatuses::open(
             &context,
             &options.status_bucket,

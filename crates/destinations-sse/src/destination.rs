@@ -8,7 +8,6 @@ use destinations_core::{
     Batch, BatchOutcome, ConfigError, Destination, Fanout, InvalidPayload, Report, ResponseSummary,
     parse_strict,
 };
-use futures::StreamExt;
 
 use crate::KIND;
 use crate::http::{Served, router};
@@ -75,34 +74,20 @@ fn stream_of(token: &str) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
-/// Hear every server's events for this instance and hand them to the local streams, from
-/// where the last subscription stopped if the backend drops it.
+/// Hand every server's events for this instance to the streams here.
 async fn hear(fanout: Arc<dyn Fanout>, topic: String, streams: Arc<Streams>) {
-    let mut last = None;
-    loop {
-        match fanout.subscribe(&topic, last).await {
-            Ok(mut heard) => {
-                while let Some(message) = heard.next().await {
-                    last = Some(message.sequence);
-                    let stream = message
-                        .topic
-                        .strip_prefix(topic.as_str())
-                        .and_then(|rest| rest.strip_prefix('.'))
-                        .and_then(stream_of);
-                    match (stream, Event::from_frame(message.message)) {
-                        (Some(stream), Some(event)) => streams.publish(&stream, event),
-                        _ => {
-                            tracing::warn!(topic = %message.topic, "an SSE event heard from another server does not read");
-                        }
-                    }
-                }
-            }
-            Err(error) => {
-                tracing::warn!(%error, "SSE events of other servers are not heard; trying again");
+    let prefix = format!("{topic}.");
+    destinations_core::hear(fanout, topic, move |message| {
+        let stream = message.topic.strip_prefix(prefix.as_str()).and_then(stream_of);
+        match (stream, Event::from_frame(message.message)) {
+            (Some(stream), Some(event)) => streams.publish(&stream, event),
+            _ => {
+                tracing::warn!(topic = %message.topic, "an SSE event heard from another server does not read");
             }
         }
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    }
+        true
+    })
+    .await;
 }
 
 impl SseDestination {

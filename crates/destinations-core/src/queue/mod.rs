@@ -137,6 +137,34 @@ pub trait Fanout: Send + Sync {
     ) -> Result<futures::stream::BoxStream<'static, FanoutMessage>, QueueError>;
 }
 
+/// Hear every message below `topic` for as long as `handle` wants them (it returns `false` to
+/// stop), subscribing again from the last sequence heard, a second later, whenever the backend
+/// drops the subscription. Run it in a task of its own.
+pub async fn hear(
+    fanout: Arc<dyn Fanout>,
+    topic: String,
+    mut handle: impl FnMut(FanoutMessage) -> bool + Send,
+) {
+    use futures::StreamExt;
+    let mut last = None;
+    loop {
+        match fanout.subscribe(&topic, last).await {
+            Ok(mut heard) => {
+                while let Some(message) = heard.next().await {
+                    last = Some(message.sequence);
+                    if !handle(message) {
+                        return;
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, %topic, "what other servers publish is not heard; trying again");
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// One message heard through a [`Fanout`].
 #[derive(Clone, Debug)]
 pub struct FanoutMessage {
