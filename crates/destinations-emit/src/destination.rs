@@ -163,45 +163,83 @@ struct Change {
     subscription: Subscription,
 }
 
-/// The topic token of a subscription (FNV-1a of its three parts): a subscription's changes
-/// share a topic, so the fan-out keeps its newest ones together.
-fn subscription_token(subscription: &Subscription) -> String {
+/// An emitted event kept in the history, as every server hears it.
+#[derive(Serialize, Deserialize)]
+struct Recorded {
+    id: String,
+    event: Box<RawValue>,
+    emitter_id: String,
+    emit_id: String,
+    name: Option<String>,
+}
+
+/// A topic token for these parts (FNV-1a): what shares a token (a subscription's changes, an
+/// emitter's events) shares a topic, so the fan-out keeps its newest messages together.
+fn token(parts: &[&str]) -> String {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in [
-        subscription.emitter_id.as_str(),
-        "\n",
-        subscription.listener_id.as_str(),
-        "\n",
-        subscription.event_name.as_deref().unwrap_or(""),
-    ] {
-        for byte in part.bytes() {
+    for part in parts {
+        for byte in part.bytes().chain([b'\n']) {
             hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
         }
     }
     format!("{hash:016x}")
 }
 
-/// Apply every server's subscription changes here, in the order all of them hear them.
-async fn hear_subscriptions(
-    me: std::sync::Weak<EmitDestination>,
-    fanout: Arc<dyn Fanout>,
-    topic: String,
-) {
+fn subscription_token(subscription: &Subscription) -> String {
+    token(&[
+        &subscription.emitter_id,
+        &subscription.listener_id,
+        subscription.event_name.as_deref().unwrap_or(""),
+    ])
+}
+
+/// Apply here, in the order every server hears them, what the servers share: subscription
+/// changes (`TOPIC.subscriptions.*`) and the events kept in emitters' histories
+/// (`TOPIC.history.*`).
+async fn hear_shared(me: std::sync::Weak<EmitDestination>, fanout: Arc<dyn Fanout>, topic: String) {
+    let subscriptions = format!("{topic}.subscriptions.");
+    let history = format!("{topic}.history.");
     destinations_core::hear(fanout, topic, move |message| {
         let Some(me) = me.upgrade() else {
             return false;
         };
-        let applied = match serde_json::from_slice::<Change>(&message.message) {
-            Ok(change) if change.subscribe => me.subscriptions.add(change.subscription).map(drop),
-            Ok(change) => me.subscriptions.remove(&change.subscription).map(drop),
-            Err(error) => Err(format!("it does not read: {error}")),
+        let applied = if message.topic.starts_with(&subscriptions) {
+            match serde_json::from_slice::<Change>(&message.message) {
+                Ok(change) if change.subscribe => {
+                    me.subscriptions.add(change.subscription).map(drop)
+                }
+                Ok(change) => me.subscriptions.remove(&change.subscription).map(drop),
+                Err(error) => Err(format!("a subscription change does not read: {error}")),
+            }
+        } else if message.topic.starts_with(&history) {
+            serde_json::from_slice::<Recorded>(&message.message)
+                .map(|recorded| me.history.record(recorded.into()))
+                .map_err(|error| format!("a history entry does not read: {error}"))
+        } else {
+            Ok(())
         };
         if let Err(error) = applied {
-            tracing::warn!(%error, "a subscription change from another server was not kept here");
+            tracing::warn!(%error, "what another server shared was not kept here");
         }
         true
     })
     .await;
+}
+
+impl From<Recorded> for HistoryEntry {
+    fn from(recorded: Recorded) -> Self {
+        Self {
+            id: recorded.id,
+            event: RawEvent {
+                raw_event: Arc::from(recorded.event),
+            },
+            metadata: HistoryMetadata {
+                emitter_id: recorded.emitter_id,
+                emit_id: recorded.emit_id,
+                name: recorded.name,
+            },
+        }
+    }
 }
 
 impl EmitDestination {
@@ -310,7 +348,7 @@ impl EmitDestination {
         let message = serde_json::to_vec(&change).map_err(|e| e.to_string())?;
         fanout
             .publish(
-                &format!("{topic}.{}", subscription_token(subscription)),
+                &format!("{topic}.subscriptions.{}", subscription_token(subscription)),
                 Bytes::from(message),
             )
             .await
@@ -325,7 +363,7 @@ impl EmitDestination {
             subscribe,
             subscription: subscription.clone(),
         };
-        let topic = format!("{topic}.{}", subscription_token(subscription));
+        let topic = format!("{topic}.subscriptions.{}", subscription_token(subscription));
         tokio::spawn(async move {
             let Ok(message) = serde_json::to_vec(&change) else {
                 return;
@@ -418,17 +456,29 @@ impl EmitDestination {
                 };
             }
         }
-        self.history.record(HistoryEntry {
+        let recorded = Recorded {
             id,
-            event: RawEvent {
-                raw_event: Arc::from(event),
-            },
-            metadata: HistoryMetadata {
-                emitter_id: emitter,
-                emit_id: envelope.id.to_string(),
-                name: send.channel,
-            },
-        });
+            event,
+            emitter_id: emitter,
+            emit_id: envelope.id.to_string(),
+            name: send.channel,
+        };
+        match self.shared.get() {
+            // Every server keeps the history (this one too, as it hears it).
+            Some((fanout, topic)) => {
+                let topic = format!("{topic}.history.{}", token(&[&recorded.emitter_id]));
+                let published = match serde_json::to_vec(&recorded) {
+                    Ok(message) => fanout.publish(&topic, Bytes::from(message)).await,
+                    Err(error) => Err(QueueError::Unavailable(error.to_string())),
+                };
+                if let Err(error) = published {
+                    // The listeners have the event; only the other servers' histories miss it.
+                    tracing::warn!(%error, "an emitted event did not reach the other servers' histories");
+                    self.history.record(recorded.into());
+                }
+            }
+            None => self.history.record(recorded.into()),
+        }
         Report::delivered().with_response(ResponseSummary {
             status: None,
             elapsed_ms: 0,
@@ -616,9 +666,9 @@ impl Destination for EmitDestination {
             return;
         }
         if let Some(fanout) = hub.fanout() {
-            let topic = format!("emit.{name}.subscriptions");
+            let topic = format!("emit.{name}");
             if self.shared.set((fanout.clone(), topic.clone())).is_ok() {
-                let task = tokio::spawn(hear_subscriptions(Arc::downgrade(&me), fanout, topic));
+                let task = tokio::spawn(hear_shared(Arc::downgrade(&me), fanout, topic));
                 *self.hearing.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
             }
         }

@@ -105,9 +105,18 @@ impl History {
             return;
         }
         let mut emitters = self.emitters.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(state) = emitters.get_mut(&entry.metadata.emitter_id) else {
-            return;
-        };
+        // An emitter first seen here (its event made its id on another server) is made now.
+        let emitter = entry.metadata.emitter_id.clone();
+        self.make_room(&mut emitters, &emitter);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let state = emitters.entry(emitter).or_insert(Emitter {
+            entries: VecDeque::new(),
+            last_ms: 0,
+            seq: 0,
+            last_used: now,
+        });
         if state.entries.len() == self.keep
             && let Some(old) = state.entries.pop_back()
         {

@@ -326,6 +326,25 @@ async fn a_subscription_made_on_one_server_hears_emits_made_on_another() {
         .pop()
         .unwrap_or_else(|| panic!("no webhook call"));
     assert_eq!(call.json()["event"], json!({"order": 42}));
+    // The emitter's history shows it on every server.
+    for server in [&a, &b] {
+        tokio::time::timeout(WITHIN, async {
+            loop {
+                let (_, history) = server.get("/v1/emitters/checkout/events?limit=10").await;
+                if let Some(first) = history["events"].as_array().and_then(|h| h.first()) {
+                    assert_eq!(
+                        first["event"]["raw_event"],
+                        json!({"order": 42}),
+                        "{history}"
+                    );
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("a server's history never showed the emit"));
+    }
 
     // Removed on A: gone from B.
     let code = a
