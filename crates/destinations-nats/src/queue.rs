@@ -91,8 +91,10 @@ impl NatsQueue {
         if let Some(ca) = &options.ca_file {
             connect = connect.add_root_certificates(ca.clone()).require_tls(true);
         }
+        // Several servers of a cluster, comma-separated.
+        let servers: Vec<&str> = options.url.split(',').map(str::trim).collect();
         let client = connect
-            .connect(options.url.as_str())
+            .connect(servers)
             .await
             .map_err(|e| fail(format!("cannot connect: {e}")))?;
         if !client.is_server_compatible(2, 12, 1) {

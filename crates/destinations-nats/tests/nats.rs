@@ -107,6 +107,19 @@ async fn node(server: &NatsServer, destination: Arc<Counting>) -> Hub {
     node_with(server, destination, HubConfig::default()).await
 }
 
+/// Two servers of a cluster may be named, comma-separated: one that is down is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_may_list_several_servers() {
+    let server = NatsServer::start().await;
+    let down = destinations_testkit::Receiver::unused_address();
+    let options = NatsOptions::at(format!("nats://{down}, {}", server.url()));
+    let sink = Arc::new(Counting::default());
+    let hub = node_on(options, sink.clone(), HubConfig::default()).await;
+    let ids = send_runs(&hub, 1, 3).await;
+    sink.wait_for(&ids).await;
+    hub.shutdown().await;
+}
+
 async fn node_with(server: &NatsServer, destination: Arc<Counting>, config: HubConfig) -> Hub {
     node_on(NatsOptions::at(server.url()), destination, config).await
 }
