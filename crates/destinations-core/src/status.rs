@@ -115,6 +115,9 @@ pub struct FinalWaiters {
     /// How many waiters are registered; zero keeps the settle path free of the lock.
     count: AtomicUsize,
     waiting: Mutex<IdMap<Vec<oneshot::Sender<()>>>>,
+    /// Told when a waiter registers (a store that listens for finishes only while someone
+    /// waits starts listening).
+    registered: tokio::sync::Notify,
 }
 
 impl FinalWaiters {
@@ -128,7 +131,34 @@ impl FinalWaiters {
         let (tx, rx) = oneshot::channel();
         self.lock().entry(id).or_default().push(tx);
         self.count.fetch_add(1, Ordering::AcqRel);
+        self.registered.notify_waiters();
         rx
+    }
+
+    /// Whether nobody waits.
+    pub fn is_empty(&self) -> bool {
+        self.count.load(Ordering::Acquire) == 0
+    }
+
+    /// Resolves once a waiter registers (create it before checking [`is_empty`](Self::is_empty)).
+    pub fn registered(&self) -> tokio::sync::futures::Notified<'_> {
+        self.registered.notified()
+    }
+
+    /// Wake every waiter: each looks again (a store that just started listening may have
+    /// missed a finish).
+    pub fn wake_all(&self) {
+        if self.is_empty() {
+            return;
+        }
+        let mut waiting = self.lock();
+        let woken: usize = waiting.values().map(Vec::len).sum();
+        for (_, senders) in waiting.drain() {
+            for sender in senders {
+                let _ = sender.send(());
+            }
+        }
+        self.count.fetch_sub(woken, Ordering::AcqRel);
     }
 
     /// These sends became final: wake their waiters.

@@ -97,6 +97,53 @@ impl Record {
     }
 }
 
+/// Wake this server's `?wait=` waiters when any server finishes their sends: the bucket is
+/// watched only while someone here waits (every status change of every server would be
+/// read otherwise), and a few seconds after.
+async fn watch_while_waited(store: kv::Store, waiters: Arc<FinalWaiters>) {
+    const LINGER: Duration = Duration::from_secs(5);
+    loop {
+        let registered = waiters.registered();
+        if waiters.is_empty() {
+            registered.await;
+            continue;
+        }
+        let mut watch = match store.watch_all().await {
+            Ok(watch) => watch,
+            Err(error) => {
+                tracing::warn!(%error, "statuses are not watched; waiters wake at their timeout");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        // A finish between a waiter's look and this watch's start is not heard: each looks
+        // again now.
+        waiters.wake_all();
+        let mut idle_since = None;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(1), watch.next()).await {
+                Ok(Some(Ok(entry))) => {
+                    let final_state = serde_json::from_slice::<Record>(&entry.value)
+                        .is_ok_and(|r| State::from(r.state).is_final());
+                    if final_state && let Ok(id) = entry.key.parse::<EventId>() {
+                        waiters.finished([&id]);
+                    }
+                }
+                Ok(Some(Err(_))) | Err(_) => {}
+                Ok(None) => break,
+            }
+            if waiters.is_empty() {
+                let since = *idle_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= LINGER {
+                    break;
+                }
+            } else {
+                idle_since = None;
+            }
+        }
+    }
+}
+
 /// The statuses of every server's sends.
 pub(crate) struct NatsStatuses {
     context: jetstream::Context,
@@ -132,24 +179,7 @@ impl NatsStatuses {
             .await
             .map_err(|e| format!("cannot open the status bucket `{bucket}`: {e}"))?;
         let waiters = Arc::new(FinalWaiters::default());
-        let mut watch = store
-            .watch_all()
-            .await
-            .map_err(|e| format!("cannot watch the status bucket `{bucket}`: {e}"))?;
-        let woken = waiters.clone();
-        let watcher = tokio::spawn(async move {
-            while let Some(entry) = watch.next().await {
-                let Ok(entry) = entry else { continue };
-                let Ok(id) = entry.key.parse::<EventId>() else {
-                    continue;
-                };
-                let final_state = serde_json::from_slice::<Record>(&entry.value)
-                    .is_ok_and(|r| State::from(r.state).is_final());
-                if final_state {
-                    woken.finished([&id]);
-                }
-            }
-        });
+        let watcher = tokio::spawn(watch_while_waited(store.clone(), waiters.clone()));
         Ok(Self {
             context: context.clone(),
             store,

@@ -417,3 +417,47 @@ async fn one_server_at_a_time_delivers_an_in_order_instance_and_hands_it_on_when
     assert_eq!(holder_sink.counts().len(), 40);
     other.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_on_one_server_wakes_when_another_finishes_the_send() {
+    let server = NatsServer::start().await;
+    let sink = Arc::new(Counting::default());
+    sink.holding.store(true, Ordering::Release);
+    let delivering = node(&server, sink.clone()).await;
+    // A server that delivers nothing: only the other can finish the send.
+    let config = HubConfig::default();
+    let queue = NatsQueue::connect(NatsOptions::at(server.url()), &config)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let api = Hub::builder()
+        .config(config)
+        .queue(Arc::new(queue))
+        .destination(
+            "sink",
+            Arc::new(Counting::default()),
+            InstanceSettings::default(),
+        )
+        .delivering(false)
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let entered = sink.entered.notified();
+    let ids = send_runs(&api, 1, 1).await;
+    entered.await;
+    let waiting = {
+        let api = api.clone();
+        let id = ids[0];
+        // An hour: only a wake ends it sooner.
+        tokio::spawn(async move { api.wait_final(id, Duration::from_secs(3600)).await })
+    };
+    sink.holding.store(false, Ordering::Release);
+    sink.release.notify_waiters();
+    let status = tokio::time::timeout(Duration::from_secs(60), waiting)
+        .await
+        .unwrap_or_else(|_| panic!("the wait was not woken when the other server finished"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("unknown send"));
+    assert_eq!(status.state, State::Delivered);
+    delivering.shutdown().await;
+    api.shutdown().await;
+}
