@@ -6,7 +6,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::{Server, WITHIN};
+use common::{Server, WITHIN, cli, temp_config};
 use destinations_testkit::{NatsServer, Receiver, Reply, SseClient, TempDir};
 use serde_json::{Value, json};
 
@@ -370,4 +370,28 @@ async fn a_subscription_made_on_one_server_hears_emits_made_on_another() {
     .unwrap_or_else(|_| panic!("server B kept a subscription removed on A"));
     assert!(a.terminate().await.success());
     assert!(b.terminate().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_creates_the_streams_and_says_when_nats_cannot_be_reached() {
+    let mut nats = NatsServer::start().await;
+    let config = temp_config(&on_nats(&nats));
+    let config = config.display().to_string();
+    let (ok, out, err) = cli(&["check", "--config", &config], &[]).await;
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("queue: nats") && out.contains("ok, 0 sends waiting"),
+        "{out}"
+    );
+    // The streams it made are the ones a server then uses: a server starts on them.
+    let server = start(&on_nats(&nats)).await;
+    assert!(server.terminate().await.success());
+
+    nats.kill().await;
+    let (ok, out, err) = cli(&["check", "--config", &config], &[]).await;
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("hub.queue (nats at nats://127.0.0.1:") && err.contains("cannot connect"),
+        "{err}"
+    );
 }
