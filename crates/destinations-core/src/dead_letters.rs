@@ -98,6 +98,34 @@ pub struct DeadLetterPage {
     pub next: Option<String>,
 }
 
+impl DeadLetterPage {
+    /// The sequence a store's page cursor names (the letters before it come next); every
+    /// letter for no cursor. A cursor this kind of store did not make is refused.
+    pub fn before(after: Option<&str>) -> Result<u64, QueueError> {
+        match after {
+            Some(cursor) => cursor
+                .parse()
+                .map_err(|_| QueueError::InvalidCursor(cursor.to_owned())),
+            None => Ok(u64::MAX),
+        }
+    }
+
+    /// A page of up to `limit` of these letters, each with its sequence, newest first; the next
+    /// page's cursor if there are more.
+    pub fn of(letters: impl IntoIterator<Item = (u64, DeadLetter)>, limit: usize) -> Self {
+        let mut letters = letters.into_iter();
+        let page: Vec<(u64, DeadLetter)> = letters.by_ref().take(limit).collect();
+        let more = letters.next().is_some();
+        let next = more
+            .then(|| page.last().map(|(seq, _)| seq.to_string()))
+            .flatten();
+        Self {
+            letters: page.into_iter().map(|(_, letter)| letter).collect(),
+            next,
+        }
+    }
+}
+
 /// The most recent dead letters in memory, up to a count and a size in payload bytes (the
 /// oldest are dropped past either, and counted).
 pub struct DeadLetters {
@@ -191,32 +219,16 @@ impl DeadLetterStore for DeadLetters {
         after: Option<&str>,
         limit: usize,
     ) -> Result<DeadLetterPage, QueueError> {
-        let before = match after {
-            Some(cursor) => cursor
-                .parse::<u64>()
-                .map_err(|_| QueueError::InvalidCursor(cursor.to_owned()))?,
-            None => u64::MAX,
-        };
+        let before = DeadLetterPage::before(after)?;
         let ids = filter.id_set();
         let inner = self.lock();
-        let mut matching = inner
+        let matching = inner
             .letters
             .iter()
             .rev()
-            .filter(|(seq, letter)| *seq < before && filter.matches(letter, ids.as_ref()));
-        let letters: Vec<(u64, DeadLetter)> = matching
-            .by_ref()
-            .take(limit)
-            .map(|(seq, letter)| (*seq, letter.clone()))
-            .collect();
-        let more = matching.next().is_some();
-        let next = more
-            .then(|| letters.last().map(|(seq, _)| seq.to_string()))
-            .flatten();
-        Ok(DeadLetterPage {
-            letters: letters.into_iter().map(|(_, d)| d).collect(),
-            next,
-        })
+            .filter(|(seq, letter)| *seq < before && filter.matches(letter, ids.as_ref()))
+            .map(|(seq, letter)| (*seq, letter.clone()));
+        Ok(DeadLetterPage::of(matching, limit))
     }
 
     async fn evicted(&self) -> Result<u64, QueueError> {

@@ -9,17 +9,13 @@ use destinations_core::{
     DeadLetter, DeadLetterFilter, DeadLetterPage, DeadLetterStore, Envelope, EventId, QueueError,
 };
 
-use crate::wire;
+use crate::{unavailable, wire};
 
 /// The dead-letter stream.
 pub(crate) struct NatsDeadLetters {
     context: jetstream::Context,
     stream: stream::Stream,
     prefix: String,
-}
-
-fn unavailable(what: &str, error: impl std::fmt::Display) -> QueueError {
-    QueueError::Unavailable(format!("{what}: {error}"))
 }
 
 impl NatsDeadLetters {
@@ -126,9 +122,13 @@ impl DeadLetterStore for NatsDeadLetters {
                 }
             }
             found.sort_by_key(|(sequence, _)| std::cmp::Reverse(*sequence));
-            return page(found, after, limit);
+            let before = DeadLetterPage::before(after)?;
+            return Ok(DeadLetterPage::of(
+                found.into_iter().filter(|(sequence, _)| *sequence < before),
+                limit,
+            ));
         }
-        let before = cursor(after)?;
+        let before = DeadLetterPage::before(after)?;
         let state = self
             .stream
             .get_info()
@@ -151,7 +151,7 @@ impl DeadLetterStore for NatsDeadLetters {
             }
             sequence -= 1;
         }
-        page(found, None, limit)
+        Ok(DeadLetterPage::of(found, limit))
     }
 
     /// Letters the stream dropped for its limits, near enough: every letter it ever took, less
@@ -169,39 +169,4 @@ impl DeadLetterStore for NatsDeadLetters {
             .saturating_sub(state.messages)
             .saturating_sub(state.deleted_count.unwrap_or(0)))
     }
-}
-
-/// The sequence a cursor names (letters before it come next).
-fn cursor(after: Option<&str>) -> Result<u64, QueueError> {
-    match after {
-        Some(text) => text
-            .parse()
-            .map_err(|_| QueueError::InvalidCursor(text.to_owned())),
-        None => Ok(u64::MAX),
-    }
-}
-
-/// Up to `limit` of these letters (newest first) after the cursor, and the next cursor.
-fn page(
-    found: Vec<(u64, DeadLetter)>,
-    after: Option<&str>,
-    limit: usize,
-) -> Result<DeadLetterPage, QueueError> {
-    let before = cursor(after)?;
-    let mut letters: Vec<(u64, DeadLetter)> = found
-        .into_iter()
-        .filter(|(sequence, _)| *sequence < before)
-        .collect();
-    let next = (letters.len() > limit)
-        .then(|| {
-            letters
-                .get(limit.checked_sub(1)?)
-                .map(|(s, _)| s.to_string())
-        })
-        .flatten();
-    letters.truncate(limit);
-    Ok(DeadLetterPage {
-        letters: letters.into_iter().map(|(_, letter)| letter).collect(),
-        next,
-    })
 }

@@ -9,16 +9,14 @@ use destinations_core::{Fanout, FanoutMessage, QueueError};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 
+use crate::unavailable;
+
 /// The fan-out stream.
 pub(crate) struct NatsFanout {
     context: jetstream::Context,
     stream: stream::Stream,
     /// `PREFIX.fanout.`
     prefix: String,
-}
-
-fn unavailable(what: &str, error: impl std::fmt::Display) -> QueueError {
-    QueueError::Unavailable(format!("{what}: {error}"))
 }
 
 impl NatsFanout {

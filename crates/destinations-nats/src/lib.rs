@@ -27,6 +27,11 @@ pub use queue::{NatsError, NatsQueue};
 /// The queue kind name used in config (`[hub.queue] kind = "nats"`).
 pub const KIND: &str = "nats";
 
+/// nats-server did not do what was asked: the queue is unavailable, and says for what.
+fn unavailable(what: &str, error: impl std::fmt::Display) -> destinations_core::QueueError {
+    destinations_core::QueueError::Unavailable(format!("{what}: {error}"))
+}
+
 /// Create a stream, or bring an existing one to `config` (`what` names it in errors): the
 /// stream and its config as the server holds it.
 async fn open_stream(

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use destinations_core::{
-    Batch, BatchOutcome, DeadLetterFilter, Destination, EventId, Hub, HubConfig, InstanceSettings,
-    InvalidPayload, Report, State,
+    Batch, BatchOutcome, DeadLetterFilter, Destination, EventId, Hub, HubBuilder, HubConfig,
+    InstanceSettings, InvalidPayload, Report, State,
 };
 use destinations_nats::{NatsOptions, NatsQueue};
 use destinations_testkit::NatsServer;
@@ -125,6 +125,18 @@ async fn node_with(server: &NatsServer, destination: Arc<Counting>, config: HubC
 }
 
 async fn node_on(options: NatsOptions, destination: Arc<Counting>, config: HubConfig) -> Hub {
+    builder_on(options, destination, config)
+        .await
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The builder of such a hub, for a test that changes more.
+async fn builder_on(
+    options: NatsOptions,
+    destination: Arc<Counting>,
+    config: HubConfig,
+) -> HubBuilder {
     let queue = NatsQueue::connect(options, &config)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -132,8 +144,6 @@ async fn node_on(options: NatsOptions, destination: Arc<Counting>, config: HubCo
         .config(config)
         .queue(Arc::new(queue))
         .destination("sink", destination, InstanceSettings::default())
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Send `runs` runs of `size` from `hub`; their ids.
@@ -394,12 +404,27 @@ async fn one_server_at_a_time_delivers_an_in_order_instance_and_hands_it_on_when
     ids.extend(send_runs(&b, 2, 10).await);
     let all = |sink: &Counting| ids.iter().all(|id| sink.counts().contains_key(id));
     let waited = tokio::time::timeout(Duration::from_secs(60), async {
-        while !(all(&first) || all(&second)) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        loop {
+            let (one, two) = (first.arrived.notified(), second.arrived.notified());
+            let (a_has, b_has) = (first.counts(), second.counts());
+            if ids
+                .iter()
+                .all(|id| a_has.contains_key(id) || b_has.contains_key(id))
+            {
+                return;
+            }
+            tokio::select! {
+                () = one => {}
+                () = two => {}
+            }
         }
     })
     .await;
-    assert!(waited.is_ok(), "no single server delivered all 40");
+    assert!(waited.is_ok(), "not all 40 sends arrived");
+    assert!(
+        all(&first) || all(&second),
+        "no single server delivered all 40"
+    );
     let (holder, other, holder_sink, other_sink) = if all(&first) {
         (a, b, first, second)
     } else {
@@ -425,21 +450,15 @@ async fn a_wait_on_one_server_wakes_when_another_finishes_the_send() {
     sink.holding.store(true, Ordering::Release);
     let delivering = node(&server, sink.clone()).await;
     // A server that delivers nothing: only the other can finish the send.
-    let config = HubConfig::default();
-    let queue = NatsQueue::connect(NatsOptions::at(server.url()), &config)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let api = Hub::builder()
-        .config(config)
-        .queue(Arc::new(queue))
-        .destination(
-            "sink",
-            Arc::new(Counting::default()),
-            InstanceSettings::default(),
-        )
-        .delivering(false)
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let api = builder_on(
+        NatsOptions::at(server.url()),
+        Arc::new(Counting::default()),
+        HubConfig::default(),
+    )
+    .await
+    .delivering(false)
+    .build()
+    .unwrap_or_else(|e| panic!("{e}"));
     let entered = sink.entered.notified();
     let ids = send_runs(&api, 1, 1).await;
     entered.await;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{Server, WITHIN, cli};
+use common::{Server, WITHIN, cli, send_runs};
 use destinations_testkit::{Receiver, Reply, TempDir};
 use serde_json::{Value, json};
 
@@ -18,26 +18,6 @@ const FAST_RETRY: (&str, &str) = (
     "DESTINATIONS__DESTINATIONS__HTTP__RETRY",
     r#"{ initial_delay = "50ms", max_delay = "200ms", max_attempts = 1000 }"#,
 );
-
-/// POST runs of `per_run` sends to `url` until `total` are accepted; their ids.
-async fn send_runs(server: &Server, url: &str, total: usize, per_run: usize) -> Vec<String> {
-    let mut ids = Vec::new();
-    while ids.len() < total {
-        let sends: Vec<Value> = (ids.len()..(ids.len() + per_run).min(total))
-            .map(|n| json!({"destination": "http", "payload": {"url": url, "data": {"n": n}}}))
-            .collect();
-        let (code, body) = server.post("/v1/runs", &json!({ "sends": sends })).await;
-        assert_eq!(code, 202, "{body}");
-        ids.extend(
-            body["ids"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|id| id.as_str().map(str::to_owned)),
-        );
-    }
-    ids
-}
 
 /// Every id arrived (as the `Idempotency-Key` of at least one request), and nothing else did.
 async fn assert_exactly_these_arrived(receiver: &Receiver, ids: &[String]) {

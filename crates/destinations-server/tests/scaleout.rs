@@ -6,7 +6,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::{Server, WITHIN, cli, temp_config};
+use common::{Server, WITHIN, cli, send_runs, temp_config};
 use destinations_testkit::{NatsServer, Receiver, Reply, SseClient, TempDir};
 use serde_json::{Value, json};
 
@@ -43,26 +43,6 @@ async fn start(config: &str) -> Server {
     Server::start(Some(config)).await
 }
 
-/// POST `runs` runs of `per_run` sends to `url` through `server`; their ids.
-async fn send_runs(server: &Server, url: &str, runs: usize, per_run: usize) -> Vec<String> {
-    let mut ids = Vec::new();
-    for r in 0..runs {
-        let sends: Vec<Value> = (0..per_run)
-            .map(|n| json!({"destination": "http", "payload": {"url": url, "data": {"run": r, "n": n}}}))
-            .collect();
-        let (code, body) = server.post("/v1/runs", &json!({ "sends": sends })).await;
-        assert_eq!(code, 202, "{body}");
-        ids.extend(
-            body["ids"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|id| id.as_str().map(str::to_owned)),
-        );
-    }
-    ids
-}
-
 /// How many times each send id arrived (its `Idempotency-Key`, answered 2xx).
 fn arrivals(receiver: &Receiver) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
@@ -89,7 +69,7 @@ async fn three_servers_share_one_backlog_and_a_killed_one_loses_nothing() {
     let c = start(&env).await;
     let mut ids = Vec::new();
     for server in [&a, &b, &c] {
-        ids.extend(send_runs(server, &url, 6, 100).await);
+        ids.extend(send_runs(server, &url, 600, 100).await);
     }
     // Kill one server while the three deliver: what it leased comes back to the others when
     // its lease runs out.
@@ -128,6 +108,16 @@ async fn three_servers_share_one_backlog_and_a_killed_one_loses_nothing() {
     assert!(b.terminate().await.success());
 }
 
+/// POST one send to `url` through `server`: the answer's status and body.
+async fn post_one(server: &Server, url: &str) -> (u16, Value) {
+    server
+        .post(
+            "/v1/runs",
+            &json!({"sends": [{"destination": "http", "payload": {"url": url}}]}),
+        )
+        .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_killed_mid_delivery_loses_nothing_and_sends_meanwhile_get_503() {
     let mut nats = NatsServer::start().await;
@@ -137,18 +127,13 @@ async fn nats_killed_mid_delivery_loses_nothing_and_sends_meanwhile_get_503() {
     .await;
     let url = receiver.url("/hook");
     let server = start(&on_nats(&nats)).await;
-    let ids = send_runs(&server, &url, 3, 100).await;
+    let ids = send_runs(&server, &url, 300, 100).await;
     // nats-server dies (kill -9) while the server delivers.
     receiver.wait_for_accepted(20, WITHIN).await;
     nats.kill().await;
     let refused = tokio::time::timeout(WITHIN, async {
         loop {
-            let (code, body) = server
-                .post(
-                    "/v1/runs",
-                    &json!({"sends": [{"destination": "http", "payload": {"url": url}}]}),
-                )
-                .await;
+            let (code, body) = post_one(&server, &url).await;
             if code != 202 {
                 return (code, body);
             }
@@ -164,12 +149,7 @@ async fn nats_killed_mid_delivery_loses_nothing_and_sends_meanwhile_get_503() {
     nats.restart().await;
     let accepted = tokio::time::timeout(WITHIN, async {
         loop {
-            let (code, body) = server
-                .post(
-                    "/v1/runs",
-                    &json!({"sends": [{"destination": "http", "payload": {"url": url}}]}),
-                )
-                .await;
+            let (code, body) = post_one(&server, &url).await;
             if code == 202 {
                 return body["ids"][0].as_str().unwrap_or_default().to_owned();
             }
@@ -197,7 +177,7 @@ async fn an_api_server_takes_sends_and_a_worker_delivers_them() {
     let url = receiver.url("/hook");
     let config = on_nats(&nats);
     let api = Server::start_with(Some(&config), &[("DESTINATIONS_ROLE", "api")]).await;
-    let ids = send_runs(&api, &url, 2, 50).await;
+    let ids = send_runs(&api, &url, 100, 50).await;
     // No server delivers yet.
     let (_, status) = api.get(&format!("/v1/events/{}", ids[0])).await;
     assert_eq!(status["state"], "queued", "{status}");

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use destinations_testkit::TempDir;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -224,6 +224,26 @@ impl Server {
             .unwrap_or_else(|_| panic!("the server did not stop after SIGTERM"))
             .unwrap_or_else(|e| panic!("{e}"))
     }
+}
+
+/// POST runs of `per_run` sends to `url` until `total` are accepted; their ids.
+pub async fn send_runs(server: &Server, url: &str, total: usize, per_run: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    while ids.len() < total {
+        let sends: Vec<Value> = (ids.len()..(ids.len() + per_run).min(total))
+            .map(|n| json!({"destination": "http", "payload": {"url": url, "data": {"n": n}}}))
+            .collect();
+        let (code, body) = server.post("/v1/runs", &json!({ "sends": sends })).await;
+        assert_eq!(code, 202, "{body}");
+        ids.extend(
+            body["ids"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|id| id.as_str().map(str::to_owned)),
+        );
+    }
+    ids
 }
 
 pub fn error_code(body: &Value) -> &str {
