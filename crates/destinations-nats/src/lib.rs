@@ -1,15 +1,17 @@
 //! A shared queue for `destinations` on NATS JetStream: several servers, one backlog.
 //!
-//! Sends wait in a work-queue stream, a subject per destination instance
-//! (`PREFIX.send.INSTANCE`); every server leases from the instance's one durable pull consumer,
-//! so each send goes to one server at a time. A run is published all or none (JetStream 2.12's
-//! atomic batch publish, up to 1 000 sends a batch) with each send's id as its `Nats-Msg-Id`, so
-//! a publish repeated after a lost answer is not stored twice. A delivered send is acknowledged
-//! (and leaves the stream); a failed one is answered with a delayed negative acknowledgement,
-//! and comes back when its retry is due, to whichever server asks first; a server that dies
-//! hands its leased sends on when their lease (`lease`, 30 s) runs out. Dead letters wait in a
-//! stream of their own, statuses in a key-value bucket, so every server lists, replays and
-//! answers the same.
+//! Sends wait in a work-queue stream. A run's sends to one destination instance are stored as
+//! one message (a *bundle*, on `PREFIX.send.INSTANCE.COUNT`; up to 1 000 sends and
+//! nats-server's `max_payload`), and a run that reaches several instances is published all or
+//! none with JetStream 2.12's atomic batch publish. A bundle's `Nats-Msg-Id` is its first
+//! send's id, so a publish repeated after a lost answer is not stored twice. Every server
+//! leases from the instance's one durable pull consumer, so a bundle is with one server at a
+//! time; it is acknowledged (and leaves the stream) once each of its sends is delivered, dead
+//! (then in a dead-letter stream), or back in the stream: a batch that failed goes back whole
+//! as one message, due at its retry time, and comes back as that batch to whichever server
+//! asks first once due. A server that dies hands its bundles on when their lease (`lease`,
+//! 30 s) runs out; the next server passes over the sends whose statuses are already final.
+//! Statuses live in a key-value bucket, so every server lists, replays and answers the same.
 //!
 //! Needs nats-server 2.12.1 or later with JetStream.
 

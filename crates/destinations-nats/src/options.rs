@@ -34,8 +34,8 @@ pub struct NatsOptions {
     /// How many of the newest messages of each topic (an SSE stream) the fan-out stream keeps
     /// for servers that start later and for `Last-Event-ID` resumes.
     pub fanout_keep: i64,
-    /// The subjects' first token: sends wait on `PREFIX.send.INSTANCE`, dead letters on
-    /// `PREFIX.dead.ID`.
+    /// The subjects' first token: sends wait on `PREFIX.send.INSTANCE.COUNT` (a bundle of
+    /// COUNT sends), dead letters on `PREFIX.dead.ID`.
     pub subject_prefix: String,
     /// Copies of each stream in a cluster (1 for a single server).
     pub replicas: usize,
@@ -44,8 +44,12 @@ pub struct NatsOptions {
     /// their lease by extending it.
     #[serde(with = "destinations_core::config::duration_text")]
     pub lease: Duration,
-    /// Sends of one instance leased or waiting out a retry at once, across all servers
-    /// (JetStream's `max_ack_pending`: a send waiting for its retry holds a place).
+    /// Messages of one instance leased at once, across all servers (JetStream's
+    /// `max_ack_pending`; a message is a run's sends to the instance, or a batch to retry). A
+    /// batch waiting for its retry holds a place too (the first server to see it early hands
+    /// it back with a delay, and JetStream counts it until then): size it for the retries that
+    /// may wait at once plus a few hundred per server. At the limit, no server leases more of
+    /// the instance until one finishes.
     pub max_leased: i64,
     /// How long to wait for the server before a send is refused as unavailable.
     #[serde(with = "destinations_core::config::duration_text")]

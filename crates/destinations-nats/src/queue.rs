@@ -1,7 +1,7 @@
 //! The queue: a work-queue stream with a subject per destination instance, one durable pull
 //! consumer per instance shared by every server.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -12,8 +12,8 @@ use async_nats::jetstream::{self, kv, stream};
 use async_nats::{HeaderMap, header};
 use async_trait::async_trait;
 use destinations_core::{
-    DeadLetterStore, Durability, Envelope, EventId, Fanout, HubConfig, Leased, Queue,
-    QueueConsumer, QueueDepth, QueueError, Refused, Settlement, StatusStore,
+    DeadLetterStore, Durability, Envelope, EventId, Fanout, HubConfig, IdHasher, IdMap, Leased,
+    Queue, QueueConsumer, QueueDepth, QueueError, Refused, Settlement, StatusStore,
 };
 use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
@@ -25,8 +25,15 @@ use crate::options::NatsOptions;
 use crate::statuses::NatsStatuses;
 use crate::wire;
 
-/// The most sends one atomic publish holds (nats-server's limit).
+/// The most messages one atomic publish holds (nats-server's limit).
 const MAX_ATOMIC: usize = 1000;
+
+/// The most sends one message holds: what a server that dies mid-delivery may hand on to be
+/// looked over again.
+const MAX_BUNDLE: usize = 1000;
+
+/// Room left in a message for its headers.
+const HEADER_ROOM: usize = 4096;
 
 /// JetStream's error code for an atomic batch holding an id already stored.
 const DUPLICATE_IN_BATCH: u64 = 10201;
@@ -46,14 +53,18 @@ struct Shared {
     fanout: Arc<NatsFanout>,
     backlog: Vec<(String, QueueDepth)>,
     stopped: watch::Sender<bool>,
-    /// Every consumer's leases, to hand back what is still held at close.
-    held: Mutex<Vec<std::sync::Weak<Mutex<Leases>>>>,
+    /// Every consumer, to hand back what it still holds at close.
+    consumers: Mutex<Vec<std::sync::Weak<NatsConsumer>>>,
     /// The locks of in-order instances.
     locks: kv::Store,
     /// Every in-order consumer's lock, to release at close.
     held_locks: Mutex<Vec<Arc<InstanceLock>>>,
     /// This server, as a lock holder.
     node: String,
+    /// The largest bundle body nats-server takes.
+    bundle_limit: usize,
+    /// The most bytes one pull asks for: several bundles, at least the largest.
+    fetch_bytes: usize,
 }
 
 /// The queue could not be opened: what is wrong, in words.
@@ -166,6 +177,8 @@ impl NatsQueue {
         )
         .await
         .map_err(fail)?;
+        let max_payload = client.server_info().max_payload;
+        let bundle_limit = max_payload.saturating_sub(HEADER_ROOM).max(HEADER_ROOM);
         let backlog = backlog(&stream, &options.subject_prefix)
             .await
             .map_err(fail)?;
@@ -180,16 +193,18 @@ impl NatsQueue {
                 fanout: Arc::new(fanout),
                 backlog,
                 stopped: watch::channel(false).0,
-                held: Mutex::new(Vec::new()),
+                consumers: Mutex::new(Vec::new()),
                 locks,
                 held_locks: Mutex::new(Vec::new()),
                 node: EventId::new().to_string(),
+                bundle_limit,
+                fetch_bytes: (max_payload * 4).max(4 << 20),
             }),
         })
     }
 }
 
-/// What the stream holds per instance.
+/// What the stream holds per instance: its bundles' subjects say how many sends each holds.
 async fn backlog(
     stream: &stream::Stream,
     prefix: &str,
@@ -198,26 +213,40 @@ async fn backlog(
         .get_info()
         .await
         .map_err(|e| format!("cannot read the backlog: {e}"))?;
-    let average = usize::try_from(info.state.bytes / info.state.messages.max(1)).unwrap_or(0);
     let mut subjects = stream
         .info_with_subjects(format!("{prefix}.send.>"))
         .await
         .map_err(|e| format!("cannot read the backlog: {e}"))?;
-    let mut depths = Vec::new();
+    let mut sends: Vec<(String, usize)> = Vec::new();
     let send_prefix = format!("{prefix}.send.");
     while let Some(entry) = subjects.next().await {
-        let (subject, count) = entry.map_err(|e| format!("cannot read the backlog: {e}"))?;
-        if let Some(instance) = subject.strip_prefix(&send_prefix) {
-            depths.push((
-                instance.to_owned(),
-                QueueDepth {
-                    events: count,
-                    bytes: count * average,
-                },
-            ));
+        let (subject, messages) = entry.map_err(|e| format!("cannot read the backlog: {e}"))?;
+        let Some((instance, per_message)) = subject
+            .strip_prefix(&send_prefix)
+            .and_then(|rest| rest.rsplit_once('.'))
+        else {
+            continue;
+        };
+        let count = messages * per_message.parse::<usize>().unwrap_or(1);
+        match sends.iter_mut().find(|(name, _)| name == instance) {
+            Some((_, total)) => *total += count,
+            None => sends.push((instance.to_owned(), count)),
         }
     }
-    Ok(depths)
+    let total: usize = sends.iter().map(|(_, count)| count).sum();
+    let average = usize::try_from(info.state.bytes).unwrap_or(usize::MAX) / total.max(1);
+    Ok(sends
+        .into_iter()
+        .map(|(instance, events)| {
+            (
+                instance,
+                QueueDepth {
+                    events,
+                    bytes: events * average,
+                },
+            )
+        })
+        .collect())
 }
 
 impl Shared {
@@ -242,22 +271,74 @@ impl Shared {
         QueueError::Unavailable(format!("nats-server did not store {what}: {text}"))
     }
 
-    fn subject(&self, instance: &str) -> String {
-        format!("{}.send.{instance}", self.options.subject_prefix)
+    /// The subject of a bundle of `count` sends of `instance`: the count in the subject lets
+    /// the stream's per-subject counts say how many sends wait.
+    fn subject(&self, instance: &str, count: usize) -> String {
+        format!("{}.send.{instance}.{count}", self.options.subject_prefix)
     }
 
-    /// Store these envelopes in the stream, all or none (runs of more than 1 000 in parts of
-    /// 1 000, each all or none), then their statuses.
-    async fn publish(&self, envelopes: &[Envelope]) -> Result<(), QueueError> {
-        if let Some(down) = self.unavailable_now() {
-            return Err(down);
-        }
-        for part in envelopes.chunks(MAX_ATOMIC) {
-            match part {
-                [one] => self.publish_one(one, &one.id.to_string()).await?,
-                _ => self.publish_atomic(part).await?,
+    /// These sends as the messages that store them: each instance's sends in the order given,
+    /// in bundles of at most [`MAX_BUNDLE`] sends that fit one message. `first_publish` gives
+    /// each bundle its first send's id as `Nats-Msg-Id`, so a publish repeated after a lost
+    /// answer is dropped; sends published again (a retry, sends handed back) go without one,
+    /// since the same first send may then lead a different bundle.
+    fn bundles(
+        &self,
+        envelopes: &[Envelope],
+        first_publish: bool,
+        handling: wire::Handling,
+    ) -> Vec<Outgoing> {
+        let mut per_instance: Vec<(&str, Vec<&Envelope>)> = Vec::new();
+        for envelope in envelopes {
+            match per_instance
+                .iter_mut()
+                .find(|(instance, _)| *instance == &*envelope.destination)
+            {
+                Some((_, sends)) => sends.push(envelope),
+                None => per_instance.push((&envelope.destination, vec![envelope])),
             }
         }
+        let limit = self.bundle_limit;
+        let mut outgoing = Vec::new();
+        for (instance, sends) in per_instance {
+            let mut bundle: Vec<&Envelope> = Vec::new();
+            let mut size = 1;
+            for envelope in sends {
+                let framed = wire::framed_len(envelope);
+                if !bundle.is_empty() && (bundle.len() == MAX_BUNDLE || size + framed > limit) {
+                    outgoing.push(self.outgoing(instance, &bundle, first_publish, handling));
+                    bundle.clear();
+                    size = 1;
+                }
+                bundle.push(envelope);
+                size += framed;
+            }
+            if !bundle.is_empty() {
+                outgoing.push(self.outgoing(instance, &bundle, first_publish, handling));
+            }
+        }
+        outgoing
+    }
+
+    fn outgoing(
+        &self,
+        instance: &str,
+        sends: &[&Envelope],
+        first_publish: bool,
+        handling: wire::Handling,
+    ) -> Outgoing {
+        let message_id = first_publish.then(|| sends[0].id.to_string());
+        Outgoing {
+            subject: self.subject(instance, sends.len()),
+            headers: wire::bundle_headers(message_id.as_deref(), handling),
+            body: wire::bundle_body(sends),
+        }
+    }
+
+    /// Store a run's sends, all or none, then their statuses.
+    async fn publish(&self, envelopes: &[Envelope]) -> Result<(), QueueError> {
+        self.store(self.bundles(envelopes, true, wire::Handling::default()))
+            .await?;
         if let Err(error) = self.statuses.queued(envelopes).await {
             // The sends are stored; only their `queued` status is missing until they settle.
             tracing::warn!(%error, count = envelopes.len(), "queued statuses not written");
@@ -265,13 +346,47 @@ impl Shared {
         Ok(())
     }
 
-    async fn publish_one(&self, envelope: &Envelope, message_id: &str) -> Result<(), QueueError> {
-        let fail = |e: &dyn std::fmt::Display| self.refusal("the send", e);
+    /// Put sends back in the stream (a batch to try again, sends handed back, a replay).
+    async fn republish(
+        &self,
+        envelopes: &[Envelope],
+        handling: wire::Handling,
+    ) -> Result<(), QueueError> {
+        self.store(self.bundles(envelopes, false, handling)).await
+    }
+
+    /// Store these messages, all or none (more than [`MAX_ATOMIC`] in parts, each all or
+    /// none): one is a plain publish, more an atomic batch.
+    async fn store(&self, messages: Vec<Outgoing>) -> Result<(), QueueError> {
+        if let Some(down) = self.unavailable_now() {
+            return Err(down);
+        }
+        if let Some(large) = messages.iter().find(|m| m.body.len() > self.bundle_limit) {
+            return Err(QueueError::Unavailable(format!(
+                "a send of {} bytes is larger than nats-server takes in one message ({} bytes, its max_payload)",
+                large.body.len(),
+                self.bundle_limit
+            )));
+        }
+        match messages.as_slice() {
+            [] => Ok(()),
+            [one] => self.publish_one(one).await,
+            _ => {
+                for part in messages.chunks(MAX_ATOMIC) {
+                    self.publish_atomic(part).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn publish_one(&self, message: &Outgoing) -> Result<(), QueueError> {
+        let fail = |e: &dyn std::fmt::Display| self.refusal("the sends", e);
         self.context
             .publish_with_headers(
-                self.subject(&envelope.destination),
-                wire::send_headers(envelope, message_id),
-                envelope.payload.clone(),
+                message.subject.clone(),
+                message.headers.clone(),
+                message.body.clone(),
             )
             .await
             .map_err(|e| fail(&e))?
@@ -282,12 +397,12 @@ impl Shared {
 
     /// One atomic batch (JetStream 2.12's `Nats-Batch-*` headers): the first message and the
     /// commit are requests, the rest plain publishes on the same connection, in order.
-    async fn publish_atomic(&self, part: &[Envelope]) -> Result<(), QueueError> {
+    async fn publish_atomic(&self, part: &[Outgoing]) -> Result<(), QueueError> {
         let batch = EventId::new().to_string();
         let fail = |e: &dyn std::fmt::Display| self.refusal("the run", e);
         let last = part.len();
-        for (index, envelope) in part.iter().enumerate() {
-            let mut headers: HeaderMap = wire::send_headers(envelope, &envelope.id.to_string());
+        for (index, message) in part.iter().enumerate() {
+            let mut headers = message.headers.clone();
             headers.insert(header::NATS_BATCH_ID, batch.as_str());
             headers.insert(
                 header::NATS_BATCH_SEQUENCE,
@@ -297,11 +412,11 @@ impl Shared {
             if commit {
                 headers.insert(header::NATS_BATCH_COMMIT, header::NATS_BATCH_COMMIT_FINAL);
             }
-            let subject = self.subject(&envelope.destination);
+            let subject = message.subject.clone();
             if index == 0 || commit {
                 let request = async_nats::Request::new()
                     .headers(headers)
-                    .payload(envelope.payload.clone())
+                    .payload(message.body.clone())
                     .timeout(Some(self.options.timeout));
                 let reply = self
                     .client
@@ -327,7 +442,7 @@ impl Shared {
                 }
             } else {
                 self.client
-                    .publish_with_headers(subject, headers, envelope.payload.clone())
+                    .publish_with_headers(subject, headers, message.body.clone())
                     .await
                     .map_err(|e| fail(&e))?;
             }
@@ -336,27 +451,34 @@ impl Shared {
     }
 }
 
+/// One message for the work stream.
+struct Outgoing {
+    subject: String,
+    headers: HeaderMap,
+    body: bytes::Bytes,
+}
+
 impl NatsQueue {
     fn nats_consumer(
         &self,
         instance: &str,
         lock: Option<Arc<InstanceLock>>,
     ) -> Arc<dyn QueueConsumer> {
-        let leases = Arc::new(Mutex::new(HashMap::new()));
-        self.shared
-            .held
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(Arc::downgrade(&leases));
-        Arc::new(NatsConsumer {
+        let consumer = Arc::new(NatsConsumer {
             shared: self.shared.clone(),
-            instance: instance.to_owned(),
+            instance: Arc::from(instance),
             consumer: tokio::sync::Mutex::new(None),
-            leases,
+            leases: Arc::new(Mutex::new(Leases::default())),
             fetching: tokio::sync::Mutex::new(None),
             renewing: std::sync::Once::new(),
             lock,
-        })
+        });
+        self.shared
+            .consumers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Arc::downgrade(&consumer));
+        consumer
     }
 }
 
@@ -428,9 +550,9 @@ impl Queue for NatsQueue {
                 .statuses
                 .requeued(std::slice::from_ref(&envelope))
                 .await?;
-            // A fresh message id: the first one may still be in the duplicate window.
-            let message_id = format!("{}.replay.{}", envelope.id, EventId::new());
-            shared.publish_one(&envelope, &message_id).await?;
+            shared
+                .republish(std::slice::from_ref(&envelope), wire::Handling::default())
+                .await?;
             shared.dead_letters.remove(sequence).await?;
             replayed.push(envelope);
         }
@@ -443,26 +565,19 @@ impl Queue for NatsQueue {
     }
 
     /// Hand back at once what this server still holds (a batch cut off by the shutdown
-    /// deadline), so another server takes it now rather than when its lease runs out.
+    /// deadline, sends leased and not yet handed out), so another server takes it now rather
+    /// than when its lease runs out.
     async fn close(&self) {
         let shared = &self.shared;
-        let held: Vec<async_nats::Subject> = shared
-            .held
+        let consumers: Vec<Arc<NatsConsumer>> = shared
+            .consumers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
             .filter_map(std::sync::Weak::upgrade)
-            .flat_map(|leases| {
-                std::mem::take(&mut *leases.lock().unwrap_or_else(PoisonError::into_inner))
-                    .into_values()
-                    .collect::<Vec<_>>()
-            })
             .collect();
-        for reply in held {
-            let acker = Acker::new(shared.context.clone(), Some(reply));
-            let _ =
-                tokio::time::timeout(shared.options.timeout, acker.ack_with(AckKind::Nak(None)))
-                    .await;
+        for consumer in consumers {
+            consumer.hand_back_all().await;
         }
         let locks: Vec<Arc<InstanceLock>> = shared
             .held_locks
@@ -491,10 +606,9 @@ impl Queue for NatsQueue {
 /// One instance's share of the stream, through its durable consumer.
 struct NatsConsumer {
     shared: Arc<Shared>,
-    instance: String,
+    instance: Arc<str>,
     consumer: tokio::sync::Mutex<Option<PullConsumer>>,
-    /// Where to answer for each leased send (its message's reply subject), from the lease to
-    /// the settlement.
+    /// What this server leased, from the lease to the settlement.
     leases: Arc<Mutex<Leases>>,
     /// The pull under way, read across leases until it ends.
     fetching: tokio::sync::Mutex<Option<pull::Batch>>,
@@ -504,11 +618,179 @@ struct NatsConsumer {
     lock: Option<Arc<InstanceLock>>,
 }
 
-type Leases = HashMap<EventId, async_nats::Subject>;
+type IdSet = std::collections::HashSet<EventId, std::hash::BuildHasherDefault<IdHasher>>;
 
-/// Keep every send this server holds — in a batch still filling, waiting for a busy target, in
-/// an attempt — leased: a third of the lease time apart, tell nats-server work is in progress
-/// (`+WPI`), so no other server takes a send this one still has. Ends with the consumer.
+/// One leased message.
+struct Held {
+    /// Where to answer for it.
+    reply: async_nats::Subject,
+    /// Its sends as leased, in order.
+    sends: Vec<Envelope>,
+    /// Those not yet settled.
+    unsettled: IdSet,
+}
+
+/// Every message this server leased for one instance, and the sends not yet handed out.
+/// A message is acknowledged once all its sends are settled.
+#[derive(Default)]
+struct Leases {
+    messages: HashMap<u64, Held>,
+    /// Each leased send's message.
+    sends: IdMap<u64>,
+    next_key: u64,
+    /// Sends leased and not yet handed to the dispatcher.
+    ready: VecDeque<Envelope>,
+    /// Batches to try again, each handed out whole.
+    retries: VecDeque<Vec<Envelope>>,
+}
+
+impl Leases {
+    /// A leased message's sends, to hand out.
+    fn hold(&mut self, reply: async_nats::Subject, envelopes: Vec<Envelope>, retry: bool) {
+        let key = self.next_key;
+        self.next_key += 1;
+        for envelope in &envelopes {
+            self.sends.insert(envelope.id, key);
+        }
+        self.messages.insert(
+            key,
+            Held {
+                reply,
+                unsettled: envelopes.iter().map(|e| e.id).collect(),
+                sends: envelopes.clone(),
+            },
+        );
+        if retry {
+            self.retries.push_back(envelopes);
+        } else {
+            self.ready.extend(envelopes);
+        }
+    }
+
+    /// A batch to try again first, else up to `max` ready sends.
+    fn hand_out(&mut self, max: usize) -> Option<Leased> {
+        if let Some(batch) = self.retries.pop_front() {
+            return Some(Leased::Retry(batch));
+        }
+        if self.ready.is_empty() {
+            return None;
+        }
+        let count = max.clamp(1, self.ready.len());
+        Some(Leased::Ready(self.ready.drain(..count).collect()))
+    }
+
+    /// These sends are settled: where to acknowledge the messages left with none unsettled.
+    fn settled(&mut self, ids: impl IntoIterator<Item = EventId>) -> Vec<async_nats::Subject> {
+        let mut finished = Vec::new();
+        for id in ids {
+            let Some(key) = self.sends.remove(&id) else {
+                continue;
+            };
+            let Some(held) = self.messages.get_mut(&key) else {
+                continue;
+            };
+            held.unsettled.remove(&id);
+            if held.unsettled.is_empty()
+                && let Some(held) = self.messages.remove(&key)
+            {
+                finished.push(held.reply);
+            }
+        }
+        finished
+    }
+
+    /// Give up the whole messages these sends came in: none of their sends is handed out or
+    /// settled here any more. Where to answer for each.
+    fn give_up(&mut self, ids: &[EventId]) -> Vec<async_nats::Subject> {
+        let keys: std::collections::BTreeSet<u64> = ids
+            .iter()
+            .filter_map(|id| self.sends.get(id))
+            .copied()
+            .collect();
+        let mut dropped = IdSet::default();
+        let mut replies = Vec::new();
+        for key in keys {
+            if let Some(held) = self.messages.remove(&key) {
+                for envelope in &held.sends {
+                    self.sends.remove(&envelope.id);
+                    dropped.insert(envelope.id);
+                }
+                replies.push(held.reply);
+            }
+        }
+        self.ready.retain(|e| !dropped.contains(&e.id));
+        self.retries
+            .retain(|batch| !batch.iter().any(|e| dropped.contains(&e.id)));
+        replies
+    }
+
+    /// Every leased message, to hand back at close.
+    fn take_all(&mut self) -> Vec<Held> {
+        self.sends.clear();
+        self.ready.clear();
+        self.retries.clear();
+        self.messages.drain().map(|(_, held)| held).collect()
+    }
+
+    /// Where to answer for the messages these sends came in, each once.
+    fn replies_of(&self, ids: &[EventId]) -> Vec<async_nats::Subject> {
+        let keys: std::collections::BTreeSet<u64> = ids
+            .iter()
+            .filter_map(|id| self.sends.get(id))
+            .copied()
+            .collect();
+        keys.iter()
+            .filter_map(|key| self.messages.get(key))
+            .map(|held| held.reply.clone())
+            .collect()
+    }
+
+    fn all_replies(&self) -> Vec<async_nats::Subject> {
+        self.messages.values().map(|h| h.reply.clone()).collect()
+    }
+}
+
+/// Answer nats-server for one message, within `timeout`; whether it was sent.
+async fn answer_one(
+    context: &jetstream::Context,
+    reply: async_nats::Subject,
+    kind: AckKind,
+    timeout: Duration,
+) -> bool {
+    let acker = Acker::new(context.clone(), Some(reply));
+    matches!(
+        tokio::time::timeout(timeout, acker.ack_with(kind)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// Hand a leased message back: as it is when none of its sends was settled here, else its
+/// unsettled sends as a new message, and the old one acknowledged.
+async fn hand_back(shared: &Shared, held: Held) {
+    let kind = if held.unsettled.len() == held.sends.len() {
+        AckKind::Nak(None)
+    } else {
+        let unsettled: Vec<Envelope> = held
+            .sends
+            .into_iter()
+            .filter(|e| held.unsettled.contains(&e.id))
+            .collect();
+        match shared
+            .republish(&unsettled, wire::Handling::default())
+            .await
+        {
+            Ok(()) => AckKind::Ack,
+            // All of it comes back; what was settled is passed over then.
+            Err(_) => AckKind::Nak(None),
+        }
+    };
+    answer_one(&shared.context, held.reply, kind, shared.options.timeout).await;
+}
+
+/// Keep every message this server holds — sends in a batch still filling, waiting for a busy
+/// target, in an attempt, not yet handed out — leased: a third of the lease time apart, tell
+/// nats-server work is in progress (`+WPI`), so no other server takes what this one still
+/// has. Ends with the consumer.
 async fn renew(
     leases: std::sync::Weak<Mutex<Leases>>,
     lock: Option<Arc<InstanceLock>>,
@@ -524,12 +806,10 @@ async fn renew(
         let Some(leases) = leases.upgrade() else {
             return;
         };
-        let replies: Vec<async_nats::Subject> = leases
+        let replies = leases
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .cloned()
-            .collect();
+            .all_replies();
         drop(leases);
         // An in-order instance's lock is kept while this server holds its sends.
         if let Some(lock) = &lock
@@ -538,8 +818,7 @@ async fn renew(
             lock.hold().await;
         }
         for reply in replies {
-            let acker = Acker::new(context.clone(), Some(reply));
-            let _ = tokio::time::timeout(timeout, acker.ack_with(AckKind::Progress)).await;
+            answer_one(&context, reply, AckKind::Progress, timeout).await;
         }
     }
 }
@@ -552,56 +831,70 @@ impl NatsConsumer {
             return Ok(consumer.clone());
         }
         let options = &self.shared.options;
-        let consumer: PullConsumer = self
-            .shared
-            .stream
-            .get_or_create_consumer(
-                &self.instance,
-                pull::Config {
-                    durable_name: Some(self.instance.clone()),
-                    filter_subject: self.shared.subject(&self.instance),
-                    ack_policy: AckPolicy::Explicit,
-                    deliver_policy: DeliverPolicy::All,
-                    ack_wait: options.lease,
-                    max_deliver: -1,
-                    max_ack_pending: options.max_leased,
-                    ..Default::default()
-                },
-            )
+        let fail = |e: &dyn std::fmt::Display| {
+            format!("cannot open the consumer `{}`: {e}", self.instance)
+        };
+        let config = pull::Config {
+            durable_name: Some(self.instance.to_string()),
+            filter_subject: format!("{}.send.{}.*", options.subject_prefix, self.instance),
+            ack_policy: AckPolicy::Explicit,
+            deliver_policy: DeliverPolicy::All,
+            ack_wait: options.lease,
+            max_deliver: -1,
+            max_ack_pending: options.max_leased,
+            ..Default::default()
+        };
+        let stream = &self.shared.stream;
+        let mut consumer: PullConsumer = stream
+            .get_or_create_consumer(&self.instance, config.clone())
             .await
-            .map_err(|e| format!("cannot open the consumer `{}`: {e}", self.instance))?;
+            .map_err(|e| fail(&e))?;
+        // One made by an older version, on other subjects, would never see a send.
+        if consumer.cached_info().config.filter_subject != config.filter_subject {
+            consumer = stream.update_consumer(config).await.map_err(|e| fail(&e))?;
+        }
         *slot = Some(consumer.clone());
         Ok(consumer)
+    }
+
+    /// Hand back everything this server holds of the instance. The pull under way is read to
+    /// its end first: a message handed back while it is open would be sent to it again, and
+    /// wait out a lease with nobody reading it.
+    async fn hand_back_all(&self) {
+        if let Some(mut batch) = self.fetching.lock().await.take() {
+            let mut messages = Vec::new();
+            // The pull expires within a second; the margin covers a slow server.
+            let _ = tokio::time::timeout(self.shared.options.timeout, async {
+                while let Some(Ok(message)) = batch.next().await {
+                    messages.push(message);
+                }
+            })
+            .await;
+            self.take(messages).await;
+        }
+        let messages = self.leases().take_all();
+        for message in messages {
+            hand_back(&self.shared, message).await;
+        }
     }
 
     fn leases(&self) -> std::sync::MutexGuard<'_, Leases> {
         self.leases.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn acker(&self, reply: async_nats::Subject) -> Acker {
-        Acker::new(self.shared.context.clone(), Some(reply))
-    }
-
-    /// Answer for these sends, each within the queue's timeout.
-    async fn answer(&self, ids: impl Iterator<Item = EventId>, kind: AckKind) {
-        let replies: Vec<(EventId, async_nats::Subject)> = {
-            let mut leases = self.leases();
-            ids.filter_map(|id| leases.remove(&id).map(|reply| (id, reply)))
-                .collect()
-        };
-        for (id, reply) in replies {
-            let acker = self.acker(reply);
-            let answered =
-                tokio::time::timeout(self.shared.options.timeout, acker.ack_with(kind)).await;
-            if !matches!(answered, Ok(Ok(()))) {
-                // Its lease runs out and another attempt comes: at least once.
-                tracing::warn!(%id, instance = %self.instance, "could not answer nats-server for a send");
+    /// Answer for these messages.
+    async fn answer(&self, replies: Vec<async_nats::Subject>, kind: AckKind) {
+        let shared = &self.shared;
+        for reply in replies {
+            if !answer_one(&shared.context, reply, kind, shared.options.timeout).await {
+                // Its lease runs out and it comes back: at least once.
+                tracing::warn!(instance = %self.instance, "could not answer nats-server for leased sends");
             }
         }
     }
 
     /// Wait for some of this instance's sends; `None` once stopped.
-    async fn next_leased(&self, max: usize) -> Option<Vec<Envelope>> {
+    async fn next_leased(&self, max: usize) -> Option<Leased> {
         let mut stopped = self.shared.stopped.subscribe();
         loop {
             if *stopped.borrow() {
@@ -616,6 +909,9 @@ impl NatsConsumer {
                     () = tokio::time::sleep(self.shared.options.lease / 3) => {}
                 }
                 continue;
+            }
+            if let Some(leased) = self.leases().hand_out(max) {
+                return Some(leased);
             }
             let consumer = match self.consumer().await {
                 Ok(consumer) => consumer,
@@ -635,6 +931,7 @@ impl NatsConsumer {
                 match consumer
                     .fetch()
                     .max_messages(max.max(1))
+                    .max_bytes(self.shared.fetch_bytes)
                     .expires(Duration::from_secs(1))
                     .messages()
                     .await
@@ -682,45 +979,72 @@ impl NatsConsumer {
                 }
             }
             drop(fetching);
-            let envelopes = self.take(messages).await;
-            if !envelopes.is_empty() {
-                return Some(envelopes);
-            }
+            self.take(messages).await;
         }
     }
 
-    /// Leased messages as envelopes, keeping how to answer for each.
-    async fn take(&self, messages: Vec<jetstream::Message>) -> Vec<Envelope> {
-        let mut envelopes = Vec::with_capacity(messages.len());
-        let mut foreign = Vec::new();
-        {
-            let mut leases = self.leases();
-            for message in messages {
-                let delivered = message.info().map_or(1, |info| info.delivered);
-                let attempts = u32::try_from(delivered.saturating_sub(1)).unwrap_or(u32::MAX);
-                let reply = message.reply.clone();
-                let (message, acker) = message.split();
-                let headers = message.headers.unwrap_or_default();
-                match (wire::envelope(&headers, message.payload, attempts), reply) {
-                    (Ok(envelope), Some(reply)) => {
-                        leases.insert(envelope.id, reply);
-                        envelopes.push(envelope);
-                    }
-                    (Ok(_), None) => {
-                        foreign.push((message.subject, "no reply subject".into(), acker));
-                    }
-                    (Err(why), _) => foreign.push((message.subject, why, acker)),
-                }
+    /// Leased messages' sends, held to hand out. A retry not yet due goes back until it is;
+    /// of a message delivered before (a server died holding it) or a retry, the sends that
+    /// already finished are passed over.
+    async fn take(&self, messages: Vec<jetstream::Message>) {
+        let now = std::time::SystemTime::now();
+        let timeout = self.shared.options.timeout;
+        for message in messages {
+            let delivered = message.info().map_or(1, |info| info.delivered);
+            let reply = message.reply.clone();
+            let (message, acker) = message.split();
+            let handling = wire::handling(message.headers.as_ref());
+            if let Some(wait) = handling
+                .not_before
+                .and_then(|due| due.duration_since(now).ok())
+                .filter(|wait| !wait.is_zero())
+            {
+                let _ =
+                    tokio::time::timeout(timeout, acker.ack_with(AckKind::Nak(Some(wait)))).await;
+                continue;
             }
+            let (envelopes, reply) = match (wire::unbundle(&self.instance, &message.payload), reply)
+            {
+                (Ok(envelopes), Some(reply)) => (envelopes, reply),
+                (outcome, _) => {
+                    // Not sends this queue wrote: they would come back forever.
+                    let why = outcome.err().unwrap_or_else(|| "no reply subject".into());
+                    tracing::warn!(subject = %message.subject, %why, "dropping a message that holds no sends");
+                    let _ = tokio::time::timeout(timeout, acker.ack_with(AckKind::Term)).await;
+                    continue;
+                }
+            };
+            let envelopes = if delivered > 1 || handling.retry {
+                self.unfinished(envelopes).await
+            } else {
+                envelopes
+            };
+            if envelopes.is_empty() {
+                answer_one(&self.shared.context, reply, AckKind::Ack, timeout).await;
+                continue;
+            }
+            self.leases().hold(reply, envelopes, handling.retry);
         }
-        for (subject, why, acker) in foreign {
-            // Not a send this queue wrote: it would come back forever.
-            tracing::warn!(%subject, %why, "dropping a message that is not a send");
-            let _ =
-                tokio::time::timeout(self.shared.options.timeout, acker.ack_with(AckKind::Term))
-                    .await;
-        }
+    }
+
+    /// The sends whose statuses are not final, each with the attempts its status counts if
+    /// more (an attempt under way when a server died).
+    async fn unfinished(&self, envelopes: Vec<Envelope>) -> Vec<Envelope> {
+        let statuses = &self.shared.statuses;
+        let looked = futures::future::join_all(envelopes.iter().map(|e| statuses.get(e.id))).await;
         envelopes
+            .into_iter()
+            .zip(looked)
+            .filter_map(|(mut envelope, status)| match status {
+                Ok(Some(status)) if status.state.is_final() => None,
+                Ok(Some(status)) => {
+                    envelope.attempts = envelope.attempts.max(status.attempts);
+                    Some(envelope)
+                }
+                // Unknown or unreadable: delivered again rather than lost.
+                _ => Some(envelope),
+            })
+            .collect()
     }
 }
 
@@ -737,7 +1061,7 @@ impl QueueConsumer for NatsConsumer {
                 options.timeout,
             ));
         });
-        self.next_leased(max).await.map(Leased::Ready)
+        self.next_leased(max).await
     }
 
     async fn settle(&self, settlement: &Settlement) -> Result<(), QueueError> {
@@ -752,39 +1076,61 @@ impl QueueConsumer for NatsConsumer {
         // Statuses before the answers: a server that dies in between leaves a send to be
         // delivered again, not a status that never says how it ended.
         shared.statuses.settled(settlement).await?;
-        self.answer(settlement.finished().map(|e| e.id), AckKind::Ack)
-            .await;
+        let mut settled: Vec<EventId> = settlement.finished().map(|e| e.id).collect();
         if let Some(retry) = &settlement.retry {
-            self.answer(
-                retry.sends.iter().map(|s| s.envelope.id),
-                AckKind::Nak(Some(retry.wait)),
-            )
-            .await;
+            // The batch goes back as one message, due at its retry time.
+            let sends: Vec<Envelope> = retry.sends.iter().map(|s| s.envelope.clone()).collect();
+            let handling = wire::Handling {
+                not_before: Some(retry.at),
+                retry: true,
+            };
+            shared.republish(&sends, handling).await?;
+            settled.extend(sends.iter().map(|e| e.id));
         }
+        let finished = self.leases().settled(settled);
+        self.answer(finished, AckKind::Ack).await;
         Ok(())
     }
 
     async fn release(&self, envelopes: Vec<Envelope>) {
-        self.answer(envelopes.iter().map(|e| e.id), AckKind::Nak(None))
-            .await;
+        if envelopes.is_empty() {
+            return;
+        }
+        let ids: Vec<EventId> = envelopes.iter().map(|e| e.id).collect();
+        match self
+            .shared
+            .republish(&envelopes, wire::Handling::default())
+            .await
+        {
+            Ok(()) => {
+                let finished = self.leases().settled(ids);
+                self.answer(finished, AckKind::Ack).await;
+            }
+            Err(error) => {
+                // All of their messages come back; what was settled is passed over then.
+                tracing::warn!(%error, "handing sends back whole");
+                let replies = self.leases().give_up(&ids);
+                self.answer(replies, AckKind::Nak(None)).await;
+            }
+        }
     }
 
     async fn extend(&self, ids: &[EventId]) -> Result<(), QueueError> {
-        let replies: Vec<async_nats::Subject> = {
-            let leases = self.leases();
-            ids.iter()
-                .filter_map(|id| leases.get(id).cloned())
-                .collect()
-        };
+        let replies = self.leases().replies_of(ids);
+        let shared = &self.shared;
         for reply in replies {
-            let acker = self.acker(reply);
-            tokio::time::timeout(
-                self.shared.options.timeout,
-                acker.ack_with(AckKind::Progress),
+            if !answer_one(
+                &shared.context,
+                reply,
+                AckKind::Progress,
+                shared.options.timeout,
             )
             .await
-            .map_err(|_| QueueError::Unavailable("extending a lease timed out".into()))?
-            .map_err(|e| QueueError::Unavailable(format!("extending a lease: {e}")))?;
+            {
+                return Err(QueueError::Unavailable(
+                    "extending a lease: nats-server did not take it".into(),
+                ));
+            }
         }
         Ok(())
     }

@@ -29,6 +29,10 @@ struct Counting {
     entered: Notify,
     /// One attempt at a time, to keep the sends in order (as SSE does).
     in_order: bool,
+    /// Fail the next attempt with an error worth retrying.
+    failing_once: AtomicBool,
+    /// Each attempt's sends, in order.
+    attempts: Mutex<Vec<Vec<EventId>>>,
 }
 
 impl Counting {
@@ -85,8 +89,15 @@ impl Destination for Counting {
             }
             released.await;
         }
+        self.attempts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(batch.envelopes().iter().map(|e| e.id).collect());
         if self.refusing.load(Ordering::Acquire) {
             return BatchOutcome::All(Report::failed("refused: the test says no"));
+        }
+        if self.failing_once.swap(false, Ordering::AcqRel) {
+            return BatchOutcome::All(Report::retry("busy: the test says later"));
         }
         {
             let mut delivered = self
@@ -319,23 +330,31 @@ async fn a_run_past_the_shared_bound_is_refused_whole() {
     let server = NatsServer::start().await;
     let sink = Arc::new(Counting::default());
     let mut config = HubConfig::default();
-    config.queue.bounds.max_events = 5;
+    // Room for one run of four 3 kB sends, not two.
+    config.queue.bounds.max_bytes = 20_000;
     let hub = node_with(&server, sink.clone(), config).await;
+    let pad = "x".repeat(3_000);
+    let run_of_four = |name: &str| {
+        let run = hub.begin_run(name);
+        for n in 0..4 {
+            run.send()
+                .to("sink", &json!({ "n": n, "pad": pad }))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        run
+    };
     // Four sends wait in the stream (leased, their delivery held)...
     sink.holding.store(true, Ordering::Release);
-    let first = send_runs(&hub, 1, 4).await;
-    // ... so a run of four more does not fit, and none of it is stored.
-    let run = hub.begin_run("too-long");
-    for n in 0..4 {
-        run.send()
-            .to("sink", &json!({ "n": n }))
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
-    let refused = run
+    let first = run_of_four("first")
+        .finish()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // ... so four more do not fit, and none of them is stored.
+    let refused = run_of_four("too-long")
         .finish()
         .await
         .err()
-        .unwrap_or_else(|| panic!("8 sends were accepted by a queue bounded at 5"))
+        .unwrap_or_else(|| panic!("24 kB of sends were accepted by a queue bounded at 20 kB"))
         .to_string();
     assert!(refused.contains("the shared queue is full"), "{refused}");
     sink.holding.store(false, Ordering::Release);
@@ -479,4 +498,181 @@ async fn a_wait_on_one_server_wakes_when_another_finishes_the_send() {
     assert_eq!(status.state, State::Delivered);
     delivering.shutdown().await;
     api.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_failed_comes_back_whole() {
+    let server = NatsServer::start().await;
+    let sink = Arc::new(Counting::default());
+    sink.failing_once.store(true, Ordering::Release);
+    let config = HubConfig::default();
+    let queue = NatsQueue::connect(NatsOptions::at(server.url()), &config)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut settings = InstanceSettings::default();
+    settings.batch.max_events = Some(10);
+    settings.batch.max_age = Some(Duration::from_millis(200));
+    settings.retry.initial_delay = Duration::from_millis(100);
+    let hub = Hub::builder()
+        .config(config)
+        .queue(Arc::new(queue))
+        .destination("sink", sink.clone(), settings)
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ids = send_runs(&hub, 1, 10).await;
+    sink.wait_for(&ids).await;
+    let attempts = sink
+        .attempts
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    assert_eq!(
+        attempts.len(),
+        2,
+        "one failed attempt, one delivered: {attempts:?}"
+    );
+    assert_eq!(
+        attempts[0], ids,
+        "the first attempt held the whole run, in order"
+    );
+    assert_eq!(
+        attempts[1], attempts[0],
+        "the retry was not the batch that failed"
+    );
+    hub.shutdown().await;
+}
+
+/// Delivers the first `delivering` sends it is given and never finishes the rest: a server
+/// that dies mid-delivery.
+struct DiesMidway {
+    delivering: usize,
+    delivered: Mutex<Vec<EventId>>,
+    arrived: Notify,
+}
+
+#[async_trait]
+impl Destination for DiesMidway {
+    fn kind(&self) -> &'static str {
+        "dies-midway"
+    }
+
+    fn validate(&self, _: &[u8]) -> Result<(), InvalidPayload> {
+        Ok(())
+    }
+
+    async fn deliver(&self, batch: &Batch) -> BatchOutcome {
+        {
+            let mut delivered = self
+                .delivered
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if delivered.len() < self.delivering {
+                delivered.extend(batch.envelopes().iter().map(|e| e.id));
+                self.arrived.notify_waiters();
+                return BatchOutcome::All(Report::delivered());
+            }
+        }
+        std::future::pending().await
+    }
+}
+
+/// A server dies (its runtime and connection gone, nothing handed back) holding a run it had
+/// half delivered: another server delivers only the half it had not finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_dies_holding_a_run_hands_on_only_what_it_had_not_finished() {
+    let server = NatsServer::start().await;
+    let mut options = NatsOptions::at(server.url());
+    options.lease = Duration::from_secs(1);
+    let dying = Arc::new(DiesMidway {
+        delivering: 5,
+        delivered: Mutex::new(Vec::new()),
+        arrived: Notify::new(),
+    });
+    let (ids, runtime) = {
+        let (options, dying) = (options.clone(), dying.clone());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap_or_else(|e| panic!("{e}"));
+            let ids = runtime.block_on(async {
+                let config = HubConfig::default();
+                let queue = NatsQueue::connect(options, &config)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let hub = Hub::builder()
+                    .config(config)
+                    .queue(Arc::new(queue))
+                    .destination("sink", dying.clone(), InstanceSettings::default())
+                    .build()
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let ids = send_runs(&hub, 1, 10).await;
+                tokio::time::timeout(Duration::from_secs(60), async {
+                    loop {
+                        let arrived = dying.arrived.notified();
+                        if dying
+                            .delivered
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .len()
+                            >= 5
+                        {
+                            return;
+                        }
+                        arrived.await;
+                    }
+                })
+                .await
+                .unwrap_or_else(|_| panic!("the first server never delivered half the run"));
+                // Its statuses are written before it is killed.
+                let delivered = dying
+                    .delivered
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone();
+                for id in delivered {
+                    let status = hub.wait_final(id, Duration::from_secs(10)).await;
+                    assert!(matches!(status, Ok(Some(s)) if s.state == State::Delivered));
+                }
+                // Killed, not stopped: nothing of it runs after this.
+                std::mem::forget(hub);
+                ids
+            });
+            (ids, runtime)
+        })
+        .join()
+        .unwrap_or_else(|_| panic!("the first server panicked"))
+    };
+    runtime.shutdown_background();
+    let finished = dying
+        .delivered
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    assert_eq!(finished.len(), 5);
+    let unfinished: Vec<EventId> = ids
+        .iter()
+        .filter(|id| !finished.contains(id))
+        .copied()
+        .collect();
+    let sink = Arc::new(Counting::default());
+    let other = node_on(options, sink.clone(), HubConfig::default()).await;
+    sink.wait_for(&unfinished).await;
+    for id in &unfinished {
+        let status = other.wait_final(*id, Duration::from_secs(10)).await;
+        assert!(matches!(status, Ok(Some(s)) if s.state == State::Delivered));
+    }
+    let again: Vec<EventId> = sink
+        .counts()
+        .keys()
+        .filter(|id| finished.contains(id))
+        .copied()
+        .collect();
+    assert!(
+        again.is_empty(),
+        "sends the dead server had delivered were delivered again: {again:?}"
+    );
+    assert_eq!(sink.counts().len(), 5);
+    other.shutdown().await;
 }

@@ -353,7 +353,10 @@ pub async fn flushes_a_partial_batch_on_shutdown(
     );
     let report = hub.shutdown_within(WITHIN).await;
     assert_eq!(report.abandoned, 0, "on the {queue:?} queue");
-    let hub = if report.kept > 0 {
+    // A shared queue keeps what a stopping hub had not leased yet without the hub knowing.
+    let left_in_shared = queue == QueueKind::Nats
+        && states(&hub, &ids).await.get(&State::Delivered) != Some(&ids.len());
+    let hub = if report.kept > 0 || left_in_shared {
         assert!(queue.is_durable(), "only a durable queue keeps sends");
         drop(hub);
         let next = hub_on(&home, quickly_flushed(config)).await;
