@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::policy::{BatchPolicyOverrides, RetryPolicy};
+use crate::policy::{BatchPolicyOverrides, RateLimit, RetryPolicy};
 use crate::queue::{InstanceShare, QueueBounds};
 
 /// What to do with a run's sends when the run fails.
@@ -39,17 +39,22 @@ pub struct InstanceSettings {
     /// The longest one delivery attempt may take (default: `hub.attempt_timeout`).
     #[serde(default, with = "duration_text::option")]
     pub attempt_timeout: Option<Duration>,
+    /// At most so many attempts per second (or minute) for the whole instance, spaced rather
+    /// than failed: `{ per_second = 10, burst = 5 }`.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl InstanceSettings {
     /// The keys of an instance table that belong to the hub rather than to the destination.
-    pub const KEYS: [&'static str; 6] = [
+    pub const KEYS: [&'static str; 7] = [
         "retry",
         "batch",
         "concurrency",
         "max_payload_bytes",
         "queue",
         "attempt_timeout",
+        "rate_limit",
     ];
     /// Default for [`concurrency`](Self::concurrency).
     pub const DEFAULT_CONCURRENCY: usize = 256;
@@ -208,6 +213,10 @@ impl InstanceConfig {
             serde_json::to_vec(&hub_keys).unwrap_or_default().as_slice(),
         )
         .map_err(|e| ConfigError::new(instance, e.to_string()))?;
+        if let Some(rate) = &settings.rate_limit {
+            rate.check()
+                .map_err(|e| ConfigError::new(instance, format!("`rate_limit`: {e}")))?;
+        }
         Ok(Self {
             kind,
             settings,

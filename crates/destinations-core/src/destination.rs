@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::envelope::Envelope;
 use crate::payload::InvalidPayload;
-use crate::policy::BatchPolicy;
+use crate::policy::{BatchPolicy, RateLimit};
 
 /// A place sends are delivered to: an HTTP endpoint, an object store, a mailbox...
 ///
@@ -66,6 +66,12 @@ pub trait Destination: Any + Send + Sync {
     /// The most batches delivered to one [`target`](Self::target) at once. Default: no limit
     /// of its own.
     fn per_target_concurrency(&self) -> Option<usize> {
+        None
+    }
+
+    /// The most attempts per second to one [`target`](Self::target), spaced rather than
+    /// failed (the HTTP destination's `per_host_rate_limit`). Default: none.
+    fn per_target_rate_limit(&self) -> Option<RateLimit> {
         None
     }
 
@@ -229,6 +235,18 @@ pub enum BatchOutcome {
 }
 
 impl BatchOutcome {
+    /// The longest wait the target asked for (`Retry-After`) in any report.
+    pub fn retry_after(&self) -> Option<Duration> {
+        let after = |report: &Report| match &report.outcome {
+            Outcome::Retry { after, .. } => *after,
+            _ => None,
+        };
+        match self {
+            Self::All(report) => after(report),
+            Self::Each(reports) => reports.iter().filter_map(after).max(),
+        }
+    }
+
     /// One report per envelope of a batch of `len`, filling a missing one with a retry so that a
     /// destination that answers for too few envelopes cannot lose the rest.
     pub fn into_reports(self, len: usize) -> Vec<Report> {

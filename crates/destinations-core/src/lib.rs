@@ -64,7 +64,7 @@ pub use error::SendError;
 pub use hub::{DeadLetterObserver, Hub, HubBuilder, HubConfig, ShutdownReport, WeakHub};
 pub use pattern::glob_match;
 pub use payload::{InvalidPayload, check_name, check_serialized, parse_strict, raw_json};
-pub use policy::{BatchPolicy, RateLimit, RetryPolicy};
+pub use policy::{BatchPolicy, RateGate, RateLimit, RetryPolicy, SharedRateGate};
 pub use queue::{
     CapacityFull, DeadLetterStore, Durability, Fanout, FanoutMessage, InstanceShare, Leased,
     MemoryQueue, Queue, QueueBounds, QueueConsumer, QueueDepth, QueueError, Refused, RetryBatch,

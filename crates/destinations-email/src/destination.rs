@@ -6,7 +6,7 @@ use std::time::{Instant, UNIX_EPOCH};
 use async_trait::async_trait;
 use destinations_core::{
     Batch, BatchOutcome, ConfigError, Destination, Envelope, HealthError, InvalidPayload,
-    RateLimit, Report, ResponseSummary, parse_strict,
+    RateLimit, Report, ResponseSummary, SharedRateGate, parse_strict,
 };
 use mail_builder::MessageBuilder;
 
@@ -19,7 +19,7 @@ use crate::transport::{Outbox, Reply, Smtp};
 pub struct EmailDestination {
     options: EmailOptions,
     transport: Transport,
-    rate: Option<RateLimit>,
+    rate: Option<SharedRateGate>,
     /// The domain of `from`, for Message-IDs.
     domain: String,
 }
@@ -43,7 +43,9 @@ impl EmailDestination {
             .map_or("localhost", |(_, domain)| domain)
             .to_owned();
         Ok(Self {
-            rate: options.rate_limit_per_minute.map(RateLimit::per_minute),
+            rate: options
+                .rate_limit_per_minute
+                .map(|n| RateLimit::per_minute(n).shared()),
             transport,
             domain,
             options,

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use base64::Engine as _;
 use bytes::Bytes;
 use destinations_core::{
-    Batch, BatchOutcome, ConfigError, Destination, Envelope, InvalidPayload, Report,
+    Batch, BatchOutcome, ConfigError, Destination, Envelope, InvalidPayload, RateLimit, Report,
     ResponseSummary, parse_strict,
 };
 use http::header::{
@@ -38,6 +38,7 @@ pub struct HttpDestination {
     guard: Arc<AddressGuard>,
     signer: Option<WebhookSigner>,
     per_host_concurrency: usize,
+    per_host_rate_limit: Option<RateLimit>,
     timeout: Duration,
     follow_redirects: usize,
 }
@@ -45,6 +46,10 @@ pub struct HttpDestination {
 impl HttpDestination {
     /// An instance with these options.
     pub fn new(options: HttpOptions) -> Result<Self, String> {
+        if let Some(rate) = &options.per_host_rate_limit {
+            rate.check()
+                .map_err(|e| format!("`per_host_rate_limit`: {e}"))?;
+        }
         let guard = Arc::new(AddressGuard::allowing(options.allow_networks));
         let signer = if options.signing_secrets.is_empty() {
             None
@@ -64,6 +69,7 @@ impl HttpDestination {
             guard,
             signer,
             per_host_concurrency: options.per_host_concurrency.max(1),
+            per_host_rate_limit: options.per_host_rate_limit,
             timeout: options.timeout,
             follow_redirects: options.follow_redirects,
         })
@@ -368,6 +374,10 @@ impl Destination for HttpDestination {
 
     fn per_target_concurrency(&self) -> Option<usize> {
         Some(self.per_host_concurrency)
+    }
+
+    fn per_target_rate_limit(&self) -> Option<RateLimit> {
+        self.per_host_rate_limit
     }
 
     async fn deliver(&self, batch: &Batch) -> BatchOutcome {

@@ -4,6 +4,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use destinations_core::RateLimit;
 use destinations_core::config::duration_text;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
@@ -26,6 +27,9 @@ pub struct HttpOptions {
     pub signing_secrets: Vec<String>,
     /// Most requests at once to one host (default 64).
     pub per_host_concurrency: usize,
+    /// Most requests per second (or minute) to one host, spaced rather than failed:
+    /// `{ per_second = 20, burst = 5 }`. Default: none.
+    pub per_host_rate_limit: Option<RateLimit>,
     /// Trust only the CA certificates in this PEM file for `https` (a private CA); by default
     /// the system's trust store.
     pub ca_file: Option<PathBuf>,
@@ -39,6 +43,7 @@ impl Default for HttpOptions {
             follow_redirects: 0,
             signing_secrets: Vec::new(),
             per_host_concurrency: 64,
+            per_host_rate_limit: None,
             ca_file: None,
         }
     }
@@ -55,6 +60,7 @@ impl std::fmt::Debug for HttpOptions {
                 &format_args!("[{} hidden]", self.signing_secrets.len()),
             )
             .field("per_host_concurrency", &self.per_host_concurrency)
+            .field("per_host_rate_limit", &self.per_host_rate_limit)
             .field("ca_file", &self.ca_file)
             .finish()
     }

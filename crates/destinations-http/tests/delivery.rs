@@ -774,3 +774,75 @@ async fn sends_reuse_a_connection_and_survive_targets_that_close_theirs() {
     );
     assert_eq!(closing.connections(), 5);
 }
+
+/// A host that answers 429 with `Retry-After` gets nothing more until then — not the failed
+/// send, not the others for it — while another host is sent to meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_holds_back_every_send_for_that_host_only() {
+    let times = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let busy = {
+        let times = times.clone();
+        Receiver::scripted(move |_| {
+            let mut times = times
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            times.push(std::time::Instant::now());
+            if times.len() == 1 {
+                Reply::Full(429, vec![("retry-after", "1".to_owned())], String::new())
+            } else {
+                Reply::Status(200)
+            }
+        })
+        .await
+    };
+    let other = Receiver::start().await;
+    let hub = loopback_hub();
+    let sender = hub.sender();
+    let first = sender
+        .http(HttpRequest::post(busy.url("/busy")))
+        .unwrap_or_else(|e| panic!("{e}"));
+    busy.wait_for_requests(1, WITHIN).await;
+    let mut ids: Vec<EventId> = (0..3)
+        .map(|n| {
+            sender
+                .http(HttpRequest::post(busy.url("/busy")).json(&json!({ "n": n })))
+                .unwrap_or_else(|e| panic!("{e}"))
+        })
+        .collect();
+    let elsewhere = sender
+        .http(HttpRequest::post(other.url("/other")))
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The other host is served while the busy one is held.
+    let status = hub
+        .wait_final(elsewhere, WITHIN)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("no status"));
+    assert_eq!(status.state, State::Delivered);
+    ids.push(first);
+    for id in &ids {
+        let status = hub
+            .wait_final(*id, WITHIN)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("no status"));
+        assert_eq!(status.state, State::Delivered, "{status:?}");
+    }
+    let times = times
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    assert_eq!(
+        times.len(),
+        5,
+        "the refused request, its retry, three others"
+    );
+    for later in &times[1..] {
+        assert!(
+            *later - times[0] >= Duration::from_secs(1),
+            "the host was sent to {:?} after it said Retry-After: 1",
+            *later - times[0]
+        );
+    }
+    hub.shutdown().await;
+}

@@ -25,7 +25,7 @@ use crate::dead_letters::DeadLetter;
 use crate::destination::{Batch, BatchOutcome, Destination, Outcome, Report};
 use crate::envelope::Envelope;
 use crate::metrics::InstanceMetrics;
-use crate::policy::{BatchPolicy, RetryDecision, RetryPolicy};
+use crate::policy::{BatchPolicy, RateGate, RateLimit, RetryDecision, RetryPolicy};
 use crate::queue::{Leased, QueueConsumer, RetryBatch, Settled, Settlement};
 
 /// The most envelopes leased at once.
@@ -59,18 +59,29 @@ struct Lane {
     /// Signalled when the last attempt under way ends.
     idle: Notify,
     /// Told the target of each attempt that ends, to start what waits for it.
-    target_done: mpsc::UnboundedSender<String>,
+    target_done: mpsc::UnboundedSender<TargetDone>,
+}
+
+/// An attempt to a target ended; how long the target asked to be left alone (`Retry-After`).
+struct TargetDone {
+    target: String,
+    hold: Option<Duration>,
 }
 
 /// A target's slot, held for the length of an attempt; its end is reported to the dispatcher.
 struct TargetSlot {
     target: String,
-    done: mpsc::UnboundedSender<String>,
+    /// What the target said about its next attempt, set once it answered.
+    hold: Option<Duration>,
+    done: mpsc::UnboundedSender<TargetDone>,
 }
 
 impl Drop for TargetSlot {
     fn drop(&mut self) {
-        let _ = self.done.send(std::mem::take(&mut self.target));
+        let _ = self.done.send(TargetDone {
+            target: std::mem::take(&mut self.target),
+            hold: self.hold,
+        });
     }
 }
 
@@ -79,15 +90,42 @@ impl Drop for TargetSlot {
 /// freeing before the attempt stops counting, so what waits for it starts first.
 struct Slots {
     _instance: OwnedSemaphorePermit,
-    _target: Option<TargetSlot>,
+    target: Option<TargetSlot>,
 }
 
-/// One target's attempts under way and the batches waiting for it.
+/// One target's attempts under way, the batches waiting for it, and what holds them back.
 struct Target {
     busy: usize,
     waiting: VecDeque<Vec<Envelope>>,
-    /// When an attempt to it last ended (or it was first seen).
+    /// When an attempt to it last ended or began (or it was first seen).
     progressed: tokio::time::Instant,
+    /// Its own rate limit, if the destination gives one per target.
+    rate: Option<RateGate>,
+    /// Nothing goes to it before this (it answered with `Retry-After`).
+    hold_until: Option<tokio::time::Instant>,
+    /// The wake-up set for what waits for it, if any.
+    wake: Option<tokio::time::Instant>,
+}
+
+impl Target {
+    fn new(now: tokio::time::Instant, rate: Option<&RateLimit>) -> Self {
+        Self {
+            busy: 0,
+            waiting: VecDeque::new(),
+            progressed: now,
+            rate: rate.map(RateLimit::gate),
+            hold_until: None,
+            wake: None,
+        }
+    }
+
+    /// Whether it remembers nothing a fresh one would not: it may be forgotten.
+    fn forgettable(&self, now: tokio::time::Instant) -> bool {
+        self.busy == 0
+            && self.waiting.is_empty()
+            && self.hold_until.is_none_or(|until| until <= now)
+            && self.rate.as_ref().is_none_or(|rate| rate.is_idle(now))
+    }
 }
 
 /// Counts an attempt under way for as long as it lives, however it ends.
@@ -113,12 +151,21 @@ pub(super) struct Dispatcher {
     lifecycle: watch::Receiver<Lifecycle>,
     /// The most attempts at once to one target, if the destination names targets.
     per_target: Option<usize>,
-    /// Targets with attempts under way, and what waits for them.
+    /// Each target's rate limit, if the destination gives one.
+    per_target_rate: Option<RateLimit>,
+    /// The whole instance's rate limit (`rate_limit`).
+    instance_rate: Option<RateGate>,
+    /// Whether batches go through the targets' gates (a limit of any kind is set).
+    gated: bool,
+    /// Targets with attempts under way or batches waiting, and what waits for them (the key
+    /// `""` is the whole instance, for a destination that names no targets).
     targets: HashMap<String, Target>,
+    /// When targets waiting for a time (a rate limit, `Retry-After`) may go, earliest first.
+    wake_ups: BinaryHeap<Reverse<(tokio::time::Instant, String)>>,
     /// Envelopes waiting for a busy target, across targets.
     parked: usize,
-    /// The targets of attempts that ended.
-    target_done: mpsc::UnboundedReceiver<String>,
+    /// The attempts that ended, by target.
+    target_done: mpsc::UnboundedReceiver<TargetDone>,
     /// When to look for stalled targets (while the waiting set is full).
     stall_check: Option<tokio::time::Instant>,
 }
@@ -202,6 +249,9 @@ impl Dispatcher {
             .min(destination.max_concurrency().unwrap_or(usize::MAX))
             .max(1);
         let per_target = destination.per_target_concurrency().map(|n| n.max(1));
+        let per_target_rate = destination.per_target_rate_limit();
+        let instance_rate = settings.rate_limit.as_ref().map(RateLimit::gate);
+        let gated = per_target.is_some() || per_target_rate.is_some() || instance_rate.is_some();
         let (done_tx, target_done) = mpsc::unbounded_channel();
         let lane = Arc::new(Lane {
             name: name.clone(),
@@ -229,7 +279,11 @@ impl Dispatcher {
             deadlines: Deadlines::default(),
             lifecycle: hub.lifecycle.subscribe(),
             per_target,
+            per_target_rate,
+            instance_rate,
+            gated,
             targets: HashMap::new(),
+            wake_ups: BinaryHeap::new(),
             parked: 0,
             target_done,
             stall_check: None,
@@ -240,10 +294,11 @@ impl Dispatcher {
     async fn run(mut self) {
         let mut intake_open = true;
         loop {
+            let wake_up = self.next_wake_up();
             tokio::select! {
                 biased;
                 // A freed target slot first: what waits for it starts before more is leased.
-                Some(target) = self.target_done.recv() => self.target_freed(target).await,
+                Some(done) = self.target_done.recv() => self.target_freed(done).await,
                 leased = self.leases.recv(), if intake_open && self.parked < PARKED_MAX => match leased {
                     Some(Leased::Retry(batch)) => self.deliver(batch).await,
                     Some(Leased::Ready(envelopes)) => {
@@ -258,9 +313,13 @@ impl Dispatcher {
                 },
                 () = sleep_until(self.stall_check), if self.stall_check.is_some() => self.defer_stalled().await,
                 () = sleep_until(self.deadlines.next()), if self.deadlines.next().is_some() => self.flush_due().await,
+                () = sleep_until(wake_up), if wake_up.is_some() => self.wake_due().await,
                 Ok(()) = self.lifecycle.changed() => {
-                    if *self.lifecycle.borrow_and_update() == Lifecycle::Draining {
-                        self.due_now();
+                    let now = *self.lifecycle.borrow_and_update();
+                    match now {
+                        Lifecycle::Draining => self.due_now(),
+                        Lifecycle::GivenUp => self.give_up_waiting().await,
+                        _ => {}
                     }
                 }
                 () = self.lane.idle.notified(), if !intake_open => {}
@@ -300,7 +359,9 @@ impl Dispatcher {
     /// Which target a batch goes to, when the destination limits attempts per target; one
     /// that panics naming it delivers the batch without a target's limit.
     fn target_of(&self, envelopes: &[Envelope]) -> Option<String> {
-        self.per_target?;
+        if self.per_target.is_none() && self.per_target_rate.is_none() {
+            return None;
+        }
         let first = envelopes.first()?;
         let destination = &self.lane.destination;
         std::panic::catch_unwind(AssertUnwindSafe(|| destination.target(&first.payload)))
@@ -392,30 +453,123 @@ impl Dispatcher {
         }
     }
 
-    /// Deliver a batch: at once if its target has a free slot (then waiting for one of the
-    /// instance's), else once the target frees one — without holding an instance slot
-    /// meanwhile.
+    /// Deliver a batch: at once if its target's gates allow (a free slot, its turn under the
+    /// rate limits, no `Retry-After` in force), else once they do — without holding an
+    /// instance slot meanwhile.
     async fn deliver(&mut self, envelopes: Vec<Envelope>) {
-        let target = self.target_of(&envelopes);
-        if let (Some(limit), Some(key)) = (self.per_target, &target) {
+        if !self.gated {
+            return self.begin(envelopes, None).await;
+        }
+        let key = self.target_of(&envelopes).unwrap_or_default();
+        let now = tokio::time::Instant::now();
+        let rate = self.per_target_rate;
+        self.parked += envelopes.len();
+        self.targets
+            .entry(key.clone())
+            .or_insert_with(|| Target::new(now, rate.as_ref()))
+            .waiting
+            .push_back(envelopes);
+        self.start_waiting(&key).await;
+        if self.parked >= PARKED_MAX && self.stall_check.is_none() && !self.draining() {
+            self.stall_check = Some(now + STALLED_AFTER);
+        }
+    }
+
+    /// Start what waits for `key`, in order, as far as its gates allow; a batch held back
+    /// until a time sets a wake-up for it.
+    async fn start_waiting(&mut self, key: &str) {
+        let limit = self.per_target.unwrap_or(usize::MAX);
+        loop {
             let now = tokio::time::Instant::now();
-            let draining = self.draining();
-            let state = self.targets.entry(key.clone()).or_insert_with(|| Target {
-                busy: 0,
-                waiting: VecDeque::new(),
-                progressed: now,
-            });
-            if state.busy >= limit {
-                self.parked += envelopes.len();
-                state.waiting.push_back(envelopes);
-                if self.parked >= PARKED_MAX && self.stall_check.is_none() && !draining {
-                    self.stall_check = Some(now + STALLED_AFTER);
+            let Some(state) = self.targets.get_mut(key) else {
+                return;
+            };
+            if state.waiting.is_empty() {
+                if state.forgettable(now) {
+                    self.targets.remove(key);
                 }
                 return;
             }
+            if state.busy >= limit {
+                // An attempt that ends starts the next.
+                return;
+            }
+            let ready_at = [
+                state.hold_until,
+                state.rate.as_ref().map(|rate| rate.ready_at(now)),
+                self.instance_rate.as_ref().map(|rate| rate.ready_at(now)),
+            ]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or(now);
+            if ready_at > now {
+                if state.wake.is_none_or(|wake| wake > ready_at) {
+                    state.wake = Some(ready_at);
+                    self.wake_ups.push(Reverse((ready_at, key.to_owned())));
+                }
+                return;
+            }
+            if let Some(rate) = &mut state.rate {
+                rate.take(now);
+            }
+            if let Some(rate) = &mut self.instance_rate {
+                rate.take(now);
+            }
+            let Some(next) = state.waiting.pop_front() else {
+                return;
+            };
             state.busy += 1;
+            state.progressed = now;
+            self.parked -= next.len();
+            self.begin(next, Some(key.to_owned())).await;
         }
-        self.begin(envelopes, target).await;
+    }
+
+    fn next_wake_up(&self) -> Option<tokio::time::Instant> {
+        self.wake_ups.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Targets whose wait is over: start what waits for them.
+    async fn wake_due(&mut self) {
+        let now = tokio::time::Instant::now();
+        let mut due = Vec::new();
+        while let Some(Reverse((at, _))) = self.wake_ups.peek()
+            && *at <= now
+        {
+            if let Some(Reverse((at, key))) = self.wake_ups.pop() {
+                if let Some(state) = self.targets.get_mut(&key)
+                    && state.wake == Some(at)
+                {
+                    state.wake = None;
+                }
+                due.push(key);
+            }
+        }
+        due.dedup();
+        for key in due {
+            self.start_waiting(&key).await;
+        }
+    }
+
+    /// The shutdown deadline passed: what still waits for its turn is given up on (kept by a
+    /// durable queue, dead-lettered with the reason by a memory one).
+    async fn give_up_waiting(&mut self) {
+        let waiting: Vec<Vec<Envelope>> = self
+            .targets
+            .values_mut()
+            .flat_map(|state| state.waiting.drain(..))
+            .collect();
+        self.wake_ups.clear();
+        for envelopes in waiting {
+            self.parked -= envelopes.len();
+            self.lane
+                .give_up(
+                    envelopes,
+                    "the shutdown deadline passed before its turn came",
+                )
+                .await;
+        }
     }
 
     /// The waiting set stayed full: targets without an attempt ending for [`STALLED_AFTER`]
@@ -458,35 +612,34 @@ impl Dispatcher {
         }
     }
 
-    /// An attempt to `target` ended: start the next batch waiting for it.
-    async fn target_freed(&mut self, target: String) {
-        let Some(state) = self.targets.get_mut(&target) else {
+    /// An attempt to a target ended: hold the target as long as it asked, and start what waits
+    /// for it.
+    async fn target_freed(&mut self, done: TargetDone) {
+        let Some(state) = self.targets.get_mut(&done.target) else {
             return;
         };
+        let now = tokio::time::Instant::now();
         state.busy = state.busy.saturating_sub(1);
-        state.progressed = tokio::time::Instant::now();
-        if let Some(next) = state.waiting.pop_front() {
-            state.busy += 1;
-            self.parked -= next.len();
-            self.begin(next, Some(target)).await;
-        } else if state.busy == 0 {
-            self.targets.remove(&target);
+        state.progressed = now;
+        if let Some(hold) = done.hold {
+            let until = now + hold;
+            state.hold_until = Some(state.hold_until.map_or(until, |held| held.max(until)));
         }
+        self.start_waiting(&done.target).await;
     }
 
     /// Wait for a concurrency slot of the instance, then deliver in a task of its own.
     async fn begin(&mut self, envelopes: Vec<Envelope>, target: Option<String>) {
-        let slot = target
-            .filter(|_| self.per_target.is_some())
-            .map(|target| TargetSlot {
-                target,
-                done: self.lane.target_done.clone(),
-            });
+        let slot = target.filter(|_| self.gated).map(|target| TargetSlot {
+            target,
+            hold: None,
+            done: self.lane.target_done.clone(),
+        });
         let permit = self.lane.concurrency.clone().acquire_owned().await;
         let Ok(instance) = permit else { return };
         let slots = Slots {
             _instance: instance,
-            _target: slot,
+            target: slot,
         };
         self.lane.attempts.fetch_add(1, Ordering::AcqRel);
         let under_way = AttemptUnderWay(self.lane.clone());
@@ -538,7 +691,7 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 
 impl Lane {
     /// One delivery attempt of a batch, settled.
-    async fn attempt(self: Arc<Self>, mut envelopes: Vec<Envelope>, slots: Slots) {
+    async fn attempt(self: Arc<Self>, mut envelopes: Vec<Envelope>, mut slots: Slots) {
         let lifecycle = self.hub.lifecycle.subscribe();
         if *lifecycle.borrow() == Lifecycle::GivenUp {
             drop(slots);
@@ -581,6 +734,10 @@ impl Lane {
         let envelopes = batch.into_envelopes();
         self.metrics.delivery_seconds.record(started.elapsed());
         self.metrics.in_flight.decrement(count as f64);
+        // A target that asked for a pause (`Retry-After`) gets it from every batch for it.
+        if let (Some(slot), Some(outcome)) = (&mut slots.target, &outcome) {
+            slot.hold = outcome.retry_after();
+        }
         // The slots are free once the target answered: the next batch for it need not wait
         // for this settlement.
         drop(slots);

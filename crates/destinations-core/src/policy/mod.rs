@@ -6,5 +6,5 @@ mod rate;
 mod retry;
 
 pub use batch::{BatchPolicy, BatchPolicyOverrides};
-pub use rate::RateLimit;
+pub use rate::{RateGate, RateLimit, SharedRateGate};
 pub use retry::{RetryDecision, RetryPolicy};

@@ -1,0 +1,213 @@
+//! Rate limits and a target's `Retry-After`: attempts are held back until their turn — spaced,
+//! never failed — on a paused clock, so every time asserted is exact.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use destinations_core::prelude::*;
+use destinations_core::{HubConfig, RateLimit};
+use serde_json::json;
+use tokio::time::Instant;
+
+/// Records each attempt (when, to which host, which marker); names the host in the payload as
+/// the target; answers the first attempt to each host in `busy_once` with a `Retry-After`.
+struct Hosts {
+    per_host_rate: Option<RateLimit>,
+    busy_once: HashMap<&'static str, Duration>,
+    attempts: Mutex<Vec<(Instant, String, u64)>>,
+}
+
+impl Hosts {
+    fn new() -> Self {
+        Self {
+            per_host_rate: None,
+            busy_once: HashMap::new(),
+            attempts: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Each host's attempts, as offsets from `start`, in order.
+    fn times(&self, start: Instant) -> HashMap<String, Vec<Duration>> {
+        let mut times: HashMap<String, Vec<Duration>> = HashMap::new();
+        for (at, host, _) in self
+            .attempts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            times.entry(host.clone()).or_default().push(*at - start);
+        }
+        times
+    }
+}
+
+fn host_of(payload: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(payload).unwrap_or_default()["host"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[async_trait]
+impl Destination for Hosts {
+    fn kind(&self) -> &'static str {
+        "hosts"
+    }
+
+    fn validate(&self, _: &[u8]) -> Result<(), InvalidPayload> {
+        Ok(())
+    }
+
+    fn target(&self, payload: &[u8]) -> Option<String> {
+        Some(host_of(payload))
+    }
+
+    fn per_target_concurrency(&self) -> Option<usize> {
+        Some(64)
+    }
+
+    fn per_target_rate_limit(&self) -> Option<RateLimit> {
+        self.per_host_rate
+    }
+
+    async fn deliver(&self, batch: &Batch) -> BatchOutcome {
+        let envelope = &batch.envelopes()[0];
+        let host = host_of(&envelope.payload);
+        let marker = serde_json::from_slice::<serde_json::Value>(&envelope.payload)
+            .unwrap_or_default()["marker"]
+            .as_u64()
+            .unwrap_or(0);
+        let first_to_host = {
+            let mut attempts = self.attempts.lock().unwrap_or_else(PoisonError::into_inner);
+            let first = !attempts.iter().any(|(_, h, _)| *h == host);
+            attempts.push((Instant::now(), host.clone(), marker));
+            first
+        };
+        match self.busy_once.get(host.as_str()) {
+            Some(wait) if first_to_host => {
+                BatchOutcome::All(Report::retry_after("429 Too Many Requests", Some(*wait)))
+            }
+            _ => BatchOutcome::All(Report::delivered()),
+        }
+    }
+}
+
+fn hub(destination: Arc<Hosts>, settings: InstanceSettings) -> Hub {
+    Hub::builder()
+        .config(HubConfig::default())
+        .destination("d", destination, settings)
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn send(hub: &Hub, host: &str, marker: u64) -> EventId {
+    hub.sender()
+        .to("d", &json!({ "host": host, "marker": marker }))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn delivered_first_time(hub: &Hub, ids: &[EventId]) {
+    for id in ids {
+        let status = hub
+            .wait_final(*id, Duration::from_secs(3600))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("{id} unknown"));
+        assert_eq!(status.state, State::Delivered);
+        assert_eq!(status.attempts, 1, "waiting for its turn cost an attempt");
+    }
+}
+
+fn ms(list: &[u64]) -> Vec<Duration> {
+    list.iter().copied().map(Duration::from_millis).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_instance_rate_limit_spaces_attempts_instead_of_failing_them() {
+    let hosts = Arc::new(Hosts::new());
+    let settings = InstanceSettings {
+        rate_limit: Some(RateLimit::per_second(10.0)),
+        ..InstanceSettings::default()
+    };
+    let hub = hub(hosts.clone(), settings);
+    let start = Instant::now();
+    // Two hosts: the instance's limit covers both.
+    let ids: Vec<EventId> = (0..6)
+        .map(|n| send(&hub, if n % 2 == 0 { "a" } else { "b" }, n))
+        .collect();
+    delivered_first_time(&hub, &ids).await;
+    let mut all: Vec<Duration> = hosts.times(start).into_values().flatten().collect();
+    all.sort();
+    assert_eq!(
+        all,
+        ms(&[0, 100, 200, 300, 400, 500]),
+        "one attempt each 100 ms, none sooner, none later"
+    );
+    hub.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_per_host_rate_limit_spaces_each_host_on_its_own_with_its_burst() {
+    let hosts = Arc::new(Hosts {
+        per_host_rate: Some(RateLimit::per_second(10.0).with_burst(2)),
+        ..Hosts::new()
+    });
+    let hub = hub(hosts.clone(), InstanceSettings::default());
+    let start = Instant::now();
+    let ids: Vec<EventId> = (0..8)
+        .map(|n| send(&hub, if n % 2 == 0 { "a" } else { "b" }, n))
+        .collect();
+    delivered_first_time(&hub, &ids).await;
+    let times = hosts.times(start);
+    for host in ["a", "b"] {
+        assert_eq!(
+            times[host],
+            ms(&[0, 0, 100, 200]),
+            "host {host}: a burst of two, then one each 100 ms"
+        );
+    }
+    hub.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_holds_every_batch_for_that_host_and_only_that_host() {
+    let hosts = Arc::new(Hosts {
+        busy_once: HashMap::from([("a", Duration::from_secs(30))]),
+        ..Hosts::new()
+    });
+    let hub = hub(hosts.clone(), InstanceSettings::default());
+    let start = Instant::now();
+    let first = send(&hub, "a", 0);
+    // Once host a has said "not for 30 s", more for a and some for b.
+    while hosts.times(start).is_empty() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let ids = [send(&hub, "a", 1), send(&hub, "b", 2), send(&hub, "a", 3)];
+    for id in ids.iter().chain([&first]) {
+        let status = hub
+            .wait_final(*id, Duration::from_secs(3600))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("{id} unknown"));
+        assert_eq!(status.state, State::Delivered);
+    }
+    let times = hosts.times(start);
+    assert!(
+        times["b"][0] < Duration::from_secs(1),
+        "host b waited for host a's Retry-After: {:?}",
+        times["b"]
+    );
+    let a = &times["a"];
+    assert_eq!(
+        a.len(),
+        4,
+        "the refused attempt, its retry, and the two others"
+    );
+    assert!(
+        a[1..].iter().all(|t| *t >= Duration::from_secs(30)),
+        "host a was sent to within its Retry-After: {a:?}"
+    );
+    hub.shutdown().await;
+}
