@@ -128,6 +128,50 @@ impl Target {
     }
 }
 
+/// Whether a batch for a target may start now.
+#[derive(Debug, PartialEq, Eq)]
+enum Admission {
+    /// It starts: its target's slot and its turns under the rate limits are taken.
+    Go,
+    /// The target has all the attempts it may have under way.
+    Busy,
+    /// Not before this time (a rate limit's next turn, a `Retry-After`).
+    WaitUntil(tokio::time::Instant),
+}
+
+/// Look at a target's gates and the instance's rate limit; on [`Admission::Go`], take them.
+fn admit(
+    state: &mut Target,
+    instance_rate: &mut Option<RateGate>,
+    limit: usize,
+    now: tokio::time::Instant,
+) -> Admission {
+    if state.busy >= limit {
+        return Admission::Busy;
+    }
+    let ready_at = [
+        state.hold_until,
+        state.rate.as_ref().map(|rate| rate.ready_at(now)),
+        instance_rate.as_ref().map(|rate| rate.ready_at(now)),
+    ]
+    .into_iter()
+    .flatten()
+    .max()
+    .unwrap_or(now);
+    if ready_at > now {
+        return Admission::WaitUntil(ready_at);
+    }
+    if let Some(rate) = &mut state.rate {
+        rate.take(now);
+    }
+    if let Some(rate) = instance_rate {
+        rate.take(now);
+    }
+    state.busy += 1;
+    state.progressed = now;
+    Admission::Go
+}
+
 /// Counts an attempt under way for as long as it lives, however it ends.
 struct AttemptUnderWay(Arc<Lane>);
 
@@ -462,13 +506,22 @@ impl Dispatcher {
         }
         let key = self.target_of(&envelopes).unwrap_or_default();
         let now = tokio::time::Instant::now();
-        let rate = self.per_target_rate;
+        let limit = self.per_target.unwrap_or(usize::MAX);
+        let state = match self.targets.get_mut(&key) {
+            Some(state) => state,
+            None => self
+                .targets
+                .entry(key.clone())
+                .or_insert_with(|| Target::new(now, self.per_target_rate.as_ref())),
+        };
+        // Nothing waits ahead of it and the gates are open: it starts now (the usual case).
+        if state.waiting.is_empty()
+            && admit(state, &mut self.instance_rate, limit, now) == Admission::Go
+        {
+            return self.begin(envelopes, Some(key)).await;
+        }
         self.parked += envelopes.len();
-        self.targets
-            .entry(key.clone())
-            .or_insert_with(|| Target::new(now, rate.as_ref()))
-            .waiting
-            .push_back(envelopes);
+        state.waiting.push_back(envelopes);
         self.start_waiting(&key).await;
         if self.parked >= PARKED_MAX && self.stall_check.is_none() && !self.draining() {
             self.stall_check = Some(now + STALLED_AFTER);
@@ -490,37 +543,21 @@ impl Dispatcher {
                 }
                 return;
             }
-            if state.busy >= limit {
+            match admit(state, &mut self.instance_rate, limit, now) {
                 // An attempt that ends starts the next.
-                return;
-            }
-            let ready_at = [
-                state.hold_until,
-                state.rate.as_ref().map(|rate| rate.ready_at(now)),
-                self.instance_rate.as_ref().map(|rate| rate.ready_at(now)),
-            ]
-            .into_iter()
-            .flatten()
-            .max()
-            .unwrap_or(now);
-            if ready_at > now {
-                if state.wake.is_none_or(|wake| wake > ready_at) {
-                    state.wake = Some(ready_at);
-                    self.wake_ups.push(Reverse((ready_at, key.to_owned())));
+                Admission::Busy => return,
+                Admission::WaitUntil(ready_at) => {
+                    if state.wake.is_none_or(|wake| wake > ready_at) {
+                        state.wake = Some(ready_at);
+                        self.wake_ups.push(Reverse((ready_at, key.to_owned())));
+                    }
+                    return;
                 }
-                return;
-            }
-            if let Some(rate) = &mut state.rate {
-                rate.take(now);
-            }
-            if let Some(rate) = &mut self.instance_rate {
-                rate.take(now);
+                Admission::Go => {}
             }
             let Some(next) = state.waiting.pop_front() else {
                 return;
             };
-            state.busy += 1;
-            state.progressed = now;
             self.parked -= next.len();
             self.begin(next, Some(key.to_owned())).await;
         }
