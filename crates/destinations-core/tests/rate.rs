@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use destinations_core::prelude::*;
-use destinations_core::{HubConfig, RateLimit};
+use destinations_core::{HubConfig, RateLimit, SendStatus};
 use serde_json::json;
 use tokio::time::Instant;
 
@@ -108,7 +108,9 @@ fn send(hub: &Hub, host: &str, marker: u64) -> EventId {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-async fn delivered_first_time(hub: &Hub, ids: &[EventId]) {
+/// Each of `ids` delivered; their statuses.
+async fn delivered(hub: &Hub, ids: &[EventId]) -> Vec<SendStatus> {
+    let mut statuses = Vec::new();
     for id in ids {
         let status = hub
             .wait_final(*id, Duration::from_secs(3600))
@@ -116,6 +118,13 @@ async fn delivered_first_time(hub: &Hub, ids: &[EventId]) {
             .unwrap_or_else(|e| panic!("{e}"))
             .unwrap_or_else(|| panic!("{id} unknown"));
         assert_eq!(status.state, State::Delivered);
+        statuses.push(status);
+    }
+    statuses
+}
+
+async fn delivered_first_time(hub: &Hub, ids: &[EventId]) {
+    for status in delivered(hub, ids).await {
         assert_eq!(status.attempts, 1, "waiting for its turn cost an attempt");
     }
 }
@@ -184,15 +193,13 @@ async fn retry_after_holds_every_batch_for_that_host_and_only_that_host() {
     while hosts.times(start).is_empty() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let ids = [send(&hub, "a", 1), send(&hub, "b", 2), send(&hub, "a", 3)];
-    for id in ids.iter().chain([&first]) {
-        let status = hub
-            .wait_final(*id, Duration::from_secs(3600))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"))
-            .unwrap_or_else(|| panic!("{id} unknown"));
-        assert_eq!(status.state, State::Delivered);
-    }
+    let ids = [
+        first,
+        send(&hub, "a", 1),
+        send(&hub, "b", 2),
+        send(&hub, "a", 3),
+    ];
+    delivered(&hub, &ids).await;
     let times = hosts.times(start);
     assert!(
         times["b"][0] < Duration::from_secs(1),
