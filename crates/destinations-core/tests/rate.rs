@@ -218,3 +218,45 @@ async fn retry_after_holds_every_batch_for_that_host_and_only_that_host() {
     );
     hub.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_host_that_said_retry_after_to_one_instance_is_held_for_every_instance() {
+    let told = Arc::new(Hosts {
+        busy_once: HashMap::from([("a", Duration::from_secs(30))]),
+        ..Hosts::new()
+    });
+    let other = Arc::new(Hosts::new());
+    let hub = Hub::builder()
+        .config(HubConfig::default())
+        .destination("told", told.clone(), InstanceSettings::default())
+        .destination("other", other.clone(), InstanceSettings::default())
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let start = Instant::now();
+    let first = hub
+        .sender()
+        .to("told", &json!({ "host": "a", "marker": 0 }))
+        .unwrap_or_else(|e| panic!("{e}"));
+    while told.times(start).is_empty() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let to_other = |host: &str, marker: u64| {
+        hub.sender()
+            .to("other", &json!({ "host": host, "marker": marker }))
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let ids = [first, to_other("a", 1), to_other("b", 2)];
+    delivered(&hub, &ids).await;
+    let times = other.times(start);
+    assert!(
+        times["a"][0] >= Duration::from_secs(30),
+        "another instance sent to host a within its Retry-After: {:?}",
+        times["a"]
+    );
+    assert!(
+        times["b"][0] < Duration::from_secs(1),
+        "host b was held too: {:?}",
+        times["b"]
+    );
+    hub.shutdown().await;
+}

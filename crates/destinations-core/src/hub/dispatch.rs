@@ -140,10 +140,12 @@ enum Admission {
 }
 
 /// Look at a target's gates and the instance's rate limit; on [`Admission::Go`], take them.
+/// `held_until` is the hub-wide hold on the target, if any.
 fn admit(
     state: &mut Target,
     instance_rate: &mut Option<RateGate>,
     limit: usize,
+    held_until: Option<tokio::time::Instant>,
     now: tokio::time::Instant,
 ) -> Admission {
     if state.busy >= limit {
@@ -151,6 +153,7 @@ fn admit(
     }
     let ready_at = [
         state.hold_until,
+        held_until,
         state.rate.as_ref().map(|rate| rate.ready_at(now)),
         instance_rate.as_ref().map(|rate| rate.ready_at(now)),
     ]
@@ -515,8 +518,9 @@ impl Dispatcher {
                 .or_insert_with(|| Target::new(now, self.per_target_rate.as_ref())),
         };
         // Nothing waits ahead of it and the gates are open: it starts now (the usual case).
+        let held_until = self.lane.held_until(&key, now);
         if state.waiting.is_empty()
-            && admit(state, &mut self.instance_rate, limit, now) == Admission::Go
+            && admit(state, &mut self.instance_rate, limit, held_until, now) == Admission::Go
         {
             return self.begin(envelopes, Some(key)).await;
         }
@@ -543,7 +547,8 @@ impl Dispatcher {
                 }
                 return;
             }
-            match admit(state, &mut self.instance_rate, limit, now) {
+            let held_until = self.lane.held_until(key, now);
+            match admit(state, &mut self.instance_rate, limit, held_until, now) {
                 // An attempt that ends starts the next.
                 Admission::Busy => return,
                 Admission::WaitUntil(ready_at) => {
@@ -661,6 +666,13 @@ impl Dispatcher {
         if let Some(hold) = done.hold {
             let until = now + hold;
             state.hold_until = Some(state.hold_until.map_or(until, |held| held.max(until)));
+            // A named target is held for every instance of the hub that sends to it.
+            if !done.target.is_empty() {
+                self.lane
+                    .hub
+                    .target_holds
+                    .hold(self.lane.destination.kind(), &done.target, until);
+            }
         }
         self.start_waiting(&done.target).await;
     }
@@ -727,6 +739,17 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 }
 
 impl Lane {
+    /// Until when the hub holds a named target of this instance's kind (`Retry-After` given
+    /// to any instance).
+    fn held_until(&self, target: &str, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        if target.is_empty() {
+            return None;
+        }
+        self.hub
+            .target_holds
+            .until(self.destination.kind(), target, now)
+    }
+
     /// One delivery attempt of a batch, settled.
     async fn attempt(self: Arc<Self>, mut envelopes: Vec<Envelope>, mut slots: Slots) {
         let lifecycle = self.hub.lifecycle.subscribe();

@@ -4,6 +4,7 @@
 mod detached;
 mod dispatch;
 pub(crate) mod follow_up;
+mod holds;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -128,6 +129,8 @@ pub(crate) struct HubShared {
     /// Told of every dead letter, as it is made.
     pub(crate) dead_letter_observers: RwLock<Vec<DeadLetterObserver>>,
     pub(crate) detached: Detached,
+    /// Targets that asked every instance to wait (`Retry-After`).
+    pub(crate) target_holds: holds::TargetHolds,
 }
 
 /// Told of each dead letter as it is made (the emit destination turns them into `$errors`
@@ -522,6 +525,7 @@ impl HubBuilder {
             dispatchers: Mutex::new(Vec::new()),
             dead_letter_observers: RwLock::new(Vec::new()),
             detached,
+            target_holds: holds::TargetHolds::default(),
         });
         Detached::start(&shared, intake);
         let hub = Hub {
