@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use destinations_core::prelude::*;
 use destinations_core::{HubConfig, RateLimit, SendStatus};
 use serde_json::json;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// Records each attempt (when, to which host, which marker); names the host in the payload as
@@ -17,6 +18,8 @@ struct Hosts {
     per_host_rate: Option<RateLimit>,
     busy_once: HashMap<&'static str, Duration>,
     attempts: Mutex<Vec<(Instant, String, u64)>>,
+    /// Told of each attempt.
+    attempted: Notify,
 }
 
 impl Hosts {
@@ -25,6 +28,23 @@ impl Hosts {
             per_host_rate: None,
             busy_once: HashMap::new(),
             attempts: Mutex::new(Vec::new()),
+            attempted: Notify::new(),
+        }
+    }
+
+    /// Wait until some attempt has been made.
+    async fn first_attempt(&self) {
+        loop {
+            let attempted = self.attempted.notified();
+            if !self
+                .attempts
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty()
+            {
+                return;
+            }
+            attempted.await;
         }
     }
 
@@ -85,6 +105,7 @@ impl Destination for Hosts {
             attempts.push((Instant::now(), host.clone(), marker));
             first
         };
+        self.attempted.notify_waiters();
         match self.busy_once.get(host.as_str()) {
             Some(wait) if first_to_host => {
                 BatchOutcome::All(Report::retry_after("429 Too Many Requests", Some(*wait)))
@@ -190,9 +211,7 @@ async fn retry_after_holds_every_batch_for_that_host_and_only_that_host() {
     let start = Instant::now();
     let first = send(&hub, "a", 0);
     // Once host a has said "not for 30 s", more for a and some for b.
-    while hosts.times(start).is_empty() {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    hosts.first_attempt().await;
     let ids = [
         first,
         send(&hub, "a", 1),
@@ -237,9 +256,7 @@ async fn a_host_that_said_retry_after_to_one_instance_is_held_for_every_instance
         .sender()
         .to("told", &json!({ "host": "a", "marker": 0 }))
         .unwrap_or_else(|e| panic!("{e}"));
-    while told.times(start).is_empty() {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    told.first_attempt().await;
     let to_other = |host: &str, marker: u64| {
         hub.sender()
             .to("other", &json!({ "host": host, "marker": marker }))

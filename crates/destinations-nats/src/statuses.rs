@@ -144,6 +144,15 @@ async fn watch_while_waited(store: kv::Store, waiters: Arc<FinalWaiters>) {
     }
 }
 
+/// `queued` statuses for these sends, as of now.
+fn queued_records(envelopes: &[Envelope]) -> Vec<(EventId, Record)> {
+    let now = to_ms(SystemTime::now());
+    envelopes
+        .iter()
+        .map(|e| (e.id, Record::of(e, StoredState::Queued, now)))
+        .collect()
+}
+
 /// The statuses of every server's sends.
 pub(crate) struct NatsStatuses {
     context: jetstream::Context,
@@ -226,22 +235,12 @@ impl NatsStatuses {
     /// These sends are queued: written once they are in the stream, so a send that settles
     /// first keeps the status its attempt gave it.
     pub(crate) async fn queued(&self, envelopes: &[Envelope]) -> Result<(), QueueError> {
-        let now = to_ms(SystemTime::now());
-        let records = envelopes
-            .iter()
-            .map(|e| (e.id, Record::of(e, StoredState::Queued, now)))
-            .collect();
-        self.write(records, true).await
+        self.write(queued_records(envelopes), true).await
     }
 
     /// These dead letters are queued again: written before they are, replacing `dead`.
     pub(crate) async fn requeued(&self, envelopes: &[Envelope]) -> Result<(), QueueError> {
-        let now = to_ms(SystemTime::now());
-        let records = envelopes
-            .iter()
-            .map(|e| (e.id, Record::of(e, StoredState::Queued, now)))
-            .collect();
-        self.write(records, false).await
+        self.write(queued_records(envelopes), false).await
     }
 
     /// The error a send's status holds now, if any.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use destinations_core::{
     Batch, BatchOutcome, DeadLetterFilter, Destination, EventId, Hub, HubBuilder, HubConfig,
-    InstanceSettings, InvalidPayload, Report, State,
+    InstanceSettings, InvalidPayload, Report, SendStatus, State,
 };
 use destinations_nats::{NatsOptions, NatsQueue};
 use destinations_testkit::NatsServer;
@@ -157,6 +157,14 @@ async fn builder_on(
         .destination("sink", destination, InstanceSettings::default())
 }
 
+/// The status of `id` once it is final on `hub` (within `seconds`).
+async fn final_status(hub: &Hub, id: EventId, seconds: u64) -> SendStatus {
+    hub.wait_final(id, Duration::from_secs(seconds))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("{id} unknown to this server"))
+}
+
 /// Send `runs` runs of `size` from `hub`; their ids.
 async fn send_runs(hub: &Hub, runs: usize, size: usize) -> Vec<EventId> {
     let mut ids = Vec::new();
@@ -195,21 +203,13 @@ async fn sends_spread_over_three_servers_arrive_once_each() {
     // Nor was any handed out twice: a message nats-server sent that a server left unread
     // would come back after the lease time, its attempt count one higher.
     for id in &ids {
-        let status = nodes[0]
-            .wait_final(*id, Duration::from_secs(10))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"))
-            .unwrap_or_else(|| panic!("{id} unknown"));
+        let status = final_status(&nodes[0], *id, 10).await;
         assert_eq!(status.attempts, 1, "{id} was handed out more than once");
     }
     // Every server answers for every send.
     for id in [ids[0], ids[150], ids[ids.len() - 1]] {
         for hub in &nodes {
-            let status = hub
-                .wait_final(id, Duration::from_secs(10))
-                .await
-                .unwrap_or_else(|e| panic!("{e}"))
-                .unwrap_or_else(|| panic!("{id} unknown to a server"));
+            let status = final_status(hub, id, 10).await;
             assert_eq!(status.state, State::Delivered, "{id}");
             assert_eq!(&*status.destination, "sink");
         }
@@ -228,11 +228,7 @@ async fn a_dead_letter_made_on_one_server_is_listed_and_replayed_on_another() {
     let b = node(&server, sink.clone()).await;
     let ids = send_runs(&a, 1, 3).await;
     for id in &ids {
-        let status = b
-            .wait_final(*id, Duration::from_secs(30))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"))
-            .unwrap_or_else(|| panic!("{id} unknown on the other server"));
+        let status = final_status(&b, *id, 30).await;
         assert_eq!(status.state, State::Dead);
         assert!(
             status
@@ -258,11 +254,7 @@ async fn a_dead_letter_made_on_one_server_is_listed_and_replayed_on_another() {
     assert_eq!(replayed.len(), 3);
     sink.wait_for(&ids).await;
     for id in &ids {
-        let status = a
-            .wait_final(*id, Duration::from_secs(10))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"))
-            .unwrap_or_else(|| panic!("{id} unknown"));
+        let status = final_status(&a, *id, 10).await;
         assert_eq!(status.state, State::Delivered, "replayed and delivered");
     }
     assert!(
@@ -390,11 +382,7 @@ async fn a_server_keeps_what_it_holds_past_the_lease_time() {
     slow.release.notify_waiters();
     slow.wait_for(&ids).await;
     for id in &ids {
-        let status = a
-            .wait_final(*id, Duration::from_secs(10))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"))
-            .unwrap_or_else(|| panic!("{id} unknown"));
+        let status = final_status(&a, *id, 10).await;
         assert_eq!(status.state, State::Delivered);
     }
     assert!(
@@ -632,8 +620,7 @@ async fn a_server_that_dies_holding_a_run_hands_on_only_what_it_had_not_finished
                     .unwrap_or_else(PoisonError::into_inner)
                     .clone();
                 for id in delivered {
-                    let status = hub.wait_final(id, Duration::from_secs(10)).await;
-                    assert!(matches!(status, Ok(Some(s)) if s.state == State::Delivered));
+                    assert_eq!(final_status(&hub, id, 10).await.state, State::Delivered);
                 }
                 // Killed, not stopped: nothing of it runs after this.
                 std::mem::forget(hub);
@@ -660,8 +647,7 @@ async fn a_server_that_dies_holding_a_run_hands_on_only_what_it_had_not_finished
     let other = node_on(options, sink.clone(), HubConfig::default()).await;
     sink.wait_for(&unfinished).await;
     for id in &unfinished {
-        let status = other.wait_final(*id, Duration::from_secs(10)).await;
-        assert!(matches!(status, Ok(Some(s)) if s.state == State::Delivered));
+        assert_eq!(final_status(&other, *id, 10).await.state, State::Delivered);
     }
     let again: Vec<EventId> = sink
         .counts()

@@ -201,14 +201,7 @@ async fn under_faults_every_accepted_send_is_delivered_or_dead() {
             }
             mails += 1;
             sends.push(json!({"destination": "mail", "payload": {"subject": format!("round {round} run {run}"), "text": "fault suite"}}));
-            let (code, body) = server.post("/v1/runs", &json!({"sends": sends})).await;
-            assert_eq!(code, 202, "{body}");
-            let ids: Vec<String> = body["ids"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|id| id.as_str().map(str::to_owned))
-                .collect();
+            let ids = server.post_run(sends).await;
             http_ids.extend(ids[..30].iter().cloned());
             let first_event = ids[30].clone();
             let mail = ids[50].clone();

@@ -226,14 +226,7 @@ async fn an_sse_subscriber_on_one_server_sees_sends_made_on_another_and_resumes_
     let sends: Vec<Value> = (0..10)
         .map(|n| json!({"destination": "sse", "payload": {"channel": "order", "stream": "orders", "payload": {"n": n}}}))
         .collect();
-    let (code, body) = a.post("/v1/runs", &json!({ "sends": sends })).await;
-    assert_eq!(code, 202, "{body}");
-    let ids: Vec<String> = body["ids"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|id| id.as_str().map(str::to_owned))
-        .collect();
+    let ids = a.post_run(sends).await;
     assert_eq!(ids.len(), 10);
     for (n, id) in ids.iter().enumerate() {
         let event = tokio::time::timeout(WITHIN, on_c.next_event())

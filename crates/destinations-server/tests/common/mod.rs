@@ -98,6 +98,18 @@ impl Server {
             .await
     }
 
+    /// POST one run of these sends, accepted (`202`); their ids, in order.
+    pub async fn post_run(&self, sends: Vec<Value>) -> Vec<String> {
+        let (code, body) = self.post("/v1/runs", &json!({ "sends": sends })).await;
+        assert_eq!(code, 202, "{body}");
+        body["ids"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|id| id.as_str().map(str::to_owned))
+            .collect()
+    }
+
     pub async fn post_raw(&self, path: &str, body: Vec<u8>) -> (u16, Value) {
         let response = self
             .http
@@ -233,15 +245,7 @@ pub async fn send_runs(server: &Server, url: &str, total: usize, per_run: usize)
         let sends: Vec<Value> = (ids.len()..(ids.len() + per_run).min(total))
             .map(|n| json!({"destination": "http", "payload": {"url": url, "data": {"n": n}}}))
             .collect();
-        let (code, body) = server.post("/v1/runs", &json!({ "sends": sends })).await;
-        assert_eq!(code, 202, "{body}");
-        ids.extend(
-            body["ids"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|id| id.as_str().map(str::to_owned)),
-        );
+        ids.extend(server.post_run(sends).await);
     }
     ids
 }
