@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::policy::{BatchPolicyOverrides, RateLimit, RetryPolicy};
+use crate::policy::{BatchPolicyOverrides, PausePolicy, RateLimit, RetryPolicy};
 use crate::queue::{InstanceShare, QueueBounds};
 
 /// What to do with a run's sends when the run fails.
@@ -43,11 +43,16 @@ pub struct InstanceSettings {
     /// than failed: `{ per_second = 10, burst = 5 }`.
     #[serde(default)]
     pub rate_limit: Option<RateLimit>,
+    /// When a failing target (an HTTP host) is paused: `{ after_failures = 5 }`, or
+    /// `{ enabled = false }` never to pause. Default: the destination's (the HTTP destination
+    /// pauses its hosts; others name no targets to pause).
+    #[serde(default)]
+    pub pause: Option<PausePolicy>,
 }
 
 impl InstanceSettings {
     /// The keys of an instance table that belong to the hub rather than to the destination.
-    pub const KEYS: [&'static str; 7] = [
+    pub const KEYS: [&'static str; 8] = [
         "retry",
         "batch",
         "concurrency",
@@ -55,6 +60,7 @@ impl InstanceSettings {
         "queue",
         "attempt_timeout",
         "rate_limit",
+        "pause",
     ];
     /// Default for [`concurrency`](Self::concurrency).
     pub const DEFAULT_CONCURRENCY: usize = 256;
@@ -216,6 +222,11 @@ impl InstanceConfig {
         if let Some(rate) = &settings.rate_limit {
             rate.check()
                 .map_err(|e| ConfigError::new(instance, format!("`rate_limit`: {e}")))?;
+        }
+        if let Some(pause) = &settings.pause {
+            pause
+                .check()
+                .map_err(|e| ConfigError::new(instance, format!("`pause`: {e}")))?;
         }
         Ok(Self {
             kind,

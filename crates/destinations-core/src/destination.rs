@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::envelope::Envelope;
 use crate::payload::InvalidPayload;
-use crate::policy::{BatchPolicy, RateLimit};
+use crate::policy::{BatchPolicy, PausePolicy, RateLimit};
 
 /// A place sends are delivered to: an HTTP endpoint, an object store, a mailbox...
 ///
@@ -72,6 +72,21 @@ pub trait Destination: Any + Send + Sync {
     /// The most attempts per second to one [`target`](Self::target), spaced rather than
     /// failed (the HTTP destination's `per_host_rate_limit`). Default: none.
     fn per_target_rate_limit(&self) -> Option<RateLimit> {
+        None
+    }
+
+    /// Whether the attempts at once to one [`target`](Self::target) adapt to how it answers
+    /// (grow while it answers as fast as usual, shrink when it slows down or pushes back),
+    /// up to [`per_target_concurrency`](Self::per_target_concurrency). Default: false (the
+    /// fixed limit).
+    fn adaptive_concurrency(&self) -> bool {
+        false
+    }
+
+    /// When a failing [`target`](Self::target) is paused: nothing more is attempted to it
+    /// for a while (its sends stay queued and cost no attempt), then one probe decides.
+    /// Default: never paused.
+    fn pause_policy(&self) -> Option<PausePolicy> {
         None
     }
 

@@ -61,10 +61,13 @@ pub use destination::{
 };
 pub use envelope::{Envelope, EventId, IdHasher, IdMap};
 pub use error::SendError;
-pub use hub::{DeadLetterObserver, Hub, HubBuilder, HubConfig, ShutdownReport, WeakHub};
+pub use hub::{
+    DeadLetterObserver, EndpointChange, EndpointObserver, EndpointView, Hub, HubBuilder, HubConfig,
+    ShutdownReport, WeakHub,
+};
 pub use pattern::glob_match;
 pub use payload::{InvalidPayload, check_name, check_serialized, parse_strict, raw_json};
-pub use policy::{BatchPolicy, RateGate, RateLimit, RetryPolicy, SharedRateGate};
+pub use policy::{BatchPolicy, PausePolicy, RateGate, RateLimit, RetryPolicy, SharedRateGate};
 pub use queue::{
     CapacityFull, DeadLetterStore, Durability, Fanout, FanoutMessage, InstanceShare, Leased,
     MemoryQueue, Queue, QueueBounds, QueueConsumer, QueueDepth, QueueError, Refused, RetryBatch,

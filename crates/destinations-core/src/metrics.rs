@@ -28,6 +28,12 @@ pub const QUEUE_EVENTS: &str = "destinations_queue_events";
 /// Payload bytes pending in the queue, per destination instance.
 pub const QUEUE_BYTES: &str = "destinations_queue_bytes";
 
+/// Attempts at once an instance gives a target now (its adaptive limit), per destination
+/// instance and target.
+pub const ENDPOINT_CONCURRENCY: &str = "destinations_endpoint_concurrency";
+/// Whether a target is paused (1) or not (0), per destination kind and target.
+pub const ENDPOINT_PAUSED: &str = "destinations_endpoint_paused";
+
 /// Metric handles of one destination instance.
 #[derive(Clone)]
 pub(crate) struct InstanceMetrics {
@@ -70,5 +76,18 @@ pub fn record_queue_depths(per_instance: &[(String, crate::queue::QueueDepth)]) 
     for (instance, depth) in per_instance {
         gauge!(QUEUE_EVENTS, "destination" => instance.clone()).set(depth.events as f64);
         gauge!(QUEUE_BYTES, "destination" => instance.clone()).set(depth.bytes as f64);
+    }
+}
+
+/// Publish each target's limits and pause state (called when metrics are scraped; the hub
+/// remembers at most 10 000 targets, which bounds the series).
+pub fn record_endpoints(endpoints: &[crate::EndpointView]) {
+    for endpoint in endpoints {
+        for (instance, limit) in &endpoint.concurrency {
+            gauge!(ENDPOINT_CONCURRENCY, "destination" => instance.clone(), "target" => endpoint.target.clone())
+                .set(*limit as f64);
+        }
+        gauge!(ENDPOINT_PAUSED, "kind" => endpoint.kind, "target" => endpoint.target.clone())
+            .set(if endpoint.state == "open" { 0.0 } else { 1.0 });
     }
 }

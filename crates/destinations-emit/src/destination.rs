@@ -10,8 +10,8 @@ use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use async_trait::async_trait;
 use bytes::Bytes;
 use destinations_core::{
-    Batch, BatchOutcome, ConfigError, DeadLetter, Destination, Envelope, Fanout, Hub,
-    InvalidPayload, QueueError, Report, ResponseSummary, SendError, WeakHub, parse_strict,
+    Batch, BatchOutcome, ConfigError, DeadLetter, Destination, EndpointChange, Envelope, Fanout,
+    Hub, InvalidPayload, QueueError, Report, ResponseSummary, SendError, WeakHub, parse_strict,
 };
 use destinations_http::{HttpDestination, HttpOptions, HttpRequest};
 use futures::future::BoxFuture;
@@ -20,7 +20,7 @@ use serde_json::value::RawValue;
 
 use crate::KIND;
 use crate::history::{History, HistoryEntry, HistoryMetadata, RawEvent};
-use crate::send::{ERRORS_CHANNEL, EmitSend, event_object};
+use crate::send::{ENDPOINTS_CHANNEL, ERRORS_CHANNEL, EmitSend, event_object};
 use crate::subscriptions::{Subscription, Subscriptions, is_webhook};
 
 /// Options of an emit destination instance.
@@ -43,6 +43,9 @@ pub struct EmitOptions {
     pub subscriptions_file: Option<PathBuf>,
     /// Turn every dead letter of every destination into an event on `$errors` (default true).
     pub errors_channel: bool,
+    /// Emit an event on `$endpoints` each time a target (an HTTP host) is paused or resumed
+    /// (default true).
+    pub endpoints_channel: bool,
 }
 
 impl Default for EmitOptions {
@@ -55,6 +58,7 @@ impl Default for EmitOptions {
             history_bytes: 64 << 20,
             subscriptions_file: None,
             errors_channel: true,
+            endpoints_channel: true,
         }
     }
 }
@@ -629,6 +633,31 @@ impl EmitDestination {
     }
 }
 
+impl EmitDestination {
+    /// Turn a target paused or resumed into an event on `$endpoints`, emitted by the target.
+    fn report_endpoint_change(&self, change: &EndpointChange) {
+        let Some((hub, instance)) = self.hub() else {
+            return;
+        };
+        let queued = serde_json::to_value(change)
+            .map_err(|e| e.to_string())
+            .and_then(|event| {
+                let send = EmitSend::new(&event)
+                    .on_channel(ENDPOINTS_CHANNEL)
+                    .from_emitter(change.target.clone());
+                serde_json::to_vec(&send).map_err(|e| e.to_string())
+            })
+            .and_then(|bytes| {
+                hub.internal_sender_in(ENDPOINTS_CHANNEL)
+                    .checked(instance, KIND, Bytes::from(bytes))
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(error) = queued {
+            tracing::warn!(%error, target = %change.target, "an endpoint change could not be emitted on $endpoints");
+        }
+    }
+}
+
 /// The most `$errors` events one destination makes a second: a listener whose own sends fail
 /// (an alert email through a broken SMTP server) cannot feed `$errors` without end. Dead
 /// letters past it stay in the dead-letter list; only their `$errors` event is skipped.
@@ -671,6 +700,14 @@ impl Destination for EmitDestination {
                 let task = tokio::spawn(hear_shared(Arc::downgrade(&me), fanout, topic));
                 *self.hearing.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
             }
+        }
+        if self.options.endpoints_channel {
+            let me = Arc::downgrade(&me);
+            hub.on_endpoint_change(Arc::new(move |change| {
+                if let Some(me) = me.upgrade() {
+                    me.report_endpoint_change(change);
+                }
+            }));
         }
         if self.options.errors_channel {
             let me = Arc::downgrade(&me);

@@ -33,7 +33,7 @@ use destinations_core::{DestinationPlugin, EventId, Hub, Registry, SendError, Se
 
 pub use destination::{EmitDestination, EmitOptions, Emitted, ListenerResult};
 pub use history::{HistoryEntry, HistoryMetadata, RawEvent};
-pub use send::{ERRORS_CHANNEL, EmitSend, MAX_NAME_CHARS, check_name};
+pub use send::{ENDPOINTS_CHANNEL, ERRORS_CHANNEL, EmitSend, MAX_NAME_CHARS, check_name};
 pub use subscriptions::Subscription;
 
 /// The kind name of this destination in config (`kind = "emit"`), and the default instance.

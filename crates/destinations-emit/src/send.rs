@@ -10,6 +10,9 @@ pub const MAX_NAME_CHARS: usize = 200;
 /// The built-in channel that carries every dead letter of every destination.
 pub const ERRORS_CHANNEL: &str = "$errors";
 
+/// The built-in channel told when a target (an HTTP host) is paused or resumed.
+pub const ENDPOINTS_CHANNEL: &str = "$endpoints";
+
 /// An event for the listeners subscribed to its emitter (and channel).
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use base64::Engine as _;
 use bytes::Bytes;
 use destinations_core::{
-    Batch, BatchOutcome, ConfigError, Destination, Envelope, InvalidPayload, RateLimit, Report,
-    ResponseSummary, parse_strict,
+    Batch, BatchOutcome, ConfigError, Destination, Envelope, InvalidPayload, PausePolicy,
+    RateLimit, Report, ResponseSummary, parse_strict,
 };
 use http::header::{
     AUTHORIZATION, CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue, LOCATION, RETRY_AFTER,
@@ -39,6 +39,7 @@ pub struct HttpDestination {
     signer: Option<WebhookSigner>,
     per_host_concurrency: usize,
     per_host_rate_limit: Option<RateLimit>,
+    adaptive_concurrency: bool,
     timeout: Duration,
     follow_redirects: usize,
 }
@@ -50,6 +51,7 @@ impl HttpDestination {
             rate.check()
                 .map_err(|e| format!("`per_host_rate_limit`: {e}"))?;
         }
+
         let guard = Arc::new(AddressGuard::allowing(options.allow_networks));
         let signer = if options.signing_secrets.is_empty() {
             None
@@ -70,6 +72,7 @@ impl HttpDestination {
             signer,
             per_host_concurrency: options.per_host_concurrency.max(1),
             per_host_rate_limit: options.per_host_rate_limit,
+            adaptive_concurrency: options.adaptive_concurrency,
             timeout: options.timeout,
             follow_redirects: options.follow_redirects,
         })
@@ -378,6 +381,15 @@ impl Destination for HttpDestination {
 
     fn per_target_rate_limit(&self) -> Option<RateLimit> {
         self.per_host_rate_limit
+    }
+
+    fn adaptive_concurrency(&self) -> bool {
+        self.adaptive_concurrency
+    }
+
+    /// A failing host is paused (the instance's `pause` tunes it, or turns it off).
+    fn pause_policy(&self) -> Option<PausePolicy> {
+        Some(PausePolicy::default())
     }
 
     async fn deliver(&self, batch: &Batch) -> BatchOutcome {

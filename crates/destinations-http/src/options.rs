@@ -30,6 +30,10 @@ pub struct HttpOptions {
     /// Most requests per second (or minute) to one host, spaced rather than failed:
     /// `{ per_second = 20, burst = 5 }`. Default: none.
     pub per_host_rate_limit: Option<RateLimit>,
+    /// Whether the requests at once to a host adapt to how it answers (default true): from
+    /// one, growing while it answers as fast as usual, cut when it slows down, halved when it
+    /// pushes back (429, 503, 408, timeouts); never above `per_host_concurrency`.
+    pub adaptive_concurrency: bool,
     /// Trust only the CA certificates in this PEM file for `https` (a private CA); by default
     /// the system's trust store.
     pub ca_file: Option<PathBuf>,
@@ -44,6 +48,7 @@ impl Default for HttpOptions {
             signing_secrets: Vec::new(),
             per_host_concurrency: 64,
             per_host_rate_limit: None,
+            adaptive_concurrency: true,
             ca_file: None,
         }
     }
@@ -61,6 +66,7 @@ impl std::fmt::Debug for HttpOptions {
             )
             .field("per_host_concurrency", &self.per_host_concurrency)
             .field("per_host_rate_limit", &self.per_host_rate_limit)
+            .field("adaptive_concurrency", &self.adaptive_concurrency)
             .field("ca_file", &self.ca_file)
             .finish()
     }

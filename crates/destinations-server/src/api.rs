@@ -56,8 +56,15 @@ pub(crate) fn router(state: Arc<AppState>, guarded: Router, serves_api: bool) ->
         .route("/v1/dead-letters/replay", post(post_replay))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     let api = if serves_api { api } else { Router::new() };
+    // What this server delivers to: served by every role that delivers (a worker too).
+    let endpoints = Router::new()
+        .route("/v1/endpoints", get(get_endpoints))
+        .route("/v1/endpoints/{target}/pause", post(post_pause_endpoint))
+        .route("/v1/endpoints/{target}/resume", post(post_resume_endpoint))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(api)
+        .merge(endpoints)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -338,6 +345,27 @@ async fn get_destinations(State(state): Shared) -> Response {
     Json(json!({ "destinations": list })).into_response()
 }
 
+/// The targets this server delivers to (an HTTP destination's hosts) with their state,
+/// limits, rates and last error.
+async fn get_endpoints(State(state): Shared) -> Response {
+    Json(json!({ "endpoints": state.hub.endpoints() })).into_response()
+}
+
+/// Pause a target (`host:port`) by hand: its sends stay queued, unattempted, until resumed.
+async fn post_pause_endpoint(State(state): Shared, Path(target): Path<String>) -> Response {
+    match state.hub.pause_endpoint(&target) {
+        Ok(()) => Json(json!({ "target": target, "state": "paused", "paused_by": "operator" }))
+            .into_response(),
+        Err(why) => ApiError::new(StatusCode::CONFLICT, "cannot_pause", why).into_response(),
+    }
+}
+
+/// Resume a target paused by hand or after failures (or held by a `Retry-After`).
+async fn post_resume_endpoint(State(state): Shared, Path(target): Path<String>) -> Response {
+    let was_held = state.hub.resume_endpoint(&target);
+    Json(json!({ "target": target, "state": "open", "was_held": was_held })).into_response()
+}
+
 /// Which dead letters: `destination`, and a time range on when they died (RFC 3339).
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -573,6 +601,7 @@ async fn readyz(State(state): Shared, headers: axum::http::HeaderMap) -> Respons
 
 async fn metrics(State(state): Shared) -> Response {
     destinations::metrics::record_queue_depths(&state.hub.queue_depths());
+    destinations::metrics::record_endpoints(&state.hub.endpoints());
     let text = state
         .prometheus
         .as_ref()

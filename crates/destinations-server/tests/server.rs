@@ -242,6 +242,69 @@ async fn subscriptions_and_emits_over_the_api() {
 }
 
 #[tokio::test]
+async fn an_operator_pauses_and_resumes_a_host_and_listeners_hear_of_it_on_endpoints() {
+    let receiver = Receiver::start().await;
+    let listener = Receiver::start().await;
+    let server = Server::start(None).await;
+    let (code, body) = server
+        .post(
+            "/v1/subscriptions",
+            &json!({"emitter_id": "*", "listener_id": listener.url("/ops"), "event_name": "$endpoints"}),
+        )
+        .await;
+    assert_eq!(code, 201, "{body}");
+    let host = receiver.addr().to_string();
+    let (code, body) = server
+        .post(&format!("/v1/endpoints/{host}/pause"), &json!(null))
+        .await;
+    assert_eq!((code, &body["state"]), (200, &json!("paused")), "{body}");
+    let (code, body) = server
+        .post("/v1/send/http", &json!({"url": receiver.url("/hook")}))
+        .await;
+    assert_eq!(code, 202, "{body}");
+    let id = body["id"].as_str().unwrap_or_default().to_owned();
+    listener.wait_for_accepted(1, WITHIN).await;
+    let paused = listener.requests()[0].json();
+    assert_eq!(paused["event"]["change"], "paused", "{paused}");
+    assert_eq!(paused["event"]["by"], "operator");
+    assert_eq!(paused["event"]["target"], host.as_str());
+    let (_, body) = server.get("/v1/endpoints").await;
+    let endpoint = body["endpoints"]
+        .as_array()
+        .and_then(|all| all.iter().find(|e| e["target"] == host.as_str()))
+        .cloned()
+        .unwrap_or_else(|| panic!("{host} not listed: {body}"));
+    assert_eq!(endpoint["state"], "paused", "{endpoint}");
+    assert_eq!(endpoint["paused_by"], "operator");
+    let (_, status) = server.get(&format!("/v1/events/{id}")).await;
+    assert_eq!(
+        (&status["state"], &status["attempts"]),
+        (&json!("queued"), &json!(0)),
+        "held, unattempted: {status}"
+    );
+    assert!(receiver.requests().is_empty());
+    let (code, body) = server
+        .post(&format!("/v1/endpoints/{host}/resume"), &json!(null))
+        .await;
+    assert_eq!((code, &body["was_held"]), (200, &json!(true)), "{body}");
+    assert_eq!(server.final_status(&id).await["state"], "delivered");
+    listener.wait_for_accepted(2, WITHIN).await;
+    assert_eq!(listener.requests()[1].json()["event"]["change"], "resumed");
+    let (_, body) = server.get("/v1/endpoints").await;
+    assert!(
+        body["endpoints"][0]["concurrency"]["http"].as_u64() >= Some(1),
+        "{body}"
+    );
+    let metrics = server.text("/metrics").await;
+    assert!(
+        metrics.contains(&format!(
+            "destinations_endpoint_paused{{kind=\"http\",target=\"{host}\"}} 0"
+        )),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
 async fn the_api_token_guards_subscriptions_too() {
     let server = Server::start_with(
         None,

@@ -151,6 +151,8 @@ async fn instance(
     );
     // Batches (of a destination that batches) go out quickly, unless the case says otherwise.
     object.insert("batch".into(), json!({"max_age": "50ms"}));
+    // A sink that fails every send's first attempts on purpose is not a target to pause.
+    object.insert("pause".into(), json!({"enabled": false}));
     if let serde_json::Value::Object(extra) = extra {
         object.extend(extra.clone());
     }

@@ -15,9 +15,10 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::FutureExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 
+use super::endpoints::{AttemptEnd, EndpointGate, EndpointKey};
 use super::follow_up::Collector;
 use super::{HubShared, Lifecycle};
 use crate::config::InstanceSettings;
@@ -25,7 +26,10 @@ use crate::dead_letters::DeadLetter;
 use crate::destination::{Batch, BatchOutcome, Destination, Outcome, Report};
 use crate::envelope::Envelope;
 use crate::metrics::InstanceMetrics;
-use crate::policy::{BatchPolicy, RateGate, RateLimit, RetryDecision, RetryPolicy};
+use crate::policy::{
+    AdaptiveLimit, BatchPolicy, Health, PausePolicy, Pressure, RateGate, RateLimit, RetryDecision,
+    RetryPolicy,
+};
 use crate::queue::{Leased, QueueConsumer, RetryBatch, Settled, Settlement};
 
 /// The most envelopes leased at once.
@@ -44,6 +48,8 @@ const STALLED_AFTER: Duration = Duration::from_secs(1);
 struct Lane {
     name: Arc<str>,
     destination: Arc<dyn Destination>,
+    /// When a failing target is paused, if the destination pauses them.
+    pause: Option<PausePolicy>,
     retry: RetryPolicy,
     /// The longest one attempt may take.
     attempt_timeout: Duration,
@@ -62,17 +68,105 @@ struct Lane {
     target_done: mpsc::UnboundedSender<TargetDone>,
 }
 
-/// An attempt to a target ended; how long the target asked to be left alone (`Retry-After`).
+/// An attempt to a target ended: what it said about the target.
 struct TargetDone {
     target: String,
+    /// Let through as the probe of a paused target.
+    probe: bool,
+    round_trip: Duration,
+    said: TargetSaid,
+}
+
+/// What an attempt's outcome says about its target.
+#[derive(Debug)]
+struct TargetSaid {
+    /// How long it asked to be left alone (`Retry-After`).
     hold: Option<Duration>,
+    health: Health,
+    pressure: Pressure,
+    error: Option<String>,
+}
+
+impl TargetSaid {
+    /// An attempt that ended without an outcome (given up at shutdown).
+    const NOTHING: Self = Self {
+        hold: None,
+        health: Health::Unknown,
+        pressure: Pressure::Unknown,
+        error: None,
+    };
+
+    /// Read an attempt's outcome: a send delivered, or any answer but a server error, says
+    /// the target answers; could not connect, a server error or a timeout says it fails;
+    /// 429, 503, 408, a timeout or a `Retry-After` says it pushes back.
+    fn of(outcome: &BatchOutcome) -> Self {
+        let reports: &[Report] = match outcome {
+            BatchOutcome::All(report) => std::slice::from_ref(report),
+            BatchOutcome::Each(reports) => reports,
+        };
+        let mut said = Self::NOTHING;
+        let (mut answered, mut failing, mut pushed_back) = (false, false, false);
+        for report in reports {
+            let status = report.response.as_ref().and_then(|r| r.status);
+            match &report.outcome {
+                Outcome::Delivered => answered = true,
+                Outcome::Retry { after: Some(_), .. } => pushed_back = true,
+                Outcome::Retry { error, after: None } => {
+                    match status {
+                        Some(429) => pushed_back = true,
+                        Some(408 | 503) => (pushed_back, failing) = (true, true),
+                        Some(400..=499) => answered = true,
+                        _ => failing = true,
+                    }
+                    said.error.get_or_insert_with(|| error.clone());
+                }
+                Outcome::Failed { error } => {
+                    if status.is_some_and(|s| s < 500) {
+                        answered = true;
+                    }
+                    said.error.get_or_insert_with(|| error.clone());
+                }
+            }
+        }
+        said.hold = outcome.retry_after();
+        said.health = if answered {
+            Health::Answered
+        } else if failing {
+            Health::Failing
+        } else {
+            Health::Unknown
+        };
+        said.pressure = if pushed_back {
+            Pressure::PushedBack
+        } else if reports
+            .iter()
+            .any(|r| matches!(r.outcome, Outcome::Delivered))
+        {
+            Pressure::Answered
+        } else {
+            Pressure::Unknown
+        };
+        said
+    }
+
+    /// An attempt cut short at `attempt_timeout`.
+    fn timed_out(error: String) -> Self {
+        Self {
+            hold: None,
+            health: Health::Failing,
+            pressure: Pressure::PushedBack,
+            error: Some(error),
+        }
+    }
 }
 
 /// A target's slot, held for the length of an attempt; its end is reported to the dispatcher.
 struct TargetSlot {
     target: String,
-    /// What the target said about its next attempt, set once it answered.
-    hold: Option<Duration>,
+    probe: bool,
+    started: tokio::time::Instant,
+    /// What the attempt said, set once it ended.
+    said: Option<TargetSaid>,
     done: mpsc::UnboundedSender<TargetDone>,
 }
 
@@ -80,7 +174,9 @@ impl Drop for TargetSlot {
     fn drop(&mut self) {
         let _ = self.done.send(TargetDone {
             target: std::mem::take(&mut self.target),
-            hold: self.hold,
+            probe: self.probe,
+            round_trip: self.started.elapsed(),
+            said: self.said.take().unwrap_or(TargetSaid::NOTHING),
         });
     }
 }
@@ -105,10 +201,12 @@ struct Target {
     hold_until: Option<tokio::time::Instant>,
     /// The wake-up set for what waits for it, if any.
     wake: Option<tokio::time::Instant>,
+    /// Its limit of attempts at once, if it adapts to how the target answers.
+    adaptive: Option<AdaptiveLimit>,
 }
 
 impl Target {
-    fn new(now: tokio::time::Instant, rate: Option<&RateLimit>) -> Self {
+    fn new(now: tokio::time::Instant, rate: Option<&RateLimit>, adaptive: Option<usize>) -> Self {
         Self {
             busy: 0,
             waiting: VecDeque::new(),
@@ -116,7 +214,15 @@ impl Target {
             rate: rate.map(RateLimit::gate),
             hold_until: None,
             wake: None,
+            adaptive: adaptive.map(AdaptiveLimit::new),
         }
+    }
+
+    /// Attempts it may have under way at once now.
+    fn limit(&self, fixed: usize) -> usize {
+        self.adaptive
+            .as_ref()
+            .map_or(fixed, |adaptive| adaptive.limit().min(fixed))
     }
 
     /// Whether it remembers nothing a fresh one would not: it may be forgotten.
@@ -131,29 +237,32 @@ impl Target {
 /// Whether a batch for a target may start now.
 #[derive(Debug, PartialEq, Eq)]
 enum Admission {
-    /// It starts: its target's slot and its turns under the rate limits are taken.
-    Go,
+    /// It starts (as the probe of a paused target if `probe`): its target's slot and its
+    /// turns under the rate limits are taken.
+    Go { probe: bool },
     /// The target has all the attempts it may have under way.
     Busy,
-    /// Not before this time (a rate limit's next turn, a `Retry-After`).
+    /// Not before this time (a rate limit's next turn, a `Retry-After`, a pause).
     WaitUntil(tokio::time::Instant),
+    /// Until the hub hears of a change to the target (a probe ends, an operator resumes it).
+    Blocked,
 }
 
-/// Look at a target's gates and the instance's rate limit; on [`Admission::Go`], take them.
-/// `held_until` is the hub-wide hold on the target, if any.
+/// Look at a target's gates and the instance's rate limit, then ask the hub-wide `endpoint`
+/// state (asked last: a yes counts the attempt under way there); on [`Admission::Go`], take
+/// them.
 fn admit(
     state: &mut Target,
     instance_rate: &mut Option<RateGate>,
     limit: usize,
-    held_until: Option<tokio::time::Instant>,
+    endpoint: impl FnOnce() -> EndpointGate,
     now: tokio::time::Instant,
 ) -> Admission {
-    if state.busy >= limit {
+    if state.busy >= state.limit(limit) {
         return Admission::Busy;
     }
     let ready_at = [
         state.hold_until,
-        held_until,
         state.rate.as_ref().map(|rate| rate.ready_at(now)),
         instance_rate.as_ref().map(|rate| rate.ready_at(now)),
     ]
@@ -164,6 +273,11 @@ fn admit(
     if ready_at > now {
         return Admission::WaitUntil(ready_at);
     }
+    let probe = match endpoint() {
+        EndpointGate::Go { probe } => probe,
+        EndpointGate::WaitUntil(until) => return Admission::WaitUntil(until),
+        EndpointGate::Blocked => return Admission::Blocked,
+    };
     if let Some(rate) = &mut state.rate {
         rate.take(now);
     }
@@ -171,8 +285,11 @@ fn admit(
         rate.take(now);
     }
     state.busy += 1;
+    if let Some(adaptive) = &mut state.adaptive {
+        adaptive.started(state.busy);
+    }
     state.progressed = now;
-    Admission::Go
+    Admission::Go { probe }
 }
 
 /// Counts an attempt under way for as long as it lives, however it ends.
@@ -200,6 +317,13 @@ pub(super) struct Dispatcher {
     per_target: Option<usize>,
     /// Each target's rate limit, if the destination gives one.
     per_target_rate: Option<RateLimit>,
+    /// Whether each target's limit of attempts at once adapts (up to `per_target`).
+    adaptive: bool,
+    /// Whether the destination names targets (and they go through the hub's endpoints).
+    named_targets: bool,
+    /// Targets whose hub-wide state changed (a pause over, a probe ended, an operator's
+    /// resume), when the destination names targets.
+    endpoint_changes: Option<broadcast::Receiver<EndpointKey>>,
     /// The whole instance's rate limit (`rate_limit`).
     instance_rate: Option<RateGate>,
     /// Whether batches go through the targets' gates (a limit of any kind is set).
@@ -297,12 +421,16 @@ impl Dispatcher {
             .max(1);
         let per_target = destination.per_target_concurrency().map(|n| n.max(1));
         let per_target_rate = destination.per_target_rate_limit();
+        let pause = instance.pause;
+        let adaptive = per_target.is_some() && destination.adaptive_concurrency();
         let instance_rate = settings.rate_limit.as_ref().map(RateLimit::gate);
-        let gated = per_target.is_some() || per_target_rate.is_some() || instance_rate.is_some();
+        let named_targets = per_target.is_some() || per_target_rate.is_some() || pause.is_some();
+        let gated = named_targets || instance_rate.is_some();
         let (done_tx, target_done) = mpsc::unbounded_channel();
         let lane = Arc::new(Lane {
             name: name.clone(),
             destination,
+            pause,
             retry: settings.retry,
             attempt_timeout: settings
                 .attempt_timeout
@@ -327,6 +455,9 @@ impl Dispatcher {
             lifecycle: hub.lifecycle.subscribe(),
             per_target,
             per_target_rate,
+            adaptive,
+            named_targets,
+            endpoint_changes: named_targets.then(|| hub.endpoints.subscribe()),
             instance_rate,
             gated,
             targets: HashMap::new(),
@@ -361,6 +492,7 @@ impl Dispatcher {
                 () = sleep_until(self.stall_check), if self.stall_check.is_some() => self.defer_stalled().await,
                 () = sleep_until(self.deadlines.next()), if self.deadlines.next().is_some() => self.flush_due().await,
                 () = sleep_until(wake_up), if wake_up.is_some() => self.wake_due().await,
+                changed = endpoint_changed(self.endpoint_changes.as_mut()) => self.endpoint_changed(changed).await,
                 Ok(()) = self.lifecycle.changed() => {
                     let now = *self.lifecycle.borrow_and_update();
                     match now {
@@ -406,7 +538,7 @@ impl Dispatcher {
     /// Which target a batch goes to, when the destination limits attempts per target; one
     /// that panics naming it delivers the batch without a target's limit.
     fn target_of(&self, envelopes: &[Envelope]) -> Option<String> {
-        if self.per_target.is_none() && self.per_target_rate.is_none() {
+        if !self.named_targets {
             return None;
         }
         let first = envelopes.first()?;
@@ -505,24 +637,28 @@ impl Dispatcher {
     /// instance slot meanwhile.
     async fn deliver(&mut self, envelopes: Vec<Envelope>) {
         if !self.gated {
-            return self.begin(envelopes, None).await;
+            return self.begin(envelopes, None, false).await;
         }
         let key = self.target_of(&envelopes).unwrap_or_default();
         let now = tokio::time::Instant::now();
         let limit = self.per_target.unwrap_or(usize::MAX);
+        let adaptive = self.adaptive.then_some(limit);
         let state = match self.targets.get_mut(&key) {
             Some(state) => state,
             None => self
                 .targets
                 .entry(key.clone())
-                .or_insert_with(|| Target::new(now, self.per_target_rate.as_ref())),
+                .or_insert_with(|| Target::new(now, self.per_target_rate.as_ref(), adaptive)),
         };
         // Nothing waits ahead of it and the gates are open: it starts now (the usual case).
-        let held_until = self.lane.held_until(&key, now);
-        if state.waiting.is_empty()
-            && admit(state, &mut self.instance_rate, limit, held_until, now) == Admission::Go
-        {
-            return self.begin(envelopes, Some(key)).await;
+        if state.waiting.is_empty() {
+            let lane = &self.lane;
+            let endpoint = || lane.enter(&key, now);
+            if let Admission::Go { probe } =
+                admit(state, &mut self.instance_rate, limit, endpoint, now)
+            {
+                return self.begin(envelopes, Some(key), probe).await;
+            }
         }
         self.parked += envelopes.len();
         state.waiting.push_back(envelopes);
@@ -547,10 +683,11 @@ impl Dispatcher {
                 }
                 return;
             }
-            let held_until = self.lane.held_until(key, now);
-            match admit(state, &mut self.instance_rate, limit, held_until, now) {
-                // An attempt that ends starts the next.
-                Admission::Busy => return,
+            let lane = &self.lane;
+            let endpoint = || lane.enter(key, now);
+            let probe = match admit(state, &mut self.instance_rate, limit, endpoint, now) {
+                // An attempt that ends starts the next; a change to the target is heard.
+                Admission::Busy | Admission::Blocked => return,
                 Admission::WaitUntil(ready_at) => {
                     if state.wake.is_none_or(|wake| wake > ready_at) {
                         state.wake = Some(ready_at);
@@ -558,13 +695,13 @@ impl Dispatcher {
                     }
                     return;
                 }
-                Admission::Go => {}
-            }
+                Admission::Go { probe } => probe,
+            };
             let Some(next) = state.waiting.pop_front() else {
                 return;
             };
             self.parked -= next.len();
-            self.begin(next, Some(key.to_owned())).await;
+            self.begin(next, Some(key.to_owned()), probe).await;
         }
     }
 
@@ -635,16 +772,22 @@ impl Dispatcher {
                 continue;
             };
             let stalled_for = now - state.progressed;
+            let why = self
+                .lane
+                .hub
+                .endpoints
+                .paused(self.lane.destination.kind(), &key)
+                .unwrap_or_else(|| format!("`{key}` has {limit} attempts under way"));
             for envelopes in state.waiting.drain(..) {
                 self.parked -= envelopes.len();
-                deferred.push((envelopes, key.clone(), stalled_for));
+                deferred.push((envelopes, why.clone(), stalled_for));
             }
         }
         // Settled together, so a store commits them in a few writes.
         let lane = &self.lane;
         futures::future::join_all(deferred.into_iter().map(
-            |(envelopes, key, stalled_for)| async move {
-                lane.defer(envelopes, &key, limit, stalled_for).await;
+            |(envelopes, why, stalled_for)| async move {
+                lane.defer(envelopes, &why, stalled_for).await;
             },
         ))
         .await;
@@ -654,8 +797,9 @@ impl Dispatcher {
         }
     }
 
-    /// An attempt to a target ended: hold the target as long as it asked, and start what waits
-    /// for it.
+    /// An attempt to a target ended: adapt its limit, tell the hub what the target said (a
+    /// named target is held, paused or resumed for every instance), and start what waits for
+    /// it.
     async fn target_freed(&mut self, done: TargetDone) {
         let Some(state) = self.targets.get_mut(&done.target) else {
             return;
@@ -663,25 +807,67 @@ impl Dispatcher {
         let now = tokio::time::Instant::now();
         state.busy = state.busy.saturating_sub(1);
         state.progressed = now;
-        if let Some(hold) = done.hold {
-            let until = now + hold;
-            state.hold_until = Some(state.hold_until.map_or(until, |held| held.max(until)));
-            // A named target is held for every instance of the hub that sends to it.
-            if !done.target.is_empty() {
-                self.lane
-                    .hub
-                    .target_holds
-                    .hold(self.lane.destination.kind(), &done.target, until);
+        if let Some(adaptive) = &mut state.adaptive {
+            adaptive.ended(now, done.round_trip, done.said.pressure);
+        }
+        if done.target.is_empty() {
+            if let Some(hold) = done.said.hold {
+                let until = now + hold;
+                state.hold_until = Some(state.hold_until.map_or(until, |held| held.max(until)));
             }
+        } else {
+            let end = AttemptEnd {
+                instance: self.lane.name.clone(),
+                health: done.said.health,
+                probe: done.probe,
+                hold: done.said.hold,
+                error: done.said.error,
+                limit: state.limit(self.per_target.unwrap_or(usize::MAX)),
+            };
+            self.lane
+                .hub
+                .endpoints
+                .ended(self.lane.destination.kind(), &done.target, end, now);
         }
         self.start_waiting(&done.target).await;
     }
 
+    /// The hub heard of a change to a target (or of so many that some were missed): start
+    /// what waits for it here.
+    async fn endpoint_changed(
+        &mut self,
+        changed: Result<EndpointKey, broadcast::error::RecvError>,
+    ) {
+        let keys: Vec<String> = match changed {
+            Ok((kind, target)) => {
+                if kind != self.lane.destination.kind() || !self.targets.contains_key(&target) {
+                    return;
+                }
+                vec![target]
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => self
+                .targets
+                .iter()
+                .filter(|(_, t)| !t.waiting.is_empty())
+                .map(|(key, _)| key.clone())
+                .collect(),
+            Err(broadcast::error::RecvError::Closed) => {
+                self.endpoint_changes = None;
+                return;
+            }
+        };
+        for key in keys {
+            self.start_waiting(&key).await;
+        }
+    }
+
     /// Wait for a concurrency slot of the instance, then deliver in a task of its own.
-    async fn begin(&mut self, envelopes: Vec<Envelope>, target: Option<String>) {
+    async fn begin(&mut self, envelopes: Vec<Envelope>, target: Option<String>, probe: bool) {
         let slot = target.filter(|_| self.gated).map(|target| TargetSlot {
             target,
-            hold: None,
+            probe,
+            started: tokio::time::Instant::now(),
+            said: None,
             done: self.lane.target_done.clone(),
         });
         let permit = self.lane.concurrency.clone().acquire_owned().await;
@@ -717,6 +903,16 @@ fn lease_task(consumer: Arc<dyn QueueConsumer>) -> mpsc::Receiver<Leased> {
     rx
 }
 
+/// The next change the hub heard of, if this dispatcher listens for any.
+async fn endpoint_changed(
+    changes: Option<&mut broadcast::Receiver<EndpointKey>>,
+) -> Result<EndpointKey, broadcast::error::RecvError> {
+    match changes {
+        Some(changes) => changes.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
@@ -739,15 +935,15 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 }
 
 impl Lane {
-    /// Until when the hub holds a named target of this instance's kind (`Retry-After` given
-    /// to any instance).
-    fn held_until(&self, target: &str, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+    /// Whether the hub lets an attempt go to a named target now (no `Retry-After` or pause in
+    /// force); a target that is not named is not the hub's to hold.
+    fn enter(&self, target: &str, now: tokio::time::Instant) -> EndpointGate {
         if target.is_empty() {
-            return None;
+            return EndpointGate::Go { probe: false };
         }
         self.hub
-            .target_holds
-            .until(self.destination.kind(), target, now)
+            .endpoints
+            .enter(self.destination.kind(), target, self.pause, now)
     }
 
     /// One delivery attempt of a batch, settled.
@@ -772,6 +968,7 @@ impl Lane {
         let batch = Batch::new(envelopes);
         let delivery =
             collector.scope(AssertUnwindSafe(self.destination.deliver(&batch)).catch_unwind());
+        let mut said = None;
         let outcome = tokio::select! {
             outcome = tokio::time::timeout(self.attempt_timeout, delivery) => Some(match outcome {
                 Ok(Ok(outcome)) => outcome,
@@ -786,7 +983,9 @@ impl Lane {
                 Err(_) => {
                     let limit = humantime::format_duration(self.attempt_timeout);
                     tracing::warn!(destination = %self.name, %limit, count, "a delivery attempt was cut short at attempt_timeout");
-                    BatchOutcome::All(Report::retry(format!("the attempt did not end within attempt_timeout ({limit}); its result is unknown, so it is tried again")))
+                    let error = format!("the attempt did not end within attempt_timeout ({limit}); its result is unknown, so it is tried again");
+                    said = Some(TargetSaid::timed_out(error.clone()));
+                    BatchOutcome::All(Report::retry(error))
                 }
             }),
             () = given_up(lifecycle) => None,
@@ -794,9 +993,10 @@ impl Lane {
         let envelopes = batch.into_envelopes();
         self.metrics.delivery_seconds.record(started.elapsed());
         self.metrics.in_flight.decrement(count as f64);
-        // A target that asked for a pause (`Retry-After`) gets it from every batch for it.
+        // What the target said (a `Retry-After`, failing, pushing back) decides for every
+        // batch for it.
         if let (Some(slot), Some(outcome)) = (&mut slots.target, &outcome) {
-            slot.hold = outcome.retry_after();
+            slot.said = Some(said.unwrap_or_else(|| TargetSaid::of(outcome)));
         }
         // The slots are free once the target answered: the next batch for it need not wait
         // for this settlement.
@@ -985,15 +1185,13 @@ impl Lane {
         }
     }
 
-    /// Hand a batch for a busy target back to the queue, due again after a wait as long as
-    /// the target has gone without an attempt ending (1 s to 1 min), its attempt count
-    /// unchanged: it was not attempted.
-    async fn defer(&self, envelopes: Vec<Envelope>, target: &str, limit: usize, stalled: Duration) {
+    /// Hand a batch for a busy or paused target back to the queue, due again after a wait as
+    /// long as the target has gone without an attempt ending (1 s to 1 min), its attempt
+    /// count unchanged: it was not attempted. `why` says what holds the target.
+    async fn defer(&self, envelopes: Vec<Envelope>, why: &str, stalled: Duration) {
         let wait = stalled.clamp(Duration::from_secs(1), Duration::from_secs(60));
-        let error = format!(
-            "not attempted yet: waiting for `{target}`, which has {limit} attempts under way"
-        );
-        tracing::debug!(destination = %self.name, count = envelopes.len(), %target, ?wait, "deferred behind a busy target");
+        let error = format!("not attempted yet: {why}");
+        tracing::debug!(destination = %self.name, count = envelopes.len(), %why, ?wait, "deferred behind a busy or paused target");
         let sends = envelopes
             .into_iter()
             .map(|envelope| Settled {

@@ -3,8 +3,10 @@
 
 mod detached;
 mod dispatch;
+mod endpoints;
 pub(crate) mod follow_up;
-mod holds;
+
+pub use endpoints::{EndpointChange, EndpointObserver, EndpointView};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -94,6 +96,8 @@ pub(crate) struct Instance {
     pub(crate) kind: &'static str,
     pub(crate) destination: Arc<dyn Destination>,
     pub(crate) max_payload_bytes: usize,
+    /// When its failing targets are paused (its `pause`, else the destination's), if ever.
+    pub(crate) pause: Option<crate::policy::PausePolicy>,
     pub(crate) metrics: InstanceMetrics,
     /// Its slot in the hub's [`Capacity`].
     pub(crate) slot: usize,
@@ -129,8 +133,9 @@ pub(crate) struct HubShared {
     /// Told of every dead letter, as it is made.
     pub(crate) dead_letter_observers: RwLock<Vec<DeadLetterObserver>>,
     pub(crate) detached: Detached,
-    /// Targets that asked every instance to wait (`Retry-After`).
-    pub(crate) target_holds: holds::TargetHolds,
+    /// The targets delivered to, shared by every instance: holds (`Retry-After`), pauses,
+    /// limits and what their attempts came to.
+    pub(crate) endpoints: endpoints::Endpoints,
 }
 
 /// Told of each dead letter as it is made (the emit destination turns them into `$errors`
@@ -484,6 +489,10 @@ impl HubBuilder {
                 max_payload_bytes: settings
                     .max_payload_bytes
                     .unwrap_or(InstanceSettings::DEFAULT_MAX_PAYLOAD_BYTES),
+                pause: settings
+                    .pause
+                    .or_else(|| destination.pause_policy())
+                    .filter(|p| p.enabled),
                 metrics: InstanceMetrics::new(&name),
                 destination: destination.clone(),
                 slot,
@@ -525,7 +534,7 @@ impl HubBuilder {
             dispatchers: Mutex::new(Vec::new()),
             dead_letter_observers: RwLock::new(Vec::new()),
             detached,
-            target_holds: holds::TargetHolds::default(),
+            endpoints: endpoints::Endpoints::default(),
         });
         Detached::start(&shared, intake);
         let hub = Hub {
@@ -599,6 +608,42 @@ impl Hub {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .push(observer);
+    }
+
+    /// Be told of every target paused or resumed (after failures, or by an operator).
+    pub fn on_endpoint_change(&self, observer: EndpointObserver) {
+        self.shared.endpoints.observe(observer);
+    }
+
+    /// The targets delivered to lately (an HTTP destination's hosts): whether each is open,
+    /// paused or probing, the attempts each instance gives it at once, its rates and last
+    /// error. Targets of this server only, when several share a queue.
+    pub fn endpoints(&self) -> Vec<EndpointView> {
+        self.shared.endpoints.list()
+    }
+
+    /// Pause `target` by hand, for every destination kind that pauses targets: nothing more
+    /// is attempted to it (its sends stay queued) until [`resume_endpoint`](Self::resume_endpoint).
+    pub fn pause_endpoint(&self, target: &str) -> Result<(), String> {
+        let mut kinds: Vec<(&'static str, crate::policy::PausePolicy)> = Vec::new();
+        for instance in self.shared.instances.values() {
+            if let Some(policy) = instance.pause
+                && !kinds.iter().any(|(kind, _)| *kind == instance.kind)
+            {
+                kinds.push((instance.kind, policy));
+            }
+        }
+        if kinds.is_empty() {
+            return Err("no destination here pauses targets (the HTTP destination does)".into());
+        }
+        self.shared.endpoints.pause_by_hand(&kinds, target);
+        Ok(())
+    }
+
+    /// Resume a target paused (by hand or after failures) or held by a `Retry-After`:
+    /// attempts go at once. Returns whether anything held it back.
+    pub fn resume_endpoint(&self, target: &str) -> bool {
+        self.shared.endpoints.resume_by_hand(target)
     }
 
     /// Start building a hub.

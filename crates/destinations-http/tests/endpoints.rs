@@ -1,0 +1,185 @@
+//! Hosts that fail or push back, against real receivers on loopback: a failing host is paused
+//! (its sends wait, unattempted, and all arrive once it answers), and a host's limit of
+//! requests at once halves on 503s and grows back.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use destinations_core::prelude::*;
+use destinations_core::{EndpointChange, PausePolicy, RetryPolicy, SendStatus};
+use destinations_http::{HttpOptions, HttpRequest, SendHttp};
+use destinations_testkit::{Receiver, Reply};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+const WITHIN: Duration = Duration::from_secs(60);
+
+fn hub(options: HttpOptions, settings: InstanceSettings) -> Hub {
+    let destination =
+        destinations_http::HttpDestination::new(options).unwrap_or_else(|e| panic!("{e}"));
+    Hub::builder()
+        .destination("http", Arc::new(destination), settings)
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn final_status(hub: &Hub, id: EventId) -> SendStatus {
+    hub.wait_final(id, WITHIN)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("{id}: no status"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_fails_20_times_is_paused_loses_nothing_and_gets_everything_once_back() {
+    let down = Arc::new(AtomicBool::new(true));
+    let receiver = {
+        let down = down.clone();
+        Receiver::scripted(move |_| {
+            if down.load(Ordering::SeqCst) {
+                Reply::Status(500)
+            } else {
+                Reply::Status(200)
+            }
+        })
+        .await
+    };
+    let settings = InstanceSettings {
+        // Ten attempts each: were the probes of a paused host not few, some would run out.
+        retry: RetryPolicy {
+            initial_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(50),
+            max_attempts: 10,
+            ..RetryPolicy::default()
+        },
+        pause: Some(PausePolicy {
+            after_failures: 20,
+            min_attempts: 1000,
+            first_pause: Duration::from_millis(200),
+            longest_pause: Duration::from_millis(400),
+            ..PausePolicy::default()
+        }),
+        ..InstanceSettings::default()
+    };
+    let hub = hub(HttpOptions::allowing_loopback(), settings);
+    let (changes, mut changed) = mpsc::unbounded_channel();
+    hub.on_endpoint_change(Arc::new(move |change: &EndpointChange| {
+        let _ = changes.send((change.change, change.by));
+    }));
+    let sender = hub.sender();
+    let ids: Vec<EventId> = (0..40)
+        .map(|n| {
+            sender
+                .http(HttpRequest::post(receiver.url("/hook")).json(&json!({ "n": n })))
+                .unwrap_or_else(|e| panic!("{e}"))
+        })
+        .collect();
+    // Paused after its 20th failure; its first probe fails and pauses it again.
+    assert_eq!(changed.recv().await, Some(("paused", "failures")));
+    let at_pause = receiver.requests().len();
+    assert_eq!(changed.recv().await, Some(("paused", "failures")));
+    assert_eq!(
+        receiver.requests().len(),
+        at_pause + 1,
+        "one probe between two pauses, nothing else"
+    );
+    let endpoint = hub.endpoints().pop().expect("the host is listed");
+    assert_eq!(
+        (endpoint.state, endpoint.paused_by),
+        ("paused", Some("failures"))
+    );
+    let waiting = hub.status(ids[39]).await.unwrap().unwrap();
+    assert_eq!(
+        waiting.attempts, 0,
+        "a send behind a paused host costs no attempt"
+    );
+    down.store(false, Ordering::SeqCst);
+    assert_eq!(changed.recv().await, Some(("resumed", "failures")));
+    for id in &ids {
+        let status = final_status(&hub, *id).await;
+        assert_eq!(status.state, State::Delivered, "{status:?}");
+    }
+    assert!(
+        hub.dead_letters(100).await.unwrap().is_empty(),
+        "nothing dead-lettered"
+    );
+    let arrived: HashSet<u64> = receiver
+        .requests()
+        .iter()
+        .filter(|r| r.json()["n"].is_u64())
+        .map(|r| r.json()["n"].as_u64().unwrap_or_default())
+        .collect();
+    assert_eq!(arrived.len(), 40, "every send arrived");
+    let failed = receiver.requests().len() - receiver.accepted_requests().len();
+    assert!(
+        failed <= 20 + 2 + 1,
+        "20 failures, a failed probe (and one under way at the trip), no more: {failed}"
+    );
+    hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hosts_limit_of_requests_at_once_halves_on_503s_and_grows_back() {
+    const ANSWERED_FIRST: usize = 3000;
+    const REFUSED: usize = 200;
+    let seen = Arc::new(AtomicUsize::new(0));
+    let receiver = {
+        let seen = seen.clone();
+        Receiver::scripted(move |_| {
+            let n = seen.fetch_add(1, Ordering::SeqCst);
+            if (ANSWERED_FIRST..ANSWERED_FIRST + REFUSED).contains(&n) {
+                Reply::Status(503)
+            } else {
+                Reply::After(Duration::from_millis(2), Box::new(Reply::Status(200)))
+            }
+        })
+        .await
+    };
+    let settings = InstanceSettings {
+        retry: RetryPolicy {
+            initial_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(50),
+            ..RetryPolicy::default()
+        },
+        // Pausing aside: this is about the limit alone.
+        pause: Some(PausePolicy {
+            enabled: false,
+            ..PausePolicy::default()
+        }),
+        ..InstanceSettings::default()
+    };
+    let options = HttpOptions {
+        per_host_concurrency: 32,
+        ..HttpOptions::allowing_loopback()
+    };
+    let hub = hub(options, settings);
+    let sender = hub.sender();
+    let ids: Vec<EventId> = (0..ANSWERED_FIRST * 2)
+        .map(|n| {
+            sender
+                .http(HttpRequest::post(receiver.url("/hook")).json(&json!({ "n": n })))
+                .unwrap_or_else(|e| panic!("{e}"))
+        })
+        .collect();
+    let now = |hub: &Hub| {
+        hub.endpoints()
+            .pop()
+            .map_or(0, |endpoint| endpoint.concurrency["http"])
+    };
+    receiver.wait_for_requests(ANSWERED_FIRST, WITHIN).await;
+    let grown = now(&hub);
+    assert!(grown >= 4, "grows from 1 while the host answers: {grown}");
+    receiver
+        .wait_for_requests(ANSWERED_FIRST + REFUSED, WITHIN)
+        .await;
+    let cut = now(&hub);
+    assert!(cut <= grown / 2, "halved on 503s: {grown} -> {cut}");
+    for id in &ids {
+        assert_eq!(final_status(&hub, *id).await.state, State::Delivered);
+    }
+    let back = now(&hub);
+    assert!(back > cut, "grows back once it answers: {cut} -> {back}");
+    hub.shutdown().await;
+}
