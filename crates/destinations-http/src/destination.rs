@@ -7,18 +7,19 @@ use async_trait::async_trait;
 use base64::Engine as _;
 use bytes::Bytes;
 use destinations_core::{
-    Batch, BatchOutcome, ConfigError, Destination, Envelope, InvalidPayload, PausePolicy,
-    RateLimit, Report, ResponseSummary, parse_strict,
+    Batch, BatchOutcome, BatchPolicy, ConfigError, Destination, Envelope, InvalidPayload,
+    PausePolicy, RateLimit, Report, ResponseSummary, parse_strict,
 };
 use http::header::{
-    AUTHORIZATION, CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue, LOCATION, RETRY_AFTER,
-    USER_AGENT,
+    AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue,
+    LOCATION, RETRY_AFTER, USER_AGENT,
 };
 use http::{Method, Request, StatusCode};
 use http_body_util::Full;
 use url::Url;
 
 use crate::KIND;
+use crate::batch::{BatchEncoding, Compression};
 use crate::client::{Answer, Client, ClientError, Origin, tls_config};
 use crate::guard::AddressGuard;
 use crate::options::HttpOptions;
@@ -40,6 +41,8 @@ pub struct HttpDestination {
     per_host_concurrency: usize,
     per_host_rate_limit: Option<RateLimit>,
     adaptive_concurrency: bool,
+    encoding: Option<BatchEncoding>,
+    compression: Compression,
     timeout: Duration,
     follow_redirects: usize,
 }
@@ -73,6 +76,8 @@ impl HttpDestination {
             per_host_concurrency: options.per_host_concurrency.max(1),
             per_host_rate_limit: options.per_host_rate_limit,
             adaptive_concurrency: options.adaptive_concurrency,
+            encoding: options.encoding,
+            compression: options.compression,
             timeout: options.timeout,
             follow_redirects: options.follow_redirects,
         })
@@ -152,12 +157,118 @@ impl HttpDestination {
         if let Err(refused) = self.guard.check_url(&url) {
             return Report::failed(refused.to_string());
         }
-        let (headers, body) = match self.headers_and_body(&request, envelope, body) {
-            Ok(parts) => parts,
+        let id = envelope.id.to_string();
+        let mut headers = match self.headers(&request, &id) {
+            Ok(headers) => headers,
             Err(e) => return Report::failed(e.to_string()),
         };
+        let body = body_of(body, &mut headers);
+        let body = self.seal(&mut headers, &id, body);
+        self.exchange(request.method.as_http(), url, headers, body)
+            .await
+    }
+
+    /// Deliver a batch as one request (the instance has an `encoding`): the sends' `data` in
+    /// one body, the batch's key as its `Idempotency-Key`, the sends' ids in
+    /// `Destinations-Ids`. The answer decides for every send of the batch.
+    async fn deliver_batched(
+        &self,
+        envelopes: &[Envelope],
+        encoding: BatchEncoding,
+    ) -> BatchOutcome {
+        let mut reports: Vec<Option<Report>> = vec![None; envelopes.len()];
+        let mut members: Vec<(usize, HttpRequest)> = Vec::with_capacity(envelopes.len());
+        for (n, envelope) in envelopes.iter().enumerate() {
+            match serde_json::from_slice::<HttpRequest>(&envelope.payload) {
+                Ok(request) => members.push((n, request)),
+                Err(e) => {
+                    reports[n] = Some(Report::failed(format!(
+                        "the stored request no longer parses: {e}"
+                    )));
+                }
+            }
+        }
+        if let Some((_, first)) = members.first() {
+            let report = self
+                .deliver_members(first, envelopes, &members, encoding)
+                .await;
+            for (n, _) in &members {
+                reports[*n] = Some(report.clone());
+            }
+        }
+        BatchOutcome::Each(
+            reports
+                .into_iter()
+                .map(|r| r.unwrap_or_else(|| Report::retry("not attempted")))
+                .collect(),
+        )
+    }
+
+    /// One request for the batch's `members` (all alike but for their `data`).
+    async fn deliver_members(
+        &self,
+        first: &HttpRequest,
+        envelopes: &[Envelope],
+        members: &[(usize, HttpRequest)],
+        encoding: BatchEncoding,
+    ) -> Report {
+        let url = match first.parsed_url() {
+            Ok(url) => url,
+            Err(e) => return Report::failed(e.to_string()),
+        };
+        if let Err(refused) = self.guard.check_url(&url) {
+            return Report::failed(refused.to_string());
+        }
+        let ids: Vec<String> = members
+            .iter()
+            .map(|(n, _)| envelopes[*n].id.to_string())
+            .collect();
+        let key = crate::batch::key_of(ids.iter().map(String::as_str));
+        let mut headers = match self.headers(first, &key) {
+            Ok(headers) => headers,
+            Err(e) => return Report::failed(e.to_string()),
+        };
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static(encoding.content_type()),
+        );
+        if let Ok(value) = HeaderValue::from_str(&ids.join(",")) {
+            headers.insert(HeaderName::from_static("destinations-ids"), value);
+        }
+        let body = encoding.encode(members.iter().map(|(_, request)| request.data.as_deref()));
+        let body = self.seal(&mut headers, &key, body);
+        self.exchange(first.method.as_http(), url, headers, body)
+            .await
+    }
+
+    /// Sign the body (as the receiver reads it, before compression) and compress it.
+    fn seal(&self, headers: &mut HeaderMap, id: &str, body: Bytes) -> Bytes {
+        if let Some(signer) = &self.signer {
+            let timestamp = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let signature = signer.signature(id, timestamp, &body);
+            for (name, value) in [
+                ("webhook-id", id.to_owned()),
+                ("webhook-timestamp", timestamp.to_string()),
+                ("webhook-signature", signature),
+            ] {
+                if let Ok(value) = HeaderValue::from_str(&value) {
+                    headers.insert(HeaderName::from_static(name), value);
+                }
+            }
+        }
+        let (body, encoding) = self.compression.apply(body);
+        if let Some(encoding) = encoding {
+            headers.insert(CONTENT_ENCODING, HeaderValue::from_static(encoding));
+        }
+        body
+    }
+
+    /// The exchange within the instance's `timeout`, classified.
+    async fn exchange(&self, method: Method, url: Url, headers: HeaderMap, body: Bytes) -> Report {
         let started = Instant::now();
-        let exchange = self.follow(request.method.as_http(), url, headers, body);
+        let exchange = self.follow(method, url, headers, body);
         match tokio::time::timeout(self.timeout, exchange).await {
             Ok(Ok(answer)) => classify(&answer, started),
             Ok(Err(error)) => classify_error(error, started),
@@ -243,12 +354,8 @@ impl HttpDestination {
         }
     }
 
-    fn headers_and_body(
-        &self,
-        request: &HttpRequest,
-        envelope: &Envelope,
-        body: Body<'_>,
-    ) -> Result<(HeaderMap, Bytes), InvalidPayload> {
+    /// The request's headers and credentials, with `id` as its `Idempotency-Key`.
+    fn headers(&self, request: &HttpRequest, id: &str) -> Result<HeaderMap, InvalidPayload> {
         let mut headers = HeaderMap::with_capacity(request.headers.len() + 7);
         headers.insert(
             USER_AGENT,
@@ -283,36 +390,24 @@ impl HttpDestination {
                 headers.insert(AUTHORIZATION, value);
             }
         }
-        let id = envelope.id.to_string();
-        if let Ok(value) = HeaderValue::from_str(&id) {
+        if let Ok(value) = HeaderValue::from_str(id) {
             headers.insert(HeaderName::from_static("idempotency-key"), value);
         }
-        let body = match body {
-            Body::None => Bytes::new(),
-            Body::Text(text) => Bytes::from(text.into_bytes()),
-            Body::Json(json) => {
-                if !headers.contains_key(CONTENT_TYPE) {
-                    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                }
-                Bytes::copy_from_slice(json.as_bytes())
+        Ok(headers)
+    }
+}
+
+/// A send's body; JSON is labelled as such unless the request says otherwise.
+fn body_of(body: Body<'_>, headers: &mut HeaderMap) -> Bytes {
+    match body {
+        Body::None => Bytes::new(),
+        Body::Text(text) => Bytes::from(text.into_bytes()),
+        Body::Json(json) => {
+            if !headers.contains_key(CONTENT_TYPE) {
+                headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             }
-        };
-        if let Some(signer) = &self.signer {
-            let timestamp = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            let signature = signer.signature(&id, timestamp, &body);
-            for (name, value) in [
-                ("webhook-id", id),
-                ("webhook-timestamp", timestamp.to_string()),
-                ("webhook-signature", signature),
-            ] {
-                if let Ok(value) = HeaderValue::from_str(&value) {
-                    headers.insert(HeaderName::from_static(name), value);
-                }
-            }
+            Bytes::copy_from_slice(json.as_bytes())
         }
-        Ok((headers, body))
     }
 }
 
@@ -392,7 +487,34 @@ impl Destination for HttpDestination {
         Some(PausePolicy::default())
     }
 
+    /// With an `encoding`, sends batch by what makes them one request; without, by host, so
+    /// a batch (when the instance's `batch` asks for them) has one host's limits.
+    fn batch_group(&self, payload: &[u8]) -> Option<String> {
+        if self.encoding.is_none() {
+            return Self::target_of(payload);
+        }
+        serde_json::from_slice::<HttpRequest>(payload)
+            .ok()
+            .map(|request| crate::batch::group_of(&request))
+    }
+
+    /// Batched instances fill batches of up to 100 sends, 1 MiB, waiting at most 1 s (the
+    /// instance's `batch` changes it); others send each on its own.
+    fn batch_policy(&self) -> BatchPolicy {
+        if self.encoding.is_none() {
+            return BatchPolicy::one_per_send();
+        }
+        BatchPolicy {
+            max_events: 100,
+            max_bytes: 1 << 20,
+            max_age: Duration::from_secs(1),
+        }
+    }
+
     async fn deliver(&self, batch: &Batch) -> BatchOutcome {
+        if let Some(encoding) = self.encoding {
+            return self.deliver_batched(batch.envelopes(), encoding).await;
+        }
         match batch.envelopes() {
             [one] => BatchOutcome::Each(vec![self.deliver_one(one).await]),
             many => BatchOutcome::Each(

@@ -14,6 +14,7 @@
 //! # Ok(()) }
 //! ```
 
+mod batch;
 mod client;
 mod destination;
 mod guard;
@@ -23,6 +24,7 @@ mod signing;
 
 use destinations_core::{DestinationPlugin, EventId, Registry, SendError, Sender};
 
+pub use batch::{BatchEncoding, Compression};
 pub use destination::HttpDestination;
 pub use guard::{AddressGuard, Refused, non_public_class};
 pub use options::HttpOptions;

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use destinations_core::RateLimit;
+
+use crate::batch::{BatchEncoding, Compression};
 use destinations_core::config::duration_text;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
@@ -34,6 +36,13 @@ pub struct HttpOptions {
     /// one, growing while it answers as fast as usual, cut when it slows down, halved when it
     /// pushes back (429, 503, 408, timeouts); never above `per_host_concurrency`.
     pub adaptive_concurrency: bool,
+    /// Send the sends of a batch that share method, URL, headers and credentials as one
+    /// request, their `data` one JSON value per line (`"ndjson"`) or as a JSON array
+    /// (`"json_array"`). Batches then fill up to the instance's `batch` (default 100 sends,
+    /// 1 MiB, 1 s). Default: one request per send.
+    pub encoding: Option<BatchEncoding>,
+    /// Compress request bodies: `"gzip"` (default `"none"`).
+    pub compression: Compression,
     /// Trust only the CA certificates in this PEM file for `https` (a private CA); by default
     /// the system's trust store.
     pub ca_file: Option<PathBuf>,
@@ -49,6 +58,8 @@ impl Default for HttpOptions {
             per_host_concurrency: 64,
             per_host_rate_limit: None,
             adaptive_concurrency: true,
+            encoding: None,
+            compression: Compression::None,
             ca_file: None,
         }
     }
@@ -67,6 +78,8 @@ impl std::fmt::Debug for HttpOptions {
             .field("per_host_concurrency", &self.per_host_concurrency)
             .field("per_host_rate_limit", &self.per_host_rate_limit)
             .field("adaptive_concurrency", &self.adaptive_concurrency)
+            .field("encoding", &self.encoding)
+            .field("compression", &self.compression)
             .field("ca_file", &self.ca_file)
             .finish()
     }

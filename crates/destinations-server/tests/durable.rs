@@ -109,7 +109,13 @@ async fn retries_keep_their_attempt_count_and_due_time_across_kill_9() {
         "DESTINATIONS__DESTINATIONS__HTTP__RETRY",
         r#"{ initial_delay = "1s", max_delay = "10s" }"#,
     );
-    let server = Server::start_in(None, &[retry], Some(dir.path())).await;
+    // All twenty attempted at once (an adaptive limit would start at one request and hear the
+    // host's Retry-After before trying the others).
+    let fixed = (
+        "DESTINATIONS__DESTINATIONS__HTTP__ADAPTIVE_CONCURRENCY",
+        "false",
+    );
+    let server = Server::start_in(None, &[retry, fixed], Some(dir.path())).await;
     let ids = send_runs(&server, &receiver.url("/busy"), 20, 20).await;
     let mut before = Vec::new();
     for id in &ids {
@@ -125,7 +131,7 @@ async fn retries_keep_their_attempt_count_and_due_time_across_kill_9() {
     server.kill9().await;
     accept.store(true, Ordering::SeqCst);
 
-    let server = Server::start_in(None, &[retry], Some(dir.path())).await;
+    let server = Server::start_in(None, &[retry, fixed], Some(dir.path())).await;
     for (id, before) in ids.iter().zip(&before) {
         let (_, after) = server.get(&format!("/v1/events/{id}")).await;
         assert_eq!(after["state"], "retrying", "{after}");

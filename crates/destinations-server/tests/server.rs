@@ -291,8 +291,14 @@ async fn an_operator_pauses_and_resumes_a_host_and_listeners_hear_of_it_on_endpo
     listener.wait_for_accepted(2, WITHIN).await;
     assert_eq!(listener.requests()[1].json()["event"]["change"], "resumed");
     let (_, body) = server.get("/v1/endpoints").await;
+    let endpoint = body["endpoints"]
+        .as_array()
+        .and_then(|all| all.iter().find(|e| e["target"] == host.as_str()))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(endpoint["state"], "open", "{body}");
     assert!(
-        body["endpoints"][0]["concurrency"]["http"].as_u64() >= Some(1),
+        endpoint["concurrency"]["http"].as_u64() >= Some(1),
         "{body}"
     );
     let metrics = server.text("/metrics").await;

@@ -324,7 +324,7 @@ impl QueueConsumer for MemoryConsumer {
 
     async fn settle(&self, settlement: &Settlement) -> Result<(), QueueError> {
         let shared = &self.shared;
-        shared.statuses.settled(settlement);
+        // Dead letters before statuses: whoever hears a send is dead finds its letter listed.
         let died_at = SystemTime::now();
         for settled in &settlement.dead {
             shared.dead_letters.push(DeadLetter {
@@ -333,6 +333,7 @@ impl QueueConsumer for MemoryConsumer {
                 died_at,
             });
         }
+        shared.statuses.settled(settlement);
         if let Some(retry) = &settlement.retry {
             let now = Instant::now();
             // A wait too long for the clock is as good as forever; the retry age ends it.
