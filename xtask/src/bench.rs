@@ -12,9 +12,11 @@ use crate::{apt_install, have, root};
 
 mod nats;
 
-const SCENARIOS: [&str; 12] = [
+const SCENARIOS: [&str; 14] = [
     "send-path",
     "http",
+    "http-batch",
+    "many-hosts",
     "ingest",
     "s3",
     "sse",
@@ -165,6 +167,94 @@ fn http_scenario(quick: bool) -> Result<(Row, String), String> {
         stats.trim()
     );
     Ok((row, json))
+}
+
+/// Batched HTTP (100 sends of 256 B a request, a JSON array) into a receiver, beside wrk
+/// posting the same 100-event bodies to the same receiver: events/s each.
+fn http_batch_scenario(quick: bool) -> Result<(Row, String), String> {
+    let (_receiver, url) = start_receiver()?;
+    let seconds = if quick { 5 } else { 10 };
+    let event = format!(r#"{{"t":0,"pad":"{}"}}"#, "x".repeat(200));
+    let body = format!("[{}]", vec![event; 100].join(","));
+    let reference = wrk_post(&format!("{url}/wrk"), &body, seconds, 16)?;
+    let wrk_events = reference.requests as f64 * 100.0 / reference.seconds;
+    http_get(&format!("{url}/reset"))?;
+    let sends = if quick { 200_000 } else { 1_000_000 };
+    let result = bench_json(&["http-batch", &format!("{url}/lib"), &sends.to_string()])?;
+    let stats = http_get(&format!("{url}/stats"))?;
+    let rate = json_field(&result, "sends_per_second");
+    Ok((
+        Row {
+            scenario: "http-batch",
+            goal: "ratio ≥ 0.8",
+            measure: "events/s, batched 100 a request".into(),
+            value: rate,
+            reference_name: "wrk -c16 posting the same batches".into(),
+            reference: wrk_events,
+            notes: format!(
+                "N={sends} × 256 B, encoding = json_array, 8 producers, memory queue; {} requests; peak RSS {:.0} MiB",
+                json_field(&stats, "requests"),
+                json_field(&result, "peak_rss_kib") / 1024.0,
+            ),
+        },
+        format!(
+            r#"{{"scenario":"http-batch","library":{result},"receiver":{},"wrk_events_per_second":{wrk_events}}}"#,
+            stats.trim()
+        ),
+    ))
+}
+
+/// One load spread over 100 receivers of which 10 never answer: sends/s delivered to the 90
+/// that do, beside the same load when all 100 answer.
+fn many_hosts_scenario(quick: bool) -> Result<(Row, String), String> {
+    const HOSTS: usize = 100;
+    const BLACKHOLED: usize = 10;
+    let sends = if quick { 50_000 } else { 200_000 };
+    let mut rates = Vec::new();
+    let mut reports = Vec::new();
+    for blackholed in [BLACKHOLED, 0] {
+        let ports: Vec<String> = (0..HOSTS)
+            .map(|_| free_port().map(|p| p.to_string()))
+            .collect::<Result<_, _>>()?;
+        let mut args = vec!["receivers".to_owned(), blackholed.to_string()];
+        args.extend(ports.iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let _receivers = start_announcing("0", &bench_binary(), &args, &["receiving on"])?;
+        // The answering hosts first.
+        let urls: Vec<String> = ports[blackholed..]
+            .iter()
+            .chain(&ports[..blackholed])
+            .map(|port| format!("http://127.0.0.1:{port}"))
+            .collect();
+        let mut load = vec![
+            "many-hosts".to_owned(),
+            sends.to_string(),
+            (HOSTS - blackholed).to_string(),
+        ];
+        load.extend(urls);
+        let load: Vec<&str> = load.iter().map(String::as_str).collect();
+        let result = bench_json(&load)?;
+        rates.push(json_field(&result, "sends_per_second"));
+        reports.push(result);
+    }
+    Ok((
+        Row {
+            scenario: "many-hosts",
+            goal: "ratio ≥ 0.9",
+            measure: "sends/s delivered, 10 of 100 hosts dark".into(),
+            value: rates[0],
+            reference_name: "the same load, all 100 hosts answer".into(),
+            reference: rates[1],
+            notes: format!(
+                "N={sends} × 256 B round-robin over 100 receivers (one process on CPU 0), 10 accept and never answer (timeout 5 s); hosts paused at the end: {}",
+                json_field(&reports[0], "hosts_paused"),
+            ),
+        },
+        format!(
+            r#"{{"scenario":"many-hosts","with_dark_hosts":{},"all_answer":{}}}"#,
+            reports[0], reports[1]
+        ),
+    ))
 }
 
 /// The library's HTTP load into `url`, on the memory queue or the SQLite queue in `queue`; its
@@ -1350,6 +1440,8 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
         let results = match scenario.as_str() {
             "send-path" => vec![send_path_scenario(options.quick)?],
             "http" => vec![http_scenario(options.quick)?],
+            "http-batch" => vec![http_batch_scenario(options.quick)?],
+            "many-hosts" => vec![many_hosts_scenario(options.quick)?],
             "ingest" => ingest_scenario(options.quick)?,
             "s3" => vec![s3_scenario(options.quick)?],
             "sse" => {

@@ -9,6 +9,8 @@
 //!   events of about 256 B through the S3 destination (gzip, default batching) to an
 //!   S3-compatible server, prints one JSON line of results, and writes the same events as NDJSON
 //!   to NDJSON_OUT so the reference (`gzip -1`) compresses exactly the bytes the objects hold.
+//! - `destinations-bench http-batch ...`, `receivers ...`, `many-hosts ...`: delivering to many
+//!   endpoints (see `hosts.rs`).
 //! - `destinations-bench scaling ...` and `waiters ...`: the scaling cases (see `scaling.rs`).
 //!
 //! With a QUEUE_FILE, the hub runs on the SQLite queue in that file (created fresh); without
@@ -28,6 +30,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 
+mod hosts;
 mod memory;
 mod scaling;
 mod send_path;
@@ -66,6 +69,13 @@ fn main() -> Result<(), String> {
             let sends = sends.parse().map_err(|_| "SENDS must be a number")?;
             runtime.block_on(http_load(url, sends, queue.first().copied()))
         }
+        ["http-batch", url, sends] => runtime.block_on(hosts::http_batch(url, number(sends)?)),
+        ["receivers", blackholed, ports @ ..] => {
+            runtime.block_on(hosts::receivers(number(blackholed)?, ports))
+        }
+        ["many-hosts", sends, healthy, urls @ ..] => {
+            runtime.block_on(hosts::many_hosts(number(sends)?, number(healthy)?, urls))
+        }
         ["memory", sends, queue @ ..] if queue.len() <= 1 => {
             let sends = sends.parse().map_err(|_| "SENDS must be a number")?;
             runtime.block_on(memory::memory(sends, queue.first().copied()))
@@ -100,7 +110,7 @@ fn main() -> Result<(), String> {
         }
         ["waiters", server, count] => runtime.block_on(scaling::waiters(server, number(count)?)),
         _ => Err(
-            "usage: destinations-bench scaling queued N [QUEUE_FILE] | scaling s3 ENDPOINT PREFIXES EVENTS BATCH | scaling emit SUBSCRIPTIONS EMITS | waiters SERVER N | destinations-bench receiver ADDR | http URL SENDS [QUEUE_FILE] | s3 ENDPOINT SENDS NDJSON_OUT [QUEUE_FILE] | send-path SENDS | memory SENDS [QUEUE_FILE] | sse-reference ADDR | sse-clients STREAM_URL SUBSCRIBERS EVENTS RATE PUBLISH_URL STYLE"
+            "usage: destinations-bench scaling queued N [QUEUE_FILE] | scaling s3 ENDPOINT PREFIXES EVENTS BATCH | scaling emit SUBSCRIPTIONS EMITS | waiters SERVER N | destinations-bench receiver ADDR | receivers BLACKHOLED PORT... | http-batch URL SENDS | many-hosts SENDS HEALTHY URL... | http URL SENDS [QUEUE_FILE] | s3 ENDPOINT SENDS NDJSON_OUT [QUEUE_FILE] | send-path SENDS | memory SENDS [QUEUE_FILE] | sse-reference ADDR | sse-clients STREAM_URL SUBSCRIBERS EVENTS RATE PUBLISH_URL STYLE"
                 .into(),
         ),
     }

@@ -75,6 +75,13 @@ pub trait Destination: Any + Send + Sync {
         None
     }
 
+    /// Whether each [`target`](Self::target)'s sends go one attempt at a time, in the order
+    /// they were accepted, a send waiting for its retry holding the ones behind it (the HTTP
+    /// destination's `ordering = "per_host"`). Default: false.
+    fn ordered_per_target(&self) -> bool {
+        false
+    }
+
     /// Whether the attempts at once to one [`target`](Self::target) adapt to how it answers
     /// (grow while it answers as fast as usual, shrink when it slows down or pushes back),
     /// up to [`per_target_concurrency`](Self::per_target_concurrency). Default: false (the

@@ -43,6 +43,7 @@ pub struct HttpDestination {
     adaptive_concurrency: bool,
     encoding: Option<BatchEncoding>,
     compression: Compression,
+    ordered: bool,
     timeout: Duration,
     follow_redirects: usize,
 }
@@ -78,6 +79,7 @@ impl HttpDestination {
             adaptive_concurrency: options.adaptive_concurrency,
             encoding: options.encoding,
             compression: options.compression,
+            ordered: options.ordering == crate::options::DeliveryOrder::PerHost,
             timeout: options.timeout,
             follow_redirects: options.follow_redirects,
         })
@@ -480,6 +482,10 @@ impl Destination for HttpDestination {
 
     fn adaptive_concurrency(&self) -> bool {
         self.adaptive_concurrency
+    }
+
+    fn ordered_per_target(&self) -> bool {
+        self.ordered
     }
 
     /// A failing host is paused (the instance's `pause` tunes it, or turns it off).

@@ -27,7 +27,7 @@ use destinations_core::{DestinationPlugin, EventId, Registry, SendError, Sender}
 pub use batch::{BatchEncoding, Compression};
 pub use destination::HttpDestination;
 pub use guard::{AddressGuard, Refused, non_public_class};
-pub use options::HttpOptions;
+pub use options::{DeliveryOrder, HttpOptions};
 pub use request::{Auth, HttpRequest, MAX_URL_BYTES, Method, redact_url};
 pub use signing::WebhookSigner;
 

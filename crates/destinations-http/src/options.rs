@@ -43,9 +43,23 @@ pub struct HttpOptions {
     pub encoding: Option<BatchEncoding>,
     /// Compress request bodies: `"gzip"` (default `"none"`).
     pub compression: Compression,
+    /// `"per_host"`: each host gets its sends one request at a time, in the order they were
+    /// accepted; a send waiting for its retry holds the ones behind it (default `"none"`).
+    pub ordering: DeliveryOrder,
     /// Trust only the CA certificates in this PEM file for `https` (a private CA); by default
     /// the system's trust store.
     pub ca_file: Option<PathBuf>,
+}
+
+/// The order a host gets its sends in (the instance's `ordering`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryOrder {
+    /// As fast as they go: a retried send may arrive after newer ones (the default).
+    #[default]
+    None,
+    /// One request at a time per host, in the order accepted, retries in their place.
+    PerHost,
 }
 
 impl Default for HttpOptions {
@@ -60,6 +74,7 @@ impl Default for HttpOptions {
             adaptive_concurrency: true,
             encoding: None,
             compression: Compression::None,
+            ordering: DeliveryOrder::None,
             ca_file: None,
         }
     }
@@ -80,6 +95,7 @@ impl std::fmt::Debug for HttpOptions {
             .field("adaptive_concurrency", &self.adaptive_concurrency)
             .field("encoding", &self.encoding)
             .field("compression", &self.compression)
+            .field("ordering", &self.ordering)
             .field("ca_file", &self.ca_file)
             .finish()
     }

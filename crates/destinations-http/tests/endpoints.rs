@@ -1,6 +1,7 @@
 //! Hosts that fail or push back, against real receivers on loopback: a failing host is paused
 //! (its sends wait, unattempted, and all arrive once it answers), and a host's limit of
-//! requests at once halves on 503s and grows back.
+//! requests at once halves on 503s and grows back; an ordered host gets its sends in order
+//! through retries.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -181,5 +182,51 @@ async fn a_hosts_limit_of_requests_at_once_halves_on_503s_and_grows_back() {
     }
     let back = now(&hub);
     assert!(back > cut, "grows back once it answers: {cut} -> {back}");
+    hub.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_per_host_sends_arrive_in_order_through_retries() {
+    let receiver = Receiver::scripted(|request| {
+        if request.json()["n"] == 3 && request.attempt <= 2 {
+            Reply::Status(503)
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
+    let options = HttpOptions {
+        ordering: destinations_http::DeliveryOrder::PerHost,
+        ..HttpOptions::allowing_loopback()
+    };
+    let settings = InstanceSettings {
+        retry: RetryPolicy {
+            initial_delay: Duration::from_millis(20),
+            max_delay: Duration::from_millis(50),
+            ..RetryPolicy::default()
+        },
+        ..InstanceSettings::default()
+    };
+    let hub = hub(options, settings);
+    let sender = hub.sender();
+    let ids: Vec<EventId> = (0..30)
+        .map(|n| {
+            sender
+                .http(HttpRequest::post(receiver.url("/hook")).json(&json!({ "n": n })))
+                .unwrap_or_else(|e| panic!("{e}"))
+        })
+        .collect();
+    for id in &ids {
+        assert_eq!(final_status(&hub, *id).await.state, State::Delivered);
+    }
+    let arrived: Vec<(u64, u32)> = receiver
+        .requests()
+        .iter()
+        .map(|r| (r.json()["n"].as_u64().unwrap_or(u64::MAX), r.attempt))
+        .collect();
+    let mut expected: Vec<(u64, u32)> = (0..3).map(|n| (n, 1)).collect();
+    expected.extend([(3, 1), (3, 2), (3, 3)]);
+    expected.extend((4..30).map(|n| (n, 1)));
+    assert_eq!(arrived, expected, "in order, the retried one in its place");
     hub.shutdown().await;
 }

@@ -24,7 +24,7 @@ use super::{HubShared, Lifecycle};
 use crate::config::InstanceSettings;
 use crate::dead_letters::DeadLetter;
 use crate::destination::{Batch, BatchOutcome, Destination, Outcome, Report};
-use crate::envelope::Envelope;
+use crate::envelope::{Envelope, EventId};
 use crate::metrics::InstanceMetrics;
 use crate::policy::{
     AdaptiveLimit, BatchPolicy, Health, PausePolicy, Pressure, RateGate, RateLimit, RetryDecision,
@@ -75,6 +75,9 @@ struct TargetDone {
     probe: bool,
     round_trip: Duration,
     said: TargetSaid,
+    /// The sends of the attempt that went back to the queue for a retry (an ordered target
+    /// holds everything behind them until they come back).
+    retried: Vec<EventId>,
 }
 
 /// What an attempt's outcome says about its target.
@@ -167,6 +170,8 @@ struct TargetSlot {
     started: tokio::time::Instant,
     /// What the attempt said, set once it ended.
     said: Option<TargetSaid>,
+    /// Sends going back to the queue for a retry.
+    retried: Vec<EventId>,
     done: mpsc::UnboundedSender<TargetDone>,
 }
 
@@ -177,6 +182,7 @@ impl Drop for TargetSlot {
             probe: self.probe,
             round_trip: self.started.elapsed(),
             said: self.said.take().unwrap_or(TargetSaid::NOTHING),
+            retried: std::mem::take(&mut self.retried),
         });
     }
 }
@@ -203,6 +209,16 @@ struct Target {
     wake: Option<tokio::time::Instant>,
     /// Its limit of attempts at once, if it adapts to how the target answers.
     adaptive: Option<AdaptiveLimit>,
+    /// Of an ordered target: batches gone back to the queue (a retry, or deferred while it
+    /// stalled), oldest first, ahead of everything waiting; each holds its envelopes once it
+    /// is back. Nothing else starts until the first is back.
+    returning: VecDeque<Returning>,
+}
+
+/// A batch of an ordered target that went back to the queue, and is awaited in its place.
+struct Returning {
+    ids: Vec<EventId>,
+    back: Option<Vec<Envelope>>,
 }
 
 impl Target {
@@ -215,6 +231,7 @@ impl Target {
             hold_until: None,
             wake: None,
             adaptive: adaptive.map(AdaptiveLimit::new),
+            returning: VecDeque::new(),
         }
     }
 
@@ -229,6 +246,7 @@ impl Target {
     fn forgettable(&self, now: tokio::time::Instant) -> bool {
         self.busy == 0
             && self.waiting.is_empty()
+            && self.returning.is_empty()
             && self.hold_until.is_none_or(|until| until <= now)
             && self.rate.as_ref().is_none_or(|rate| rate.is_idle(now))
     }
@@ -260,6 +278,10 @@ fn admit(
 ) -> Admission {
     if state.busy >= state.limit(limit) {
         return Admission::Busy;
+    }
+    // An ordered target waits for what went back to the queue before anything behind it.
+    if state.returning.front().is_some_and(|r| r.back.is_none()) {
+        return Admission::Blocked;
     }
     let ready_at = [
         state.hold_until,
@@ -321,6 +343,9 @@ pub(super) struct Dispatcher {
     adaptive: bool,
     /// Whether the destination names targets (and they go through the hub's endpoints).
     named_targets: bool,
+    /// Whether each target's sends go one attempt at a time, in the order accepted, a retry
+    /// holding the ones behind it.
+    ordered: bool,
     /// Targets whose hub-wide state changed (a pause over, a probe ended, an operator's
     /// resume), when the destination names targets.
     endpoint_changes: Option<broadcast::Receiver<EndpointKey>>,
@@ -419,10 +444,15 @@ impl Dispatcher {
             .unwrap_or(InstanceSettings::DEFAULT_CONCURRENCY)
             .min(destination.max_concurrency().unwrap_or(usize::MAX))
             .max(1);
-        let per_target = destination.per_target_concurrency().map(|n| n.max(1));
+        let ordered = destination.ordered_per_target();
+        let per_target = if ordered {
+            Some(1)
+        } else {
+            destination.per_target_concurrency().map(|n| n.max(1))
+        };
         let per_target_rate = destination.per_target_rate_limit();
         let pause = instance.pause;
-        let adaptive = per_target.is_some() && destination.adaptive_concurrency();
+        let adaptive = !ordered && per_target.is_some() && destination.adaptive_concurrency();
         let instance_rate = settings.rate_limit.as_ref().map(RateLimit::gate);
         let named_targets = per_target.is_some() || per_target_rate.is_some() || pause.is_some();
         let gated = named_targets || instance_rate.is_some();
@@ -457,6 +487,7 @@ impl Dispatcher {
             per_target_rate,
             adaptive,
             named_targets,
+            ordered,
             endpoint_changes: named_targets.then(|| hub.endpoints.subscribe()),
             instance_rate,
             gated,
@@ -478,7 +509,7 @@ impl Dispatcher {
                 // A freed target slot first: what waits for it starts before more is leased.
                 Some(done) = self.target_done.recv() => self.target_freed(done).await,
                 leased = self.leases.recv(), if intake_open && self.parked < PARKED_MAX => match leased {
-                    Some(Leased::Retry(batch)) => self.deliver(batch).await,
+                    Some(Leased::Retry(batch)) => self.retry_back(batch).await,
                     Some(Leased::Ready(envelopes)) => {
                         for envelope in envelopes {
                             self.push(envelope).await;
@@ -668,6 +699,25 @@ impl Dispatcher {
         }
     }
 
+    /// A batch back from the queue for its retry. An ordered target awaits it in its place
+    /// (ahead of all that waits); anything else is delivered like a new batch.
+    async fn retry_back(&mut self, envelopes: Vec<Envelope>) {
+        if self.ordered
+            && let Some(key) = self.target_of(&envelopes)
+            && let Some(first) = envelopes.first().map(|e| e.id)
+            && let Some(state) = self.targets.get_mut(&key)
+            && let Some(slot) = state
+                .returning
+                .iter_mut()
+                .find(|r| r.back.is_none() && r.ids.contains(&first))
+        {
+            self.parked += envelopes.len();
+            slot.back = Some(envelopes);
+            return self.start_waiting(&key).await;
+        }
+        self.deliver(envelopes).await;
+    }
+
     /// Start what waits for `key`, in order, as far as its gates allow; a batch held back
     /// until a time sets a wake-up for it.
     async fn start_waiting(&mut self, key: &str) {
@@ -677,7 +727,8 @@ impl Dispatcher {
             let Some(state) = self.targets.get_mut(key) else {
                 return;
             };
-            if state.waiting.is_empty() {
+            let returned = state.returning.front().is_some_and(|r| r.back.is_some());
+            if state.waiting.is_empty() && !returned {
                 if state.forgettable(now) {
                     self.targets.remove(key);
                 }
@@ -697,8 +748,16 @@ impl Dispatcher {
                 }
                 Admission::Go { probe } => probe,
             };
-            let Some(next) = state.waiting.pop_front() else {
-                return;
+            // What came back for an ordered target goes first: it is older than all that waits.
+            let next = match state.returning.front_mut().and_then(|r| r.back.take()) {
+                Some(back) => {
+                    state.returning.pop_front();
+                    back
+                }
+                None => match state.waiting.pop_front() {
+                    Some(next) => next,
+                    None => return,
+                },
             };
             self.parked -= next.len();
             self.begin(next, Some(key.to_owned()), probe).await;
@@ -737,7 +796,11 @@ impl Dispatcher {
         let waiting: Vec<Vec<Envelope>> = self
             .targets
             .values_mut()
-            .flat_map(|state| state.waiting.drain(..))
+            .flat_map(|state| {
+                let back: Vec<Vec<Envelope>> =
+                    state.returning.drain(..).filter_map(|r| r.back).collect();
+                back.into_iter().chain(state.waiting.drain(..))
+            })
             .collect();
         self.wake_ups.clear();
         for envelopes in waiting {
@@ -780,6 +843,13 @@ impl Dispatcher {
                 .unwrap_or_else(|| format!("`{key}` has {limit} attempts under way"));
             for envelopes in state.waiting.drain(..) {
                 self.parked -= envelopes.len();
+                if self.ordered {
+                    // Back in its place when it returns: nothing behind it overtakes it.
+                    state.returning.push_back(Returning {
+                        ids: envelopes.iter().map(|e| e.id).collect(),
+                        back: None,
+                    });
+                }
                 deferred.push((envelopes, why.clone(), stalled_for));
             }
         }
@@ -807,6 +877,13 @@ impl Dispatcher {
         let now = tokio::time::Instant::now();
         state.busy = state.busy.saturating_sub(1);
         state.progressed = now;
+        if self.ordered && !done.retried.is_empty() {
+            // The oldest of all: everything for the target waits until it is back.
+            state.returning.push_front(Returning {
+                ids: done.retried,
+                back: None,
+            });
+        }
         if let Some(adaptive) = &mut state.adaptive {
             adaptive.ended(now, done.round_trip, done.said.pressure);
         }
@@ -868,6 +945,7 @@ impl Dispatcher {
             probe,
             started: tokio::time::Instant::now(),
             said: None,
+            retried: Vec::new(),
             done: self.lane.target_done.clone(),
         });
         let permit = self.lane.concurrency.clone().acquire_owned().await;
@@ -998,10 +1076,8 @@ impl Lane {
         if let (Some(slot), Some(outcome)) = (&mut slots.target, &outcome) {
             slot.said = Some(said.unwrap_or_else(|| TargetSaid::of(outcome)));
         }
-        // The slots are free once the target answered: the next batch for it need not wait
-        // for this settlement.
-        drop(slots);
         let Some(outcome) = outcome else {
+            drop(slots);
             self.give_up(
                 envelopes,
                 "the shutdown deadline passed during a delivery attempt; its result is unknown",
@@ -1023,6 +1099,12 @@ impl Lane {
                 settlement.dead.push(settled);
             }
         }
+        if let (Some(slot), Some(retry)) = (&mut slots.target, &settlement.retry) {
+            slot.retried = retry.sends.iter().map(|s| s.envelope.id).collect();
+        }
+        // The slots are free once the target answered: the next batch for it need not wait
+        // for this settlement.
+        drop(slots);
         self.observe_dead(&settlement, &collector);
         settlement.follow_ups = collector.take();
         self.settle(settlement).await;
