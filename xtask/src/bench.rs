@@ -213,13 +213,21 @@ fn many_hosts_scenario(quick: bool) -> Result<(Row, String), String> {
     let mut rates = Vec::new();
     let mut reports = Vec::new();
     for blackholed in [BLACKHOLED, 0] {
-        let ports: Vec<String> = (0..HOSTS)
-            .map(|_| free_port().map(|p| p.to_string()))
-            .collect::<Result<_, _>>()?;
-        let mut args = vec!["receivers".to_owned(), blackholed.to_string()];
-        args.extend(ports.iter().cloned());
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let _receivers = start_announcing("0", &bench_binary(), &args, &["receiving on"])?;
+        let (_receivers, line) = start_announcing_line(
+            "0",
+            &bench_binary(),
+            &["receivers", &blackholed.to_string(), &HOSTS.to_string()],
+            &["receiving on"],
+        )?;
+        // "receiving on PORT,PORT,...": the dark ones first.
+        let ports: Vec<&str> = line
+            .trim()
+            .trim_start_matches("receiving on ")
+            .split(',')
+            .collect();
+        if ports.len() != HOSTS {
+            return Err(format!("the receivers said: {line}"));
+        }
         // The answering hosts first.
         let urls: Vec<String> = ports[blackholed..]
             .iter()
@@ -1053,6 +1061,16 @@ fn start_announcing(
     args: &[&str],
     announces: &[&str],
 ) -> Result<Background, String> {
+    start_announcing_line(cpus, program, args, announces).map(|(child, _)| child)
+}
+
+/// [`start_announcing`], and the line it announced with.
+fn start_announcing_line(
+    cpus: &str,
+    program: &str,
+    args: &[&str],
+    announces: &[&str],
+) -> Result<(Background, String), String> {
     let mut child = pinned_to(cpus, program)
         .args(args)
         .env("RUST_LOG", "error")
@@ -1071,7 +1089,7 @@ fn start_announcing(
             args.join(" ")
         ));
     }
-    Ok(child)
+    Ok((child, first))
 }
 
 /// Fan-out to `subscribers` SSE subscribers at 1 000 events/s through the server (publish =

@@ -3,8 +3,9 @@
 //!
 //! - `destinations-bench http-batch URL SENDS`: SENDS sends of 256 B through an HTTP instance
 //!   that batches them (`encoding = "json_array"`, 100 a request).
-//! - `destinations-bench receivers BLACKHOLED PORT...`: answers 200 on each port, except the
-//!   first BLACKHOLED ports, which take connections and read what comes but never answer.
+//! - `destinations-bench receivers BLACKHOLED COUNT`: COUNT receivers on ports of their own,
+//!   announced as `receiving on PORT,PORT,...`; each answers 200, except the first
+//!   BLACKHOLED, which take connections and read what comes but never answer.
 //! - `destinations-bench many-hosts SENDS HEALTHY URL...`: SENDS sends spread evenly over the
 //!   URLs; the first HEALTHY URLs answer. Reports the sends to those delivered per second.
 
@@ -77,15 +78,23 @@ pub(crate) async fn http_batch(url: &str, sends: usize) -> Result<(), String> {
     Ok(())
 }
 
-pub(crate) async fn receivers(blackholed: usize, ports: &[&str]) -> Result<(), String> {
+pub(crate) async fn receivers(blackholed: usize, count: usize) -> Result<(), String> {
     let mut listeners = Vec::new();
-    for port in ports {
-        let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{port}"))
+    let mut ports = Vec::new();
+    for _ in 0..count {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
-            .map_err(|e| format!("127.0.0.1:{port}: {e}"))?;
+            .map_err(|e| format!("127.0.0.1:0: {e}"))?;
+        ports.push(
+            listener
+                .local_addr()
+                .map_err(|e| e.to_string())?
+                .port()
+                .to_string(),
+        );
         listeners.push(listener);
     }
-    println!("receiving on {} ports", listeners.len());
+    println!("receiving on {}", ports.join(","));
     let mut tasks = Vec::new();
     for (n, listener) in listeners.into_iter().enumerate() {
         let answers = n >= blackholed;

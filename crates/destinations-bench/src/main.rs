@@ -70,8 +70,8 @@ fn main() -> Result<(), String> {
             runtime.block_on(http_load(url, sends, queue.first().copied()))
         }
         ["http-batch", url, sends] => runtime.block_on(hosts::http_batch(url, number(sends)?)),
-        ["receivers", blackholed, ports @ ..] => {
-            runtime.block_on(hosts::receivers(number(blackholed)?, ports))
+        ["receivers", blackholed, count] => {
+            runtime.block_on(hosts::receivers(number(blackholed)?, number(count)?))
         }
         ["many-hosts", sends, healthy, urls @ ..] => {
             runtime.block_on(hosts::many_hosts(number(sends)?, number(healthy)?, urls))
@@ -110,7 +110,7 @@ fn main() -> Result<(), String> {
         }
         ["waiters", server, count] => runtime.block_on(scaling::waiters(server, number(count)?)),
         _ => Err(
-            "usage: destinations-bench scaling queued N [QUEUE_FILE] | scaling s3 ENDPOINT PREFIXES EVENTS BATCH | scaling emit SUBSCRIPTIONS EMITS | waiters SERVER N | destinations-bench receiver ADDR | receivers BLACKHOLED PORT... | http-batch URL SENDS | many-hosts SENDS HEALTHY URL... | http URL SENDS [QUEUE_FILE] | s3 ENDPOINT SENDS NDJSON_OUT [QUEUE_FILE] | send-path SENDS | memory SENDS [QUEUE_FILE] | sse-reference ADDR | sse-clients STREAM_URL SUBSCRIBERS EVENTS RATE PUBLISH_URL STYLE"
+            "usage: destinations-bench scaling queued N [QUEUE_FILE] | scaling s3 ENDPOINT PREFIXES EVENTS BATCH | scaling emit SUBSCRIPTIONS EMITS | waiters SERVER N | destinations-bench receiver ADDR | receivers BLACKHOLED COUNT | http-batch URL SENDS | many-hosts SENDS HEALTHY URL... | http URL SENDS [QUEUE_FILE] | s3 ENDPOINT SENDS NDJSON_OUT [QUEUE_FILE] | send-path SENDS | memory SENDS [QUEUE_FILE] | sse-reference ADDR | sse-clients STREAM_URL SUBSCRIBERS EVENTS RATE PUBLISH_URL STYLE"
                 .into(),
         ),
     }

@@ -16,6 +16,7 @@ use http::header::{
 };
 use http::{Method, Request, StatusCode};
 use http_body_util::Full;
+use serde_json::value::RawValue;
 use url::Url;
 
 use crate::KIND;
@@ -179,18 +180,34 @@ impl HttpDestination {
         encoding: BatchEncoding,
     ) -> BatchOutcome {
         let mut reports: Vec<Option<Report>> = vec![None; envelopes.len()];
-        let mut members: Vec<(usize, HttpRequest)> = Vec::with_capacity(envelopes.len());
-        for (n, envelope) in envelopes.iter().enumerate() {
+        // Alike but for their `data` (they batched together): the first is read whole, the
+        // others for their `data` alone.
+        let first = envelopes.iter().enumerate().find_map(|(n, envelope)| {
             match serde_json::from_slice::<HttpRequest>(&envelope.payload) {
-                Ok(request) => members.push((n, request)),
+                Ok(request) => Some((n, request)),
                 Err(e) => {
                     reports[n] = Some(Report::failed(format!(
                         "the stored request no longer parses: {e}"
                     )));
+                    None
+                }
+            }
+        });
+        let mut members: Vec<(usize, Option<&RawValue>)> = Vec::with_capacity(envelopes.len());
+        if let Some((at, request)) = &first {
+            members.push((*at, request.data.as_deref()));
+            for (n, envelope) in envelopes.iter().enumerate().skip(at + 1) {
+                match crate::batch::data_of(&envelope.payload) {
+                    Ok(data) => members.push((n, data)),
+                    Err(e) => {
+                        reports[n] = Some(Report::failed(format!(
+                            "the stored request no longer parses: {e}"
+                        )));
+                    }
                 }
             }
         }
-        if let Some((_, first)) = members.first() {
+        if let Some((_, first)) = &first {
             let report = self
                 .deliver_members(first, envelopes, &members, encoding)
                 .await;
@@ -211,7 +228,7 @@ impl HttpDestination {
         &self,
         first: &HttpRequest,
         envelopes: &[Envelope],
-        members: &[(usize, HttpRequest)],
+        members: &[(usize, Option<&RawValue>)],
         encoding: BatchEncoding,
     ) -> Report {
         let url = match first.parsed_url() {
@@ -237,7 +254,7 @@ impl HttpDestination {
         if let Ok(value) = HeaderValue::from_str(&ids.join(",")) {
             headers.insert(HeaderName::from_static("destinations-ids"), value);
         }
-        let body = encoding.encode(members.iter().map(|(_, request)| request.data.as_deref()));
+        let body = encoding.encode(members.iter().map(|(_, data)| *data));
         let body = self.seal(&mut headers, &key, body);
         self.exchange(first.method.as_http(), url, headers, body)
             .await
@@ -499,9 +516,7 @@ impl Destination for HttpDestination {
         if self.encoding.is_none() {
             return Self::target_of(payload);
         }
-        serde_json::from_slice::<HttpRequest>(payload)
-            .ok()
-            .map(|request| crate::batch::group_of(&request))
+        crate::batch::group_of(payload)
     }
 
     /// Batched instances fill batches of up to 100 sends, 1 MiB, waiting at most 1 s (the

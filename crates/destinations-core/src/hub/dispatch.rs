@@ -364,6 +364,8 @@ pub(super) struct Dispatcher {
     target_done: mpsc::UnboundedReceiver<TargetDone>,
     /// When to look for stalled targets (while the waiting set is full).
     stall_check: Option<tokio::time::Instant>,
+    /// Batches for stalled targets, to go back to the queue together.
+    deferring: Vec<(Vec<Envelope>, String, Duration)>,
 }
 
 /// A batch still filling: flushed when full or when its deadline passes.
@@ -496,6 +498,7 @@ impl Dispatcher {
             parked: 0,
             target_done,
             stall_check: None,
+            deferring: Vec::new(),
         };
         tokio::spawn(dispatcher.run())
     }
@@ -533,6 +536,10 @@ impl Dispatcher {
                     }
                 }
                 () = self.lane.idle.notified(), if !intake_open => {}
+            }
+            if !self.deferring.is_empty() {
+                let deferring = std::mem::take(&mut self.deferring);
+                self.defer_all(deferring).await;
             }
             if !intake_open
                 && self.open.is_empty()
@@ -674,6 +681,7 @@ impl Dispatcher {
         let now = tokio::time::Instant::now();
         let limit = self.per_target.unwrap_or(usize::MAX);
         let adaptive = self.adaptive.then_some(limit);
+        let may_defer = !self.ordered && !self.draining();
         let state = match self.targets.get_mut(&key) {
             Some(state) => state,
             None => self
@@ -682,14 +690,38 @@ impl Dispatcher {
                 .or_insert_with(|| Target::new(now, self.per_target_rate.as_ref(), adaptive)),
         };
         // Nothing waits ahead of it and the gates are open: it starts now (the usual case).
+        let mut ready_at = state.wake;
         if state.waiting.is_empty() {
             let lane = &self.lane;
             let endpoint = || lane.enter(&key, now);
-            if let Admission::Go { probe } =
-                admit(state, &mut self.instance_rate, limit, endpoint, now)
-            {
-                return self.begin(envelopes, Some(key), probe).await;
+            match admit(state, &mut self.instance_rate, limit, endpoint, now) {
+                Admission::Go { probe } => return self.begin(envelopes, Some(key), probe).await,
+                Admission::WaitUntil(at) => ready_at = Some(at),
+                Admission::Busy | Admission::Blocked => {}
             }
+        }
+        // A target that has not moved for a while (an attempt hanging on a host that never
+        // answers, a long pause) gets no room among the waiting: what comes for it goes back
+        // to the queue at once, unattempted, so that it cannot crowd out the other targets.
+        // (An ordered target keeps its order in memory instead.)
+        let stalled_for = now - state.progressed;
+        let wait = match ready_at {
+            Some(at) if at > now + STALLED_AFTER => Some(at - now),
+            // Twice as long as it has stalled: a host dark for long is asked about less often.
+            _ if state.busy > 0 && stalled_for >= STALLED_AFTER => Some(stalled_for * 2),
+            _ => None,
+        };
+        if let Some(wait) = wait
+            && may_defer
+        {
+            let why = self
+                .lane
+                .hub
+                .endpoints
+                .paused(self.lane.destination.kind(), &key)
+                .unwrap_or_else(|| format!("`{key}` has not answered for a while"));
+            self.deferring.push((envelopes, why, wait));
+            return;
         }
         self.parked += envelopes.len();
         state.waiting.push_back(envelopes);
@@ -853,18 +885,25 @@ impl Dispatcher {
                 deferred.push((envelopes, why.clone(), stalled_for));
             }
         }
-        // Settled together, so a store commits them in a few writes.
-        let lane = &self.lane;
-        futures::future::join_all(deferred.into_iter().map(
-            |(envelopes, why, stalled_for)| async move {
-                lane.defer(envelopes, &why, stalled_for).await;
-            },
-        ))
-        .await;
+        self.defer_all(deferred).await;
         if self.parked >= PARKED_MAX {
             // Still full of targets that progress: look again later.
             self.stall_check = Some(now + STALLED_AFTER);
         }
+    }
+
+    /// Hand batches for stalled targets back to the queue, settled together so that a store
+    /// commits them in a few writes.
+    async fn defer_all(&self, deferred: Vec<(Vec<Envelope>, String, Duration)>) {
+        let lane = &self.lane;
+        futures::future::join_all(
+            deferred
+                .into_iter()
+                .map(|(envelopes, why, wait)| async move {
+                    lane.defer(envelopes, &why, wait).await;
+                }),
+        )
+        .await;
     }
 
     /// An attempt to a target ended: adapt its limit, tell the hub what the target said (a
