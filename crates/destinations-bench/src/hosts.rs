@@ -24,58 +24,15 @@ pub(crate) async fn http_batch(url: &str, sends: usize) -> Result<(), String> {
         encoding: Some(BatchEncoding::JsonArray),
         ..HttpOptions::allowing_loopback()
     };
-    let destination = destinations::http::HttpDestination::new(options)?;
-    let hub = builder_on(HubConfig::default(), None)?
-        .destination(
-            "http",
-            Arc::new(destination),
-            InstanceSettings {
-                batch: BatchPolicyOverrides {
-                    max_events: Some(100),
-                    max_age: Some(Duration::from_millis(50)),
-                    ..BatchPolicyOverrides::default()
-                },
-                ..InstanceSettings::default()
-            },
-        )
-        .build()
-        .map_err(|e| e.to_string())?;
-    let padding: Arc<str> = Arc::from("x".repeat(200));
-    let url: Arc<str> = Arc::from(url);
-    let started = Instant::now();
-    producers(
-        sends,
-        move |hub, first, count| {
-            let (url, padding) = (url.clone(), padding.clone());
-            async move {
-                let run = hub.begin_run("bench");
-                for _ in first..first + count {
-                    let body = json!({"t": unix_nanos(), "pad": &*padding});
-                    run.send()
-                        .http(HttpRequest::post(&*url).json(&body))
-                        .map_err(|e| e.to_string())?;
-                }
-                finish(run).await
-            }
+    let settings = InstanceSettings {
+        batch: BatchPolicyOverrides {
+            max_events: Some(100),
+            max_age: Some(Duration::from_millis(50)),
+            ..BatchPolicyOverrides::default()
         },
-        &hub,
-    )
-    .await?;
-    let drained = hub.drained(Duration::from_secs(3600)).await;
-    let report = hub.shutdown().await;
-    let elapsed = started.elapsed();
-    println!(
-        "{}",
-        json!({
-            "sends": sends,
-            "seconds": elapsed.as_secs_f64(),
-            "sends_per_second": sends as f64 / elapsed.as_secs_f64(),
-            "abandoned": report.abandoned,
-            "drained": drained,
-            "peak_rss_kib": peak_rss_kib(),
-        })
-    );
-    Ok(())
+        ..InstanceSettings::default()
+    };
+    crate::http_load_with(url, sends, None, options, settings).await
 }
 
 pub(crate) async fn receivers(blackholed: usize, count: usize) -> Result<(), String> {

@@ -230,16 +230,25 @@ pub(crate) fn builder_on(config: HubConfig, queue: Option<&str>) -> Result<HubBu
 async fn http_load(url: &str, sends: usize, queue: Option<&str>) -> Result<(), String> {
     let mut options = HttpOptions::allowing_loopback();
     options.per_host_concurrency = 64;
+    let settings = InstanceSettings {
+        concurrency: Some(64),
+        ..InstanceSettings::default()
+    };
+    http_load_with(url, sends, queue, options, settings).await
+}
+
+/// SENDS sends of 256 B through an HTTP instance with these options and settings; prints one
+/// JSON line of results.
+pub(crate) async fn http_load_with(
+    url: &str,
+    sends: usize,
+    queue: Option<&str>,
+    options: HttpOptions,
+    settings: InstanceSettings,
+) -> Result<(), String> {
     let destination = destinations::http::HttpDestination::new(options)?;
     let hub = builder_on(HubConfig::default(), queue)?
-        .destination(
-            "http",
-            Arc::new(destination),
-            InstanceSettings {
-                concurrency: Some(64),
-                ..InstanceSettings::default()
-            },
-        )
+        .destination("http", Arc::new(destination), settings)
         .build()
         .map_err(|e| e.to_string())?;
     let padding = "x".repeat(200);

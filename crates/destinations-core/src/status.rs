@@ -95,8 +95,9 @@ pub enum Transition {
     Delivered(Option<Arc<ResponseSummary>>),
     /// Failed; another attempt at this time.
     Retrying {
-        /// What went wrong.
-        error: String,
+        /// What went wrong; `None` for a send held back without an attempt (its last
+        /// attempt's error and answer stay).
+        error: Option<String>,
         /// The target's answer.
         response: Option<Arc<ResponseSummary>>,
         /// When the next attempt is due.
@@ -303,9 +304,15 @@ impl Inner {
                 next_attempt_at,
             } => {
                 status.state = State::Retrying;
-                status.response = response;
+                // Without an error it was held back, not attempted: its last attempt's
+                // error and answer stay.
+                if error.is_some() {
+                    status.response = response;
+                }
                 let detail = status.detail();
-                detail.last_error = Some(error);
+                if let Some(error) = error {
+                    detail.last_error = Some(error);
+                }
                 detail.next_attempt_at = Some(next_attempt_at);
             }
             Transition::Dead { error, response } => {
@@ -439,7 +446,7 @@ impl StatusBook {
                 inner.apply(
                     s.envelope.id,
                     Transition::Retrying {
-                        error: s.error.clone().unwrap_or_default(),
+                        error: s.error.clone(),
                         response: s.response.clone(),
                         next_attempt_at: retry.at,
                     },
@@ -532,7 +539,7 @@ mod tests {
         book.apply(
             a.id,
             Transition::Retrying {
-                error: "503".into(),
+                error: Some("503".into()),
                 response: None,
                 next_attempt_at: SystemTime::now(),
             },

@@ -267,7 +267,11 @@ impl NatsStatuses {
             for s in &retry.sends {
                 let mut record = Record::of(&s.envelope, StoredState::Retrying, now);
                 record.response = s.response.as_deref().cloned();
-                record.last_error = s.error.clone();
+                record.last_error = match &s.error {
+                    // Held back, not attempted: it keeps the error of its last attempt.
+                    None if s.envelope.attempts > 0 => self.last_error(s.envelope.id).await,
+                    error => error.clone(),
+                };
                 record.next_attempt_ms = Some(to_ms(retry.at));
                 records.push((s.envelope.id, record));
             }

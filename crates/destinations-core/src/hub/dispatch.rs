@@ -1311,13 +1311,14 @@ impl Lane {
     /// count unchanged: it was not attempted. `why` says what holds the target.
     async fn defer(&self, envelopes: Vec<Envelope>, why: &str, stalled: Duration) {
         let wait = stalled.clamp(Duration::from_secs(1), Duration::from_secs(60));
-        let error = format!("not attempted yet: {why}");
-        tracing::debug!(destination = %self.name, count = envelopes.len(), %why, ?wait, "deferred behind a busy or paused target");
+        // Not an attempt, so no error: a send keeps its last attempt's error and answer (the
+        // hold is the target's, shown by `GET /v1/endpoints`).
+        tracing::debug!(destination = %self.name, count = envelopes.len(), %why, ?wait, "not attempted yet: deferred behind a busy or paused target");
         let sends = envelopes
             .into_iter()
             .map(|envelope| Settled {
                 envelope,
-                error: Some(error.clone()),
+                error: None,
                 response: None,
             })
             .collect();
