@@ -366,6 +366,8 @@ pub(super) struct Dispatcher {
     stall_check: Option<tokio::time::Instant>,
     /// Batches for stalled targets, to go back to the queue together.
     deferring: Vec<(Vec<Envelope>, String, Duration)>,
+    /// When an attempt to any target last ended.
+    last_answer: tokio::time::Instant,
 }
 
 /// A batch still filling: flushed when full or when its deadline passes.
@@ -499,6 +501,7 @@ impl Dispatcher {
             target_done,
             stall_check: None,
             deferring: Vec::new(),
+            last_answer: tokio::time::Instant::now(),
         };
         tokio::spawn(dispatcher.run())
     }
@@ -681,7 +684,12 @@ impl Dispatcher {
         let now = tokio::time::Instant::now();
         let limit = self.per_target.unwrap_or(usize::MAX);
         let adaptive = self.adaptive.then_some(limit);
-        let may_defer = !self.ordered && !self.draining();
+        // Only while other targets move: when none does, there is nothing better to lease for,
+        // and what waits stays put (the waiting set's bound stops leasing) rather than cycle
+        // through the queue.
+        let may_defer = !self.ordered
+            && !self.draining()
+            && now - self.last_answer < STALLED_AFTER;
         let state = match self.targets.get_mut(&key) {
             Some(state) => state,
             None => self
@@ -914,6 +922,7 @@ impl Dispatcher {
             return;
         };
         let now = tokio::time::Instant::now();
+        self.last_answer = now;
         state.busy = state.busy.saturating_sub(1);
         state.progressed = now;
         if self.ordered && !done.retried.is_empty() {
