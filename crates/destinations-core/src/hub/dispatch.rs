@@ -687,9 +687,7 @@ impl Dispatcher {
         // Only while other targets move: when none does, there is nothing better to lease for,
         // and what waits stays put (the waiting set's bound stops leasing) rather than cycle
         // through the queue.
-        let may_defer = !self.ordered
-            && !self.draining()
-            && now - self.last_answer < STALLED_AFTER;
+        let may_defer = !self.ordered && !self.draining() && now - self.last_answer < STALLED_AFTER;
         let state = match self.targets.get_mut(&key) {
             Some(state) => state,
             None => self
