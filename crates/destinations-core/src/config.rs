@@ -359,5 +359,22 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("retry.max_attempts"), "{e}");
+        let e = InstanceConfig::from_table(
+            "hooks",
+            json!({"kind":"http","pause":{"after_failures":0}}),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("destinations.hooks: `pause`: after_failures must be at least 1"),
+            "{e}"
+        );
+        let e = InstanceConfig::from_table("hooks", json!({"kind":"http","pause":{"after":3}}))
+            .unwrap_err();
+        assert!(e.to_string().contains("pause"), "{e}");
+        let ok =
+            InstanceConfig::from_table("hooks", json!({"kind":"http","pause":{"enabled":false}}))
+                .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(ok.settings.pause.map(|p| p.enabled), Some(false));
     }
 }
