@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use destinations_core::prelude::*;
-use destinations_core::{
-    EndpointChange, HubConfig, PausePolicy, ResponseSummary, RetryPolicy, SendStatus,
-};
-use serde_json::json;
+use destinations_core::{EndpointChange, HubConfig, PausePolicy, ResponseSummary, RetryPolicy};
 use tokio::time::Instant;
+
+mod common;
+use common::{final_status, host_of, send};
 
 /// Names the host in the payload as the target. A host in `down` fails (could not connect)
 /// until `up_at`; every host answers 429 while `push_back`; each attempt takes `round_trip`.
@@ -65,13 +65,6 @@ impl Hosts {
         self.most_in_flight
             .swap(self.in_flight.load(Ordering::SeqCst), Ordering::SeqCst)
     }
-}
-
-fn host_of(payload: &[u8]) -> String {
-    serde_json::from_slice::<serde_json::Value>(payload).unwrap_or_default()["host"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned()
 }
 
 #[async_trait]
@@ -152,19 +145,6 @@ fn hub(destination: Arc<Hosts>, retry: RetryPolicy) -> Hub {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn send(hub: &Hub, host: &str, marker: usize) -> EventId {
-    hub.sender()
-        .to("d", &json!({ "host": host, "marker": marker }))
-        .unwrap_or_else(|e| panic!("{e}"))
-}
-
-async fn final_state(hub: &Hub, id: EventId) -> SendStatus {
-    hub.wait_final(id, Duration::from_secs(24 * 3600))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-        .unwrap_or_else(|| panic!("{id} unknown"))
-}
-
 /// The changes heard: target, `paused` or `resumed`, and by whom.
 type Heard = Arc<Mutex<Vec<(String, &'static str, &'static str)>>>;
 
@@ -198,7 +178,7 @@ async fn a_failing_host_is_paused_its_sends_wait_unattempted_and_all_arrive_once
     let down: Vec<EventId> = (0..20).map(|n| send(&hub, "down", n)).collect();
     let up: Vec<EventId> = (0..20).map(|n| send(&hub, "up", n)).collect();
     for id in &up {
-        let status = final_state(&hub, *id).await;
+        let status = final_status(&hub, *id).await;
         assert_eq!(
             status.state,
             State::Delivered,
@@ -207,7 +187,7 @@ async fn a_failing_host_is_paused_its_sends_wait_unattempted_and_all_arrive_once
     }
     let mut tries = 0;
     for id in &down {
-        let status = final_state(&hub, *id).await;
+        let status = final_status(&hub, *id).await;
         assert_eq!(
             status.state,
             State::Delivered,
@@ -276,7 +256,7 @@ async fn an_operator_pause_holds_every_send_unattempted_until_resumed() {
     hub.pause_endpoint("a").unwrap_or_else(|e| panic!("{e}"));
     let ids: Vec<EventId> = (0..5).map(|n| send(&hub, "a", n)).collect();
     let other = send(&hub, "b", 0);
-    assert_eq!(final_state(&hub, other).await.state, State::Delivered);
+    assert_eq!(final_status(&hub, other).await.state, State::Delivered);
     tokio::time::sleep(Duration::from_secs(3600)).await;
     assert!(
         hosts.attempts_to("a").is_empty(),
@@ -294,7 +274,7 @@ async fn an_operator_pause_holds_every_send_unattempted_until_resumed() {
     assert_eq!((view.state, view.paused_by), ("paused", Some("operator")));
     assert!(hub.resume_endpoint("a"));
     for id in &ids {
-        let status = final_state(&hub, *id).await;
+        let status = final_status(&hub, *id).await;
         assert_eq!((status.state, status.attempts), (State::Delivered, 1));
     }
     assert_eq!(
@@ -345,7 +325,7 @@ async fn a_hosts_limit_of_attempts_at_once_halves_when_it_pushes_back_and_grows_
         "grows back once it answers: {pushed} -> {back}"
     );
     for id in ids {
-        assert_eq!(final_state(&hub, id).await.state, State::Delivered);
+        assert_eq!(final_status(&hub, id).await.state, State::Delivered);
     }
     hub.shutdown().await;
 }

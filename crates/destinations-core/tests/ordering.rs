@@ -9,21 +9,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use destinations_core::prelude::*;
 use destinations_core::{HubConfig, RetryPolicy};
-use serde_json::{Value, json};
+
+mod common;
+use common::{delivered, host_of, marker_of, send};
 
 /// Orders per host; fails each attempt of a marker in `fail` while its count lasts.
 struct Ordered {
     fail: Mutex<HashMap<(String, u64), u32>>,
     /// (host, marker, delivered) of each attempt, in the order made.
     attempts: Mutex<Vec<(String, u64, bool)>>,
-}
-
-fn fields(payload: &[u8]) -> (String, u64) {
-    let value: Value = serde_json::from_slice(payload).unwrap_or_default();
-    (
-        value["host"].as_str().unwrap_or_default().to_owned(),
-        value["marker"].as_u64().unwrap_or_default(),
-    )
 }
 
 #[async_trait]
@@ -37,7 +31,7 @@ impl Destination for Ordered {
     }
 
     fn target(&self, payload: &[u8]) -> Option<String> {
-        Some(fields(payload).0)
+        Some(host_of(payload))
     }
 
     fn per_target_concurrency(&self) -> Option<usize> {
@@ -49,7 +43,8 @@ impl Destination for Ordered {
     }
 
     async fn deliver(&self, batch: &Batch) -> BatchOutcome {
-        let (host, marker) = fields(&batch.envelopes()[0].payload);
+        let payload = &batch.envelopes()[0].payload;
+        let (host, marker) = (host_of(payload), marker_of(payload));
         // Each attempt takes a while, so that later sends are ready while it is under way.
         tokio::time::sleep(Duration::from_millis(10)).await;
         let failing = {
@@ -95,23 +90,10 @@ async fn each_hosts_sends_arrive_in_order_through_retries_and_other_hosts_go_on(
         )
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
-    let sender = hub.sender();
     let ids: Vec<EventId> = (0..10u64)
-        .flat_map(|marker| ["a", "b"].map(|host| (host, marker)))
-        .map(|(host, marker)| {
-            sender
-                .to("d", &json!({ "host": host, "marker": marker }))
-                .unwrap_or_else(|e| panic!("{e}"))
-        })
+        .flat_map(|marker| ["a", "b"].map(|host| send(&hub, host, marker)))
         .collect();
-    for id in &ids {
-        let status = hub
-            .wait_final(*id, Duration::from_secs(3600))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"))
-            .unwrap_or_else(|| panic!("{id} unknown"));
-        assert_eq!(status.state, State::Delivered);
-    }
+    delivered(&hub, &ids).await;
     let attempts = ordered
         .attempts
         .lock()

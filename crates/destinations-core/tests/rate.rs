@@ -7,10 +7,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use destinations_core::prelude::*;
-use destinations_core::{HubConfig, RateLimit, SendStatus};
+use destinations_core::{HubConfig, RateLimit};
 use serde_json::json;
 use tokio::sync::Notify;
 use tokio::time::Instant;
+
+mod common;
+use common::{delivered, host_of, marker_of, send};
 
 /// Records each attempt (when, to which host, which marker); names the host in the payload as
 /// the target; answers the first attempt to each host in `busy_once` with a `Retry-After`.
@@ -63,13 +66,6 @@ impl Hosts {
     }
 }
 
-fn host_of(payload: &[u8]) -> String {
-    serde_json::from_slice::<serde_json::Value>(payload).unwrap_or_default()["host"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned()
-}
-
 #[async_trait]
 impl Destination for Hosts {
     fn kind(&self) -> &'static str {
@@ -95,10 +91,7 @@ impl Destination for Hosts {
     async fn deliver(&self, batch: &Batch) -> BatchOutcome {
         let envelope = &batch.envelopes()[0];
         let host = host_of(&envelope.payload);
-        let marker = serde_json::from_slice::<serde_json::Value>(&envelope.payload)
-            .unwrap_or_default()["marker"]
-            .as_u64()
-            .unwrap_or(0);
+        let marker = marker_of(&envelope.payload);
         let first_to_host = {
             let mut attempts = self.attempts.lock().unwrap_or_else(PoisonError::into_inner);
             let first = !attempts.iter().any(|(_, h, _)| *h == host);
@@ -121,27 +114,6 @@ fn hub(destination: Arc<Hosts>, settings: InstanceSettings) -> Hub {
         .destination("d", destination, settings)
         .build()
         .unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn send(hub: &Hub, host: &str, marker: u64) -> EventId {
-    hub.sender()
-        .to("d", &json!({ "host": host, "marker": marker }))
-        .unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// Each of `ids` delivered; their statuses.
-async fn delivered(hub: &Hub, ids: &[EventId]) -> Vec<SendStatus> {
-    let mut statuses = Vec::new();
-    for id in ids {
-        let status = hub
-            .wait_final(*id, Duration::from_secs(3600))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"))
-            .unwrap_or_else(|| panic!("{id} unknown"));
-        assert_eq!(status.state, State::Delivered);
-        statuses.push(status);
-    }
-    statuses
 }
 
 async fn delivered_first_time(hub: &Hub, ids: &[EventId]) {

@@ -37,17 +37,6 @@ fn hub(options: HttpOptions, batch: BatchPolicyOverrides) -> Hub {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-async fn delivered(hub: &Hub, ids: &[EventId]) {
-    for id in ids {
-        let status = hub
-            .wait_final(*id, WITHIN)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"))
-            .unwrap_or_else(|| panic!("{id}: no status"));
-        assert_eq!(status.state, State::Delivered, "{status:?}");
-    }
-}
-
 /// The ids a batched request names, in order.
 fn ids_of(request: &ReceivedRequest) -> Vec<String> {
     request
@@ -88,7 +77,7 @@ async fn sends_alike_arrive_as_ndjson_batches_with_every_id_once() {
         sent.insert(id.to_string(), (tenant.to_owned(), n));
     }
     let ids: Vec<EventId> = sent.keys().map(|id| id.parse().unwrap()).collect();
-    delivered(&hub, &ids).await;
+    destinations_testkit::delivered(&hub, &ids, WITHIN).await;
     let requests = receiver.requests();
     assert!(
         requests.len() <= 95 / 10 + 3,
@@ -151,7 +140,7 @@ async fn a_gzipped_json_array_batch_that_fails_is_sent_again_byte_for_byte() {
                 .unwrap_or_else(|e| panic!("{e}"))
         })
         .collect();
-    delivered(&hub, &ids).await;
+    destinations_testkit::delivered(&hub, &ids, WITHIN).await;
     let requests = receiver.requests();
     assert_eq!(
         requests.len(),

@@ -825,21 +825,9 @@ async fn retry_after_holds_back_every_send_for_that_host_only() {
         .http(HttpRequest::post(other.url("/other")))
         .unwrap_or_else(|e| panic!("{e}"));
     // The other host is served while the busy one is held.
-    let status = hub
-        .wait_final(elsewhere, WITHIN)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-        .unwrap_or_else(|| panic!("no status"));
-    assert_eq!(status.state, State::Delivered);
+    destinations_testkit::delivered(&hub, &[elsewhere], WITHIN).await;
     ids.push(first);
-    for id in &ids {
-        let status = hub
-            .wait_final(*id, WITHIN)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"))
-            .unwrap_or_else(|| panic!("no status"));
-        assert_eq!(status.state, State::Delivered, "{status:?}");
-    }
+    destinations_testkit::delivered(&hub, &ids, WITHIN).await;
     let times = times
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use destinations_core::prelude::*;
-use destinations_core::{EndpointChange, PausePolicy, RetryPolicy, SendStatus};
+use destinations_core::{EndpointChange, PausePolicy, RetryPolicy};
 use destinations_http::{HttpOptions, HttpRequest, SendHttp};
 use destinations_testkit::{Receiver, Reply};
 use serde_json::json;
@@ -24,13 +24,6 @@ fn hub(options: HttpOptions, settings: InstanceSettings) -> Hub {
         .destination("http", Arc::new(destination), settings)
         .build()
         .unwrap_or_else(|e| panic!("{e}"))
-}
-
-async fn final_status(hub: &Hub, id: EventId) -> SendStatus {
-    hub.wait_final(id, WITHIN)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-        .unwrap_or_else(|| panic!("{id}: no status"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,10 +91,7 @@ async fn a_host_that_fails_20_times_is_paused_loses_nothing_and_gets_everything_
     );
     down.store(false, Ordering::SeqCst);
     assert_eq!(changed.recv().await, Some(("resumed", "failures")));
-    for id in &ids {
-        let status = final_status(&hub, *id).await;
-        assert_eq!(status.state, State::Delivered, "{status:?}");
-    }
+    destinations_testkit::delivered(&hub, &ids, WITHIN).await;
     assert!(
         hub.dead_letters(100).await.unwrap().is_empty(),
         "nothing dead-lettered"
@@ -177,9 +167,7 @@ async fn a_hosts_limit_of_requests_at_once_halves_on_503s_and_grows_back() {
         .await;
     let cut = now(&hub);
     assert!(cut <= grown / 2, "halved on 503s: {grown} -> {cut}");
-    for id in &ids {
-        assert_eq!(final_status(&hub, *id).await.state, State::Delivered);
-    }
+    destinations_testkit::delivered(&hub, &ids, WITHIN).await;
     let back = now(&hub);
     assert!(back > cut, "grows back once it answers: {cut} -> {back}");
     hub.shutdown().await;
@@ -216,9 +204,7 @@ async fn ordered_per_host_sends_arrive_in_order_through_retries() {
                 .unwrap_or_else(|e| panic!("{e}"))
         })
         .collect();
-    for id in &ids {
-        assert_eq!(final_status(&hub, *id).await.state, State::Delivered);
-    }
+    destinations_testkit::delivered(&hub, &ids, WITHIN).await;
     let arrived: Vec<(u64, u32)> = receiver
         .requests()
         .iter()

@@ -28,6 +28,20 @@ pub async fn final_status(hub: &Hub, id: EventId, timeout: Duration) -> Option<S
         .unwrap_or_else(|e| panic!("status of {id}: {e}"))
 }
 
+/// Wait for each of `ids` to be final (up to `timeout` each) and require it delivered; the
+/// test fails naming the first that is not, with its status. Their statuses, in order.
+pub async fn delivered(hub: &Hub, ids: &[EventId], timeout: Duration) -> Vec<SendStatus> {
+    let mut statuses = Vec::with_capacity(ids.len());
+    for id in ids {
+        let status = final_status(hub, *id, timeout)
+            .await
+            .unwrap_or_else(|| panic!("send {id} has no status"));
+        assert_eq!(status.state, State::Delivered, "{status:?}");
+        statuses.push(status);
+    }
+    statuses
+}
+
 /// Every dead letter, newest first.
 pub async fn dead_letters(hub: &Hub) -> Vec<DeadLetter> {
     hub.dead_letters(usize::MAX)

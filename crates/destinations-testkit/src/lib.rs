@@ -10,7 +10,7 @@ pub mod smtp;
 pub mod sse;
 
 pub use conformance::{ConformanceTarget, SinkBehaviour};
-pub use inspect::{dead_letters, final_status, state, status};
+pub use inspect::{dead_letters, delivered, final_status, state, status};
 pub use nats::NatsServer;
 pub use receiver::{ReceivedRequest, Receiver, Reply};
 pub use s3::{Fault, FaultProxy, S3Server, TempDir};

@@ -163,6 +163,9 @@ impl TargetSaid {
     }
 }
 
+/// A batch going back to the queue unattempted: its target, and how long until it is due.
+type Deferral = (Vec<Envelope>, String, Duration);
+
 /// A target's slot, held for the length of an attempt; its end is reported to the dispatcher.
 struct TargetSlot {
     target: String,
@@ -365,7 +368,7 @@ pub(super) struct Dispatcher {
     /// When to look for stalled targets (while the waiting set is full).
     stall_check: Option<tokio::time::Instant>,
     /// Batches for stalled targets, to go back to the queue together.
-    deferring: Vec<(Vec<Envelope>, String, Duration)>,
+    deferring: Vec<Deferral>,
     /// When an attempt to any target last ended.
     last_answer: tokio::time::Instant,
 }
@@ -720,13 +723,7 @@ impl Dispatcher {
         if let Some(wait) = wait
             && may_defer
         {
-            let why = self
-                .lane
-                .hub
-                .endpoints
-                .paused(self.lane.destination.kind(), &key)
-                .unwrap_or_else(|| format!("`{key}` has not answered for a while"));
-            self.deferring.push((envelopes, why, wait));
+            self.deferring.push((envelopes, key, wait));
             return;
         }
         self.parked += envelopes.len();
@@ -860,7 +857,6 @@ impl Dispatcher {
         if self.parked < PARKED_MAX || self.draining() {
             return;
         }
-        let limit = self.per_target.unwrap_or(1);
         let stalled: Vec<String> = self
             .targets
             .iter()
@@ -873,12 +869,6 @@ impl Dispatcher {
                 continue;
             };
             let stalled_for = now - state.progressed;
-            let why = self
-                .lane
-                .hub
-                .endpoints
-                .paused(self.lane.destination.kind(), &key)
-                .unwrap_or_else(|| format!("`{key}` has {limit} attempts under way"));
             for envelopes in state.waiting.drain(..) {
                 self.parked -= envelopes.len();
                 if self.ordered {
@@ -888,7 +878,7 @@ impl Dispatcher {
                         back: None,
                     });
                 }
-                deferred.push((envelopes, why.clone(), stalled_for));
+                deferred.push((envelopes, key.clone(), stalled_for));
             }
         }
         self.defer_all(deferred).await;
@@ -900,15 +890,13 @@ impl Dispatcher {
 
     /// Hand batches for stalled targets back to the queue, settled together so that a store
     /// commits them in a few writes.
-    async fn defer_all(&self, deferred: Vec<(Vec<Envelope>, String, Duration)>) {
+    async fn defer_all(&self, deferred: Vec<Deferral>) {
         let lane = &self.lane;
-        futures::future::join_all(
-            deferred
-                .into_iter()
-                .map(|(envelopes, why, wait)| async move {
-                    lane.defer(envelopes, &why, wait).await;
-                }),
-        )
+        futures::future::join_all(deferred.into_iter().map(
+            |(envelopes, target, wait)| async move {
+                lane.defer(envelopes, &target, wait).await;
+            },
+        ))
         .await;
     }
 
@@ -1315,12 +1303,12 @@ impl Lane {
 
     /// Hand a batch for a busy or paused target back to the queue, due again after a wait as
     /// long as the target has gone without an attempt ending (1 s to 1 min), its attempt
-    /// count unchanged: it was not attempted. `why` says what holds the target.
-    async fn defer(&self, envelopes: Vec<Envelope>, why: &str, stalled: Duration) {
+    /// count unchanged: it was not attempted.
+    async fn defer(&self, envelopes: Vec<Envelope>, target: &str, stalled: Duration) {
         let wait = stalled.clamp(Duration::from_secs(1), Duration::from_secs(60));
         // Not an attempt, so no error: a send keeps its last attempt's error and answer (the
         // hold is the target's, shown by `GET /v1/endpoints`).
-        tracing::debug!(destination = %self.name, count = envelopes.len(), %why, ?wait, "not attempted yet: deferred behind a busy or paused target");
+        tracing::debug!(destination = %self.name, count = envelopes.len(), %target, ?wait, "not attempted yet: deferred behind a busy or paused target");
         let sends = envelopes
             .into_iter()
             .map(|envelope| Settled {

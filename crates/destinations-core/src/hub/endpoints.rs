@@ -16,7 +16,7 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use crate::policy::SlidingCounts;
-use crate::policy::{Breaker, BreakerGate, BreakerState, Health, PausePolicy, Transition};
+use crate::policy::{Breaker, BreakerGate, BreakerState, Health, PauseChange, PausePolicy};
 
 /// The most targets remembered; past it the quiet ones attempted longest ago are forgotten
 /// (a payload naming a million hosts must not grow the hub without end).
@@ -27,6 +27,9 @@ const RATE_WINDOW: Duration = Duration::from_secs(60);
 
 /// A target, by destination kind (two kinds may name different things alike) and name.
 pub(crate) type EndpointKey = (&'static str, String);
+
+/// The targets by kind, then name: looked up by `&str`, with no key built per attempt.
+type Table = HashMap<&'static str, HashMap<String, Endpoint>>;
 
 /// Whether an attempt may go to a target, as far as the hub-wide state is concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,7 +127,7 @@ struct Endpoint {
     attempts: u64,
     failures: u64,
     last_error: Option<String>,
-    last_attempt: Option<(Instant, SystemTime)>,
+    last_attempt: Option<Instant>,
 }
 
 impl Endpoint {
@@ -151,17 +154,17 @@ impl Endpoint {
 
     fn change(
         &self,
-        key: &EndpointKey,
-        transition: Transition,
+        (kind, target): (&'static str, &str),
+        transition: PauseChange,
         by: &'static str,
     ) -> EndpointChange {
         let (change, paused_until) = match transition {
-            Transition::Paused(pause) => ("paused", SystemTime::now().checked_add(pause)),
-            Transition::Resumed => ("resumed", None),
+            PauseChange::Paused(pause) => ("paused", SystemTime::now().checked_add(pause)),
+            PauseChange::Resumed => ("resumed", None),
         };
         EndpointChange {
-            kind: key.0,
-            target: key.1.clone(),
+            kind,
+            target: target.to_owned(),
             change,
             by,
             paused_until,
@@ -173,7 +176,7 @@ impl Endpoint {
 
 /// The hub's targets.
 pub(crate) struct Endpoints {
-    entries: Mutex<HashMap<EndpointKey, Endpoint>>,
+    entries: Mutex<Table>,
     changes: broadcast::Sender<EndpointKey>,
     observers: RwLock<Vec<EndpointObserver>>,
 }
@@ -189,7 +192,7 @@ impl Default for Endpoints {
 }
 
 impl Endpoints {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<EndpointKey, Endpoint>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -215,13 +218,19 @@ impl Endpoints {
         now: Instant,
     ) -> EndpointGate {
         let mut entries = self.lock();
-        let key = (kind, target.to_owned());
-        if entries.len() >= REMEMBERED && !entries.contains_key(&key) {
-            forget_quiet(&mut entries, now);
+        let known = entries.get(kind).is_some_and(|of| of.contains_key(target));
+        if !known {
+            if entries.values().map(HashMap::len).sum::<usize>() >= REMEMBERED {
+                forget_quiet(&mut entries, now);
+            }
+            entries
+                .entry(kind)
+                .or_default()
+                .insert(target.to_owned(), Endpoint::new(policy, now));
         }
-        let endpoint = entries
-            .entry(key)
-            .or_insert_with(|| Endpoint::new(policy, now));
+        let Some(endpoint) = entries.get_mut(kind).and_then(|of| of.get_mut(target)) else {
+            return EndpointGate::Go { probe: false };
+        };
         if let Some(until) = endpoint.hold_until {
             if until > now {
                 return EndpointGate::WaitUntil(until);
@@ -240,16 +249,15 @@ impl Endpoints {
 
     /// An attempt let in by [`enter`](Self::enter) ended.
     pub(crate) fn ended(&self, kind: &'static str, target: &str, end: AttemptEnd, now: Instant) {
-        let key = (kind, target.to_owned());
         let change = {
             let mut entries = self.lock();
-            let Some(endpoint) = entries.get_mut(&key) else {
+            let Some(endpoint) = entries.get_mut(kind).and_then(|of| of.get_mut(target)) else {
                 return;
             };
             endpoint.in_flight = endpoint.in_flight.saturating_sub(1);
             endpoint.limits.insert(end.instance, end.limit);
             endpoint.attempts += 1;
-            endpoint.last_attempt = Some((now, SystemTime::now()));
+            endpoint.last_attempt = Some(now);
             let failing = end.health == Health::Failing;
             if failing {
                 endpoint.failures += 1;
@@ -270,10 +278,10 @@ impl Endpoints {
                 .and_then(|breaker| breaker.ended(now, end.health, end.probe));
             // A probe that ended decides for the batches blocked behind it, either way.
             (transition.is_some() || end.probe)
-                .then(|| transition.map(|t| endpoint.change(&key, t, "failures")))
+                .then(|| transition.map(|t| endpoint.change((kind, target), t, "failures")))
         };
         if let Some(change) = change {
-            self.tell(key, change.as_ref());
+            self.tell((kind, target.to_owned()), change.as_ref());
         }
     }
 
@@ -285,19 +293,23 @@ impl Endpoints {
         {
             let mut entries = self.lock();
             for (kind, policy) in kinds {
-                let key = (*kind, target.to_owned());
                 let endpoint = entries
-                    .entry(key.clone())
+                    .entry(kind)
+                    .or_default()
+                    .entry(target.to_owned())
                     .or_insert_with(|| Endpoint::new(Some(*policy), now));
                 let breaker = endpoint
                     .breaker
                     .get_or_insert_with(|| Breaker::new(*policy));
                 if !breaker.paused_by_hand() {
                     breaker.pause_by_hand();
-                    let mut change =
-                        endpoint.change(&key, Transition::Paused(Duration::ZERO), "operator");
+                    let mut change = endpoint.change(
+                        (kind, target),
+                        PauseChange::Paused(Duration::ZERO),
+                        "operator",
+                    );
                     change.paused_until = None;
-                    changes.push((key, change));
+                    changes.push(((*kind, target.to_owned()), change));
                 }
             }
         }
@@ -312,17 +324,18 @@ impl Endpoints {
         let mut changes = Vec::new();
         {
             let mut entries = self.lock();
-            for (key, endpoint) in entries.iter_mut().filter(|(key, _)| key.1 == target) {
+            for (kind, of) in entries.iter_mut() {
+                let Some(endpoint) = of.get_mut(target) else {
+                    continue;
+                };
                 let held = endpoint.hold_until.take().is_some();
                 let paused = endpoint
                     .breaker
                     .as_mut()
                     .is_some_and(Breaker::resume_by_hand);
                 if held || paused {
-                    changes.push((
-                        key.clone(),
-                        endpoint.change(key, Transition::Resumed, "operator"),
-                    ));
+                    let change = endpoint.change((kind, target), PauseChange::Resumed, "operator");
+                    changes.push(((*kind, target.to_owned()), change));
                 }
             }
         }
@@ -353,30 +366,23 @@ impl Endpoints {
         let _ = self.changes.send(key);
     }
 
-    /// Why `target` of `kind` holds batches back, in words, if it is paused.
-    pub(crate) fn paused(&self, kind: &'static str, target: &str) -> Option<String> {
-        let entries = self.lock();
-        let breaker = entries.get(&(kind, target.to_owned()))?.breaker.as_ref()?;
-        if breaker.paused_by_hand() {
-            return Some(format!("`{target}` is paused by an operator"));
-        }
-        (breaker.state() != BreakerState::Open).then(|| {
-            format!(
-                "`{target}` is paused after failing ({} in a row)",
-                breaker.failures_in_a_row()
-            )
-        })
-    }
-
     /// Every target remembered, by name.
     pub(crate) fn list(&self) -> Vec<EndpointView> {
         let now = Instant::now();
         let wall = SystemTime::now();
-        let at = |instant: Instant| wall.checked_add(instant.saturating_duration_since(now));
+        // A monotonic instant as wall-clock time, either side of now.
+        let at = |instant: Instant| {
+            if instant >= now {
+                wall.checked_add(instant - now)
+            } else {
+                wall.checked_sub(now - instant)
+            }
+        };
         let mut entries = self.lock();
         let mut views: Vec<EndpointView> = entries
             .iter_mut()
-            .map(|((kind, target), e)| {
+            .flat_map(|(kind, of)| of.iter_mut().map(move |(target, e)| (*kind, target, e)))
+            .map(|(kind, target, e)| {
                 let (state, paused_by, paused_until) = match &e.breaker {
                     Some(b) if b.paused_by_hand() => ("paused", Some("operator"), None),
                     Some(b) => match b.state() {
@@ -403,7 +409,7 @@ impl Endpoints {
                     attempts: e.attempts,
                     failures: e.failures,
                     last_error: e.last_error.clone(),
-                    last_attempt_at: e.last_attempt.map(|(_, wall)| wall),
+                    last_attempt_at: e.last_attempt.and_then(at),
                 }
             })
             .collect();
@@ -413,16 +419,22 @@ impl Endpoints {
 }
 
 /// Forget the quiet targets attempted longest ago, down to nine in ten of what is remembered.
-fn forget_quiet(entries: &mut HashMap<EndpointKey, Endpoint>, now: Instant) {
-    let mut quiet: Vec<(Option<Instant>, EndpointKey)> = entries
+fn forget_quiet(entries: &mut Table, now: Instant) {
+    let mut quiet: Vec<(Option<Instant>, &'static str, String)> = entries
         .iter()
-        .filter(|(_, e)| e.forgettable(now))
-        .map(|(key, e)| (e.last_attempt.map(|(at, _)| at), key.clone()))
+        .flat_map(|(kind, of)| {
+            of.iter()
+                .filter(|(_, e)| e.forgettable(now))
+                .map(|(target, e)| (e.last_attempt, *kind, target.clone()))
+        })
         .collect();
     quiet.sort();
-    let excess = entries.len().saturating_sub(REMEMBERED * 9 / 10);
-    for (_, key) in quiet.into_iter().take(excess) {
-        entries.remove(&key);
+    let remembered: usize = entries.values().map(HashMap::len).sum();
+    let excess = remembered.saturating_sub(REMEMBERED * 9 / 10);
+    for (_, kind, target) in quiet.into_iter().take(excess) {
+        if let Some(of) = entries.get_mut(kind) {
+            of.remove(&target);
+        }
     }
 }
 
@@ -498,16 +510,15 @@ mod tests {
             EndpointGate::WaitUntil(_)
         ));
         assert_eq!(*told.lock().unwrap(), [("a:80".to_owned(), "paused")]);
-        assert!(
-            endpoints
-                .paused("http", "a:80")
-                .unwrap()
-                .contains("5 in a row")
-        );
         let view = &endpoints.list()[0];
         assert_eq!(
-            (view.state, view.paused_by, view.failures),
-            ("paused", Some("failures"), 5)
+            (
+                view.state,
+                view.paused_by,
+                view.failures,
+                view.failures_in_a_row
+            ),
+            ("paused", Some("failures"), 5, 5)
         );
         assert!(endpoints.resume_by_hand("a:80"));
         assert_eq!(
@@ -526,6 +537,7 @@ mod tests {
             endpoints.enter("http", &target, None, now);
             endpoints.ended("http", &target, end(Health::Answered, None), now);
         }
-        assert!(endpoints.lock().len() <= REMEMBERED);
+        let remembered: usize = endpoints.lock().values().map(HashMap::len).sum();
+        assert!(remembered <= REMEMBERED);
     }
 }

@@ -10,6 +10,6 @@ mod retry;
 pub use adaptive::{AdaptiveLimit, Pressure};
 pub use batch::{BatchPolicy, BatchPolicyOverrides};
 pub(crate) use pause::SlidingCounts;
-pub use pause::{Breaker, BreakerGate, BreakerState, Health, PausePolicy, Transition};
+pub use pause::{Breaker, BreakerGate, BreakerState, Health, PauseChange, PausePolicy};
 pub use rate::{RateGate, RateLimit, SharedRateGate};
 pub use retry::{RetryDecision, RetryPolicy};

@@ -111,7 +111,7 @@ pub enum BreakerState {
 
 /// A change of a target's pause state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transition {
+pub enum PauseChange {
     /// Paused for this long (after failures, or a failed probe).
     Paused(Duration),
     /// A probe went through: attempts go again.
@@ -198,7 +198,7 @@ impl Breaker {
     }
 
     /// An attempt ended; `probe` if it was let through as one. Returns the change it made.
-    pub fn ended(&mut self, now: Instant, health: Health, probe: bool) -> Option<Transition> {
+    pub fn ended(&mut self, now: Instant, health: Health, probe: bool) -> Option<PauseChange> {
         if probe {
             return match health {
                 Health::Failing => Some(self.pause(now)),
@@ -207,7 +207,7 @@ impl Breaker {
                     self.trips = 0;
                     self.window.clear();
                     self.state = BreakerState::Open;
-                    (!self.by_hand).then_some(Transition::Resumed)
+                    (!self.by_hand).then_some(PauseChange::Resumed)
                 }
             };
         }
@@ -250,12 +250,12 @@ impl Breaker {
         held
     }
 
-    fn pause(&mut self, now: Instant) -> Transition {
+    fn pause(&mut self, now: Instant) -> PauseChange {
         let pause = self.policy.pause(self.trips);
         self.trips = self.trips.saturating_add(1);
         self.state = BreakerState::Paused { until: now + pause };
         self.window.clear();
-        Transition::Paused(pause)
+        PauseChange::Paused(pause)
     }
 }
 
@@ -336,7 +336,7 @@ mod tests {
         for _ in 0..4 {
             assert_eq!(breaker.ended(now, Health::Failing, false), None);
         }
-        let Some(Transition::Paused(pause)) = breaker.ended(now, Health::Failing, false) else {
+        let Some(PauseChange::Paused(pause)) = breaker.ended(now, Health::Failing, false) else {
             panic!("the fifth failure in a row pauses");
         };
         assert!((800..=1200).contains(&pause.as_millis()), "{pause:?}");
@@ -345,7 +345,7 @@ mod tests {
         assert_eq!(breaker.gate(later), BreakerGate::Probe);
         assert_eq!(breaker.gate(later), BreakerGate::Blocked, "one probe only");
         // The probe fails: paused again, about twice as long.
-        let Some(Transition::Paused(second)) = breaker.ended(later, Health::Failing, true) else {
+        let Some(PauseChange::Paused(second)) = breaker.ended(later, Health::Failing, true) else {
             panic!("a failed probe pauses again");
         };
         assert!((1600..=2400).contains(&second.as_millis()), "{second:?}");
@@ -353,7 +353,7 @@ mod tests {
         assert_eq!(breaker.gate(again), BreakerGate::Probe);
         assert_eq!(
             breaker.ended(again, Health::Answered, true),
-            Some(Transition::Resumed)
+            Some(PauseChange::Resumed)
         );
         assert_eq!(breaker.gate(again), BreakerGate::Go);
         assert!(breaker.is_quiet());
@@ -376,7 +376,7 @@ mod tests {
                 break;
             }
         }
-        let (at, Transition::Paused(_)) = tripped.expect("the failure ratio pauses") else {
+        let (at, PauseChange::Paused(_)) = tripped.expect("the failure ratio pauses") else {
             panic!("a pause");
         };
         assert_eq!(
