@@ -146,6 +146,24 @@ impl Endpoint {
         }
     }
 
+    /// Whether an attempt may go now; if it goes, it is counted under way.
+    fn enter(&mut self, now: Instant) -> EndpointGate {
+        if let Some(until) = self.hold_until {
+            if until > now {
+                return EndpointGate::WaitUntil(until);
+            }
+            self.hold_until = None;
+        }
+        let probe = match self.breaker.as_mut().map(|b| b.gate(now)) {
+            None | Some(BreakerGate::Go) => false,
+            Some(BreakerGate::Probe) => true,
+            Some(BreakerGate::WaitUntil(until)) => return EndpointGate::WaitUntil(until),
+            Some(BreakerGate::Blocked) => return EndpointGate::Blocked,
+        };
+        self.in_flight += 1;
+        EndpointGate::Go { probe }
+    }
+
     fn forgettable(&self, now: Instant) -> bool {
         self.in_flight == 0
             && self.hold_until.is_none_or(|until| until <= now)
@@ -218,33 +236,19 @@ impl Endpoints {
         now: Instant,
     ) -> EndpointGate {
         let mut entries = self.lock();
-        let known = entries.get(kind).is_some_and(|of| of.contains_key(target));
-        if !known {
-            if entries.values().map(HashMap::len).sum::<usize>() >= REMEMBERED {
-                forget_quiet(&mut entries, now);
-            }
-            entries
-                .entry(kind)
-                .or_default()
-                .insert(target.to_owned(), Endpoint::new(policy, now));
+        // The usual case, a target seen before: one lookup, nothing built.
+        if let Some(endpoint) = entries.get_mut(kind).and_then(|of| of.get_mut(target)) {
+            return endpoint.enter(now);
         }
-        let Some(endpoint) = entries.get_mut(kind).and_then(|of| of.get_mut(target)) else {
-            return EndpointGate::Go { probe: false };
-        };
-        if let Some(until) = endpoint.hold_until {
-            if until > now {
-                return EndpointGate::WaitUntil(until);
-            }
-            endpoint.hold_until = None;
+        if entries.values().map(HashMap::len).sum::<usize>() >= REMEMBERED {
+            forget_quiet(&mut entries, now);
         }
-        let probe = match endpoint.breaker.as_mut().map(|b| b.gate(now)) {
-            None | Some(BreakerGate::Go) => false,
-            Some(BreakerGate::Probe) => true,
-            Some(BreakerGate::WaitUntil(until)) => return EndpointGate::WaitUntil(until),
-            Some(BreakerGate::Blocked) => return EndpointGate::Blocked,
-        };
-        endpoint.in_flight += 1;
-        EndpointGate::Go { probe }
+        entries
+            .entry(kind)
+            .or_default()
+            .entry(target.to_owned())
+            .or_insert_with(|| Endpoint::new(policy, now))
+            .enter(now)
     }
 
     /// An attempt let in by [`enter`](Self::enter) ended.
