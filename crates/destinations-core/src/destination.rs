@@ -75,11 +75,20 @@ pub trait Destination: Any + Send + Sync {
         None
     }
 
-    /// Whether each [`target`](Self::target)'s sends go one attempt at a time, in the order
-    /// they were accepted, a send waiting for its retry holding the ones behind it (the HTTP
-    /// destination's `ordering = "per_host"`). Default: false.
-    fn ordered_per_target(&self) -> bool {
+    /// Whether this instance keeps its sends in order: the sends of one
+    /// [`sequence`](Self::sequence) go one attempt at a time, in the order they were
+    /// accepted, a send waiting for its retry holding the ones behind it, while other
+    /// sequences go on (the HTTP destination's `ordering`). Default: false.
+    fn ordered(&self) -> bool {
         false
+    }
+
+    /// Of an [`ordered`](Self::ordered) instance: the sequence a payload keeps its place in,
+    /// or `None` for a payload that keeps no order. Batches take the sequence of their first
+    /// payload (a destination that orders should batch within one). Default: its
+    /// [`target`](Self::target) — each target gets its sends in order.
+    fn sequence(&self, payload: &[u8]) -> Option<String> {
+        Some(self.target(payload).unwrap_or_default())
     }
 
     /// Whether the attempts at once to one [`target`](Self::target) adapt to how it answers

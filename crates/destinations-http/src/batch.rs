@@ -100,6 +100,8 @@ pub(crate) fn group_of(payload: &[u8]) -> Option<String> {
         params: Option<&'a RawValue>,
         #[serde(borrow, default)]
         auth: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        ordering_key: Option<&'a RawValue>,
     }
     let identity: Identity<'_> = serde_json::from_slice(payload).ok()?;
     let mut key = String::with_capacity(identity.url.get().len() + 16);
@@ -109,6 +111,7 @@ pub(crate) fn group_of(payload: &[u8]) -> Option<String> {
         identity.headers,
         identity.params,
         identity.auth,
+        identity.ordering_key,
     ] {
         key.push_str(part.map_or("", RawValue::get));
         key.push('\u{1f}');
@@ -196,6 +199,11 @@ mod tests {
         assert_ne!(
             group(post("http://a/x")),
             group(HttpRequest::new(crate::Method::Put, "http://a/x"))
+        );
+        assert_ne!(
+            group(post("http://a/x").ordering_key("1")),
+            group(post("http://a/x").ordering_key("2")),
+            "a batch keeps one key's order"
         );
     }
 }

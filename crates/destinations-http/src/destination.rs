@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use base64::Engine as _;
 use bytes::Bytes;
 use destinations_core::{
-    Batch, BatchOutcome, BatchPolicy, ConfigError, Destination, Envelope, InvalidPayload,
+    Batch, BatchOutcome, BatchPolicy, ConfigError, Destination, Envelope, InvalidPayload, Outcome,
     PausePolicy, RateLimit, Report, ResponseSummary, parse_strict,
 };
 use http::header::{
@@ -23,7 +23,7 @@ use crate::KIND;
 use crate::batch::{BatchEncoding, Compression};
 use crate::client::{Answer, Client, ClientError, Origin, tls_config};
 use crate::guard::AddressGuard;
-use crate::options::HttpOptions;
+use crate::options::{DeliveryOrder, HttpOptions};
 use crate::request::{Body, HttpRequest};
 use crate::signing::WebhookSigner;
 
@@ -44,7 +44,7 @@ pub struct HttpDestination {
     adaptive_concurrency: bool,
     encoding: Option<BatchEncoding>,
     compression: Compression,
-    ordered: bool,
+    ordering: DeliveryOrder,
     timeout: Duration,
     follow_redirects: usize,
 }
@@ -80,7 +80,7 @@ impl HttpDestination {
             adaptive_concurrency: options.adaptive_concurrency,
             encoding: options.encoding,
             compression: options.compression,
-            ordered: options.ordering == crate::options::DeliveryOrder::PerHost,
+            ordering: options.ordering,
             timeout: options.timeout,
             follow_redirects: options.follow_redirects,
         })
@@ -95,6 +95,49 @@ impl HttpDestination {
         Self::new(options)
             .map(|d| Arc::new(d) as Arc<dyn Destination>)
             .map_err(|message| ConfigError::new(instance, message))
+    }
+
+    /// Of an instance with `ordering = "per_key"`: the host and `ordering_key` of a stored
+    /// request (a request without a key keeps no order).
+    fn keyed_sequence_of(payload: &[u8]) -> Option<String> {
+        #[derive(serde::Deserialize)]
+        struct UrlAndKey<'a> {
+            #[serde(borrow)]
+            url: std::borrow::Cow<'a, str>,
+            #[serde(borrow, default)]
+            ordering_key: Option<std::borrow::Cow<'a, str>>,
+        }
+        let read: UrlAndKey<'_> = serde_json::from_slice(payload).ok()?;
+        let key = read.ordering_key?;
+        let mut host = Self::host_of(&read.url)?;
+        host.push('\u{1f}');
+        host.push_str(&key);
+        Some(host)
+    }
+
+    /// An `ordering_key` on a send to an instance that does not order by key would be
+    /// ignored: refused instead, naming the fix. Cheap when the payload does not mention the
+    /// field (every send of a typed sender passes here).
+    fn check_ordering_key_allowed(&self, payload: &[u8]) -> Result<(), InvalidPayload> {
+        if self.ordering == DeliveryOrder::PerKey
+            || memchr::memmem::find(payload, b"\"ordering_key\"").is_none()
+        {
+            return Ok(());
+        }
+        #[derive(serde::Deserialize)]
+        struct KeyOnly {
+            #[serde(default)]
+            ordering_key: Option<serde::de::IgnoredAny>,
+        }
+        match serde_json::from_slice::<KeyOnly>(payload) {
+            Ok(KeyOnly {
+                ordering_key: Some(_),
+            }) => Err(InvalidPayload::field(
+                "ordering_key",
+                "this instance does not order by key: set `ordering = \"per_key\"` on it, or leave the key out",
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// The `host:port` a stored request goes to: the target the hub limits to
@@ -142,6 +185,27 @@ impl HttpDestination {
     /// The most requests at once to one host.
     pub fn per_host_concurrency(&self) -> usize {
         self.per_host_concurrency
+    }
+
+    /// The sends of an ordered batch, one after the other: once one is to be tried again, the
+    /// ones after it are not sent (they go back with it, keeping their places).
+    async fn deliver_in_order(&self, envelopes: &[Envelope]) -> Vec<Report> {
+        let mut reports = Vec::with_capacity(envelopes.len());
+        let mut held = None;
+        for envelope in envelopes {
+            if let Some(error) = &held {
+                reports.push(Report::retry(format!(
+                    "not sent: a send before it in its order is to be tried again ({error})"
+                )));
+                continue;
+            }
+            let report = self.deliver_one(envelope).await;
+            if let Outcome::Retry { error, .. } = &report.outcome {
+                held = Some(error.clone());
+            }
+            reports.push(report);
+        }
+        reports
     }
 
     async fn deliver_one(&self, envelope: &Envelope) -> Report {
@@ -478,7 +542,12 @@ impl Destination for HttpDestination {
     }
 
     fn validate(&self, payload: &[u8]) -> Result<(), InvalidPayload> {
-        parse_strict::<HttpRequest>(payload)?.check()
+        parse_strict::<HttpRequest>(payload)?.check()?;
+        self.check_ordering_key_allowed(payload)
+    }
+
+    fn validate_for_instance(&self, payload: &[u8]) -> Result<(), InvalidPayload> {
+        self.check_ordering_key_allowed(payload)
     }
 
     fn target(&self, payload: &[u8]) -> Option<String> {
@@ -501,8 +570,17 @@ impl Destination for HttpDestination {
         self.adaptive_concurrency
     }
 
-    fn ordered_per_target(&self) -> bool {
-        self.ordered
+    fn ordered(&self) -> bool {
+        self.ordering != DeliveryOrder::None
+    }
+
+    /// Per host, or per host and `ordering_key`.
+    fn sequence(&self, payload: &[u8]) -> Option<String> {
+        match self.ordering {
+            DeliveryOrder::None => None,
+            DeliveryOrder::PerHost => Self::target_of(payload),
+            DeliveryOrder::PerKey => Self::keyed_sequence_of(payload),
+        }
     }
 
     /// A failing host is paused (the instance's `pause` tunes it, or turns it off).
@@ -514,6 +592,9 @@ impl Destination for HttpDestination {
     /// a batch (when the instance's `batch` asks for them) has one host's limits.
     fn batch_group(&self, payload: &[u8]) -> Option<String> {
         if self.encoding.is_none() {
+            if self.ordering == DeliveryOrder::PerKey {
+                return Self::keyed_sequence_of(payload).or_else(|| Self::target_of(payload));
+            }
             return Self::target_of(payload);
         }
         crate::batch::group_of(payload)
@@ -538,6 +619,9 @@ impl Destination for HttpDestination {
         }
         match batch.envelopes() {
             [one] => BatchOutcome::Each(vec![self.deliver_one(one).await]),
+            many if self.ordering != DeliveryOrder::None => {
+                BatchOutcome::Each(self.deliver_in_order(many).await)
+            }
             many => BatchOutcome::Each(
                 futures::future::join_all(many.iter().map(|e| self.deliver_one(e))).await,
             ),

@@ -44,7 +44,9 @@ pub struct HttpOptions {
     /// Compress request bodies: `"gzip"` (default `"none"`).
     pub compression: Compression,
     /// `"per_host"`: each host gets its sends one request at a time, in the order they were
-    /// accepted; a send waiting for its retry holds the ones behind it (default `"none"`).
+    /// accepted; a send waiting for its retry holds the ones behind it. `"per_key"`: the same
+    /// for the sends to a host that share an `ordering_key`, while other keys go on (a send
+    /// without a key keeps no order). Default `"none"`.
     pub ordering: DeliveryOrder,
     /// Trust only the CA certificates in this PEM file for `https` (a private CA); by default
     /// the system's trust store.
@@ -60,6 +62,9 @@ pub enum DeliveryOrder {
     None,
     /// One request at a time per host, in the order accepted, retries in their place.
     PerHost,
+    /// One request at a time per host and `ordering_key`, in the order accepted, retries in
+    /// their place; other keys to the same host go on.
+    PerKey,
 }
 
 impl Default for HttpOptions {

@@ -109,6 +109,11 @@ pub struct HttpRequest {
     /// The body: a string is sent as it is; a JSON object or array is sent as JSON.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<Box<RawValue>>,
+    /// For an instance with `ordering = "per_key"`: the sends to a host with the same key
+    /// arrive one at a time, in the order sent, a retry holding the ones behind it. Not sent
+    /// to the receiver. Refused by an instance that does not order by key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordering_key: Option<String>,
 }
 
 impl PartialEq for HttpRequest {
@@ -119,6 +124,7 @@ impl PartialEq for HttpRequest {
             && self.params == other.params
             && self.auth == other.auth
             && self.data.as_ref().map(|d| d.get()) == other.data.as_ref().map(|d| d.get())
+            && self.ordering_key == other.ordering_key
     }
 }
 
@@ -139,6 +145,7 @@ impl HttpRequest {
             params: BTreeMap::new(),
             auth: None,
             data: None,
+            ordering_key: None,
         }
     }
 
@@ -204,6 +211,13 @@ impl HttpRequest {
         self
     }
 
+    /// Keep this send's order among the sends to its host with the same key (an instance with
+    /// `ordering = "per_key"`).
+    pub fn ordering_key(mut self, key: impl Into<String>) -> Self {
+        self.ordering_key = Some(key.into());
+        self
+    }
+
     /// Check everything that can be checked before the network: the URL, the headers, the
     /// credentials, the body's type. Errors name the field.
     pub fn check(&self) -> Result<(), InvalidPayload> {
@@ -216,6 +230,9 @@ impl HttpRequest {
         }
         if let Some(auth) = &self.auth {
             check_auth(auth)?;
+        }
+        if let Some(key) = &self.ordering_key {
+            check_ordering_key(key)?;
         }
         self.body()?;
         Ok(())
@@ -347,6 +364,28 @@ impl RecentUrls {
         }
         map.insert(Box::from(text), url.clone());
     }
+}
+
+/// The longest `ordering_key`, in bytes.
+pub(crate) const MAX_ORDERING_KEY_BYTES: usize = 256;
+
+fn check_ordering_key(key: &str) -> Result<(), InvalidPayload> {
+    if key.is_empty() {
+        return Err(InvalidPayload::field(
+            "ordering_key",
+            "is empty; leave it out for a send that keeps no order",
+        ));
+    }
+    if key.len() > MAX_ORDERING_KEY_BYTES {
+        return Err(InvalidPayload::field(
+            "ordering_key",
+            format!(
+                "is {} bytes long, over the limit of {MAX_ORDERING_KEY_BYTES}",
+                key.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn check_header(name: &str, value: &str) -> Result<(), InvalidPayload> {

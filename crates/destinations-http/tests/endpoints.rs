@@ -216,3 +216,118 @@ async fn ordered_per_host_sends_arrive_in_order_through_retries() {
     assert_eq!(arrived, expected, "in order, the retried one in its place");
     hub.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_per_key_sends_arrive_in_order_per_key_and_other_keys_to_the_host_go_on() {
+    let receiver = Receiver::scripted(|request| {
+        let body = request.json();
+        if body["k"] == "a" && body["n"] == 3 && request.attempt <= 2 {
+            Reply::Status(503)
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
+    let options = HttpOptions {
+        ordering: destinations_http::DeliveryOrder::PerKey,
+        ..HttpOptions::allowing_loopback()
+    };
+    let settings = InstanceSettings {
+        retry: RetryPolicy {
+            // Long enough for key b to finish while key a waits.
+            initial_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(1),
+            ..RetryPolicy::default()
+        },
+        ..InstanceSettings::default()
+    };
+    let hub = hub(options, settings);
+    let sender = hub.sender();
+    let mut ids = Vec::new();
+    for n in 0..10 {
+        for key in ["a", "b"] {
+            let request = HttpRequest::post(receiver.url("/hook"))
+                .json(&json!({ "k": key, "n": n }))
+                .ordering_key(key);
+            ids.push(sender.http(request).unwrap_or_else(|e| panic!("{e}")));
+        }
+        // No key: no order, delivered all the same.
+        let request = HttpRequest::post(receiver.url("/hook")).json(&json!({ "k": "", "n": n }));
+        ids.push(sender.http(request).unwrap_or_else(|e| panic!("{e}")));
+    }
+    destinations_testkit::delivered(&hub, &ids, WITHIN).await;
+    let requests = receiver.requests();
+    let arrived = |key: &str| -> Vec<(u64, u32)> {
+        requests
+            .iter()
+            .filter(|r| r.json()["k"] == key)
+            .map(|r| (r.json()["n"].as_u64().unwrap_or(u64::MAX), r.attempt))
+            .collect()
+    };
+    let mut expected: Vec<(u64, u32)> = (0..3).map(|n| (n, 1)).collect();
+    expected.extend([(3, 1), (3, 2), (3, 3)]);
+    expected.extend((4..10).map(|n| (n, 1)));
+    assert_eq!(
+        arrived("a"),
+        expected,
+        "in order, the retried one in its place"
+    );
+    assert_eq!(
+        arrived("b"),
+        (0..10).map(|n| (n, 1)).collect::<Vec<_>>(),
+        "key b in its own order"
+    );
+    assert_eq!(arrived("").len(), 10, "sends without a key all arrive");
+    let last_b = requests.iter().rposition(|r| r.json()["k"] == "b");
+    let a_through = requests
+        .iter()
+        .position(|r| r.json()["k"] == "a" && r.json()["n"] == 3 && r.attempt == 3);
+    assert!(
+        last_b < a_through,
+        "key b, to the same host, was not held behind key a's retries"
+    );
+    hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_ordering_key_is_refused_where_it_would_be_ignored_or_is_empty() {
+    let hub = hub(
+        HttpOptions::allowing_loopback(),
+        InstanceSettings::default(),
+    );
+    let sender = hub.sender();
+    let url = "http://127.0.0.1:9/hook";
+    let typed = sender
+        .http(HttpRequest::post(url).ordering_key("customer-1"))
+        .expect_err("an instance that does not order by key refuses a key");
+    let raw = sender
+        .to("http", &json!({ "url": url, "ordering_key": "customer-1" }))
+        .expect_err("the same as JSON");
+    for error in [typed, raw] {
+        let text = error.to_string();
+        assert!(
+            text.contains("ordering_key") && text.contains("per_key"),
+            "names the field and the fix: {text}"
+        );
+    }
+    // A body that mentions the name is not a key.
+    sender
+        .http(HttpRequest::post(url).json(&json!({ "ordering_key": 1 })))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let keyed = hub_keyed();
+    let empty = keyed
+        .sender()
+        .http(HttpRequest::post(url).ordering_key(""))
+        .expect_err("an empty key");
+    assert!(empty.to_string().contains("ordering_key"), "{empty}");
+    keyed.shutdown_within(Duration::ZERO).await;
+    hub.shutdown_within(Duration::ZERO).await;
+}
+
+fn hub_keyed() -> Hub {
+    let options = HttpOptions {
+        ordering: destinations_http::DeliveryOrder::PerKey,
+        ..HttpOptions::allowing_loopback()
+    };
+    hub(options, InstanceSettings::default())
+}

@@ -75,9 +75,11 @@ struct TargetDone {
     probe: bool,
     round_trip: Duration,
     said: TargetSaid,
-    /// The sends of the attempt that went back to the queue for a retry (an ordered target
-    /// holds everything behind them until they come back).
+    /// The sends of the attempt that went back to the queue for a retry (an ordered
+    /// sequence holds everything behind them until they come back).
     retried: Vec<EventId>,
+    /// The sequence the attempt's batch keeps its place in, if the instance is ordered.
+    sequence: Option<String>,
 }
 
 /// What an attempt's outcome says about its target.
@@ -175,6 +177,7 @@ struct TargetSlot {
     said: Option<TargetSaid>,
     /// Sends going back to the queue for a retry.
     retried: Vec<EventId>,
+    sequence: Option<String>,
     done: mpsc::UnboundedSender<TargetDone>,
 }
 
@@ -186,6 +189,7 @@ impl Drop for TargetSlot {
             round_trip: self.started.elapsed(),
             said: self.said.take().unwrap_or(TargetSaid::NOTHING),
             retried: std::mem::take(&mut self.retried),
+            sequence: self.sequence.take(),
         });
     }
 }
@@ -201,7 +205,7 @@ struct Slots {
 /// One target's attempts under way, the batches waiting for it, and what holds them back.
 struct Target {
     busy: usize,
-    waiting: VecDeque<Vec<Envelope>>,
+    waiting: VecDeque<Waiting>,
     /// When an attempt to it last ended or began (or it was first seen).
     progressed: tokio::time::Instant,
     /// Its own rate limit, if the destination gives one per target.
@@ -212,16 +216,75 @@ struct Target {
     wake: Option<tokio::time::Instant>,
     /// Its limit of attempts at once, if it adapts to how the target answers.
     adaptive: Option<AdaptiveLimit>,
-    /// Of an ordered target: batches gone back to the queue (a retry, or deferred while it
-    /// stalled), oldest first, ahead of everything waiting; each holds its envelopes once it
-    /// is back. Nothing else starts until the first is back.
-    returning: VecDeque<Returning>,
 }
 
-/// A batch of an ordered target that went back to the queue, and is awaited in its place.
+/// A batch waiting for its target, and the sequence it keeps its place in (of an ordered
+/// instance).
+struct Waiting {
+    envelopes: Vec<Envelope>,
+    sequence: Option<String>,
+}
+
+/// Of an ordered instance: one sequence's sends in line. At most one batch of it is out (with
+/// its target: waiting there or under way); what went back to the queue (a retry, a deferral)
+/// is awaited in its place; the rest wait behind, in the order accepted.
+struct Sequence {
+    out: bool,
+    /// Batches gone back to the queue, oldest first, ahead of everything behind; each holds
+    /// its envelopes once it is back. Nothing else goes out until the first is back.
+    returning: VecDeque<Returning>,
+    behind: VecDeque<Vec<Envelope>>,
+    /// When a batch of it last went out or ended.
+    progressed: tokio::time::Instant,
+}
+
+/// A batch of a sequence that went back to the queue, and is awaited in its place.
 struct Returning {
     ids: Vec<EventId>,
     back: Option<Vec<Envelope>>,
+}
+
+impl Sequence {
+    fn new(now: tokio::time::Instant) -> Self {
+        Self {
+            out: false,
+            returning: VecDeque::new(),
+            behind: VecDeque::new(),
+            progressed: now,
+        }
+    }
+
+    /// The next batch to go out, if its turn has come: what came back first, then what waits
+    /// behind — nothing while a batch is out or the oldest gone back is not back yet.
+    fn next(&mut self) -> Option<Vec<Envelope>> {
+        if self.out {
+            return None;
+        }
+        match self.returning.front_mut() {
+            Some(front) => {
+                let back = front.back.take()?;
+                self.returning.pop_front();
+                Some(back)
+            }
+            None => self.behind.pop_front(),
+        }
+    }
+
+    /// A batch of it went back to the queue; nothing behind it goes out before it is back.
+    /// `out`: the batch that was out (older than all that went back before it).
+    fn went_back(&mut self, ids: Vec<EventId>, out: bool) {
+        let returning = Returning { ids, back: None };
+        if out {
+            self.out = false;
+            self.returning.push_front(returning);
+        } else {
+            self.returning.push_back(returning);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        !self.out && self.returning.is_empty() && self.behind.is_empty()
+    }
 }
 
 impl Target {
@@ -234,7 +297,6 @@ impl Target {
             hold_until: None,
             wake: None,
             adaptive: adaptive.map(AdaptiveLimit::new),
-            returning: VecDeque::new(),
         }
     }
 
@@ -249,7 +311,6 @@ impl Target {
     fn forgettable(&self, now: tokio::time::Instant) -> bool {
         self.busy == 0
             && self.waiting.is_empty()
-            && self.returning.is_empty()
             && self.hold_until.is_none_or(|until| until <= now)
             && self.rate.as_ref().is_none_or(|rate| rate.is_idle(now))
     }
@@ -281,10 +342,6 @@ fn admit(
 ) -> Admission {
     if state.busy >= state.limit(limit) {
         return Admission::Busy;
-    }
-    // An ordered target waits for what went back to the queue before anything behind it.
-    if state.returning.front().is_some_and(|r| r.back.is_none()) {
-        return Admission::Blocked;
     }
     let ready_at = [
         state.hold_until,
@@ -346,9 +403,11 @@ pub(super) struct Dispatcher {
     adaptive: bool,
     /// Whether the destination names targets (and they go through the hub's endpoints).
     named_targets: bool,
-    /// Whether each target's sends go one attempt at a time, in the order accepted, a retry
+    /// Whether each sequence's sends go one attempt at a time, in the order accepted, a retry
     /// holding the ones behind it.
     ordered: bool,
+    /// Of an ordered instance: the sequences with a batch out or waiting.
+    sequences: HashMap<String, Sequence>,
     /// Targets whose hub-wide state changed (a pause over, a probe ended, an operator's
     /// resume), when the destination names targets.
     endpoint_changes: Option<broadcast::Receiver<EndpointKey>>,
@@ -451,18 +510,15 @@ impl Dispatcher {
             .unwrap_or(InstanceSettings::DEFAULT_CONCURRENCY)
             .min(destination.max_concurrency().unwrap_or(usize::MAX))
             .max(1);
-        let ordered = destination.ordered_per_target();
-        let per_target = if ordered {
-            Some(1)
-        } else {
-            destination.per_target_concurrency().map(|n| n.max(1))
-        };
+        let ordered = destination.ordered();
+        let per_target = destination.per_target_concurrency().map(|n| n.max(1));
         let per_target_rate = destination.per_target_rate_limit();
         let pause = instance.pause;
-        let adaptive = !ordered && per_target.is_some() && destination.adaptive_concurrency();
+        let adaptive = per_target.is_some() && destination.adaptive_concurrency();
         let instance_rate = settings.rate_limit.as_ref().map(RateLimit::gate);
         let named_targets = per_target.is_some() || per_target_rate.is_some() || pause.is_some();
-        let gated = named_targets || instance_rate.is_some();
+        // An ordered instance hears of each attempt's end, to send the next of its sequence.
+        let gated = named_targets || instance_rate.is_some() || ordered;
         let (done_tx, target_done) = mpsc::unbounded_channel();
         let lane = Arc::new(Lane {
             name: name.clone(),
@@ -495,6 +551,7 @@ impl Dispatcher {
             adaptive,
             named_targets,
             ordered,
+            sequences: HashMap::new(),
             endpoint_changes: named_targets.then(|| hub.endpoints.subscribe()),
             instance_rate,
             gated,
@@ -547,6 +604,7 @@ impl Dispatcher {
                 let deferring = std::mem::take(&mut self.deferring);
                 self.defer_all(deferring).await;
             }
+            self.check_stalls_if_full();
             if !intake_open
                 && self.open.is_empty()
                 && self.parked == 0
@@ -590,6 +648,21 @@ impl Dispatcher {
         std::panic::catch_unwind(AssertUnwindSafe(|| destination.target(&first.payload)))
             .unwrap_or_else(|_| {
                 tracing::error!(destination = %self.name(), id = %first.id, "the destination panicked naming a target");
+                None
+            })
+    }
+
+    /// The sequence a batch keeps its place in, when the instance is ordered; one that panics
+    /// naming it keeps no order for the batch rather than taking the dispatcher down.
+    fn sequence_of(&self, envelopes: &[Envelope]) -> Option<String> {
+        if !self.ordered {
+            return None;
+        }
+        let first = envelopes.first()?;
+        let destination = &self.lane.destination;
+        std::panic::catch_unwind(AssertUnwindSafe(|| destination.sequence(&first.payload)))
+            .unwrap_or_else(|_| {
+                tracing::error!(destination = %self.name(), id = %first.id, "the destination panicked naming a sequence; the batch keeps no order");
                 None
             })
     }
@@ -676,12 +749,45 @@ impl Dispatcher {
         }
     }
 
-    /// Deliver a batch: at once if its target's gates allow (a free slot, its turn under the
-    /// rate limits, no `Retry-After` in force), else once they do — without holding an
-    /// instance slot meanwhile.
+    /// Deliver a batch: behind what came before it in its sequence (of an ordered instance),
+    /// then at once if its target's gates allow (a free slot, its turn under the rate limits,
+    /// no `Retry-After` in force), else once they do — without holding an instance slot
+    /// meanwhile.
     async fn deliver(&mut self, envelopes: Vec<Envelope>) {
+        let Some(key) = self.sequence_of(&envelopes) else {
+            return self.through_target_gates(envelopes, None).await;
+        };
+        let now = tokio::time::Instant::now();
+        self.parked += envelopes.len();
+        self.sequences
+            .entry(key.clone())
+            .or_insert_with(|| Sequence::new(now))
+            .behind
+            .push_back(envelopes);
+        self.next_in_sequence(&key).await;
+    }
+
+    /// Send a sequence's next batch to its target, if its turn has come.
+    async fn next_in_sequence(&mut self, key: &str) {
+        let Some(sequence) = self.sequences.get_mut(key) else {
+            return;
+        };
+        let Some(next) = sequence.next() else {
+            if sequence.is_empty() {
+                self.sequences.remove(key);
+            }
+            return;
+        };
+        sequence.out = true;
+        sequence.progressed = tokio::time::Instant::now();
+        self.parked -= next.len();
+        self.through_target_gates(next, Some(key.to_owned())).await;
+    }
+
+    /// Deliver a batch as far as its target's gates allow.
+    async fn through_target_gates(&mut self, envelopes: Vec<Envelope>, sequence: Option<String>) {
         if !self.gated {
-            return self.begin(envelopes, None, false).await;
+            return self.begin(envelopes, None, false, None).await;
         }
         let key = self.target_of(&envelopes).unwrap_or_default();
         let now = tokio::time::Instant::now();
@@ -704,7 +810,9 @@ impl Dispatcher {
             let lane = &self.lane;
             let endpoint = || lane.enter(&key, now);
             match admit(state, &mut self.instance_rate, limit, endpoint, now) {
-                Admission::Go { probe } => return self.begin(envelopes, Some(key), probe).await,
+                Admission::Go { probe } => {
+                    return self.begin(envelopes, Some(key), probe, sequence).await;
+                }
                 Admission::WaitUntil(at) => ready_at = Some(at),
                 Admission::Busy | Admission::Blocked => {}
             }
@@ -712,7 +820,7 @@ impl Dispatcher {
         // A target that has not moved for a while (an attempt hanging on a host that never
         // answers, a long pause) gets no room among the waiting: what comes for it goes back
         // to the queue at once, unattempted, so that it cannot crowd out the other targets.
-        // (An ordered target keeps its order in memory instead.)
+        // (An ordered instance keeps its order in memory instead.)
         let stalled_for = now - state.progressed;
         let wait = match ready_at {
             Some(at) if at > now + STALLED_AFTER => Some(at - now),
@@ -727,28 +835,34 @@ impl Dispatcher {
             return;
         }
         self.parked += envelopes.len();
-        state.waiting.push_back(envelopes);
+        state.waiting.push_back(Waiting {
+            envelopes,
+            sequence,
+        });
         self.start_waiting(&key).await;
+    }
+
+    /// With the waiting set full (leasing stops), look for stalled targets and sequences soon.
+    fn check_stalls_if_full(&mut self) {
         if self.parked >= PARKED_MAX && self.stall_check.is_none() && !self.draining() {
-            self.stall_check = Some(now + STALLED_AFTER);
+            self.stall_check = Some(tokio::time::Instant::now() + STALLED_AFTER);
         }
     }
 
-    /// A batch back from the queue for its retry. An ordered target awaits it in its place
-    /// (ahead of all that waits); anything else is delivered like a new batch.
+    /// A batch back from the queue for its retry. Its sequence awaits it in its place (ahead
+    /// of all behind it); anything else is delivered like a new batch.
     async fn retry_back(&mut self, envelopes: Vec<Envelope>) {
-        if self.ordered
-            && let Some(key) = self.target_of(&envelopes)
+        if let Some(key) = self.sequence_of(&envelopes)
             && let Some(first) = envelopes.first().map(|e| e.id)
-            && let Some(state) = self.targets.get_mut(&key)
-            && let Some(slot) = state
+            && let Some(sequence) = self.sequences.get_mut(&key)
+            && let Some(slot) = sequence
                 .returning
                 .iter_mut()
                 .find(|r| r.back.is_none() && r.ids.contains(&first))
         {
             self.parked += envelopes.len();
             slot.back = Some(envelopes);
-            return self.start_waiting(&key).await;
+            return self.next_in_sequence(&key).await;
         }
         self.deliver(envelopes).await;
     }
@@ -762,8 +876,7 @@ impl Dispatcher {
             let Some(state) = self.targets.get_mut(key) else {
                 return;
             };
-            let returned = state.returning.front().is_some_and(|r| r.back.is_some());
-            if state.waiting.is_empty() && !returned {
+            if state.waiting.is_empty() {
                 if state.forgettable(now) {
                     self.targets.remove(key);
                 }
@@ -783,19 +896,12 @@ impl Dispatcher {
                 }
                 Admission::Go { probe } => probe,
             };
-            // What came back for an ordered target goes first: it is older than all that waits.
-            let next = match state.returning.front_mut().and_then(|r| r.back.take()) {
-                Some(back) => {
-                    state.returning.pop_front();
-                    back
-                }
-                None => match state.waiting.pop_front() {
-                    Some(next) => next,
-                    None => return,
-                },
+            let Some(next) = state.waiting.pop_front() else {
+                return;
             };
-            self.parked -= next.len();
-            self.begin(next, Some(key.to_owned()), probe).await;
+            self.parked -= next.envelopes.len();
+            self.begin(next.envelopes, Some(key.to_owned()), probe, next.sequence)
+                .await;
         }
     }
 
@@ -828,15 +934,15 @@ impl Dispatcher {
     /// The shutdown deadline passed: what still waits for its turn is given up on (kept by a
     /// durable queue, dead-lettered with the reason by a memory one).
     async fn give_up_waiting(&mut self) {
-        let waiting: Vec<Vec<Envelope>> = self
+        let mut waiting: Vec<Vec<Envelope>> = self
             .targets
             .values_mut()
-            .flat_map(|state| {
-                let back: Vec<Vec<Envelope>> =
-                    state.returning.drain(..).filter_map(|r| r.back).collect();
-                back.into_iter().chain(state.waiting.drain(..))
-            })
+            .flat_map(|state| state.waiting.drain(..).map(|w| w.envelopes))
             .collect();
+        for sequence in self.sequences.values_mut() {
+            waiting.extend(sequence.returning.drain(..).filter_map(|r| r.back));
+            waiting.extend(sequence.behind.drain(..));
+        }
         self.wake_ups.clear();
         for envelopes in waiting {
             self.parked -= envelopes.len();
@@ -869,15 +975,39 @@ impl Dispatcher {
                 continue;
             };
             let stalled_for = now - state.progressed;
-            for envelopes in state.waiting.drain(..) {
+            for Waiting {
+                envelopes,
+                sequence,
+            } in state.waiting.drain(..)
+            {
                 self.parked -= envelopes.len();
-                if self.ordered {
+                if let Some(sequence) = sequence.and_then(|key| self.sequences.get_mut(&key)) {
                     // Back in its place when it returns: nothing behind it overtakes it.
-                    state.returning.push_back(Returning {
-                        ids: envelopes.iter().map(|e| e.id).collect(),
-                        back: None,
-                    });
+                    sequence.went_back(envelopes.iter().map(|e| e.id).collect(), true);
                 }
+                deferred.push((envelopes, key.clone(), stalled_for));
+            }
+        }
+        // Sequences waiting for a batch gone back to the queue: what waits behind it goes back
+        // too, awaited in its place, for as long as the sequence has not moved.
+        for (key, sequence) in &mut self.sequences {
+            let stalled_for = now - sequence.progressed;
+            let awaiting = sequence.returning.front().is_some_and(|r| r.back.is_none());
+            if !awaiting || stalled_for < STALLED_AFTER {
+                continue;
+            }
+            // Back already: it goes again, keeping its place.
+            let mut again: Vec<Vec<Envelope>> = sequence
+                .returning
+                .iter_mut()
+                .filter_map(|r| r.back.take())
+                .collect();
+            for envelopes in std::mem::take(&mut sequence.behind) {
+                sequence.went_back(envelopes.iter().map(|e| e.id).collect(), false);
+                again.push(envelopes);
+            }
+            for envelopes in again {
+                self.parked -= envelopes.len();
                 deferred.push((envelopes, key.clone(), stalled_for));
             }
         }
@@ -903,21 +1033,26 @@ impl Dispatcher {
     /// An attempt to a target ended: adapt its limit, tell the hub what the target said (a
     /// named target is held, paused or resumed for every instance), and start what waits for
     /// it.
-    async fn target_freed(&mut self, done: TargetDone) {
+    async fn target_freed(&mut self, mut done: TargetDone) {
+        let now = tokio::time::Instant::now();
+        self.last_answer = now;
+        if let Some(key) = done.sequence.take() {
+            if let Some(sequence) = self.sequences.get_mut(&key) {
+                sequence.progressed = now;
+                if done.retried.is_empty() {
+                    sequence.out = false;
+                } else {
+                    // The oldest of all: everything behind it waits until it is back.
+                    sequence.went_back(std::mem::take(&mut done.retried), true);
+                }
+            }
+            self.next_in_sequence(&key).await;
+        }
         let Some(state) = self.targets.get_mut(&done.target) else {
             return;
         };
-        let now = tokio::time::Instant::now();
-        self.last_answer = now;
         state.busy = state.busy.saturating_sub(1);
         state.progressed = now;
-        if self.ordered && !done.retried.is_empty() {
-            // The oldest of all: everything for the target waits until it is back.
-            state.returning.push_front(Returning {
-                ids: done.retried,
-                back: None,
-            });
-        }
         if let Some(adaptive) = &mut state.adaptive {
             adaptive.ended(now, done.round_trip, done.said.pressure);
         }
@@ -973,13 +1108,20 @@ impl Dispatcher {
     }
 
     /// Wait for a concurrency slot of the instance, then deliver in a task of its own.
-    async fn begin(&mut self, envelopes: Vec<Envelope>, target: Option<String>, probe: bool) {
+    async fn begin(
+        &mut self,
+        envelopes: Vec<Envelope>,
+        target: Option<String>,
+        probe: bool,
+        sequence: Option<String>,
+    ) {
         let slot = target.filter(|_| self.gated).map(|target| TargetSlot {
             target,
             probe,
             started: tokio::time::Instant::now(),
             said: None,
             retried: Vec::new(),
+            sequence,
             done: self.lane.target_done.clone(),
         });
         let permit = self.lane.concurrency.clone().acquire_owned().await;

@@ -475,13 +475,12 @@ impl HubBuilder {
         let mut runtimes = Vec::new();
         for (slot, (name, destination, settings)) in named.into_iter().enumerate() {
             // A destination that takes one attempt at a time does so to keep its sends in order.
-            // So does one whose targets each get their sends in order.
-            let consumer =
-                if destination.max_concurrency() == Some(1) || destination.ordered_per_target() {
-                    queue.consumer_in_order(&name)
-                } else {
-                    queue.consumer(&name)
-                };
+            // So does one that keeps its sequences in order.
+            let consumer = if destination.max_concurrency() == Some(1) || destination.ordered() {
+                queue.consumer_in_order(&name)
+            } else {
+                queue.consumer(&name)
+            };
             let consumer = consumer.map_err(|e| {
                 ConfigError::new(&name, format!("the queue has no place for it: {e}"))
             })?;
