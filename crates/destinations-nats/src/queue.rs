@@ -268,6 +268,13 @@ impl Shared {
                 self.options.stream
             ));
         }
+        // A publish in flight when the connection dropped times out waiting for its ack: the
+        // cause worth naming is the lost server, not the timeout.
+        if let Some(QueueError::Unavailable(unreachable)) = self.unavailable_now() {
+            return QueueError::Unavailable(format!(
+                "{unreachable}: it did not store {what} ({text})"
+            ));
+        }
         QueueError::Unavailable(format!("nats-server did not store {what}: {text}"))
     }
 
