@@ -119,9 +119,9 @@ impl HttpDestination {
     /// ignored: refused instead, naming the fix. Cheap when the payload does not mention the
     /// field (every send of a typed sender passes here).
     fn check_ordering_key_allowed(&self, payload: &[u8]) -> Result<(), InvalidPayload> {
-        if self.ordering == DeliveryOrder::PerKey
-            || memchr::memmem::find(payload, b"\"ordering_key\"").is_none()
-        {
+        static FIELD: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+            std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"ordering_key\""));
+        if self.ordering == DeliveryOrder::PerKey || FIELD.find(payload).is_none() {
             return Ok(());
         }
         #[derive(serde::Deserialize)]
