@@ -47,6 +47,7 @@ pub mod registry;
 pub mod run;
 pub mod secret;
 pub mod status;
+pub mod typed;
 
 pub use inventory;
 
@@ -76,6 +77,7 @@ pub use queue::{
 pub use registry::{DestinationPlugin, Registry};
 pub use run::{FinishError, Run, Sender};
 pub use status::{FinalWaiters, SendStatus, State, StatusBook, StatusRetention};
+pub use typed::{Parsed, SendType, Typed, TypedDestination};
 
 /// What a program that sends, or a destination crate, usually needs.
 pub mod prelude {

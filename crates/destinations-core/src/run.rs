@@ -65,7 +65,7 @@ impl Sender {
     /// Send a JSON payload to instance `destination`; the destination checks it.
     pub fn json(&self, destination: &str, payload: Bytes) -> Result<EventId, SendError> {
         let instance = self.validated(destination, &payload)?;
-        self.record(instance, payload)
+        self.admit(instance, payload)
     }
 
     /// Send a JSON payload to instance `destination` outside any run, and resolve once it is in
@@ -121,7 +121,7 @@ impl Sender {
                 error,
             });
         }
-        self.record(instance, payload)
+        self.admit(instance, payload)
     }
 
     /// Send a typed request its destination crate defines: `check` it (the rules that need no
@@ -142,6 +142,23 @@ impl Sender {
         self.checked(destination, kind, bytes)
     }
 
+    /// Record a send of a [`SendType`](crate::typed::SendType) to the instance named after its
+    /// kind (`send.record(&DemoSend::new(...))`): checked, serialized once, and the instance's
+    /// own checks made.
+    pub fn record<S: crate::typed::SendType>(&self, send: &S) -> Result<EventId, SendError> {
+        self.record_to(S::KIND, send)
+    }
+
+    /// Record a send of a [`SendType`](crate::typed::SendType) to instance `destination`, which
+    /// must be of the send's kind.
+    pub fn record_to<S: crate::typed::SendType>(
+        &self,
+        destination: &str,
+        send: &S,
+    ) -> Result<EventId, SendError> {
+        self.typed(destination, S::KIND, send, S::check)
+    }
+
     /// The run this sender records into, if any.
     pub fn run_id(&self) -> Option<&str> {
         self.run.as_ref().map(|r| &*r.id)
@@ -159,7 +176,7 @@ impl Sender {
         Ok(())
     }
 
-    fn record(&self, instance: &Instance, payload: Bytes) -> Result<EventId, SendError> {
+    fn admit(&self, instance: &Instance, payload: Bytes) -> Result<EventId, SendError> {
         match &self.run {
             None => {
                 let envelope =

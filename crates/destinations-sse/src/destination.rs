@@ -4,12 +4,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use axum::Router;
-use destinations_core::{
-    Batch, BatchOutcome, ConfigError, Destination, Fanout, InvalidPayload, Report, ResponseSummary,
-    parse_strict,
-};
+use destinations_core::{BatchOutcome, Fanout, Parsed, Report, ResponseSummary, TypedDestination};
 
-use crate::KIND;
 use crate::http::{Served, router};
 use crate::options::SseOptions;
 use crate::send::{Route, SseSend};
@@ -114,17 +110,6 @@ impl SseDestination {
         })
     }
 
-    /// Build an instance from its config options (the registry's entry point).
-    pub fn from_config(
-        instance: &str,
-        options: serde_json::Value,
-    ) -> Result<Arc<dyn Destination>, ConfigError> {
-        let options: SseOptions = destinations_core::parse_options(instance, options)?;
-        Self::new(instance, options)
-            .map(|d| Arc::new(d) as Arc<dyn Destination>)
-            .map_err(|message| ConfigError::new(instance, message))
-    }
-
     /// The HTTP routes that serve this instance's streams: `GET ROUTE/{stream}`.
     pub fn router(&self) -> Router {
         router(self.served.clone())
@@ -143,14 +128,13 @@ impl SseDestination {
 }
 
 #[async_trait]
-impl Destination for SseDestination {
-    fn kind(&self) -> &'static str {
-        KIND
-    }
+impl TypedDestination for SseDestination {
+    type Send = SseSend;
+    type Stored<'a> = Route<'a>;
+    type Options = SseOptions;
 
-    fn validate(&self, payload: &[u8]) -> Result<(), InvalidPayload> {
-        let send: SseSend = parse_strict(payload)?;
-        send.check()
+    fn from_options(instance: &str, options: SseOptions) -> Result<Self, String> {
+        Self::new(instance, options)
     }
 
     /// One at a time: a stream's events go out in the order they were sent.
@@ -178,10 +162,10 @@ impl Destination for SseDestination {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task);
     }
 
-    async fn deliver(&self, batch: &Batch) -> BatchOutcome {
-        let mut reports = Vec::with_capacity(batch.len());
-        for envelope in batch.envelopes() {
-            reports.push(self.deliver_one(envelope).await);
+    async fn deliver(&self, sends: &[Parsed<'_, Self::Stored<'_>>]) -> BatchOutcome {
+        let mut reports = Vec::with_capacity(sends.len());
+        for send in sends {
+            reports.push(self.deliver_one(send).await);
         }
         BatchOutcome::Each(reports)
     }
@@ -189,13 +173,8 @@ impl Destination for SseDestination {
 
 impl SseDestination {
     /// Publish one send: to the fan-out on a shared queue, else to the streams here.
-    async fn deliver_one(&self, envelope: &destinations_core::Envelope) -> Report {
-        let route: Route<'_> = match serde_json::from_slice(&envelope.payload) {
-            Ok(route) => route,
-            Err(e) => {
-                return Report::failed(format!("the stored send no longer parses: {e}"));
-            }
-        };
+    async fn deliver_one(&self, send: &Parsed<'_, Route<'_>>) -> Report {
+        let (route, envelope) = (&send.send, send.envelope);
         // A run id that is not a valid stream name (the API takes any) would name a
         // stream nobody can open: such sends go to the default stream.
         let stream = route

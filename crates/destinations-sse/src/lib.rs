@@ -24,7 +24,7 @@ mod send;
 mod streams;
 
 use axum::Router;
-use destinations_core::{DestinationPlugin, EventId, Hub, Registry, SendError, Sender};
+use destinations_core::{DestinationPlugin, EventId, Hub, Registry, SendError, Sender, Typed};
 
 pub use destination::{DEFAULT_STREAM, SseDestination};
 pub use options::SseOptions;
@@ -38,7 +38,7 @@ pub const KIND: &str = "sse";
 pub const PLUGIN: DestinationPlugin = DestinationPlugin {
     kind: KIND,
     describe: "live event streams over Server-Sent Events, with replay and Last-Event-ID resume",
-    build: SseDestination::from_config,
+    build: Typed::<SseDestination>::from_config,
 };
 
 destinations_core::register_destination!(PLUGIN);
@@ -53,7 +53,7 @@ pub fn register(registry: &mut Registry) {
 pub fn routes(hub: &Hub) -> Result<Router, String> {
     let mut router = Router::new();
     let mut taken: Vec<(String, String)> = Vec::new();
-    for (name, destination) in hub.instances_of::<SseDestination>() {
+    for (name, destination) in hub.instances_of::<Typed<SseDestination>>() {
         if let Some((other, _)) = taken.iter().find(|(_, route)| route == destination.route()) {
             return Err(format!(
                 "destinations `{other}` and `{name}` both serve `{}`: give one another `route`",
@@ -68,7 +68,7 @@ pub fn routes(hub: &Hub) -> Result<Router, String> {
 
 /// End the open responses of every SSE instance of `hub` (see [`SseDestination::close`]).
 pub fn close(hub: &Hub) {
-    for (_, destination) in hub.instances_of::<SseDestination>() {
+    for (_, destination) in hub.instances_of::<Typed<SseDestination>>() {
         destination.close();
     }
 }
@@ -87,6 +87,6 @@ impl SendSse for Sender {
     }
 
     fn sse_to(&self, instance: &str, send: SseSend) -> Result<EventId, SendError> {
-        self.typed(instance, KIND, &send, SseSend::check)
+        self.record_to(instance, &send)
     }
 }

@@ -48,15 +48,23 @@ impl SseSend {
     }
 }
 
+impl destinations_core::SendType for SseSend {
+    const KIND: &'static str = crate::KIND;
+
+    fn check(&self) -> Result<(), InvalidPayload> {
+        SseSend::check(self)
+    }
+}
+
 /// 1 to 200 characters of letters, digits and `. _ - : ~ @ +`: safe on an SSE `event:` line, in
 /// a URL path segment and in logs.
 pub fn check_name(field: &str, name: &str) -> Result<(), InvalidPayload> {
     destinations_core::check_name(field, name)
 }
 
-/// The routing part of a stored send, read without copying the payload.
+/// A stored send as delivery reads it: the payload not copied.
 #[derive(Deserialize)]
-pub(crate) struct Route<'a> {
+pub struct Route<'a> {
     #[serde(borrow)]
     pub(crate) channel: std::borrow::Cow<'a, str>,
     #[serde(borrow)]
