@@ -265,3 +265,129 @@ impl<D: TypedDestination> Destination for Typed<D> {
         BatchOutcome::Each(reports)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use bytes::Bytes;
+    use serde::Deserialize;
+
+    use super::*;
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Note {
+        shelf: String,
+        text: String,
+    }
+
+    impl SendType for Note {
+        const KIND: &'static str = "notes";
+
+        fn check(&self) -> Result<(), InvalidPayload> {
+            if self.text.is_empty() {
+                return Err(InvalidPayload::field("text", "is empty"));
+            }
+            Ok(())
+        }
+    }
+
+    /// The shelf alone, borrowed.
+    #[derive(Deserialize)]
+    struct Shelf<'a> {
+        shelf: &'a str,
+    }
+
+    #[derive(Default)]
+    struct Notes {
+        delivered: Mutex<Vec<String>>,
+    }
+
+    #[async_trait]
+    impl TypedDestination for Notes {
+        type Send = Note;
+        type Stored<'a> = Shelf<'a>;
+        type Options = serde_json::Map<String, serde_json::Value>;
+
+        fn from_options(_: &str, options: Self::Options) -> Result<Self, String> {
+            match options.keys().next() {
+                Some(key) => Err(format!("`{key}` is not an option")),
+                None => Ok(Self::default()),
+            }
+        }
+
+        fn check_for_instance(&self, send: &Shelf<'_>) -> Result<(), InvalidPayload> {
+            if send.shelf == "locked" {
+                return Err(InvalidPayload::field("shelf", "is locked on this instance"));
+            }
+            Ok(())
+        }
+
+        fn batch_group(&self, send: &Shelf<'_>) -> Option<String> {
+            Some(send.shelf.to_owned())
+        }
+
+        async fn deliver(&self, sends: &[Parsed<'_, Self::Stored<'_>>]) -> BatchOutcome {
+            let mut delivered = self.delivered.lock().unwrap_or_else(|e| e.into_inner());
+            delivered.extend(sends.iter().map(|s| s.send.shelf.to_owned()));
+            BatchOutcome::All(Report::delivered())
+        }
+    }
+
+    fn envelope(payload: &str) -> Envelope {
+        Envelope::new(
+            Arc::from("notes"),
+            None,
+            Bytes::from(payload.to_owned()),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_stored_send_that_no_longer_parses_fails_with_the_reason_and_the_rest_go() {
+        let notes = Typed(Notes::default());
+        let batch = Batch::new(vec![
+            envelope(r#"{"shelf":"a","text":"1"}"#),
+            envelope(r#"{"text":"no shelf"}"#),
+            envelope(r#"{"shelf":"b","text":"3"}"#),
+        ]);
+        let reports = notes.deliver(&batch).await.into_reports(3);
+        assert_eq!(reports[0], Report::delivered());
+        assert_eq!(reports[2], Report::delivered());
+        match &reports[1].outcome {
+            crate::Outcome::Failed { error } => assert!(
+                error.contains("no longer parses") && error.contains("shelf"),
+                "{error}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(*notes.delivered.lock().unwrap_or_else(|e| e.into_inner()), ["a", "b"]);
+    }
+
+    #[test]
+    fn sends_are_checked_strictly_then_by_the_instance_with_the_field_named() {
+        let notes = Typed(Notes::default());
+        let error = |payload: &str| {
+            notes
+                .validate(payload.as_bytes())
+                .expect_err(payload)
+                .to_string()
+        };
+        assert!(error(r#"{"shelf":"a","text":"1","colour":1}"#).contains("colour"));
+        assert!(error(r#"{"shelf":"a","text":""}"#).contains("`text`: is empty"));
+        assert!(error(r#"{"shelf":"locked","text":"1"}"#).contains("`shelf`: is locked"));
+        assert!(notes.validate(br#"{"shelf":"a","text":"1"}"#).is_ok());
+        assert_eq!(notes.batch_group(br#"{"shelf":"a","text":"1"}"#).as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn instances_are_built_from_strict_options_naming_the_instance() {
+        let built = Typed::<Notes>::from_config("mine", serde_json::json!({}));
+        assert_eq!(built.map(|d| d.kind()).ok(), Some("notes"));
+        let refused = Typed::<Notes>::from_config("mine", serde_json::json!({"colour": 1}))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(refused.contains("mine") && refused.contains("colour"), "{refused}");
+    }
+}
