@@ -319,12 +319,65 @@ fn soak(args: &[String]) -> Result<(), String> {
 
 /// Run every test of the workspace and close with one summed line, `tests: N passed, M failed`,
 /// since cargo's own last line only speaks of the last test binary.
+/// The test suites: the workspace's, then the third-party examples' (a workspace of their own,
+/// sharing this one's target folder so nothing builds twice).
 fn test() -> Result<(), String> {
-    let args = ["test", "--workspace", "--no-fail-fast"];
+    let examples = examples_manifest();
+    let suites: [(&str, Vec<&str>); 2] = [
+        (
+            "the workspace",
+            vec!["test", "--workspace", "--no-fail-fast"],
+        ),
+        (
+            "the examples",
+            vec![
+                "test",
+                "--manifest-path",
+                &examples,
+                "--workspace",
+                "--no-fail-fast",
+            ],
+        ),
+    ];
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let mut failures = Vec::new();
+    for (what, args) in suites {
+        let counts = cargo_test(&args)?;
+        passed += counts.passed;
+        failed += counts.failed;
+        ignored += counts.ignored;
+        if !counts.success {
+            failures.push(what);
+        }
+    }
+    println!();
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("the test suite failed: {}", failures.join(", ")))
+    }
+}
+
+/// `examples/Cargo.toml`, as an argument.
+fn examples_manifest() -> String {
+    root().join("examples/Cargo.toml").display().to_string()
+}
+
+struct TestCounts {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+    success: bool,
+}
+
+/// Run `cargo test ...` from the root, its output passed through, counting results.
+fn cargo_test(args: &[&str]) -> Result<TestCounts, String> {
     println!("$ cargo {}", args.join(" "));
     let mut child = Command::new("cargo")
         .args(args)
         .current_dir(root())
+        .env("CARGO_TARGET_DIR", root().join("target"))
         .stdout(std::process::Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot run cargo: {e}"))?;
@@ -350,26 +403,43 @@ fn test() -> Result<(), String> {
         }
     }
     let status = child.wait().map_err(|e| e.to_string())?;
-    println!();
-    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("the test suite failed ({status})"))
-    }
+    Ok(TestCounts {
+        passed,
+        failed,
+        ignored,
+        success: status.success(),
+    })
 }
 
+/// Formatting and clippy, for the workspace and the examples.
 fn lint() -> Result<(), String> {
+    let examples = examples_manifest();
     run("cargo", &["fmt", "--all", "--check"])?;
     run(
         "cargo",
-        &[
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ],
-    )
+        &["fmt", "--all", "--check", "--manifest-path", &examples],
+    )?;
+    let clippy = [
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ];
+    run("cargo", &clippy)?;
+    let mut examples_clippy = vec!["clippy", "--manifest-path", &examples];
+    examples_clippy.extend(&clippy[1..]);
+    println!("$ cargo {}", examples_clippy.join(" "));
+    let status = Command::new("cargo")
+        .args(&examples_clippy)
+        .current_dir(root())
+        .env("CARGO_TARGET_DIR", root().join("target"))
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("clippy found problems in the examples ({status})"))
+    }
 }

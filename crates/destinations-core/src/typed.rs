@@ -336,11 +336,7 @@ mod tests {
     }
 
     fn envelope(payload: &str) -> Envelope {
-        Envelope::new(
-            Arc::from("notes"),
-            None,
-            Bytes::from(payload.to_owned()),
-        )
+        Envelope::new(Arc::from("notes"), None, Bytes::from(payload.to_owned()))
     }
 
     #[tokio::test]
@@ -361,7 +357,10 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
-        assert_eq!(*notes.delivered.lock().unwrap_or_else(|e| e.into_inner()), ["a", "b"]);
+        assert_eq!(
+            *notes.delivered.lock().unwrap_or_else(|e| e.into_inner()),
+            ["a", "b"]
+        );
     }
 
     #[test]
@@ -377,7 +376,10 @@ mod tests {
         assert!(error(r#"{"shelf":"a","text":""}"#).contains("`text`: is empty"));
         assert!(error(r#"{"shelf":"locked","text":"1"}"#).contains("`shelf`: is locked"));
         assert!(notes.validate(br#"{"shelf":"a","text":"1"}"#).is_ok());
-        assert_eq!(notes.batch_group(br#"{"shelf":"a","text":"1"}"#).as_deref(), Some("a"));
+        assert_eq!(
+            notes.batch_group(br#"{"shelf":"a","text":"1"}"#).as_deref(),
+            Some("a")
+        );
     }
 
     #[test]
@@ -388,6 +390,9 @@ mod tests {
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
-        assert!(refused.contains("mine") && refused.contains("colour"), "{refused}");
+        assert!(
+            refused.contains("mine") && refused.contains("colour"),
+            "{refused}"
+        );
     }
 }
