@@ -1,4 +1,4 @@
-//! Project automation: `cargo xtask setup | test | ci | bench | soak`.
+//! Project automation: `cargo xtask setup | test | lint | ci | bench | new-destination | soak`.
 //!
 //! Plain `std::process` on purpose: xtask builds in seconds on a fresh machine, before anything
 //! else is compiled.
@@ -9,6 +9,7 @@ use std::process::{Command, ExitCode};
 
 mod bench;
 mod charts;
+mod scaffold;
 
 const USAGE: &str = "usage: cargo xtask <command>
 
@@ -20,6 +21,9 @@ commands:
   bench [--quick] [scenario...]
                         build release binaries, run the load scenarios, print a table beside
                         references measured in the same run (writes target/bench/report.json)
+  new-destination NAME [--out DIR]
+                        a destination crate that passes the conformance suite as generated: in
+                        crates/ (this workspace), or under DIR on its own, versions pinned
   soak --minutes N [--seed S]
                         the fault suite for N minutes, faults drawn at random: a server with
                         failing receivers, an object store that stops, a slow client; ends with
@@ -33,6 +37,7 @@ fn main() -> ExitCode {
         Some("lint") => lint(),
         Some("ci") => lint().and_then(|()| setup()).and_then(|()| test()),
         Some("bench") => bench::run(&args[1..]),
+        Some("new-destination") => scaffold::new_destination(&args[1..]),
         Some("soak") => setup().and_then(|()| soak(&args[1..])),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
@@ -341,14 +346,20 @@ fn test() -> Result<(), String> {
     ];
     let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
     let mut failures = Vec::new();
-    for (what, args) in suites {
-        let counts = cargo_test(&args)?;
+    let mut count = |what: &'static str, counts: TestCounts| {
         passed += counts.passed;
         failed += counts.failed;
         ignored += counts.ignored;
         if !counts.success {
             failures.push(what);
         }
+    };
+    for (what, args) in suites {
+        count(what, cargo_test(&args, &root())?);
+    }
+    // The crates `new-destination` generates, on a copy of this checkout.
+    for (what, counts) in scaffold::check_generated()? {
+        count(what, counts);
     }
     println!();
     println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
@@ -364,19 +375,32 @@ fn examples_manifest() -> String {
     root().join("examples/Cargo.toml").display().to_string()
 }
 
-struct TestCounts {
+pub(crate) struct TestCounts {
     passed: u64,
     failed: u64,
     ignored: u64,
     success: bool,
 }
 
-/// Run `cargo test ...` from the root, its output passed through, counting results.
-fn cargo_test(args: &[&str]) -> Result<TestCounts, String> {
+impl TestCounts {
+    /// A step that is not a test run: one passed or failed check.
+    pub(crate) fn step(success: bool) -> Self {
+        Self {
+            passed: u64::from(success),
+            failed: u64::from(!success),
+            ignored: 0,
+            success,
+        }
+    }
+}
+
+/// Run a cargo command that runs tests in `dir` (the workspace's target folder shared), its
+/// output passed through, counting results.
+pub(crate) fn cargo_test(args: &[&str], dir: &Path) -> Result<TestCounts, String> {
     println!("$ cargo {}", args.join(" "));
     let mut child = Command::new("cargo")
         .args(args)
-        .current_dir(root())
+        .current_dir(dir)
         .env("CARGO_TARGET_DIR", root().join("target"))
         .stdout(std::process::Stdio::piped())
         .spawn()
