@@ -9,7 +9,7 @@ use destinations_core::prelude::*;
 use destinations_core::{HubConfig, InstanceConfig, Registry};
 use destinations_email::{Attachment, EmailSend, SendEmail};
 use destinations_testkit::{
-    ConformanceTarget, SinkBehaviour, SmtpConfig, SmtpServer, TempDir, conformance,
+    Capabilities, ConformanceTarget, SinkBehaviour, SmtpConfig, SmtpServer, TempDir, conformance,
 };
 use mail_parser::{MessageParser, MimeHeaders};
 use serde_json::json;
@@ -133,6 +133,29 @@ impl ConformanceTarget for SmtpTarget {
                     .and_then(|n| n.parse().ok())
             })
             .collect()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            instance_checks: true,
+            health: true,
+            // The capture server (aiosmtpd) takes about 80 messages a second: 10 000 would
+            // take two minutes a queue to prove what 1 000 does.
+            burst: 1_000,
+            ..Capabilities::default()
+        }
+    }
+
+    /// A recipient outside the instance's `allowed_recipients`.
+    fn instance_check(&self) -> Option<(serde_json::Value, serde_json::Value, &'static str)> {
+        let payload = json!({"subject": "marker 0", "text": "x", "to": ["someone@elsewhere.test"]});
+        Some((json!({}), payload, "to[0]"))
+    }
+
+    async fn stop_sink(&mut self) {
+        if let Some(server) = &mut self.server {
+            server.stop().await;
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use base64::Engine;
 use destinations_core::prelude::*;
 use destinations_core::{HubConfig, InstanceConfig, Registry, SendStatus};
 use destinations_http::{HttpOptions, HttpRequest, SendHttp};
-use destinations_testkit::conformance::{self, ConformanceTarget, SinkBehaviour};
+use destinations_testkit::conformance::{self, Capabilities, ConformanceTarget, SinkBehaviour};
 use destinations_testkit::{Receiver, Reply};
 use hmac::{KeyInit, Mac};
 use serde_json::json;
@@ -103,6 +103,20 @@ impl ConformanceTarget for HttpTarget {
             .iter()
             .filter_map(|r| r.json()["marker"].as_u64())
             .collect()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            instance_checks: true,
+            ..Capabilities::default()
+        }
+    }
+
+    /// An instance that keeps no order by key refuses a key it would ignore.
+    fn instance_check(&self) -> Option<(serde_json::Value, serde_json::Value, &'static str)> {
+        let mut payload = self.payload(0);
+        payload["ordering_key"] = json!("customer-1");
+        Some((json!({}), payload, "ordering_key"))
     }
 }
 

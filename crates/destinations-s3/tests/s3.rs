@@ -12,8 +12,8 @@ use destinations_core::{HubConfig, InstanceConfig, Registry};
 use destinations_s3::{S3Options, S3Send, SendS3};
 use destinations_testkit::s3::{ACCESS_KEY, SECRET_KEY};
 use destinations_testkit::{
-    ConformanceTarget, Fault, FaultProxy, S3Server, SinkBehaviour, TempDir, conformance,
-    files_under,
+    Capabilities, ConformanceTarget, Fault, FaultProxy, S3Server, SinkBehaviour, TempDir,
+    conformance, files_under,
 };
 use futures::TryStreamExt;
 use object_store::ObjectStore;
@@ -169,7 +169,11 @@ impl ConformanceTarget for S3Target {
         };
         let proxy = FaultProxy::start(self.server.address(), fault).await;
         // Every failure reaches the hub: no quick retries inside an attempt.
-        let mut table = s3_table(&proxy.endpoint(), json!({"store_retries": 0}));
+        // Its bucket allowed (and so known to the health check); others refused.
+        let mut table = s3_table(
+            &proxy.endpoint(),
+            json!({"store_retries": 0, "buckets": [self.bucket]}),
+        );
         self.proxy = Some(proxy);
         table
             .as_object_mut()
@@ -190,11 +194,41 @@ impl ConformanceTarget for S3Target {
     }
 
     async fn accepted_markers(&self) -> Vec<u64> {
+        self.accepted_batches().await.concat()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            batches: true,
+            groups: true,
+            instance_checks: true,
+            health: true,
+            ..Capabilities::default()
+        }
+    }
+
+    /// Each object's events.
+    async fn accepted_batches(&self) -> Vec<Vec<u64>> {
         download(&self.server, &self.bucket)
             .await
             .values()
-            .flat_map(|bytes| markers(&gunzip(bytes)))
+            .map(|bytes| markers(&gunzip(bytes)))
             .collect()
+    }
+
+    /// A prefix per group.
+    fn payload_in_group(&self, marker: u64, group: u8) -> serde_json::Value {
+        json!({"bucket": self.bucket, "prefix": format!("conformance-{group}"), "payload": {"marker": marker}})
+    }
+
+    /// A bucket the instance does not list.
+    fn instance_check(&self) -> Option<(serde_json::Value, serde_json::Value, &'static str)> {
+        let payload = json!({"bucket": "elsewhere", "prefix": "", "payload": {"marker": 0}});
+        Some((json!({}), payload, "bucket"))
+    }
+
+    async fn stop_sink(&mut self) {
+        self.proxy = None;
     }
 }
 

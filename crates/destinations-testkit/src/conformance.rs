@@ -1,7 +1,9 @@
 //! One behaviour suite that every destination runs against a real sink, on every queue: it
-//! delivers, retries a transient failure, dead-letters a permanent one, rejects a bad payload
-//! naming the field, flushes partial batches on shutdown, loses nothing — counted — and, on a
-//! durable queue, delivers after a restart what an interrupted hub left.
+//! delivers, refuses a bad payload naming the field, flushes partial batches on shutdown, loses
+//! nothing in a burst — counted — and, on a durable queue, delivers after a restart what an
+//! interrupted hub left. What a destination supports ([`Capabilities`]) adds cases: a transient
+//! failure retried and a permanent one dead-lettered, its batch policy and groups honoured, the
+//! order kept, the instance's own checks, health. No case looks at a kind's name.
 //!
 //! A destination's tests implement [`ConformanceTarget`] for their sink and call [`run_all`].
 
@@ -32,11 +34,52 @@ pub enum SinkBehaviour {
     RejectPermanently,
 }
 
+/// What a destination under test supports, and so which cases run.
+#[derive(Clone, Debug)]
+pub struct Capabilities {
+    /// The sink can be told to fail ([`SinkBehaviour`]): a transient failure is retried, a
+    /// permanent one dead-lettered.
+    pub failures: bool,
+    /// It puts several sends in one delivery, and [`ConformanceTarget::accepted_batches`] says
+    /// which arrived together: its batch policy (as the instance overrides it) is honoured.
+    pub batches: bool,
+    /// Sends fall in groups ([`ConformanceTarget::payload_in_group`]) that never share a batch.
+    pub groups: bool,
+    /// It delivers in the order sent.
+    pub ordered: bool,
+    /// Its instance refuses some payloads a send alone cannot know about
+    /// ([`ConformanceTarget::instance_check`]).
+    pub instance_checks: bool,
+    /// Its health says whether the sink can be reached ([`ConformanceTarget::stop_sink`]).
+    pub health: bool,
+    /// Sends in the burst case (10 000 by default).
+    pub burst: u64,
+}
+
+impl Default for Capabilities {
+    /// A sink that can fail; nothing else claimed.
+    fn default() -> Self {
+        Self {
+            failures: true,
+            batches: false,
+            groups: false,
+            ordered: false,
+            instance_checks: false,
+            health: false,
+            burst: 10_000,
+        }
+    }
+}
+
 /// A destination under test, with a real sink it delivers to.
 #[async_trait]
 pub trait ConformanceTarget: Send + Sync {
     /// The destination kind.
     fn kind(&self) -> &'static str;
+    /// What it supports (default: [`Capabilities::default`]).
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
     /// Start a sink that behaves as asked; return the instance options that point at it.
     async fn start_sink(&mut self, behaviour: SinkBehaviour) -> serde_json::Value;
     /// A valid payload carrying `marker`, for the current sink.
@@ -45,6 +88,26 @@ pub trait ConformanceTarget: Send + Sync {
     fn invalid_payload(&self) -> (serde_json::Value, &'static str);
     /// The markers the sink accepted, duplicates included.
     async fn accepted_markers(&self) -> Vec<u64>;
+    /// The markers of each delivery the sink accepted, in the order they arrived (with
+    /// [`Capabilities::batches`]).
+    async fn accepted_batches(&self) -> Vec<Vec<u64>> {
+        Vec::new()
+    }
+    /// A valid payload carrying `marker` in group `group` (0 or 1), with
+    /// [`Capabilities::groups`].
+    fn payload_in_group(&self, marker: u64, _group: u8) -> serde_json::Value {
+        self.payload(marker)
+    }
+    /// With [`Capabilities::instance_checks`]: options to add to the instance, a payload valid
+    /// on its own that this instance refuses, and the field its error must name.
+    fn instance_check(&self) -> Option<(serde_json::Value, serde_json::Value, &'static str)> {
+        None
+    }
+    /// Stop the sink, so that it cannot be reached (with [`Capabilities::health`]).
+    async fn stop_sink(&mut self) {}
+    /// Called with each hub the suite builds, before anything is sent: a sink that is the
+    /// hub's own (SSE streams, emit subscriptions) attaches to it here.
+    async fn attach(&mut self, _hub: &Hub) {}
 }
 
 /// The queue the suite's hubs run on.
@@ -122,13 +185,32 @@ pub async fn run_all(target: &mut dyn ConformanceTarget) {
     }
 }
 
-/// Run every case on one queue.
+/// Run every case that applies on one queue.
 pub async fn run_on(target: &mut dyn ConformanceTarget, queue: QueueKind) {
+    let can = target.capabilities();
     delivers_every_send_once_or_more(target, queue).await;
-    retries_a_transient_failure(target, queue).await;
-    dead_letters_a_permanent_failure(target, queue).await;
     rejects_a_bad_payload_naming_the_field(target, queue).await;
     flushes_a_partial_batch_on_shutdown(target, queue).await;
+    loses_nothing_in_a_burst(target, queue).await;
+    if can.failures {
+        retries_a_transient_failure(target, queue).await;
+        dead_letters_a_permanent_failure(target, queue).await;
+    }
+    if can.batches {
+        honours_its_batch_policy(target, queue).await;
+    }
+    if can.groups {
+        never_batches_two_groups_together(target, queue).await;
+    }
+    if can.ordered {
+        delivers_in_the_order_sent(target, queue).await;
+    }
+    if can.instance_checks {
+        refuses_what_the_instance_forbids_naming_the_field(target, queue).await;
+    }
+    if can.health && queue == QueueKind::Memory {
+        reports_health_as_the_sink_comes_and_goes(target).await;
+    }
     if queue.is_durable() {
         delivers_after_a_restart_what_an_interrupted_hub_left(target, queue).await;
     }
@@ -169,7 +251,17 @@ fn quickly_flushed(mut config: InstanceConfig) -> InstanceConfig {
     config
 }
 
-async fn hub_on(home: &QueueHome, config: InstanceConfig) -> Hub {
+async fn hub_on(
+    target: &mut dyn ConformanceTarget,
+    home: &QueueHome,
+    config: InstanceConfig,
+) -> Hub {
+    let hub = hub_only(home, config).await;
+    target.attach(&hub).await;
+    hub
+}
+
+async fn hub_only(home: &QueueHome, config: InstanceConfig) -> Hub {
     let hub_config = HubConfig::default();
     let mut builder = Hub::builder().config(hub_config.clone());
     if let Some(queue) = home.open(&hub_config).await {
@@ -191,7 +283,7 @@ async fn hub_for(
     home: &QueueHome,
 ) -> Hub {
     let config = instance(target, behaviour, &extra).await;
-    hub_on(home, config).await
+    hub_on(target, home, config).await
 }
 
 async fn send_all(target: &dyn ConformanceTarget, hub: &Hub) -> Vec<EventId> {
@@ -347,7 +439,7 @@ pub async fn flushes_a_partial_batch_on_shutdown(
         &json!({"batch": {"max_events": 100_000, "max_bytes": 1_000_000_000, "max_age": "1h"}}),
     )
     .await;
-    let hub = hub_on(&home, config.clone()).await;
+    let hub = hub_on(target, &home, config.clone()).await;
     let ids = send_all(target, &hub).await;
     assert!(
         target.accepted_markers().await.is_empty(),
@@ -361,7 +453,7 @@ pub async fn flushes_a_partial_batch_on_shutdown(
     let hub = if report.kept > 0 || left_in_shared {
         assert!(queue.is_durable(), "only a durable queue keeps sends");
         drop(hub);
-        let next = hub_on(&home, quickly_flushed(config)).await;
+        let next = hub_on(target, &home, quickly_flushed(config)).await;
         settle(&next, &ids).await;
         next
     } else {
@@ -388,7 +480,7 @@ pub async fn delivers_after_a_restart_what_an_interrupted_hub_left(
         &json!({"batch": {"max_events": 100_000, "max_bytes": 1_000_000_000, "max_age": "1h"}}),
     )
     .await;
-    let first = hub_on(&home, config.clone()).await;
+    let first = hub_on(target, &home, config.clone()).await;
     let ids = send_all(target, &first).await;
     let report = first.shutdown_within(Duration::ZERO).await;
     assert_eq!(report.abandoned, 0, "a durable queue gives up on nothing");
@@ -398,11 +490,187 @@ pub async fn delivers_after_a_restart_what_an_interrupted_hub_left(
     }
     drop(first);
 
-    let second = hub_on(&home, quickly_flushed(config)).await;
+    let second = hub_on(target, &home, quickly_flushed(config)).await;
     settle(&second, &ids).await;
     assert_eq!(
         states(&second, &ids).await,
         HashMap::from([(State::Delivered, SENDS as usize)])
     );
     assert_each_marker_arrived(target.accepted_markers().await, queue);
+}
+
+/// Sends recorded in runs of 100 by several producers at once, `count` in all, markers from 0.
+async fn send_many(target: &dyn ConformanceTarget, hub: &Hub, count: u64) -> Vec<EventId> {
+    let mut ids = Vec::new();
+    let mut first = 0;
+    while first < count {
+        let runs: Vec<_> = (0..4)
+            .map(|n| first + n * 100)
+            .take_while(|start| *start < count)
+            .map(|start| {
+                let run = hub.begin_run("burst");
+                for marker in start..(start + 100).min(count) {
+                    run.send()
+                        .to(INSTANCE, &target.payload(marker))
+                        .unwrap_or_else(|e| panic!("a valid payload was refused: {e}"));
+                }
+                run.finish()
+            })
+            .collect();
+        for finished in futures::future::join_all(runs).await {
+            ids.extend(finished.unwrap_or_else(|e| panic!("{e}")));
+        }
+        first += 400;
+    }
+    ids
+}
+
+/// A burst (10 000 sends unless the destination says less) loses nothing: every send delivered,
+/// every marker arrived.
+pub async fn loses_nothing_in_a_burst(target: &mut dyn ConformanceTarget, queue: QueueKind) {
+    let count = target.capabilities().burst;
+    let home = QueueHome::new(queue).await;
+    let hub = hub_for(target, SinkBehaviour::Accept, json!({}), &home).await;
+    let ids = send_many(target, &hub, count).await;
+    assert_eq!(
+        ids.len() as u64,
+        count,
+        "every send of the burst was accepted"
+    );
+    settle(&hub, &ids).await;
+    assert_eq!(
+        states(&hub, &ids).await,
+        HashMap::from([(State::Delivered, count as usize)]),
+        "a burst of {count} on the {queue:?} queue"
+    );
+    let mut markers = target.accepted_markers().await;
+    markers.sort_unstable();
+    markers.dedup();
+    assert_eq!(
+        markers.len() as u64,
+        count,
+        "every send of the burst arrives (duplicates allowed), on the {queue:?} queue"
+    );
+}
+
+/// Batches as the instance sets them: never more than `max_events`, and several sends in one
+/// delivery when they are there together.
+pub async fn honours_its_batch_policy(target: &mut dyn ConformanceTarget, queue: QueueKind) {
+    let home = QueueHome::new(queue).await;
+    let hub = hub_for(
+        target,
+        SinkBehaviour::Accept,
+        json!({"batch": {"max_events": 7, "max_age": "200ms"}}),
+        &home,
+    )
+    .await;
+    let ids = send_all(target, &hub).await;
+    settle(&hub, &ids).await;
+    let batches = target.accepted_batches().await;
+    assert!(
+        batches.iter().all(|b| b.len() <= 7),
+        "a batch held more than max_events = 7: {batches:?}, on the {queue:?} queue"
+    );
+    assert!(
+        batches.iter().any(|b| b.len() > 1),
+        "40 sends recorded together went one a delivery: {batches:?}, on the {queue:?} queue"
+    );
+    assert_each_marker_arrived(batches.concat(), queue);
+}
+
+/// Sends of two groups, interleaved, never share a delivery.
+pub async fn never_batches_two_groups_together(
+    target: &mut dyn ConformanceTarget,
+    queue: QueueKind,
+) {
+    let home = QueueHome::new(queue).await;
+    let hub = hub_for(
+        target,
+        SinkBehaviour::Accept,
+        json!({"batch": {"max_age": "200ms"}}),
+        &home,
+    )
+    .await;
+    let run = hub.begin_run("groups");
+    let group = |marker: u64| u8::from(marker % 2 == 1);
+    for marker in 0..SENDS {
+        run.send()
+            .to(INSTANCE, &target.payload_in_group(marker, group(marker)))
+            .unwrap_or_else(|e| panic!("a valid payload was refused: {e}"));
+    }
+    let ids = run.finish().await.unwrap_or_else(|e| panic!("{e}"));
+    settle(&hub, &ids).await;
+    let batches = target.accepted_batches().await;
+    for batch in &batches {
+        assert!(
+            batch.iter().all(|m| group(*m) == group(batch[0])),
+            "one delivery mixed two groups: {batch:?}, on the {queue:?} queue"
+        );
+    }
+    assert_each_marker_arrived(batches.concat(), queue);
+}
+
+/// Sends arrive in the order they were sent.
+pub async fn delivers_in_the_order_sent(target: &mut dyn ConformanceTarget, queue: QueueKind) {
+    let home = QueueHome::new(queue).await;
+    let hub = hub_for(target, SinkBehaviour::Accept, json!({}), &home).await;
+    let ids = send_all(target, &hub).await;
+    settle(&hub, &ids).await;
+    let mut seen = std::collections::HashSet::new();
+    let first_arrivals: Vec<u64> = target
+        .accepted_markers()
+        .await
+        .into_iter()
+        .filter(|m| seen.insert(*m))
+        .collect();
+    assert_eq!(
+        first_arrivals,
+        (0..SENDS).collect::<Vec<_>>(),
+        "sends arrived out of the order sent, on the {queue:?} queue"
+    );
+}
+
+/// A payload valid on its own that this instance refuses is refused at send time, naming the
+/// field; what the instance allows goes.
+pub async fn refuses_what_the_instance_forbids_naming_the_field(
+    target: &mut dyn ConformanceTarget,
+    queue: QueueKind,
+) {
+    let Some((options, payload, field)) = target.instance_check() else {
+        panic!("a target that claims instance checks gives one (instance_check)");
+    };
+    let home = QueueHome::new(queue).await;
+    let hub = hub_for(target, SinkBehaviour::Accept, options, &home).await;
+    let bytes = Bytes::from(serde_json::to_vec(&payload).unwrap_or_default());
+    match hub.sender().json(INSTANCE, bytes) {
+        Err(SendError::Invalid { error, .. }) => assert_eq!(error.field, field, "{error}"),
+        other => panic!("expected the instance to refuse, naming `{field}`, got {other:?}"),
+    }
+    let allowed = hub
+        .sender()
+        .to(INSTANCE, &target.payload(0))
+        .unwrap_or_else(|e| panic!("a payload the instance allows was refused: {e}"));
+    settle(&hub, &[allowed]).await;
+    assert_eq!(target.accepted_markers().await, vec![0]);
+}
+
+/// Health is good while the sink is up, and says so when it is gone.
+pub async fn reports_health_as_the_sink_comes_and_goes(target: &mut dyn ConformanceTarget) {
+    let home = QueueHome::new(QueueKind::Memory).await;
+    let hub = hub_for(target, SinkBehaviour::Accept, json!({}), &home).await;
+    let health = |hub: Hub| async move {
+        hub.health()
+            .await
+            .into_iter()
+            .find(|(name, _)| name == INSTANCE)
+            .map(|(_, result)| result)
+            .unwrap_or_else(|| panic!("no health for the instance"))
+    };
+    if let Err(error) = health(hub.clone()).await {
+        panic!("unhealthy with its sink up: {error}");
+    }
+    target.stop_sink().await;
+    let down = health(hub.clone()).await;
+    assert!(down.is_err(), "healthy with its sink stopped");
+    hub.shutdown_within(Duration::ZERO).await;
 }

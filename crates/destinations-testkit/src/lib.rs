@@ -9,7 +9,7 @@ pub mod s3;
 pub mod smtp;
 pub mod sse;
 
-pub use conformance::{ConformanceTarget, SinkBehaviour};
+pub use conformance::{Capabilities, ConformanceTarget, SinkBehaviour};
 pub use inspect::{dead_letters, delivered, final_status, state, status};
 pub use nats::NatsServer;
 pub use receiver::{ReceivedRequest, Receiver, Reply};

@@ -273,6 +273,7 @@ impl FaultProxy {
     }
 }
 
+/// Dropping the proxy stops it: no new connections, and those open are closed.
 impl Drop for FaultProxy {
     fn drop(&mut self) {
         self.task.abort();
@@ -283,13 +284,16 @@ type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
 async fn serve(listener: TcpListener, upstream: SocketAddr, fault: Fault, seen: Arc<Seen>) {
     let writes_by_path = Arc::new(Mutex::new(std::collections::HashMap::<String, u32>::new()));
+    // The connections die with the proxy (a stopped proxy leaves no pooled connection alive).
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        while connections.try_join_next().is_some() {}
         let seen = seen.clone();
         let writes_by_path = writes_by_path.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
                 let seen = seen.clone();
                 let writes_by_path = writes_by_path.clone();

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use destinations_chat::{ChatDestination, ChatMessage, SendChat};
 use destinations_core::prelude::*;
 use destinations_core::{Outcome, Typed};
-use destinations_testkit::conformance::{self, ConformanceTarget, SinkBehaviour};
+use destinations_testkit::conformance::{self, Capabilities, ConformanceTarget, SinkBehaviour};
 use destinations_testkit::{Receiver, Reply};
 use serde_json::json;
 
@@ -55,19 +55,43 @@ impl ConformanceTarget for Webhook {
         (json!({ "text": "hi", "colour": "red" }), "colour")
     }
 
-    /// Each line of each accepted post.
     async fn accepted_markers(&self) -> Vec<u64> {
+        self.accepted_batches().await.concat()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            batches: true,
+            groups: true,
+            instance_checks: true,
+            ..Capabilities::default()
+        }
+    }
+
+    /// The lines of each accepted post.
+    async fn accepted_batches(&self) -> Vec<Vec<u64>> {
         let requests = self.receiver.as_ref().map(Receiver::accepted_requests);
         requests
             .unwrap_or_default()
             .iter()
-            .flat_map(|r| {
+            .map(|r| {
                 let text = r.json()["text"].as_str().unwrap_or_default().to_owned();
                 text.lines()
                     .filter_map(|line| line.strip_prefix("marker ")?.parse().ok())
                     .collect::<Vec<u64>>()
             })
             .collect()
+    }
+
+    /// A channel per group.
+    fn payload_in_group(&self, marker: u64, group: u8) -> serde_json::Value {
+        json!({ "text": format!("marker {marker}"), "channel": format!("group-{group}") })
+    }
+
+    /// A channel the instance does not list.
+    fn instance_check(&self) -> Option<(serde_json::Value, serde_json::Value, &'static str)> {
+        let payload = json!({ "text": "marker 0", "channel": "dev" });
+        Some((json!({ "channels": ["ops"] }), payload, "channel"))
     }
 }
 
