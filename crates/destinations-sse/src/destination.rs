@@ -121,6 +121,17 @@ impl SseDestination {
         self.served.closing.send_replace(true);
     }
 
+    /// The events a new subscriber to `stream` would be replayed now (the last `replay`),
+    /// oldest first, each as it goes on the wire (`id:`, `event:` and `data:` lines).
+    pub fn recent(&self, stream: &str) -> Vec<bytes::Bytes> {
+        self.served
+            .streams
+            .recent(stream)
+            .iter()
+            .map(|event| event.frame.clone())
+            .collect()
+    }
+
     /// Where the streams are served (`route`).
     pub fn route(&self) -> &str {
         &self.served.options.route

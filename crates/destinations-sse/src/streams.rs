@@ -192,6 +192,14 @@ impl Streams {
         self.metrics.published.increment(1);
     }
 
+    /// The events a new subscriber to `name` would be replayed now, oldest first.
+    pub(crate) fn recent(&self, name: &str) -> Vec<Arc<Event>> {
+        self.lock()
+            .get(name)
+            .map(|stream| stream.recent.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Subscribe to `name`: replay the events after `last_event_id` if the buffer still holds
     /// it, else every buffered event; then live ones. Taken under the same lock as `publish`,
     /// so nothing falls between the replay and the live queue, and nothing is in both.
