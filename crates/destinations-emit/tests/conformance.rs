@@ -34,7 +34,11 @@ impl ConformanceTarget for Listener {
     }
 
     async fn start_sink(&mut self, behaviour: SinkBehaviour) -> serde_json::Value {
-        assert_eq!(behaviour, SinkBehaviour::Accept, "a fan-out cannot be told to fail");
+        assert_eq!(
+            behaviour,
+            SinkBehaviour::Accept,
+            "a fan-out cannot be told to fail"
+        );
         self.markers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -64,7 +68,10 @@ impl ConformanceTarget for Listener {
     }
 
     fn invalid_payload(&self) -> (serde_json::Value, &'static str) {
-        (json!({ "event": { "marker": 0 }, "colour": "red" }), "colour")
+        (
+            json!({ "event": { "marker": 0 }, "colour": "red" }),
+            "colour",
+        )
     }
 
     async fn accepted_markers(&self) -> Vec<u64> {

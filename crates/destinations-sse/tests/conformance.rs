@@ -31,7 +31,11 @@ impl ConformanceTarget for Streams {
     }
 
     async fn start_sink(&mut self, behaviour: SinkBehaviour) -> serde_json::Value {
-        assert_eq!(behaviour, SinkBehaviour::Accept, "streams cannot be told to fail");
+        assert_eq!(
+            behaviour,
+            SinkBehaviour::Accept,
+            "streams cannot be told to fail"
+        );
         self.hubs.clear();
         // Replay holds the whole burst, so it can be counted.
         json!({ "replay": 20_000, "replay_bytes": 64 << 20 })
