@@ -1,16 +1,14 @@
 //! The email destination: one message per send, over SMTP or into an outbox folder.
 
-use std::sync::Arc;
 use std::time::{Instant, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use destinations_core::{
-    Batch, BatchOutcome, ConfigError, Destination, Envelope, HealthError, InvalidPayload,
-    RateLimit, Report, ResponseSummary, SharedRateGate, parse_strict,
+    BatchOutcome, Envelope, HealthError, InvalidPayload, Parsed, RateLimit, Report,
+    ResponseSummary, SharedRateGate, TypedDestination,
 };
 use mail_builder::MessageBuilder;
 
-use crate::KIND;
 use crate::options::EmailOptions;
 use crate::send::{EmailSend, allowed, routes_onwards};
 use crate::transport::{Outbox, Reply, Smtp};
@@ -52,19 +50,8 @@ impl EmailDestination {
         })
     }
 
-    /// Build an instance from its config options (the registry's entry point).
-    pub fn from_config(
-        instance: &str,
-        options: serde_json::Value,
-    ) -> Result<Arc<dyn Destination>, ConfigError> {
-        let options: EmailOptions = destinations_core::parse_options(instance, options)?;
-        Self::new(options)
-            .map(|d| Arc::new(d) as Arc<dyn Destination>)
-            .map_err(|message| ConfigError::new(instance, message))
-    }
-
     /// The rules of this instance: who may be named, how much may be attached.
-    fn check_for_instance(&self, send: &InstanceView) -> Result<(), InvalidPayload> {
+    fn check_recipients_and_size(&self, send: &EmailSend) -> Result<(), InvalidPayload> {
         for (field, list) in [("to", &send.to), ("cc", &send.cc)] {
             for (i, address) in list.iter().enumerate() {
                 if !allowed(address, &self.options.allowed_recipients) {
@@ -157,12 +144,9 @@ impl EmailDestination {
         Ok((recipients, bytes))
     }
 
-    async fn deliver_one(&self, envelope: &Envelope) -> Report {
-        let send: EmailSend = match serde_json::from_slice(&envelope.payload) {
-            Ok(send) => send,
-            Err(e) => return Report::failed(format!("the stored send no longer parses: {e}")),
-        };
-        let (recipients, message) = match self.compose(envelope, &send) {
+    async fn deliver_one(&self, parsed: &Parsed<'_, EmailSend>) -> Report {
+        let (envelope, send) = (parsed.envelope, &parsed.send);
+        let (recipients, message) = match self.compose(envelope, send) {
             Ok(composed) => composed,
             Err(error) => return Report::failed(error),
         };
@@ -192,22 +176,6 @@ impl EmailDestination {
             }
         }
     }
-}
-
-/// What the instance checks of a send, read without decoding attachments.
-#[derive(serde::Deserialize)]
-struct InstanceView {
-    #[serde(default)]
-    to: Vec<String>,
-    #[serde(default)]
-    cc: Vec<String>,
-    #[serde(default)]
-    attachments: Vec<AttachmentView>,
-}
-
-#[derive(serde::Deserialize)]
-struct AttachmentView {
-    content: String,
 }
 
 /// The decoded size of padded base64 text.
@@ -256,27 +224,23 @@ fn classify(result: mail_send::Result<Reply>, started: Instant, message_id: &str
 }
 
 #[async_trait]
-impl Destination for EmailDestination {
-    fn kind(&self) -> &'static str {
-        KIND
+impl TypedDestination for EmailDestination {
+    type Send = EmailSend;
+    type Stored<'a> = EmailSend;
+    type Options = EmailOptions;
+
+    fn from_options(_instance: &str, options: EmailOptions) -> Result<Self, String> {
+        Self::new(options)
     }
 
-    fn validate(&self, payload: &[u8]) -> Result<(), InvalidPayload> {
-        let send: EmailSend = parse_strict(payload)?;
-        send.check()?;
-        self.validate_for_instance(payload)
+    fn check_for_instance(&self, send: &EmailSend) -> Result<(), InvalidPayload> {
+        self.check_recipients_and_size(send)
     }
 
-    fn validate_for_instance(&self, payload: &[u8]) -> Result<(), InvalidPayload> {
-        let view: InstanceView = serde_json::from_slice(payload)
-            .map_err(|e| InvalidPayload::field("", e.to_string()))?;
-        self.check_for_instance(&view)
-    }
-
-    async fn deliver(&self, batch: &Batch) -> BatchOutcome {
-        let mut reports = Vec::with_capacity(batch.len());
-        for envelope in batch.envelopes() {
-            reports.push(self.deliver_one(envelope).await);
+    async fn deliver(&self, sends: &[Parsed<'_, Self::Stored<'_>>]) -> BatchOutcome {
+        let mut reports = Vec::with_capacity(sends.len());
+        for send in sends {
+            reports.push(self.deliver_one(send).await);
         }
         BatchOutcome::Each(reports)
     }

@@ -20,7 +20,7 @@ mod options;
 mod send;
 mod transport;
 
-use destinations_core::{DestinationPlugin, EventId, Registry, SendError, Sender};
+use destinations_core::{DestinationPlugin, EventId, Registry, SendError, Sender, Typed};
 
 pub use destination::EmailDestination;
 pub use options::{EmailOptions, SmtpOptions, TlsMode};
@@ -33,7 +33,7 @@ pub const KIND: &str = "email";
 pub const PLUGIN: DestinationPlugin = DestinationPlugin {
     kind: KIND,
     describe: "one email per send over SMTP (TLS, AUTH, rate limit), or .eml files in an outbox folder",
-    build: EmailDestination::from_config,
+    build: Typed::<EmailDestination>::from_config,
 };
 
 destinations_core::register_destination!(PLUGIN);
@@ -58,6 +58,6 @@ impl SendEmail for Sender {
 
     fn email_to(&self, instance: &str, email: EmailSend) -> Result<EventId, SendError> {
         // The instance adds its own rules (recipients, sizes) when it takes the send.
-        self.typed(instance, KIND, &email, |email| email.check().map(drop))
+        self.record_to(instance, &email)
     }
 }

@@ -248,6 +248,14 @@ pub(crate) fn routes_onwards(address: &str) -> bool {
         .contains(['%', '!'])
 }
 
+impl destinations_core::SendType for EmailSend {
+    const KIND: &'static str = crate::KIND;
+
+    fn check(&self) -> Result<(), InvalidPayload> {
+        EmailSend::check(self).map(drop)
+    }
+}
+
 #[cfg(test)]
 mod properties {
     use super::*;
