@@ -114,6 +114,6 @@ impl SendEmit for Sender {
     }
 
     fn emit_to(&self, instance: &str, send: EmitSend) -> Result<EventId, SendError> {
-        self.typed(instance, KIND, &send, EmitSend::check)
+        self.record_to(instance, &send)
     }
 }

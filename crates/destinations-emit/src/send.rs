@@ -108,6 +108,14 @@ pub fn check_name(field: &str, name: &str) -> Result<(), InvalidPayload> {
     destinations_core::check_name(field, name.strip_prefix('$').unwrap_or(name))
 }
 
+impl destinations_core::SendType for EmitSend {
+    const KIND: &'static str = crate::KIND;
+
+    fn check(&self) -> Result<(), destinations_core::InvalidPayload> {
+        EmitSend::check(self).map(drop)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -62,6 +62,6 @@ impl SendHttp for Sender {
     }
 
     fn http_to(&self, instance: &str, request: HttpRequest) -> Result<EventId, SendError> {
-        self.typed(instance, KIND, &request, HttpRequest::check)
+        self.record_to(instance, &request)
     }
 }

@@ -445,6 +445,14 @@ fn check_auth(auth: &Auth) -> Result<(), InvalidPayload> {
     }
 }
 
+impl destinations_core::SendType for HttpRequest {
+    const KIND: &'static str = crate::KIND;
+
+    fn check(&self) -> Result<(), destinations_core::InvalidPayload> {
+        HttpRequest::check(self).map(drop)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -155,6 +155,14 @@ pub(crate) fn folder(prefix: &str) -> String {
     }
 }
 
+impl destinations_core::SendType for S3Send {
+    const KIND: &'static str = crate::KIND;
+
+    fn check(&self) -> Result<(), destinations_core::InvalidPayload> {
+        S3Send::check(self).map(drop)
+    }
+}
+
 #[cfg(test)]
 mod properties {
     use super::*;
