@@ -1,8 +1,9 @@
-//! Ordered targets: each target's sends are attempted one at a time in the order accepted,
-//! and a send waiting for its retry holds the ones behind it — other targets go on. On a
-//! paused clock.
+//! Ordered delivery: each sequence's sends are attempted one at a time in the order accepted,
+//! and a send waiting for its retry holds the ones behind it — other sequences go on, to other
+//! hosts and (ordered by key) to the same host. On a paused clock.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -13,11 +14,79 @@ use destinations_core::{HubConfig, RetryPolicy};
 mod common;
 use common::{delivered, host_of, marker_of, send};
 
-/// Orders per host; fails each attempt of a marker in `fail` while its count lasts.
+/// What names a send's sequence.
+#[derive(Clone, Copy)]
+enum Sequences {
+    /// Its host (the default of an ordered destination).
+    PerHost,
+    /// Its host and its `key`; a send without a key keeps no order.
+    PerKey,
+}
+
+/// Orders by `sequences`; fails each attempt of a (line, marker) in `fail` while its count
+/// lasts — the line being the host, or the key — and counts the attempts under way at once.
 struct Ordered {
+    sequences: Sequences,
     fail: Mutex<HashMap<(String, u64), u32>>,
-    /// (host, marker, delivered) of each attempt, in the order made.
+    /// (line, marker, delivered) of each attempt, in the order made.
     attempts: Mutex<Vec<(String, u64, bool)>>,
+    under_way: AtomicUsize,
+    most_at_once: AtomicUsize,
+}
+
+impl Ordered {
+    fn new(sequences: Sequences, fail: &[(&str, u64, u32)]) -> Arc<Self> {
+        Arc::new(Self {
+            sequences,
+            fail: Mutex::new(
+                fail.iter()
+                    .map(|(line, marker, times)| (((*line).to_owned(), *marker), *times))
+                    .collect(),
+            ),
+            attempts: Mutex::new(Vec::new()),
+            under_way: AtomicUsize::new(0),
+            most_at_once: AtomicUsize::new(0),
+        })
+    }
+
+    fn line_of(&self, payload: &[u8]) -> String {
+        match self.sequences {
+            Sequences::PerHost => host_of(payload),
+            Sequences::PerKey => key_of(payload).unwrap_or_default(),
+        }
+    }
+
+    /// (marker, delivered) of each attempt of `line`, in the order made.
+    fn attempts_of(&self, line: &str) -> Vec<(u64, bool)> {
+        self.attempts()
+            .iter()
+            .filter(|(l, _, _)| l == line)
+            .map(|(_, marker, ok)| (*marker, *ok))
+            .collect()
+    }
+
+    fn attempts(&self) -> Vec<(String, u64, bool)> {
+        self.attempts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Whether every attempt of `other` came before `line`'s `marker` got through.
+    fn finished_before(&self, other: &str, line: &str, marker: u64) -> bool {
+        let attempts = self.attempts();
+        let other_done = attempts.iter().rposition(|(l, _, _)| l == other);
+        let through = attempts
+            .iter()
+            .position(|(l, m, ok)| l == line && *m == marker && *ok);
+        other_done < through
+    }
+}
+
+fn key_of(payload: &[u8]) -> Option<String> {
+    serde_json::from_slice::<serde_json::Value>(payload).ok()?["key"]
+        .as_str()
+        .map(str::to_owned)
 }
 
 #[async_trait]
@@ -42,14 +111,24 @@ impl Destination for Ordered {
         true
     }
 
+    fn sequence(&self, payload: &[u8]) -> Option<String> {
+        match self.sequences {
+            Sequences::PerHost => self.target(payload),
+            Sequences::PerKey => Some(format!("{}/{}", host_of(payload), key_of(payload)?)),
+        }
+    }
+
     async fn deliver(&self, batch: &Batch) -> BatchOutcome {
         let payload = &batch.envelopes()[0].payload;
-        let (host, marker) = (host_of(payload), marker_of(payload));
+        let (line, marker) = (self.line_of(payload), marker_of(payload));
+        let now = self.under_way.fetch_add(1, SeqCst) + 1;
+        self.most_at_once.fetch_max(now, SeqCst);
         // Each attempt takes a while, so that later sends are ready while it is under way.
         tokio::time::sleep(Duration::from_millis(10)).await;
+        self.under_way.fetch_sub(1, SeqCst);
         let failing = {
             let mut fail = self.fail.lock().unwrap_or_else(PoisonError::into_inner);
-            match fail.get_mut(&(host.clone(), marker)) {
+            match fail.get_mut(&(line.clone(), marker)) {
                 Some(left) if *left > 0 => {
                     *left -= 1;
                     true
@@ -60,7 +139,7 @@ impl Destination for Ordered {
         self.attempts
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push((host, marker, !failing));
+            .push((line, marker, !failing));
         if failing {
             BatchOutcome::All(Report::retry("503 Service Unavailable"))
         } else {
@@ -69,201 +148,91 @@ impl Destination for Ordered {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn each_hosts_sends_arrive_in_order_through_retries_and_other_hosts_go_on() {
-    let ordered = Arc::new(Ordered {
-        fail: Mutex::new(HashMap::from([(("a".to_owned(), 3), 2)])),
-        attempts: Mutex::new(Vec::new()),
-    });
-    let hub = Hub::builder()
+fn hub(ordered: &Arc<Ordered>, first_retry: Duration) -> Hub {
+    Hub::builder()
         .config(HubConfig::default())
         .destination(
             "d",
             ordered.clone(),
             InstanceSettings {
                 retry: RetryPolicy {
-                    initial_delay: Duration::from_secs(1),
+                    initial_delay: first_retry,
                     ..RetryPolicy::default()
                 },
                 ..InstanceSettings::default()
             },
         )
         .build()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Send `{host: "h", key, marker}` to instance `d`.
+fn send_keyed(hub: &Hub, key: Option<&str>, marker: u64) -> EventId {
+    let mut payload = serde_json::json!({ "host": "h", "marker": marker });
+    if let Some(key) = key {
+        payload["key"] = key.into();
+    }
+    hub.sender()
+        .to("d", &payload)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// 0…9 delivered once each, but 3, which fails twice first.
+fn with_3_retried_twice() -> Vec<(u64, bool)> {
+    let mut expected: Vec<(u64, bool)> = (0..3).map(|m| (m, true)).collect();
+    expected.extend([(3, false), (3, false), (3, true)]);
+    expected.extend((4..10).map(|m| (m, true)));
+    expected
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_hosts_sends_arrive_in_order_through_retries_and_other_hosts_go_on() {
+    let ordered = Ordered::new(Sequences::PerHost, &[("a", 3, 2)]);
+    let hub = hub(&ordered, Duration::from_secs(1));
     let ids: Vec<EventId> = (0..10u64)
         .flat_map(|marker| ["a", "b"].map(|host| send(&hub, host, marker)))
         .collect();
     delivered(&hub, &ids).await;
-    let attempts = ordered
-        .attempts
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone();
-    let of = |host: &str| -> Vec<(u64, bool)> {
-        attempts
-            .iter()
-            .filter(|(h, _, _)| h == host)
-            .map(|(_, marker, ok)| (*marker, *ok))
-            .collect()
-    };
-    let mut expected_a: Vec<(u64, bool)> = (0..3).map(|m| (m, true)).collect();
-    expected_a.extend([(3, false), (3, false), (3, true)]);
-    expected_a.extend((4..10).map(|m| (m, true)));
-    assert_eq!(of("a"), expected_a, "a retry holds the ones behind it");
     assert_eq!(
-        of("b"),
+        ordered.attempts_of("a"),
+        with_3_retried_twice(),
+        "a retry holds the ones behind it"
+    );
+    assert_eq!(
+        ordered.attempts_of("b"),
         (0..10).map(|m| (m, true)).collect::<Vec<_>>(),
         "another host is not held"
     );
-    let b_done = attempts.iter().rposition(|(h, _, _)| h == "b").unwrap_or(0);
-    let a_retry = attempts
-        .iter()
-        .position(|(h, m, ok)| h == "a" && *m == 3 && *ok)
-        .unwrap_or(0);
-    assert!(b_done < a_retry, "b finished while a waited for its retry");
+    assert!(
+        ordered.finished_before("b", "a", 3),
+        "b finished while a waited for its retry"
+    );
     hub.shutdown().await;
-}
-
-/// Orders per (host, key): the payload's `key` names its sequence; a payload without one keeps
-/// no order. Fails each attempt of a marker in `fail` while its count lasts, and counts the
-/// attempts under way to the host at once.
-struct Keyed {
-    fail: Mutex<HashMap<(String, u64), u32>>,
-    /// (key, marker, delivered) of each attempt, in the order made.
-    attempts: Mutex<Vec<(String, u64, bool)>>,
-    under_way: std::sync::atomic::AtomicUsize,
-    most_at_once: std::sync::atomic::AtomicUsize,
-}
-
-fn key_of(payload: &[u8]) -> Option<String> {
-    serde_json::from_slice::<serde_json::Value>(payload).ok()?["key"]
-        .as_str()
-        .map(str::to_owned)
-}
-
-#[async_trait]
-impl Destination for Keyed {
-    fn kind(&self) -> &'static str {
-        "keyed"
-    }
-
-    fn validate(&self, _: &[u8]) -> Result<(), InvalidPayload> {
-        Ok(())
-    }
-
-    fn target(&self, payload: &[u8]) -> Option<String> {
-        Some(host_of(payload))
-    }
-
-    fn per_target_concurrency(&self) -> Option<usize> {
-        Some(64)
-    }
-
-    fn ordered(&self) -> bool {
-        true
-    }
-
-    fn sequence(&self, payload: &[u8]) -> Option<String> {
-        Some(format!("{}/{}", host_of(payload), key_of(payload)?))
-    }
-
-    async fn deliver(&self, batch: &Batch) -> BatchOutcome {
-        use std::sync::atomic::Ordering::SeqCst;
-        let payload = &batch.envelopes()[0].payload;
-        let (key, marker) = (key_of(payload).unwrap_or_default(), marker_of(payload));
-        let now = self.under_way.fetch_add(1, SeqCst) + 1;
-        self.most_at_once.fetch_max(now, SeqCst);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        self.under_way.fetch_sub(1, SeqCst);
-        let failing = {
-            let mut fail = self.fail.lock().unwrap_or_else(PoisonError::into_inner);
-            match fail.get_mut(&(key.clone(), marker)) {
-                Some(left) if *left > 0 => {
-                    *left -= 1;
-                    true
-                }
-                _ => false,
-            }
-        };
-        self.attempts
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push((key, marker, !failing));
-        if failing {
-            BatchOutcome::All(Report::retry("503 Service Unavailable"))
-        } else {
-            BatchOutcome::All(Report::delivered())
-        }
-    }
 }
 
 #[tokio::test(start_paused = true)]
 async fn each_keys_sends_arrive_in_order_through_retries_and_other_keys_to_the_same_host_go_on() {
-    let keyed = Arc::new(Keyed {
-        fail: Mutex::new(HashMap::from([(("a".to_owned(), 3), 2)])),
-        attempts: Mutex::new(Vec::new()),
-        under_way: std::sync::atomic::AtomicUsize::new(0),
-        most_at_once: std::sync::atomic::AtomicUsize::new(0),
-    });
-    let hub = Hub::builder()
-        .config(HubConfig::default())
-        .destination(
-            "d",
-            keyed.clone(),
-            InstanceSettings {
-                retry: RetryPolicy {
-                    initial_delay: Duration::from_secs(1),
-                    ..RetryPolicy::default()
-                },
-                ..InstanceSettings::default()
-            },
-        )
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let send_keyed = |key: Option<&str>, marker: u64| {
-        let mut payload = serde_json::json!({ "host": "h", "marker": marker });
-        if let Some(key) = key {
-            payload["key"] = key.into();
-        }
-        hub.sender()
-            .to("d", &payload)
-            .unwrap_or_else(|e| panic!("{e}"))
-    };
+    let ordered = Ordered::new(Sequences::PerKey, &[("a", 3, 2)]);
+    let hub = hub(&ordered, Duration::from_secs(1));
     let ids: Vec<EventId> = (0..10u64)
-        .flat_map(|marker| [Some("a"), Some("b"), None].map(|key| send_keyed(key, marker)))
+        .flat_map(|marker| [Some("a"), Some("b"), None].map(|key| send_keyed(&hub, key, marker)))
         .collect();
     delivered(&hub, &ids).await;
-    let attempts = keyed
-        .attempts
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone();
-    let of = |key: &str| -> Vec<(u64, bool)> {
-        attempts
-            .iter()
-            .filter(|(k, _, _)| k == key)
-            .map(|(_, marker, ok)| (*marker, *ok))
-            .collect()
-    };
-    let mut expected_a: Vec<(u64, bool)> = (0..3).map(|m| (m, true)).collect();
-    expected_a.extend([(3, false), (3, false), (3, true)]);
-    expected_a.extend((4..10).map(|m| (m, true)));
-    assert_eq!(of("a"), expected_a, "a retry holds the ones behind it");
     assert_eq!(
-        of("b"),
+        ordered.attempts_of("a"),
+        with_3_retried_twice(),
+        "a retry holds the ones behind it"
+    );
+    assert_eq!(
+        ordered.attempts_of("b"),
         (0..10).map(|m| (m, true)).collect::<Vec<_>>(),
         "another key's sends keep their own order"
     );
-    let b_done = attempts.iter().rposition(|(k, _, _)| k == "b").unwrap_or(0);
-    let a_retry = attempts
-        .iter()
-        .position(|(k, m, ok)| k == "a" && *m == 3 && *ok)
-        .unwrap_or(0);
     assert!(
-        b_done < a_retry,
+        ordered.finished_before("b", "a", 3),
         "key b, to the same host, finished while key a waited for its retry"
     );
-    let most = keyed.most_at_once.load(std::sync::atomic::Ordering::SeqCst);
+    let most = ordered.most_at_once.load(SeqCst);
     assert!(
         most > 1,
         "sequences to one host go at once (at most {most} attempt at a time)"
@@ -276,65 +245,27 @@ async fn a_long_retry_with_thousands_behind_it_holds_no_other_key_and_keeps_its_
     // More sends behind key a's retry than the dispatcher keeps waiting in memory: they go
     // back to the queue in their places, and key b's sends, accepted after them, go on.
     const BEHIND: u64 = 5000;
-    let keyed = Arc::new(Keyed {
-        fail: Mutex::new(HashMap::from([(("a".to_owned(), 0), 1)])),
-        attempts: Mutex::new(Vec::new()),
-        under_way: std::sync::atomic::AtomicUsize::new(0),
-        most_at_once: std::sync::atomic::AtomicUsize::new(0),
-    });
-    let hub = Hub::builder()
-        .config(HubConfig::default())
-        .destination(
-            "d",
-            keyed.clone(),
-            InstanceSettings {
-                retry: RetryPolicy {
-                    initial_delay: Duration::from_secs(600),
-                    ..RetryPolicy::default()
-                },
-                ..InstanceSettings::default()
-            },
-        )
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let send_keyed = |key: &str, marker: u64| {
-        hub.sender()
-            .to(
-                "d",
-                &serde_json::json!({ "host": "h", "key": key, "marker": marker }),
-            )
-            .unwrap_or_else(|e| panic!("{e}"))
-    };
-    let mut ids: Vec<EventId> = (0..=BEHIND).map(|marker| send_keyed("a", marker)).collect();
-    ids.extend((0..10).map(|marker| send_keyed("b", marker)));
-    delivered(&hub, &ids).await;
-    let attempts = keyed
-        .attempts
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone();
-    let delivered_a: Vec<u64> = attempts
-        .iter()
-        .filter(|(k, _, ok)| k == "a" && *ok)
-        .map(|(_, m, _)| *m)
+    let ordered = Ordered::new(Sequences::PerKey, &[("a", 0, 1)]);
+    let hub = hub(&ordered, Duration::from_secs(600));
+    let mut ids: Vec<EventId> = (0..=BEHIND)
+        .map(|marker| send_keyed(&hub, Some("a"), marker))
         .collect();
+    ids.extend((0..10).map(|marker| send_keyed(&hub, Some("b"), marker)));
+    delivered(&hub, &ids).await;
+    let of_a = ordered.attempts_of("a");
+    let delivered_a: Vec<u64> = of_a.iter().filter(|(_, ok)| *ok).map(|(m, _)| *m).collect();
     assert_eq!(
         delivered_a,
         (0..=BEHIND).collect::<Vec<_>>(),
         "key a's sends arrive in the order accepted, once each"
     );
     assert_eq!(
-        attempts.iter().filter(|(k, _, _)| k == "a").count() as u64,
+        of_a.len() as u64,
         BEHIND + 2,
         "one failed attempt, then each once"
     );
-    let b_done = attempts.iter().rposition(|(k, _, _)| k == "b").unwrap_or(0);
-    let a_retry = attempts
-        .iter()
-        .position(|(k, m, ok)| k == "a" && *m == 0 && *ok)
-        .unwrap_or(0);
     assert!(
-        b_done < a_retry,
+        ordered.finished_before("b", "a", 0),
         "key b's sends went while key a waited ten minutes for its retry"
     );
     hub.shutdown().await;
