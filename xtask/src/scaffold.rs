@@ -187,18 +187,38 @@ pub(crate) fn check_generated() -> Result<Vec<(&'static str, TestCounts)>, Strin
     let outside_arg = outside.display().to_string();
     let manifest = outside.join("destinations-demo-outside/Cargo.toml");
     let manifest_arg = manifest.display().to_string();
-    let steps: [(&'static str, &[&str]); 6] = [
-        (
-            "new-destination demo",
-            &["xtask", "new-destination", "demo"],
-        ),
+    // The copy's xtask builds apart: built into the shared target folder, it would replace
+    // the binary of the xtask running now (`target/debug/xtask`, whose root is this checkout).
+    let xtask_target = root().join("target/scaffold-xtask").display().to_string();
+    let xtask = |command: &[&'static str]| -> Vec<String> {
+        let mut args: Vec<String> = [
+            "run",
+            "--quiet",
+            "--target-dir",
+            &xtask_target,
+            "-p",
+            "xtask",
+            "--",
+        ]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect();
+        args.extend(command.iter().map(|a| (*a).to_owned()));
+        args
+    };
+    let new_demo = xtask(&["new-destination", "demo"]);
+    let mut new_outside = xtask(&["new-destination", "demo_outside", "--out"]);
+    new_outside.push(outside_arg);
+    let owned = |args: &[&str]| -> Vec<String> { args.iter().map(|a| (*a).to_owned()).collect() };
+    let steps: [(&'static str, Vec<String>); 6] = [
+        ("new-destination demo", new_demo),
         (
             "the generated crate's tests",
-            &["test", "-p", "destinations-demo"],
+            owned(&["test", "-p", "destinations-demo"]),
         ),
         (
             "the generated crate's clippy",
-            &[
+            owned(&[
                 "clippy",
                 "-p",
                 "destinations-demo",
@@ -206,30 +226,22 @@ pub(crate) fn check_generated() -> Result<Vec<(&'static str, TestCounts)>, Strin
                 "--",
                 "-D",
                 "warnings",
-            ],
+            ]),
         ),
         (
             "the generated crate's format",
-            &["fmt", "-p", "destinations-demo", "--check"],
+            owned(&["fmt", "-p", "destinations-demo", "--check"]),
         ),
-        (
-            "new-destination --out",
-            &[
-                "xtask",
-                "new-destination",
-                "demo_outside",
-                "--out",
-                &outside_arg,
-            ],
-        ),
+        ("new-destination --out", new_outside),
         (
             "the out-of-tree crate's tests",
-            &["test", "--manifest-path", &manifest_arg],
+            owned(&["test", "--manifest-path", &manifest_arg]),
         ),
     ];
     let mut results = Vec::new();
     for (what, args) in steps {
-        let counts = cargo_test(args, &copy)?;
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let counts = cargo_test(&args, &copy)?;
         let counts = if args[0] == "test" {
             counts
         } else {
