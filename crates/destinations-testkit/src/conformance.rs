@@ -304,13 +304,15 @@ async fn send_all(target: &dyn ConformanceTarget, hub: &Hub) -> Vec<EventId> {
     run.finish().await.unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Wait until every send is delivered or dead, then shut down: nothing may be given up on.
+/// Wait until every send is delivered or dead, and what their deliveries sent in turn (a
+/// fan-out's) too, then shut down: nothing may be given up on.
 async fn settle(hub: &Hub, ids: &[EventId]) {
     for id in ids {
         hub.wait_final(*id, WITHIN)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
     }
+    assert!(hub.drained(WITHIN).await, "the queue did not drain");
     let report = hub.shutdown_within(WITHIN).await;
     assert_eq!(report.abandoned, 0, "shutdown had to abandon sends");
     assert_eq!(report.kept, 0, "sends were left in the queue");
