@@ -494,9 +494,15 @@ pub async fn delivers_after_a_restart_what_an_interrupted_hub_left(
     let ids = send_all(target, &first).await;
     let report = first.shutdown_within(Duration::ZERO).await;
     assert_eq!(report.abandoned, 0, "a durable queue gives up on nothing");
-    // A hub counts the backlog it keeps; a shared queue's backlog is the queue's to count.
-    if queue != QueueKind::Nats {
-        assert!(report.kept > 0, "the interrupted hub left sends behind");
+    // A hub counts the backlog it keeps; a shared queue's backlog is the queue's to count. A
+    // destination that delivers in no time (publishing in memory) may finish the batch in hand
+    // before the deadline is noticed: then it delivered every send, and kept none.
+    if queue != QueueKind::Nats && report.kept == 0 {
+        assert_eq!(
+            states(&first, &ids).await,
+            HashMap::from([(State::Delivered, SENDS as usize)]),
+            "the interrupted hub neither kept its sends nor delivered them"
+        );
     }
     drop(first);
 
