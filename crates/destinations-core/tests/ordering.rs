@@ -32,11 +32,17 @@ struct Ordered {
     attempts: Mutex<Vec<(String, u64, bool)>>,
     under_way: AtomicUsize,
     most_at_once: AtomicUsize,
+    /// A (line, marker) whose first attempt hangs for ten minutes.
+    hang: Option<(String, u64)>,
 }
 
 impl Ordered {
     fn new(sequences: Sequences, fail: &[(&str, u64, u32)]) -> Arc<Self> {
-        Arc::new(Self {
+        Arc::new(Self::unshared(sequences, fail))
+    }
+
+    fn unshared(sequences: Sequences, fail: &[(&str, u64, u32)]) -> Self {
+        Self {
             sequences,
             fail: Mutex::new(
                 fail.iter()
@@ -46,7 +52,8 @@ impl Ordered {
             attempts: Mutex::new(Vec::new()),
             under_way: AtomicUsize::new(0),
             most_at_once: AtomicUsize::new(0),
-        })
+            hang: None,
+        }
     }
 
     fn line_of(&self, payload: &[u8]) -> String {
@@ -124,7 +131,17 @@ impl Destination for Ordered {
         let now = self.under_way.fetch_add(1, SeqCst) + 1;
         self.most_at_once.fetch_max(now, SeqCst);
         // Each attempt takes a while, so that later sends are ready while it is under way.
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        let hangs = self.hang.as_ref() == Some(&(line.clone(), marker))
+            && !self
+                .attempts()
+                .iter()
+                .any(|(l, m, _)| *l == line && *m == marker);
+        let takes = if hangs {
+            Duration::from_secs(600)
+        } else {
+            Duration::from_millis(10)
+        };
+        tokio::time::sleep(takes).await;
         self.under_way.fetch_sub(1, SeqCst);
         let failing = {
             let mut fail = self.fail.lock().unwrap_or_else(PoisonError::into_inner);
@@ -159,6 +176,7 @@ fn hub(ordered: &Arc<Ordered>, first_retry: Duration) -> Hub {
                     initial_delay: first_retry,
                     ..RetryPolicy::default()
                 },
+                attempt_timeout: Some(Duration::from_secs(2 * 3600)),
                 ..InstanceSettings::default()
             },
         )
@@ -267,6 +285,40 @@ async fn a_long_retry_with_thousands_behind_it_holds_no_other_key_and_keeps_its_
     assert!(
         ordered.finished_before("b", "a", 0),
         "key b's sends went while key a waited ten minutes for its retry"
+    );
+    hub.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_attempt_that_hangs_with_thousands_behind_it_holds_no_other_key() {
+    // Key a's first send hangs for ten minutes with more behind it than the dispatcher keeps
+    // waiting in memory: they go back to the queue in their places, and key b's sends,
+    // accepted after them, go on meanwhile.
+    const BEHIND: u64 = 5000;
+    let ordered = Arc::new(Ordered {
+        hang: Some(("a".to_owned(), 0)),
+        ..Ordered::unshared(Sequences::PerKey, &[])
+    });
+    let hub = hub(&ordered, Duration::from_secs(1));
+    let mut ids: Vec<EventId> = (0..=BEHIND)
+        .map(|marker| send_keyed(&hub, Some("a"), marker))
+        .collect();
+    ids.extend((0..10).map(|marker| send_keyed(&hub, Some("b"), marker)));
+    delivered(&hub, &ids).await;
+    let delivered_a: Vec<u64> = ordered
+        .attempts_of("a")
+        .iter()
+        .filter(|(_, ok)| *ok)
+        .map(|(m, _)| *m)
+        .collect();
+    assert_eq!(
+        delivered_a,
+        (0..=BEHIND).collect::<Vec<_>>(),
+        "key a's sends arrive in the order accepted, once each"
+    );
+    assert!(
+        ordered.finished_before("b", "a", 0),
+        "key b's sends went while key a's first attempt hung"
     );
     hub.shutdown().await;
 }

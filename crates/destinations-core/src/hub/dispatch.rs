@@ -675,6 +675,10 @@ impl Dispatcher {
         *self.lifecycle.borrow() >= Lifecycle::Draining
     }
 
+    fn given_up(&self) -> bool {
+        *self.lifecycle.borrow() == Lifecycle::GivenUp
+    }
+
     async fn push(&mut self, envelope: Envelope) {
         if self.policy.max_age.is_zero() || self.policy.max_events <= 1 {
             return self.deliver(vec![envelope]).await;
@@ -754,7 +758,8 @@ impl Dispatcher {
     /// no `Retry-After` in force), else once they do — without holding an instance slot
     /// meanwhile.
     async fn deliver(&mut self, envelopes: Vec<Envelope>) {
-        let Some(key) = self.sequence_of(&envelopes) else {
+        let sequence = self.sequence_of(&envelopes).filter(|_| !self.given_up());
+        let Some(key) = sequence else {
             return self.through_target_gates(envelopes, None).await;
         };
         let now = tokio::time::Instant::now();
@@ -939,9 +944,11 @@ impl Dispatcher {
             .values_mut()
             .flat_map(|state| state.waiting.drain(..).map(|w| w.envelopes))
             .collect();
-        for sequence in self.sequences.values_mut() {
-            waiting.extend(sequence.returning.drain(..).filter_map(|r| r.back));
-            waiting.extend(sequence.behind.drain(..));
+        // Order no longer matters: nothing more is attempted. What comes after (a lease already
+        // in hand) goes straight to be given up, not behind a batch whose end never comes.
+        for (_, sequence) in self.sequences.drain() {
+            waiting.extend(sequence.returning.into_iter().filter_map(|r| r.back));
+            waiting.extend(sequence.behind);
         }
         self.wake_ups.clear();
         for envelopes in waiting {
@@ -988,12 +995,13 @@ impl Dispatcher {
                 deferred.push((envelopes, key.clone(), stalled_for));
             }
         }
-        // Sequences waiting for a batch gone back to the queue: what waits behind it goes back
-        // too, awaited in its place, for as long as the sequence has not moved.
+        // Sequences held by a batch gone back to the queue or still under way: what waits behind
+        // it goes back too, awaited in its place, for as long as the sequence has not moved.
         for (key, sequence) in &mut self.sequences {
+            // Waiting for a batch gone back to the queue, or for one under way that hangs.
             let stalled_for = now - sequence.progressed;
             let awaiting = sequence.returning.front().is_some_and(|r| r.back.is_none());
-            if !awaiting || stalled_for < STALLED_AFTER {
+            if !(awaiting || sequence.out) || stalled_for < STALLED_AFTER {
                 continue;
             }
             // Back already: it goes again, keeping its place.
@@ -1036,18 +1044,29 @@ impl Dispatcher {
     async fn target_freed(&mut self, mut done: TargetDone) {
         let now = tokio::time::Instant::now();
         self.last_answer = now;
-        if let Some(key) = done.sequence.take() {
-            if let Some(sequence) = self.sequences.get_mut(&key) {
-                sequence.progressed = now;
-                if done.retried.is_empty() {
-                    sequence.out = false;
-                } else {
-                    // The oldest of all: everything behind it waits until it is back.
-                    sequence.went_back(std::mem::take(&mut done.retried), true);
-                }
+        let sequence = done.sequence.take();
+        if let Some(sequence) = sequence
+            .as_ref()
+            .and_then(|key| self.sequences.get_mut(key))
+        {
+            sequence.progressed = now;
+            if done.retried.is_empty() {
+                sequence.out = false;
+            } else {
+                // The oldest of all: everything behind it waits until it is back.
+                sequence.went_back(std::mem::take(&mut done.retried), true);
             }
+        }
+        // What the target said is recorded before the sequence's next batch meets its gates.
+        self.target_ended(done, now).await;
+        if let Some(key) = sequence {
             self.next_in_sequence(&key).await;
         }
+    }
+
+    /// The target's side of an attempt's end: its count, its limit, its hold, the hub's view of
+    /// it, and what waits for it.
+    async fn target_ended(&mut self, done: TargetDone, now: tokio::time::Instant) {
         let Some(state) = self.targets.get_mut(&done.target) else {
             return;
         };
