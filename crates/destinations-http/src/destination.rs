@@ -121,7 +121,10 @@ impl HttpDestination {
     fn check_ordering_key_allowed(&self, payload: &[u8]) -> Result<(), InvalidPayload> {
         static FIELD: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
             std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"ordering_key\""));
-        if self.ordering == DeliveryOrder::PerKey || FIELD.find(payload).is_none() {
+        // A name written with escapes (`ordering\u005fkey`) is the same field: read those too.
+        let may_name_it =
+            FIELD.find(payload).is_some() || memchr::memmem::find(payload, b"\\u").is_some();
+        if self.ordering == DeliveryOrder::PerKey || !may_name_it {
             return Ok(());
         }
         #[derive(serde::Deserialize)]
@@ -188,20 +191,31 @@ impl HttpDestination {
     }
 
     /// The sends of an ordered batch, one after the other: once one is to be tried again, the
-    /// ones after it are not sent (they go back with it, keeping their places).
+    /// ones after it are not sent (they go back with it, keeping their places), and carry its
+    /// answer, so the host is judged by what it said once, not as failing for the rest.
     async fn deliver_in_order(&self, envelopes: &[Envelope]) -> Vec<Report> {
         let mut reports = Vec::with_capacity(envelopes.len());
-        let mut held = None;
+        let mut held: Option<Report> = None;
         for envelope in envelopes {
-            if let Some(error) = &held {
-                reports.push(Report::retry(format!(
-                    "not sent: a send before it in its order is to be tried again ({error})"
-                )));
+            if let Some(Report {
+                outcome: Outcome::Retry { error, after },
+                response,
+            }) = &held
+            {
+                reports.push(Report {
+                    outcome: Outcome::Retry {
+                        error: format!(
+                            "not sent: a send before it in its order is to be tried again ({error})"
+                        ),
+                        after: *after,
+                    },
+                    response: response.clone(),
+                });
                 continue;
             }
             let report = self.deliver_one(envelope).await;
-            if let Outcome::Retry { error, .. } = &report.outcome {
-                held = Some(error.clone());
+            if matches!(report.outcome, Outcome::Retry { .. }) {
+                held = Some(report.clone());
             }
             reports.push(report);
         }
@@ -619,7 +633,8 @@ impl Destination for HttpDestination {
         }
         match batch.envelopes() {
             [one] => BatchOutcome::Each(vec![self.deliver_one(one).await]),
-            many if self.ordering != DeliveryOrder::None => {
+            // A batch keeps one sequence's sends (a keyless one keeps no order).
+            many if self.sequence(&many[0].payload).is_some() => {
                 BatchOutcome::Each(self.deliver_in_order(many).await)
             }
             many => BatchOutcome::Each(

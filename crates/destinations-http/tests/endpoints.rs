@@ -303,7 +303,16 @@ async fn an_ordering_key_is_refused_where_it_would_be_ignored_or_is_empty() {
     let raw = sender
         .to("http", &json!({ "url": url, "ordering_key": "customer-1" }))
         .expect_err("the same as JSON");
-    for error in [typed, raw] {
+    // The same field with its name written in escapes.
+    let escaped = sender
+        .json(
+            "http",
+            bytes::Bytes::from_static(
+                br#"{"url":"http://127.0.0.1:9/hook","ordering\u005fkey":"customer-1"}"#,
+            ),
+        )
+        .expect_err("an escaped field name is the same field");
+    for error in [typed, raw, escaped] {
         let text = error.to_string();
         assert!(
             text.contains("ordering_key") && text.contains("per_key"),
