@@ -383,6 +383,16 @@ pub(crate) struct TestCounts {
 }
 
 impl TestCounts {
+    /// A check that could not run here (counted as skipped, not failed).
+    pub(crate) fn skipped() -> Self {
+        Self {
+            passed: 0,
+            failed: 0,
+            ignored: 1,
+            success: true,
+        }
+    }
+
     /// A step that is not a test run: one passed or failed check.
     pub(crate) fn step(success: bool) -> Self {
         Self {
