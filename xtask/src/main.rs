@@ -408,10 +408,16 @@ impl TestCounts {
 /// output passed through, counting results.
 pub(crate) fn cargo_test(args: &[&str], dir: &Path) -> Result<TestCounts, String> {
     println!("$ cargo {}", args.join(" "));
-    let mut child = Command::new("cargo")
+    let mut command = Command::new("cargo");
+    command
         .args(args)
         .current_dir(dir)
-        .env("CARGO_TARGET_DIR", root().join("target"))
+        .env("CARGO_TARGET_DIR", root().join("target"));
+    if dir != root() {
+        // A copy's one-shot builds keep no incremental state (it only fills the disk).
+        command.env("CARGO_INCREMENTAL", "0");
+    }
+    let mut child = command
         .stdout(std::process::Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot run cargo: {e}"))?;

@@ -203,9 +203,9 @@ fn out_of_tree_manifest(_kind: &str) -> Result<String, String> {
 /// `cargo xtask new-destination demo && cargo test -p destinations-demo` passes, the crate is
 /// clippy- and fmt-clean; and one generated with `--out` passes on its own.
 pub(crate) fn check_generated() -> Result<Vec<(&'static str, TestCounts)>, String> {
-    let copy = TempCopy(
-        std::env::temp_dir().join(format!("destinations-scaffold-{}", std::process::id())),
-    );
+    // Always the same place, so the shared target folder reuses what the last check built
+    // (a new path each time would add the whole workspace's artifacts again, gigabytes a run).
+    let copy = TempCopy(root().join("target/scaffold-check"));
     let _ = std::fs::remove_dir_all(&copy.0);
     if let Err(why) = copy_checkout(&copy.0) {
         println!("scaffold check skipped: {why}");
