@@ -20,11 +20,36 @@ pub struct Server {
     child: Child,
     /// The working folder when the test gave none (the embedded defaults write `./data`).
     _dir: Option<TempDir>,
+    /// Its config file, removed with it.
+    _config: Option<TempConfig>,
     pub base: String,
     pub http: reqwest::Client,
 }
 
-pub fn temp_config(text: &str) -> std::path::PathBuf {
+/// A config file in the temporary folder, removed when dropped.
+pub struct TempConfig(std::path::PathBuf);
+
+impl std::ops::Deref for TempConfig {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for TempConfig {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for TempConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+pub fn temp_config(text: &str) -> TempConfig {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let path = std::env::temp_dir().join(format!(
         "destinations-test-{}-{}.toml",
@@ -32,7 +57,7 @@ pub fn temp_config(text: &str) -> std::path::PathBuf {
         NEXT.fetch_add(1, Ordering::SeqCst)
     ));
     std::fs::write(&path, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
-    path
+    TempConfig(path)
 }
 
 impl Server {
@@ -53,8 +78,9 @@ impl Server {
                 .unwrap_or(Path::new(".")),
         );
         command.args(["serve", "--listen", "127.0.0.1:0"]);
-        if let Some(text) = config {
-            command.arg("--config").arg(temp_config(text));
+        let config = config.map(temp_config);
+        if let Some(file) = &config {
+            command.arg("--config").arg(file);
         }
         command
             .env_remove("DESTINATIONS_CONFIG")
@@ -81,6 +107,7 @@ impl Server {
         Self {
             child,
             _dir: own_dir,
+            _config: config,
             base: format!("http://{addr}"),
             http: reqwest::Client::new(),
         }
@@ -194,8 +221,9 @@ impl Server {
         command
             .current_dir(dir)
             .args(["serve", "--listen", "127.0.0.1:0"]);
-        if let Some(text) = config {
-            command.arg("--config").arg(temp_config(text));
+        let config = config.map(temp_config);
+        if let Some(file) = &config {
+            command.arg("--config").arg(file);
         }
         let output = tokio::time::timeout(
             WITHIN,
