@@ -78,6 +78,8 @@ struct TargetDone {
     /// The sends of the attempt that went back to the queue for a retry (an ordered
     /// sequence holds everything behind them until they come back).
     retried: Vec<EventId>,
+    /// How long until that retry is due.
+    retry_wait: Option<Duration>,
     /// The sequence the attempt's batch keeps its place in, if the instance is ordered.
     sequence: Option<String>,
 }
@@ -166,7 +168,16 @@ impl TargetSaid {
 }
 
 /// A batch going back to the queue unattempted: its target, and how long until it is due.
-type Deferral = (Vec<Envelope>, String, Duration);
+/// A batch going back to the queue unattempted.
+struct Deferral {
+    envelopes: Vec<Envelope>,
+    /// Its target (or sequence), for the log.
+    target: String,
+    /// How long its target has not moved: it is due again after as long (1 s to 1 min).
+    stalled: Duration,
+    /// Not due before this much time (it waits in its sequence behind a retry due then).
+    at_least: Duration,
+}
 
 /// A target's slot, held for the length of an attempt; its end is reported to the dispatcher.
 struct TargetSlot {
@@ -177,6 +188,7 @@ struct TargetSlot {
     said: Option<TargetSaid>,
     /// Sends going back to the queue for a retry.
     retried: Vec<EventId>,
+    retry_wait: Option<Duration>,
     sequence: Option<String>,
     done: mpsc::UnboundedSender<TargetDone>,
 }
@@ -189,6 +201,7 @@ impl Drop for TargetSlot {
             round_trip: self.started.elapsed(),
             said: self.said.take().unwrap_or(TargetSaid::NOTHING),
             retried: std::mem::take(&mut self.retried),
+            retry_wait: self.retry_wait.take(),
             sequence: self.sequence.take(),
         });
     }
@@ -242,6 +255,8 @@ struct Sequence {
 struct Returning {
     ids: Vec<EventId>,
     back: Option<Vec<Envelope>>,
+    /// When it is due back, if known (a retry's due time).
+    due: Option<tokio::time::Instant>,
 }
 
 impl Sequence {
@@ -272,8 +287,12 @@ impl Sequence {
 
     /// A batch of it went back to the queue; nothing behind it goes out before it is back.
     /// `out`: the batch that was out (older than all that went back before it).
-    fn went_back(&mut self, ids: Vec<EventId>, out: bool) {
-        let returning = Returning { ids, back: None };
+    fn went_back(&mut self, ids: Vec<EventId>, out: bool, due: Option<tokio::time::Instant>) {
+        let returning = Returning {
+            ids,
+            back: None,
+            due,
+        };
         if out {
             self.out = false;
             self.returning.push_front(returning);
@@ -836,7 +855,12 @@ impl Dispatcher {
         if let Some(wait) = wait
             && may_defer
         {
-            self.deferring.push((envelopes, key, wait));
+            self.deferring.push(Deferral {
+                envelopes,
+                target: key,
+                stalled: wait,
+                at_least: Duration::ZERO,
+            });
             return;
         }
         self.parked += envelopes.len();
@@ -990,9 +1014,14 @@ impl Dispatcher {
                 self.parked -= envelopes.len();
                 if let Some(sequence) = sequence.and_then(|key| self.sequences.get_mut(&key)) {
                     // Back in its place when it returns: nothing behind it overtakes it.
-                    sequence.went_back(envelopes.iter().map(|e| e.id).collect(), true);
+                    sequence.went_back(envelopes.iter().map(|e| e.id).collect(), true, None);
                 }
-                deferred.push((envelopes, key.clone(), stalled_for));
+                deferred.push(Deferral {
+                    envelopes,
+                    target: key.clone(),
+                    stalled: stalled_for,
+                    at_least: Duration::ZERO,
+                });
             }
         }
         // Sequences held by a batch gone back to the queue or still under way: what waits behind
@@ -1011,12 +1040,22 @@ impl Dispatcher {
                 .filter_map(|r| r.back.take())
                 .collect();
             for envelopes in std::mem::take(&mut sequence.behind) {
-                sequence.went_back(envelopes.iter().map(|e| e.id).collect(), false);
+                sequence.went_back(envelopes.iter().map(|e| e.id).collect(), false, None);
                 again.push(envelopes);
             }
+            // Nothing behind a retry goes before it: back no sooner than it is due (else they
+            // come back early, only to be handed back again).
+            let front_due = sequence.returning.front().and_then(|r| r.due);
+            let at_least =
+                front_due.map_or(Duration::ZERO, |due| due.saturating_duration_since(now));
             for envelopes in again {
                 self.parked -= envelopes.len();
-                deferred.push((envelopes, key.clone(), stalled_for));
+                deferred.push(Deferral {
+                    envelopes,
+                    target: key.clone(),
+                    stalled: stalled_for,
+                    at_least,
+                });
             }
         }
         self.defer_all(deferred).await;
@@ -1030,11 +1069,9 @@ impl Dispatcher {
     /// commits them in a few writes.
     async fn defer_all(&self, deferred: Vec<Deferral>) {
         let lane = &self.lane;
-        futures::future::join_all(deferred.into_iter().map(
-            |(envelopes, target, wait)| async move {
-                lane.defer(envelopes, &target, wait).await;
-            },
-        ))
+        futures::future::join_all(deferred.into_iter().map(|deferral| async move {
+            lane.defer(deferral).await;
+        }))
         .await;
     }
 
@@ -1054,7 +1091,8 @@ impl Dispatcher {
                 sequence.out = false;
             } else {
                 // The oldest of all: everything behind it waits until it is back.
-                sequence.went_back(std::mem::take(&mut done.retried), true);
+                let due = done.retry_wait.map(|wait| now + wait);
+                sequence.went_back(std::mem::take(&mut done.retried), true, due);
             }
         }
         // What the target said is recorded before the sequence's next batch meets its gates.
@@ -1140,6 +1178,7 @@ impl Dispatcher {
             started: tokio::time::Instant::now(),
             said: None,
             retried: Vec::new(),
+            retry_wait: None,
             sequence,
             done: self.lane.target_done.clone(),
         });
@@ -1296,6 +1335,7 @@ impl Lane {
         }
         if let (Some(slot), Some(retry)) = (&mut slots.target, &settlement.retry) {
             slot.retried = retry.sends.iter().map(|s| s.envelope.id).collect();
+            slot.retry_wait = Some(retry.wait);
         }
         // The slots are free once the target answered: the next batch for it need not wait
         // for this settlement.
@@ -1463,10 +1503,18 @@ impl Lane {
     }
 
     /// Hand a batch for a busy or paused target back to the queue, due again after a wait as
-    /// long as the target has gone without an attempt ending (1 s to 1 min), its attempt
-    /// count unchanged: it was not attempted.
-    async fn defer(&self, envelopes: Vec<Envelope>, target: &str, stalled: Duration) {
-        let wait = stalled.clamp(Duration::from_secs(1), Duration::from_secs(60));
+    /// long as the target has gone without an attempt ending (1 s to 1 min), or later if it
+    /// may not go sooner, its attempt count unchanged: it was not attempted.
+    async fn defer(&self, deferral: Deferral) {
+        let Deferral {
+            envelopes,
+            target,
+            stalled,
+            at_least,
+        } = deferral;
+        let wait = stalled
+            .clamp(Duration::from_secs(1), Duration::from_secs(60))
+            .max(at_least);
         // Not an attempt, so no error: a send keeps its last attempt's error and answer (the
         // hold is the target's, shown by `GET /v1/endpoints`).
         tracing::debug!(destination = %self.name, count = envelopes.len(), %target, ?wait, "not attempted yet: deferred behind a busy or paused target");
