@@ -72,6 +72,15 @@ impl Ordered {
             .collect()
     }
 
+    /// The markers of `line` delivered, in the order delivered.
+    fn delivered_of(&self, line: &str) -> Vec<u64> {
+        self.attempts_of(line)
+            .into_iter()
+            .filter(|(_, ok)| *ok)
+            .map(|(marker, _)| marker)
+            .collect()
+    }
+
     fn attempts(&self) -> Vec<(String, u64, bool)> {
         self.attempts
             .lock()
@@ -258,27 +267,32 @@ async fn each_keys_sends_arrive_in_order_through_retries_and_other_keys_to_the_s
     hub.shutdown().await;
 }
 
+/// More sends behind key a's first than the dispatcher keeps waiting in memory.
+const BEHIND: u64 = 5000;
+
+/// Key a's sends 0…BEHIND, then key b's 0…9, all delivered.
+async fn send_behind_then_other_key(hub: &Hub) {
+    let mut ids: Vec<EventId> = (0..=BEHIND)
+        .map(|marker| send_keyed(hub, Some("a"), marker))
+        .collect();
+    ids.extend((0..10).map(|marker| send_keyed(hub, Some("b"), marker)));
+    delivered(hub, &ids).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_long_retry_with_thousands_behind_it_holds_no_other_key_and_keeps_its_order() {
     // More sends behind key a's retry than the dispatcher keeps waiting in memory: they go
     // back to the queue in their places, and key b's sends, accepted after them, go on.
-    const BEHIND: u64 = 5000;
     let ordered = Ordered::new(Sequences::PerKey, &[("a", 0, 1)]);
     let hub = hub(&ordered, Duration::from_secs(600));
-    let mut ids: Vec<EventId> = (0..=BEHIND)
-        .map(|marker| send_keyed(&hub, Some("a"), marker))
-        .collect();
-    ids.extend((0..10).map(|marker| send_keyed(&hub, Some("b"), marker)));
-    delivered(&hub, &ids).await;
-    let of_a = ordered.attempts_of("a");
-    let delivered_a: Vec<u64> = of_a.iter().filter(|(_, ok)| *ok).map(|(m, _)| *m).collect();
+    send_behind_then_other_key(&hub).await;
     assert_eq!(
-        delivered_a,
+        ordered.delivered_of("a"),
         (0..=BEHIND).collect::<Vec<_>>(),
         "key a's sends arrive in the order accepted, once each"
     );
     assert_eq!(
-        of_a.len() as u64,
+        ordered.attempts_of("a").len() as u64,
         BEHIND + 2,
         "one failed attempt, then each once"
     );
@@ -294,25 +308,14 @@ async fn an_attempt_that_hangs_with_thousands_behind_it_holds_no_other_key() {
     // Key a's first send hangs for ten minutes with more behind it than the dispatcher keeps
     // waiting in memory: they go back to the queue in their places, and key b's sends,
     // accepted after them, go on meanwhile.
-    const BEHIND: u64 = 5000;
     let ordered = Arc::new(Ordered {
         hang: Some(("a".to_owned(), 0)),
         ..Ordered::unshared(Sequences::PerKey, &[])
     });
     let hub = hub(&ordered, Duration::from_secs(1));
-    let mut ids: Vec<EventId> = (0..=BEHIND)
-        .map(|marker| send_keyed(&hub, Some("a"), marker))
-        .collect();
-    ids.extend((0..10).map(|marker| send_keyed(&hub, Some("b"), marker)));
-    delivered(&hub, &ids).await;
-    let delivered_a: Vec<u64> = ordered
-        .attempts_of("a")
-        .iter()
-        .filter(|(_, ok)| *ok)
-        .map(|(m, _)| *m)
-        .collect();
+    send_behind_then_other_key(&hub).await;
     assert_eq!(
-        delivered_a,
+        ordered.delivered_of("a"),
         (0..=BEHIND).collect::<Vec<_>>(),
         "key a's sends arrive in the order accepted, once each"
     );

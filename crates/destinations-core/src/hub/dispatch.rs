@@ -645,15 +645,14 @@ impl Dispatcher {
         }
     }
 
-    /// Which group a payload batches in; a destination that panics here batches it alone
-    /// rather than taking the dispatcher down.
+    /// Which group a payload batches in; a destination that panics here batches it in the
+    /// default group rather than taking the dispatcher down.
     fn group_of(&self, envelope: &Envelope) -> Option<String> {
-        let destination = &self.lane.destination;
-        std::panic::catch_unwind(AssertUnwindSafe(|| destination.batch_group(&envelope.payload)))
-            .unwrap_or_else(|_| {
-                tracing::error!(destination = %self.lane.name, id = %envelope.id, "the destination panicked naming a batch group; the send is batched in the default group");
-                None
-            })
+        self.ask(
+            envelope,
+            "a batch group; the send is batched in the default group",
+            |d, p| d.batch_group(p),
+        )
     }
 
     /// Which target a batch goes to, when the destination limits attempts per target; one
@@ -662,26 +661,34 @@ impl Dispatcher {
         if !self.named_targets {
             return None;
         }
-        let first = envelopes.first()?;
-        let destination = &self.lane.destination;
-        std::panic::catch_unwind(AssertUnwindSafe(|| destination.target(&first.payload)))
-            .unwrap_or_else(|_| {
-                tracing::error!(destination = %self.name(), id = %first.id, "the destination panicked naming a target");
-                None
-            })
+        self.ask(envelopes.first()?, "a target", |d, p| d.target(p))
     }
 
     /// The sequence a batch keeps its place in, when the instance is ordered; one that panics
-    /// naming it keeps no order for the batch rather than taking the dispatcher down.
+    /// naming it keeps no order for the batch.
     fn sequence_of(&self, envelopes: &[Envelope]) -> Option<String> {
         if !self.ordered {
             return None;
         }
-        let first = envelopes.first()?;
-        let destination = &self.lane.destination;
-        std::panic::catch_unwind(AssertUnwindSafe(|| destination.sequence(&first.payload)))
+        self.ask(
+            envelopes.first()?,
+            "a sequence; the batch keeps no order",
+            |d, p| d.sequence(p),
+        )
+    }
+
+    /// Ask the destination to name something of a payload (its group, target, sequence); a
+    /// destination that panics answers nothing, logged, rather than taking the dispatcher down.
+    fn ask(
+        &self,
+        envelope: &Envelope,
+        naming: &str,
+        hook: impl FnOnce(&dyn Destination, &[u8]) -> Option<String>,
+    ) -> Option<String> {
+        let destination = &*self.lane.destination;
+        std::panic::catch_unwind(AssertUnwindSafe(|| hook(destination, &envelope.payload)))
             .unwrap_or_else(|_| {
-                tracing::error!(destination = %self.name(), id = %first.id, "the destination panicked naming a sequence; the batch keeps no order");
+                tracing::error!(destination = %self.name(), id = %envelope.id, "the destination panicked naming {naming}");
                 None
             })
     }
