@@ -1485,6 +1485,11 @@ impl Lane {
         }
         self.hub.count_accepted(&made);
         let finished = self.hub.tally(settlement.finished());
+        // Counted before the statuses say so: whoever sees a send delivered finds it counted.
+        self.metrics
+            .delivered
+            .increment(settlement.delivered.len() as u64);
+        self.metrics.dead.increment(settlement.dead.len() as u64);
         let mut wait = Duration::from_millis(50);
         loop {
             match self.consumer.settle(&settlement).await {
@@ -1500,10 +1505,6 @@ impl Lane {
                 }
             }
         }
-        self.metrics
-            .delivered
-            .increment(settlement.delivered.len() as u64);
-        self.metrics.dead.increment(settlement.dead.len() as u64);
         if frees_room {
             self.hub.capacity.release(&finished);
         }
