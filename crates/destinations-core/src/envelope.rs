@@ -78,6 +78,14 @@ impl EventId {
     pub fn from_bytes(bytes: [u8; 16]) -> Self {
         Self(Uuid::from_bytes(bytes))
     }
+
+    /// When the id was made, to the millisecond (a UUIDv7 begins with it).
+    pub fn time(self) -> SystemTime {
+        let bytes = self.to_bytes();
+        let mut ms = [0u8; 8];
+        ms[2..].copy_from_slice(&bytes[..6]);
+        SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(u64::from_be_bytes(ms))
+    }
 }
 
 impl Default for EventId {

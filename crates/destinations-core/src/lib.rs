@@ -32,6 +32,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod attempts;
 pub mod config;
 pub mod dead_letters;
 pub mod destination;
@@ -51,6 +52,7 @@ pub mod typed;
 
 pub use inventory;
 
+pub use attempts::{Attempt, AttemptOutcome, Attempted};
 pub use config::{
     ConfigError, InstanceConfig, InstanceSettings, OnRunError, QueueConfig, parse_options,
 };
@@ -76,7 +78,9 @@ pub use queue::{
 };
 pub use registry::{DestinationPlugin, Registry};
 pub use run::{FinishError, Run, Sender};
-pub use status::{FinalWaiters, SendStatus, State, StatusBook, StatusRetention};
+pub use status::{
+    EventFilter, EventPage, FinalWaiters, SendStatus, State, StatusBook, StatusRetention,
+};
 pub use typed::{Parsed, SendType, Typed, TypedDestination};
 
 /// What a program that sends, or a destination crate, usually needs.

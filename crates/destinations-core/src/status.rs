@@ -9,12 +9,13 @@ use async_trait::async_trait;
 use serde::{Serialize, Serializer};
 use tokio::sync::oneshot;
 
+use crate::attempts::{Attempt, log_attempt};
 use crate::destination::ResponseSummary;
 use crate::envelope::{Envelope, EventId, IdMap};
 use crate::queue::{QueueError, Settlement, StatusStore};
 
 /// The state of one send.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
     /// Waiting for its dispatcher.
@@ -67,6 +68,26 @@ pub struct SendStatus {
         skip_serializing_if = "Option::is_none"
     )]
     pub next_attempt_at: Option<SystemTime>,
+    /// Every attempt, oldest first (the newest [`MAX_LOGGED_ATTEMPTS`](crate::attempts::MAX_LOGGED_ATTEMPTS)):
+    /// given when one send is asked for, not in a listing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempts_log: Option<Vec<Attempt>>,
+}
+
+/// Times as RFC 3339 (`2026-12-01T10:00:00.000Z`), both ways.
+pub(crate) mod rfc3339_serde {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        super::rfc3339(t, s)
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        humantime::parse_rfc3339_weak(&text).map_err(serde::de::Error::custom)
+    }
 }
 
 pub(crate) fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
@@ -196,6 +217,105 @@ impl FinalWaiters {
     }
 }
 
+/// Which sends a listing shows (every field that is given must match).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EventFilter {
+    /// Only sends to this destination instance.
+    pub destination: Option<String>,
+    /// Only sends in this state.
+    pub state: Option<State>,
+    /// Only sends of this run.
+    pub run: Option<String>,
+    /// Only sends made at or after this time.
+    pub since: Option<SystemTime>,
+    /// Only sends made before this time.
+    pub until: Option<SystemTime>,
+}
+
+impl EventFilter {
+    /// Whether `status` matches.
+    pub fn matches(&self, status: &SendStatus) -> bool {
+        self.destination
+            .as_deref()
+            .is_none_or(|d| *status.destination == *d)
+            && self.state.is_none_or(|state| status.state == state)
+            && self
+                .run
+                .as_deref()
+                .is_none_or(|run| status.run.as_deref() == Some(run))
+            && self.since.is_none_or(|since| status.created_at >= since)
+            && self.until.is_none_or(|until| status.created_at < until)
+    }
+
+    /// Whether a send made at `created_at` can match (a bound checked before its status is
+    /// read).
+    pub fn in_time(&self, created_at: SystemTime) -> bool {
+        self.since.is_none_or(|since| created_at >= since)
+            && self.until.is_none_or(|until| created_at < until)
+    }
+}
+
+/// One page of sends, newest first (by when they were made).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct EventPage {
+    /// The sends, without their attempt logs.
+    pub events: Vec<SendStatus>,
+    /// Pass as `after` for the next page; `None` on the last.
+    pub next: Option<String>,
+}
+
+impl EventPage {
+    /// The id a page cursor names: listings continue with sends older than it.
+    pub fn before(after: Option<&str>) -> Result<Option<EventId>, QueueError> {
+        after
+            .map(|text| {
+                text.parse::<EventId>()
+                    .map_err(|_| QueueError::InvalidCursor(text.to_owned()))
+            })
+            .transpose()
+    }
+
+    /// A page of the newest `limit` of `matching` (any order), and whether more remain.
+    pub fn newest(matching: impl IntoIterator<Item = SendStatus>, limit: usize) -> Self {
+        // A bounded heap of the newest: the smallest id on top, replaced by newer ones.
+        let mut heap = std::collections::BinaryHeap::with_capacity(limit + 1);
+        let mut more = false;
+        for status in matching {
+            heap.push(std::cmp::Reverse(ByNewest(status)));
+            if heap.len() > limit {
+                heap.pop();
+                more = true;
+            }
+        }
+        let mut events: Vec<SendStatus> = heap.into_iter().map(|r| r.0.0).collect();
+        events.sort_unstable_by_key(|status| std::cmp::Reverse(status.id));
+        let next = more
+            .then(|| events.last().map(|status| status.id.to_string()))
+            .flatten();
+        Self { events, next }
+    }
+}
+
+/// A status ordered by its id (ids grow with the time a send was made).
+struct ByNewest(SendStatus);
+
+impl PartialEq for ByNewest {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.id == other.0.id
+    }
+}
+impl Eq for ByNewest {}
+impl PartialOrd for ByNewest {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for ByNewest {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.id.cmp(&other.0.id)
+    }
+}
+
 /// How long finished sends stay queryable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StatusRetention {
@@ -264,6 +384,8 @@ fn from_ms(ms: u64) -> SystemTime {
 struct Detail {
     last_error: Option<String>,
     next_attempt_at: Option<SystemTime>,
+    /// The attempts that failed, oldest first.
+    failed_attempts: Vec<Attempt>,
 }
 
 impl Inner {
@@ -366,6 +488,7 @@ impl Entry {
             created_at: from_ms(self.created_ms),
             updated_at: from_ms(self.updated_ms),
             next_attempt_at: detail.and_then(|d| d.next_attempt_at),
+            attempts_log: None,
         }
     }
 
@@ -410,7 +533,18 @@ impl StatusBook {
             match inner.by_id.entry(e.id) {
                 std::collections::hash_map::Entry::Occupied(mut earlier) => {
                     let generation = earlier.get().generation.wrapping_add(1);
-                    earlier.insert(entry(generation));
+                    // A replayed send keeps the log of its earlier attempts.
+                    let log = earlier
+                        .get_mut()
+                        .detail
+                        .as_deref_mut()
+                        .map(|detail| std::mem::take(&mut detail.failed_attempts))
+                        .filter(|log| !log.is_empty());
+                    let mut replayed = entry(generation);
+                    if let Some(log) = log {
+                        replayed.detail().failed_attempts = log;
+                    }
+                    earlier.insert(replayed);
                 }
                 std::collections::hash_map::Entry::Vacant(new) => {
                     new.insert(entry(0));
@@ -464,18 +598,58 @@ impl StatusBook {
                 now,
             );
         }
+        for (id, attempt) in settlement.failed_attempts() {
+            if let Some(entry) = inner.by_id.get_mut(&id) {
+                log_attempt(&mut entry.detail().failed_attempts, attempt);
+            }
+        }
         inner.evict(self.retention, now);
         drop(inner);
         self.waiters.finished(settlement.finished().map(|e| &e.id));
     }
 
-    /// The status of one send, if it is still remembered.
+    /// The status of one send with its attempt log, if it is still remembered.
     pub fn get(&self, id: EventId) -> Option<SendStatus> {
         let inner = self.lock();
-        inner
+        let entry = inner.by_id.get(&id)?;
+        let failed = entry
+            .detail
+            .as_deref()
+            .map(|detail| detail.failed_attempts.clone())
+            .unwrap_or_default();
+        Some(entry.status(id, &inner.names).with_attempts(failed))
+    }
+
+    /// The newest sends matching `filter` made before the send `after` names, `limit` at
+    /// most. One pass over every remembered send, under the book's lock: a page of a million
+    /// takes a few milliseconds.
+    pub fn list(
+        &self,
+        filter: &EventFilter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<EventPage, QueueError> {
+        let before = EventPage::before(after)?;
+        let inner = self.lock();
+        let destination = match filter.destination.as_deref() {
+            Some(name) => match inner.names.iter().position(|known| **known == *name) {
+                Some(index) => Some(u16::try_from(index).unwrap_or(u16::MAX)),
+                None => return Ok(EventPage::default()),
+            },
+            None => None,
+        };
+        let matching = inner
             .by_id
-            .get(&id)
-            .map(|entry| entry.status(id, &inner.names))
+            .iter()
+            .filter(|(id, entry)| {
+                before.is_none_or(|before| **id < before)
+                    && destination.is_none_or(|d| entry.destination == d)
+                    && filter.state.is_none_or(|state| entry.state == state)
+                    && filter.in_time(from_ms(entry.created_ms))
+            })
+            .map(|(id, entry)| entry.status(*id, &inner.names))
+            .filter(|status| filter.matches(status));
+        Ok(EventPage::newest(matching, limit))
     }
 
     /// How many sends are remembered.
@@ -493,6 +667,15 @@ impl StatusBook {
 impl StatusStore for StatusBook {
     async fn get(&self, id: EventId) -> Result<Option<SendStatus>, QueueError> {
         Ok(StatusBook::get(self, id))
+    }
+
+    async fn list(
+        &self,
+        filter: &EventFilter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<EventPage, QueueError> {
+        StatusBook::list(self, filter, after, limit)
     }
 
     fn attempting(&self, envelopes: &[Envelope]) {
@@ -576,6 +759,132 @@ mod tests {
         book.queued(std::slice::from_ref(&a)); // replayed under the same id
         book.apply(b.id, dead()); // evicts a's earlier finish, not a itself
         assert_eq!(book.get(a.id).map(|s| s.state), Some(State::Queued));
+    }
+
+    fn failed_once(envelope: &Envelope) -> Settlement {
+        let mut attempted = envelope.clone();
+        attempted.attempts += 1;
+        Settlement {
+            dead: vec![crate::queue::Settled {
+                envelope: attempted,
+                error: Some("410 Gone".into()),
+                response: Some(Arc::new(ResponseSummary {
+                    status: Some(410),
+                    elapsed_ms: 3,
+                    body_excerpt: Some("x".repeat(5000)),
+                    location: None,
+                })),
+            }],
+            attempted: Some(crate::attempts::Attempted {
+                started_at: SystemTime::now(),
+                took: Duration::from_millis(3),
+            }),
+            ..Settlement::default()
+        }
+    }
+
+    #[test]
+    fn a_replayed_send_keeps_the_log_of_its_attempts_before() {
+        use crate::attempts::{AttemptOutcome, MAX_LOGGED_EXCERPT};
+        let book = StatusBook::new(keep(10));
+        let a = Envelope::new("d".into(), None, Bytes::new());
+        book.queued(std::slice::from_ref(&a));
+        book.settled(&failed_once(&a));
+        let log = book
+            .get(a.id)
+            .and_then(|s| s.attempts_log)
+            .unwrap_or_default();
+        assert_eq!(log.len(), 1);
+        assert_eq!(log[0].outcome, AttemptOutcome::Failed);
+        assert_eq!(log[0].status_code, Some(410));
+        assert!(
+            log[0]
+                .response_excerpt
+                .as_ref()
+                .is_some_and(|e| e.len() <= MAX_LOGGED_EXCERPT + 3),
+            "the excerpt is bounded"
+        );
+        book.queued(std::slice::from_ref(&a)); // replayed
+        let mut again = a.clone();
+        again.attempts = 1;
+        book.attempting(std::slice::from_ref(&again));
+        book.settled(&Settlement {
+            delivered: vec![crate::queue::Settled {
+                envelope: again,
+                error: None,
+                response: None,
+            }],
+            ..Settlement::default()
+        });
+        let outcomes: Vec<_> = book
+            .get(a.id)
+            .and_then(|s| s.attempts_log)
+            .unwrap_or_default()
+            .iter()
+            .map(|a| a.outcome)
+            .collect();
+        assert_eq!(
+            outcomes,
+            [AttemptOutcome::Failed, AttemptOutcome::Delivered]
+        );
+    }
+
+    #[test]
+    fn a_listing_pages_newest_first_and_filters() {
+        let book = StatusBook::new(keep(100));
+        let sends: Vec<Envelope> = (0..10)
+            .map(|n| {
+                let name = if n % 2 == 0 { "even" } else { "odd" };
+                Envelope::new(name.into(), Some("r".into()), Bytes::new())
+            })
+            .collect();
+        book.queued(&sends);
+        book.settled(&failed_once(&sends[0]));
+        let mut newest_first: Vec<EventId> = sends.iter().map(|e| e.id).collect();
+        newest_first.sort_unstable_by(|a, b| b.cmp(a));
+        let all = EventFilter::default();
+        let first = book.list(&all, None, 4).unwrap_or_default();
+        assert_eq!(
+            first.events.iter().map(|s| s.id).collect::<Vec<_>>(),
+            newest_first[..4]
+        );
+        let second = book
+            .list(&all, first.next.as_deref(), 4)
+            .unwrap_or_default();
+        assert_eq!(
+            second.events.iter().map(|s| s.id).collect::<Vec<_>>(),
+            newest_first[4..8]
+        );
+        let last = book
+            .list(&all, second.next.as_deref(), 4)
+            .unwrap_or_default();
+        assert_eq!(last.events.len(), 2);
+        assert!(last.next.is_none(), "no page after the last");
+        let even = EventFilter {
+            destination: Some("even".into()),
+            ..EventFilter::default()
+        };
+        assert_eq!(
+            book.list(&even, None, 100).map(|p| p.events.len()).ok(),
+            Some(5)
+        );
+        let dead = EventFilter {
+            state: Some(State::Dead),
+            ..EventFilter::default()
+        };
+        let page = book.list(&dead, None, 100).unwrap_or_default();
+        assert_eq!(
+            page.events.iter().map(|s| s.id).collect::<Vec<_>>(),
+            [sends[0].id]
+        );
+        assert!(
+            page.events[0].attempts_log.is_none(),
+            "a listing leaves out the logs"
+        );
+        assert!(
+            book.list(&all, Some("nope"), 4).is_err(),
+            "a cursor that is not an id"
+        );
     }
 
     #[test]

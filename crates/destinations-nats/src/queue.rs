@@ -558,7 +558,13 @@ impl Queue for NatsQueue {
                 .requeued(std::slice::from_ref(&envelope))
                 .await?;
             shared
-                .republish(std::slice::from_ref(&envelope), wire::Handling::default())
+                .republish(
+                    std::slice::from_ref(&envelope),
+                    wire::Handling {
+                        replayed: true,
+                        ..wire::Handling::default()
+                    },
+                )
                 .await?;
             shared.dead_letters.remove(sequence).await?;
             replayed.push(envelope);
@@ -1021,6 +1027,11 @@ impl NatsConsumer {
                     continue;
                 }
             };
+            if handling.replayed {
+                self.shared
+                    .statuses
+                    .replayed(envelopes.iter().map(|e| e.id));
+            }
             let envelopes = if delivered > 1 || handling.retry {
                 self.unfinished(envelopes).await
             } else {
@@ -1090,6 +1101,7 @@ impl QueueConsumer for NatsConsumer {
             let handling = wire::Handling {
                 not_before: Some(retry.at),
                 retry: true,
+                replayed: false,
             };
             shared.republish(&sends, handling).await?;
             settled.extend(sends.iter().map(|e| e.id));

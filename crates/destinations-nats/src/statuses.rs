@@ -10,13 +10,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE;
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, kv};
 use async_trait::async_trait;
 use bytes::Bytes;
+use destinations_core::attempts::log_attempt;
 use destinations_core::{
-    Envelope, EventId, FinalWaiters, QueueError, ResponseSummary, SendStatus, Settlement, State,
-    StatusStore,
+    Attempt, Envelope, EventFilter, EventId, EventPage, FinalWaiters, QueueError, ResponseSummary,
+    SendStatus, Settlement, State, StatusStore,
 };
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -44,6 +46,9 @@ struct Record {
     updated_ms: u64,
     #[serde(rename = "n", default, skip_serializing_if = "Option::is_none")]
     next_attempt_ms: Option<u64>,
+    /// The attempts that failed, oldest first.
+    #[serde(rename = "l", default, skip_serializing_if = "Vec::is_empty")]
+    failed_attempts: Vec<Attempt>,
 }
 
 #[derive(Clone, Copy, Serialize, Deserialize)]
@@ -78,10 +83,18 @@ impl Record {
             created_ms: to_ms(envelope.created_at),
             updated_ms: now,
             next_attempt_ms: None,
+            failed_attempts: Vec::new(),
         }
     }
 
+    /// The status, with the attempt log.
     fn status(self, id: EventId) -> SendStatus {
+        let failed = self.failed_attempts.clone();
+        self.summary(id).with_attempts(failed)
+    }
+
+    /// The status, without the attempt log (for a listing).
+    fn summary(self, id: EventId) -> SendStatus {
         SendStatus {
             id,
             destination: Arc::from(self.destination),
@@ -93,6 +106,7 @@ impl Record {
             created_at: from_ms(self.created_ms),
             updated_at: from_ms(self.updated_ms),
             next_attempt_at: self.next_attempt_ms.map(from_ms),
+            attempts_log: None,
         }
     }
 }
@@ -160,6 +174,9 @@ pub(crate) struct NatsStatuses {
     subject_prefix: String,
     waiters: Arc<FinalWaiters>,
     watcher: tokio::task::JoinHandle<()>,
+    /// Replayed sends this server holds and has not settled: their statuses hold attempts
+    /// from before the replay, read before their first settlement.
+    replayed: std::sync::Mutex<std::collections::HashSet<EventId>>,
 }
 
 impl Drop for NatsStatuses {
@@ -195,6 +212,7 @@ impl NatsStatuses {
             subject_prefix: format!("$KV.{bucket}."),
             waiters,
             watcher,
+            replayed: std::sync::Mutex::default(),
         })
     }
 
@@ -239,53 +257,155 @@ impl NatsStatuses {
     }
 
     /// These dead letters are queued again: written before they are, replacing `dead`.
+    /// They keep the log of their earlier attempts.
     pub(crate) async fn requeued(&self, envelopes: &[Envelope]) -> Result<(), QueueError> {
-        self.write(queued_records(envelopes), false).await
-    }
-
-    /// The error a send's status holds now, if any.
-    async fn last_error(&self, id: EventId) -> Option<String> {
-        let value = self.store.get(id.to_string()).await.ok()??;
-        serde_json::from_slice::<Record>(&value).ok()?.last_error
-    }
-
-    /// Record what a settlement decided.
-    pub(crate) async fn settled(&self, settlement: &Settlement) -> Result<(), QueueError> {
-        let now = to_ms(SystemTime::now());
-        let mut records = Vec::new();
-        for s in &settlement.delivered {
-            let mut record = Record::of(&s.envelope, StoredState::Delivered, now);
-            record.response = s.response.as_deref().cloned();
-            record.last_error = match &s.error {
-                // Delivered after failures: it keeps the error of its last failed attempt.
-                None if s.envelope.attempts > 1 => self.last_error(s.envelope.id).await,
-                error => error.clone(),
-            };
-            records.push((s.envelope.id, record));
-        }
-        if let Some(retry) = &settlement.retry {
-            for s in &retry.sends {
-                let mut record = Record::of(&s.envelope, StoredState::Retrying, now);
-                record.response = s.response.as_deref().cloned();
-                record.last_error = match &s.error {
-                    // Held back, not attempted: it keeps the error of its last attempt.
-                    None if s.envelope.attempts > 0 => self.last_error(s.envelope.id).await,
-                    error => error.clone(),
-                };
-                record.next_attempt_ms = Some(to_ms(retry.at));
-                records.push((s.envelope.id, record));
+        let mut records = queued_records(envelopes);
+        let earlier =
+            futures::future::join_all(records.iter().map(|(id, _)| self.earlier(*id))).await;
+        for ((_, record), earlier) in records.iter_mut().zip(earlier) {
+            if let Some(earlier) = earlier {
+                record.failed_attempts = earlier.failed_attempts;
             }
         }
-        for s in &settlement.dead {
-            let mut record = Record::of(&s.envelope, StoredState::Dead, now);
-            record.response = s.response.as_deref().cloned();
-            record.last_error = s.error.clone();
-            records.push((s.envelope.id, record));
+        self.write(records, false).await
+    }
+
+    /// These sends, leased here, are dead letters queued again.
+    pub(crate) fn replayed(&self, ids: impl Iterator<Item = EventId>) {
+        self.replayed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(ids);
+    }
+
+    /// A send's status as the bucket holds it now, if any.
+    async fn earlier(&self, id: EventId) -> Option<Record> {
+        let value = self.store.get(id.to_string()).await.ok()??;
+        serde_json::from_slice::<Record>(&value).ok()
+    }
+
+    /// Record what a settlement decided. A send's earlier status is read first only when
+    /// something of it stays: the error and attempts of earlier failures (a send attempted
+    /// before, or replayed).
+    pub(crate) async fn settled(&self, settlement: &Settlement) -> Result<(), QueueError> {
+        let now = to_ms(SystemTime::now());
+        let mut failed: std::collections::HashMap<EventId, Attempt> =
+            settlement.failed_attempts().into_iter().collect();
+        let mut records = Vec::new();
+        {
+            let mut replayed = self
+                .replayed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut record = |s: &destinations_core::Settled, state, attempted: bool| {
+                let mut record = Record::of(&s.envelope, state, now);
+                record.response = s.response.as_deref().cloned();
+                record.last_error = s.error.clone();
+                // Attempted before this attempt (or held back after one), or replayed.
+                let earlier_attempts = if attempted { 1 } else { 0 };
+                let has_earlier =
+                    s.envelope.attempts > earlier_attempts || replayed.remove(&s.envelope.id);
+                records.push((s.envelope.id, record, has_earlier));
+            };
+            for s in &settlement.delivered {
+                record(s, StoredState::Delivered, true);
+            }
+            for s in &settlement.dead {
+                record(s, StoredState::Dead, true);
+            }
+            if let Some(retry) = &settlement.retry {
+                for s in &retry.sends {
+                    record(s, StoredState::Retrying, s.error.is_some());
+                }
+            }
         }
+        let earlier = futures::future::join_all(records.iter().map(|(id, _, has_earlier)| {
+            let read = has_earlier.then(|| self.earlier(*id));
+            async move {
+                match read {
+                    Some(read) => read.await,
+                    None => None,
+                }
+            }
+        }))
+        .await;
+        let retry_at = settlement.retry.as_ref().map(|r| to_ms(r.at));
+        let records = records
+            .into_iter()
+            .zip(earlier)
+            .map(|((id, mut record, _), earlier)| {
+                if let Some(earlier) = earlier {
+                    // Delivered after failures, or held back: it keeps its last error.
+                    if record.last_error.is_none() {
+                        record.last_error = earlier.last_error;
+                    }
+                    record.failed_attempts = earlier.failed_attempts;
+                }
+                if let Some(attempt) = failed.remove(&id) {
+                    log_attempt(&mut record.failed_attempts, attempt);
+                }
+                if matches!(record.state, StoredState::Retrying) {
+                    record.next_attempt_ms = retry_at;
+                }
+                (id, record)
+            })
+            .collect();
         self.write(records, false).await?;
         // This server's waiters now; the others' through their watch.
         self.waiters.finished(settlement.finished().map(|e| &e.id));
         Ok(())
+    }
+
+    /// Sends of the status stream from sequence `from` to `to`, each with when the server
+    /// stored it (ms): read in one pass of an ordered consumer.
+    async fn read_range(
+        &self,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<(EventId, Record, u64)>, QueueError> {
+        let fail =
+            |e: &dyn std::fmt::Display| QueueError::Unavailable(format!("listing statuses: {e}"));
+        let consumer = self
+            .store
+            .stream
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: format!("{}>", self.subject_prefix),
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: from,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| fail(&e))?;
+        let mut messages = consumer.messages().await.map_err(|e| fail(&e))?;
+        let mut read = Vec::new();
+        loop {
+            // Nothing more within a second: the range's end was deleted (a status rewritten
+            // or forgotten) and nothing newer came.
+            let Ok(next) = tokio::time::timeout(Duration::from_secs(1), messages.next()).await
+            else {
+                break;
+            };
+            let Some(message) = next else { break };
+            let message = message.map_err(|e| fail(&e))?;
+            let info = message.info().map_err(|e| fail(&e))?;
+            let (sequence, pending) = (info.stream_sequence, info.pending);
+            let stored_ms =
+                u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+            if sequence > to {
+                break;
+            }
+            let key = message.subject.strip_prefix(self.subject_prefix.as_str());
+            if let Some(id) = key.and_then(|key| key.parse::<EventId>().ok())
+                && let Ok(record) = serde_json::from_slice::<Record>(&message.payload)
+            {
+                read.push((id, record, stored_ms));
+            }
+            if pending == 0 || sequence == to {
+                break;
+            }
+        }
+        Ok(read)
     }
 }
 
@@ -300,6 +420,59 @@ impl StatusStore for NatsStatuses {
         Ok(value
             .and_then(|v| serde_json::from_slice::<Record>(&v).ok())
             .map(|record| record.status(id)))
+    }
+
+    /// Statuses are read from the bucket's stream newest write first, in windows that grow,
+    /// until no older write can be of a send newer than those found (a send's last write is
+    /// never older than the send).
+    async fn list(
+        &self,
+        filter: &EventFilter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<EventPage, QueueError> {
+        /// How far the servers' clocks may disagree.
+        const SKEW: Duration = Duration::from_secs(5);
+        let before = EventPage::before(after)?;
+        let keep = limit.saturating_add(1);
+        let state = self
+            .store
+            .stream
+            .get_info()
+            .await
+            .map_err(|e| QueueError::Unavailable(format!("listing statuses: {e}")))?
+            .state;
+        let first = state.first_sequence.max(1);
+        let mut to = state.last_sequence;
+        let mut window = (4 * keep as u64).max(256);
+        let mut found: std::collections::BTreeMap<EventId, SendStatus> = Default::default();
+        while to >= first && state.messages > 0 {
+            let from = to.saturating_sub(window - 1).max(first);
+            let read = self.read_range(from, to).await?;
+            let oldest_write = read.first().map(|(_, _, ms)| from_ms(*ms));
+            for (id, record, _) in read {
+                if before.is_some_and(|before| id >= before) || found.contains_key(&id) {
+                    continue;
+                }
+                let status = record.summary(id);
+                if filter.matches(&status) {
+                    found.insert(id, status);
+                    if found.len() > keep {
+                        found.pop_first();
+                    }
+                }
+            }
+            let enough = found.len() >= keep
+                && found.first_key_value().zip(oldest_write).is_some_and(
+                    |((oldest_found, _), written)| written + SKEW < oldest_found.time(),
+                );
+            if enough || from == first {
+                break;
+            }
+            to = from - 1;
+            window = (window * 2).min(65_536);
+        }
+        Ok(EventPage::newest(found.into_values(), limit))
     }
 
     fn attempting(&self, _envelopes: &[Envelope]) {}

@@ -25,6 +25,8 @@ const DIED: &str = "Destinations-Died";
 const NOT_BEFORE: &str = "Destinations-Not-Before";
 /// A bundle that is one batch to try again, as it is.
 const RETRY: &str = "Destinations-Retry";
+/// A bundle of dead letters queued again: their statuses hold attempts made before.
+const REPLAYED: &str = "Destinations-Replayed";
 
 /// The first byte of a bundle's body: its format.
 const BUNDLE_FORMAT: u8 = 1;
@@ -113,6 +115,8 @@ pub(crate) struct Handling {
     pub(crate) not_before: Option<SystemTime>,
     /// One batch to try again as it is.
     pub(crate) retry: bool,
+    /// Dead letters queued again.
+    pub(crate) replayed: bool,
 }
 
 /// The headers of a bundle: its message id (`None` for a bundle that may be published again
@@ -128,6 +132,9 @@ pub(crate) fn bundle_headers(message_id: Option<&str>, handling: Handling) -> He
     if handling.retry {
         headers.insert(RETRY, "1");
     }
+    if handling.replayed {
+        headers.insert(REPLAYED, "1");
+    }
     headers
 }
 
@@ -136,6 +143,7 @@ pub(crate) fn handling(headers: Option<&HeaderMap>) -> Handling {
     Handling {
         not_before: headers.and_then(|h| header_ms(h, NOT_BEFORE)),
         retry: headers.and_then(|h| header(h, RETRY)).is_some(),
+        replayed: headers.and_then(|h| header(h, REPLAYED)).is_some(),
     }
 }
 
@@ -303,6 +311,11 @@ mod tests {
             Handling {
                 not_before: Some(at),
                 retry: true,
+                replayed: false,
+            },
+            Handling {
+                replayed: true,
+                ..Handling::default()
             },
         ] {
             let headers = bundle_headers(Some("id"), handling);

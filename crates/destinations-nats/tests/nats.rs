@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use destinations_core::{
-    Batch, BatchOutcome, DeadLetterFilter, Destination, EventId, Hub, HubBuilder, HubConfig,
-    InstanceSettings, InvalidPayload, Report, SendStatus, State,
+    AttemptOutcome, Batch, BatchOutcome, DeadLetterFilter, Destination, EventFilter, EventId, Hub,
+    HubBuilder, HubConfig, InstanceSettings, InvalidPayload, Report, SendStatus, State,
 };
 use destinations_nats::{NatsOptions, NatsQueue};
 use destinations_testkit::NatsServer;
@@ -214,6 +214,33 @@ async fn sends_spread_over_three_servers_arrive_once_each() {
             assert_eq!(&*status.destination, "sink");
         }
     }
+    // Every server lists every send, newest first, in pages (the status stream is read in
+    // windows that grow: 301 sends and pages of 40 take several).
+    for hub in [&nodes[0], &nodes[2]] {
+        let mut listed = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = hub
+                .events(&EventFilter::default(), after.as_deref(), 40)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            listed.extend(page.events.iter().map(|s| s.id));
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        let mut newest_first = ids.clone();
+        newest_first.sort_unstable_by(|a, b| b.cmp(a));
+        assert!(listed == newest_first, "every send once, newest first");
+        let one_run = EventFilter {
+            run: Some("run-3".to_owned()),
+            state: Some(State::Delivered),
+            ..EventFilter::default()
+        };
+        let page = hub.events(&one_run, None, 1000).await;
+        assert_eq!(page.unwrap_or_else(|e| panic!("{e}")).events.len(), 90);
+    }
     for hub in &nodes {
         hub.shutdown().await;
     }
@@ -256,6 +283,19 @@ async fn a_dead_letter_made_on_one_server_is_listed_and_replayed_on_another() {
     for id in &ids {
         let status = final_status(&a, *id, 10).await;
         assert_eq!(status.state, State::Delivered, "replayed and delivered");
+        let log = status.attempts_log.unwrap_or_default();
+        let outcomes: Vec<_> = log.iter().map(|a| (a.number, a.outcome)).collect();
+        assert_eq!(
+            outcomes,
+            [(1, AttemptOutcome::Failed), (1, AttemptOutcome::Delivered)],
+            "the attempt before the replay is kept, whichever server made it"
+        );
+        assert!(
+            log[0]
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("the test says no"))
+        );
     }
     assert!(
         a.dead_letters(100)

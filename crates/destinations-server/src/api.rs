@@ -50,6 +50,7 @@ pub(crate) fn router(state: Arc<AppState>, guarded: Router, serves_api: bool) ->
     let api = Router::new()
         .route("/v1/runs", post(post_run))
         .route("/v1/send/{destination}", post(post_send))
+        .route("/v1/events", get(get_events))
         .route("/v1/events/{id}", get(get_event))
         .route("/v1/destinations", get(get_destinations))
         .route("/v1/dead-letters", get(get_dead_letters))
@@ -333,6 +334,48 @@ async fn get_event(
         ))
     })?;
     Ok(Json(status).into_response())
+}
+
+/// Which sends: by destination, state, run, and a time range on when they were made
+/// (RFC 3339).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    /// At most this many (1 to 1 000).
+    limit: Option<usize>,
+    /// The `next` of the previous page.
+    after: Option<String>,
+    destination: Option<String>,
+    state: Option<destinations::State>,
+    run: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+}
+
+/// `GET /v1/events?limit=&after=&destination=&state=&run=&since=&until=`: the sends the
+/// server remembers, newest first, a page at a time (without their attempt logs: see
+/// `GET /v1/events/{id}`).
+async fn get_events(
+    State(state): Shared,
+    ApiQuery(query): ApiQuery<EventsQuery>,
+) -> Result<Response, ApiError> {
+    let filter = destinations::EventFilter {
+        destination: query.destination,
+        state: query.state,
+        run: query.run,
+        since: time("since", query.since.as_deref(), "invalid_query")?,
+        until: time("until", query.until.as_deref(), "invalid_query")?,
+    };
+    let page = state
+        .hub
+        .events(
+            &filter,
+            query.after.as_deref(),
+            limit(query.limit, "invalid_query")?,
+        )
+        .await
+        .map_err(|e| ApiError::from_send(e.into(), ""))?;
+    Ok(Json(page).into_response())
 }
 
 async fn get_destinations(State(state): Shared) -> Response {

@@ -673,6 +673,11 @@ async fn every_bad_input_is_refused_as_json_naming_the_field_and_nothing_arrives
             400,
             "invalid_query",
         ),
+        ("GET", "/v1/events?state=lost", vec![], 400, "invalid_query"),
+        ("GET", "/v1/events?after=nope", vec![], 400, "invalid_query"),
+        ("GET", "/v1/events?limit=0", vec![], 400, "invalid_query"),
+        ("GET", "/v1/events?until=soon", vec![], 400, "invalid_query"),
+        ("GET", "/v1/events?colour=red", vec![], 400, "invalid_query"),
         (
             "GET",
             "/v1/dead-letters?limit=abc",

@@ -721,17 +721,69 @@ async fn dead_letters_are_listed_with_the_reason_and_replayed() {
         "{letter}"
     );
     assert_eq!(letter["payload"]["url"], receiver.url("/dl"));
+    let (_, dead) = server.get(&format!("/v1/events/{id}")).await;
+    let log = &dead["attempts_log"];
+    assert_eq!(log.as_array().map(Vec::len), Some(1), "{dead}");
+    assert_eq!(log[0]["number"], 1);
+    assert_eq!(log[0]["outcome"], "failed");
+    assert_eq!(log[0]["status_code"], 410);
+    assert_eq!(log[0]["response_excerpt"], "gone for now");
+    assert!(log[0]["duration_ms"].is_u64() && log[0]["started_at"].is_string());
+    let listed = |query: &'static str| {
+        let server = &server;
+        async move {
+            let (code, body) = server.get(&format!("/v1/events?{query}")).await;
+            assert_eq!(code, 200, "{body}");
+            body["events"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| e["id"].as_str().unwrap_or_default().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        listed("state=dead&destination=http").await,
+        vec![id.clone()]
+    );
+    // (the dead letter's `$errors` emit is delivered, to another destination)
+    assert_eq!(
+        listed("state=delivered&destination=http").await,
+        Vec::<String>::new()
+    );
 
     accepting.store(true, Ordering::SeqCst);
     let (code, body) = server
         .post("/v1/dead-letters/replay", &json!({"ids": [id]}))
         .await;
     assert_eq!((code, body["replayed"].clone()), (202, json!([id])));
-    assert_eq!(server.final_status(&id).await["state"], "delivered");
+    let delivered = server.final_status(&id).await;
+    assert_eq!(delivered["state"], "delivered");
     assert_eq!(
         server.get("/v1/dead-letters").await.1["dead_letters"],
         json!([])
     );
+    // The replayed send keeps the attempt that failed before, then the one that delivered it.
+    let (_, delivered) = server.get(&format!("/v1/events/{id}")).await;
+    let outcomes: Vec<_> = delivered["attempts_log"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| (a["outcome"].clone(), a["status_code"].clone()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            (json!("failed"), json!(410)),
+            (json!("delivered"), json!(200))
+        ],
+        "{delivered}"
+    );
+    assert_eq!(
+        listed("state=delivered&destination=http").await,
+        vec![id.clone()]
+    );
+    assert_eq!(listed("state=dead").await, Vec::<String>::new());
 }
 
 #[tokio::test]

@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use async_trait::async_trait;
 use destinations_core::{
-    DeadLetterFilter, DeadLetterPage, DeadLetterStore, Durability, Envelope, EventId, FinalWaiters,
-    IdMap, Leased, Queue, QueueConsumer, QueueDepth, QueueError, Refused, SendStatus, Settled,
-    Settlement, State, StatusRetention, StatusStore,
+    Attempt, DeadLetterFilter, DeadLetterPage, DeadLetterStore, Durability, Envelope, EventFilter,
+    EventId, EventPage, FinalWaiters, IdMap, Leased, Queue, QueueConsumer, QueueDepth, QueueError,
+    Refused, SendStatus, Settled, Settlement, State, StatusRetention, StatusStore,
 };
 use rusqlite::Connection;
 use tokio::sync::oneshot;
@@ -21,7 +21,7 @@ use crate::options::{OpenError, SqliteOptions, SyncMode, describe};
 use crate::resident::{ChunkState, Resident};
 use crate::rows::{self, to_ms};
 use crate::schema::{self, FileLock};
-use crate::writer::{ChunkUpdate, Command, DeadRow, Reply, Start, Writer, Written};
+use crate::writer::{AttemptRow, ChunkUpdate, Command, DeadRow, Reply, Start, Writer, Written};
 
 /// A durable queue in one SQLite file (WAL mode, one writer thread with group commit).
 ///
@@ -624,6 +624,8 @@ impl QueueConsumer for SqliteConsumer {
             let mut chunks = shared.chunks.lock().unwrap_or_else(PoisonError::into_inner);
             let mut touched: Vec<(i64, Vec<u32>)> = Vec::new();
             let mut dead = Vec::new();
+            let mut failed: IdMap<Attempt> = settlement.failed_attempts().into_iter().collect();
+            let mut attempts = Vec::new();
             let retry = settlement.retry.as_ref();
             let changes = settlement
                 .delivered
@@ -677,6 +679,13 @@ impl QueueConsumer for SqliteConsumer {
                     Some((_, indices)) => indices.push(slot.index),
                     None => touched.push((slot.chunk, vec![slot.index])),
                 }
+                if let Some(attempt) = failed.remove(&id) {
+                    attempts.push(AttemptRow {
+                        id,
+                        chunk: slot.chunk,
+                        attempt: serde_json::to_string(&attempt).unwrap_or_default(),
+                    });
+                }
                 match state {
                     Stored::Dead => dead.push(dead_row(settled)),
                     Stored::Retrying => retry_slots.push(slot),
@@ -721,6 +730,7 @@ impl QueueConsumer for SqliteConsumer {
             let command = Command::Settle {
                 updates,
                 dead,
+                attempts,
                 follow_ups: chunked(settlement.follow_ups.clone()),
                 reply,
             };
@@ -839,9 +849,35 @@ fn dead_row(settled: &Settled) -> DeadRow {
     }
 }
 
-#[async_trait]
-impl StatusStore for Shared {
-    async fn get(&self, id: EventId) -> Result<Option<SendStatus>, QueueError> {
+impl Shared {
+    /// What memory knows ahead of the file about a listed send: its chunk's changes not yet
+    /// written, an attempt under way.
+    fn fresher(&self, listed: rows::Listed) -> SendStatus {
+        let attempting = self
+            .leased
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&listed.status.id)
+            .and_then(|lease| lease.attempting);
+        let mut status = self
+            .chunks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(listed.seq)
+            .and_then(|chunk| Some(chunk.status(chunk.records.get(listed.index)?)))
+            .unwrap_or(listed.status);
+        if let Some(attempts) = attempting
+            && !status.state.is_final()
+        {
+            status.state = State::InFlight;
+            status.attempts = attempts;
+            status.next_attempt_at = None;
+        }
+        status
+    }
+
+    /// The status of a send as memory or the file has it, without its attempts.
+    async fn status_of(&self, id: EventId) -> Result<Option<SendStatus>, QueueError> {
         let lease = self
             .leased
             .lock()
@@ -884,6 +920,44 @@ impl StatusStore for Shared {
                 fresher.or(stored)
             }
         })
+    }
+}
+
+#[async_trait]
+impl StatusStore for Shared {
+    async fn get(&self, id: EventId) -> Result<Option<SendStatus>, QueueError> {
+        let Some(status) = self.status_of(id).await? else {
+            return Ok(None);
+        };
+        let failed = self
+            .readers
+            .read(move |conn| rows::attempts_of(conn, id).map_err(|e| describe(&e)))
+            .await?;
+        Ok(Some(status.with_attempts(failed)))
+    }
+
+    async fn list(
+        &self,
+        filter: &EventFilter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<EventPage, QueueError> {
+        let before = EventPage::before(after)?;
+        let longest = self.longest.load(Ordering::Acquire);
+        let asked = filter.clone();
+        let listed = self
+            .readers
+            .read(move |conn| {
+                rows::events(conn, &asked, before, limit, longest).map_err(|e| describe(&e))
+            })
+            .await?;
+        // Memory may be ahead of the file; a send whose fresher state no longer matches is
+        // left out.
+        let statuses = listed
+            .into_iter()
+            .map(|listed| self.fresher(listed))
+            .filter(|status| filter.matches(status));
+        Ok(EventPage::newest(statuses, limit))
     }
 
     fn attempting(&self, envelopes: &[Envelope]) {

@@ -8,7 +8,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use destinations_core::{
-    DeadLetter, DeadLetterFilter, DeadLetterPage, Envelope, EventId, QueueError, SendStatus, State,
+    Attempt, DeadLetter, DeadLetterFilter, DeadLetterPage, Envelope, EventFilter, EventId,
+    QueueError, SendStatus, State,
 };
 use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, Row, params};
@@ -184,7 +185,119 @@ pub(crate) fn status_in(
         next_attempt_at: (state == State::Retrying)
             .then(|| outcome.and_then(|o| o.run_at_ms).map(from_ms))
             .flatten(),
+        attempts_log: None,
     }
+}
+
+/// The failed attempts the file keeps of send `id`, oldest first.
+pub(crate) fn attempts_of(conn: &Connection, id: EventId) -> rusqlite::Result<Vec<Attempt>> {
+    let mut statement =
+        conn.prepare_cached("SELECT attempt FROM attempts WHERE id = ?1 ORDER BY seq")?;
+    let rows = statement.query_map([id.to_bytes()], |row| row.get::<_, String>(0))?;
+    let mut attempts = Vec::new();
+    for text in rows {
+        // An attempt this build cannot read is left out, not fatal to the status.
+        if let Ok(attempt) = serde_json::from_str(&text?) {
+            attempts.push(attempt);
+        }
+    }
+    Ok(attempts)
+}
+
+/// A send found by a listing: its chunk, its place there, its status as the file has it.
+pub(crate) struct Listed {
+    pub(crate) seq: i64,
+    pub(crate) index: usize,
+    pub(crate) status: SendStatus,
+}
+
+/// The newest sends matching `filter` made before `before`, `limit + 1` at most (one more
+/// than a page, to tell whether another follows), newest first. Chunks are read newest
+/// first; reading stops once no older chunk can hold a send newer than those found
+/// (`longest` bounds how far a chunk's sends spread after its first).
+pub(crate) fn events(
+    conn: &Connection,
+    filter: &EventFilter,
+    before: Option<EventId>,
+    limit: usize,
+    longest: i64,
+) -> rusqlite::Result<Vec<Listed>> {
+    let keep = limit.saturating_add(1);
+    let mut statement = conn.prepare_cached(&format!(
+        "SELECT {CHUNK_COLUMNS}, first_ms FROM chunks
+         WHERE first_ms <= ?1 AND first_ms < ?2 AND first_ms >= ?3
+           AND (?4 IS NULL OR destination = ?4)
+         ORDER BY first_ms DESC, seq DESC"
+    ))?;
+    let until = filter.until.map_or(i64::MAX, to_ms);
+    let since = filter
+        .since
+        .map_or(i64::MIN, |since| to_ms(since) - longest);
+    let mut rows = statement.query(params![
+        before.map_or(i64::MAX, id_ms),
+        until,
+        since,
+        filter.destination,
+    ])?;
+    // The newest found so far by id; a replayed send is in several chunks, the newest wins.
+    let mut found: std::collections::BTreeMap<EventId, Listed> = Default::default();
+    while let Some(row) = rows.next()? {
+        let first_ms: i64 = row.get("first_ms")?;
+        if found.len() >= keep
+            && found
+                .first_key_value()
+                .is_some_and(|(oldest, _)| first_ms + longest < id_ms(*oldest))
+        {
+            break;
+        }
+        let chunk = stored_chunk(row)?;
+        let destination: Arc<str> = Arc::from(chunk.destination.as_str());
+        for (index, record) in chunk.records.iter().enumerate() {
+            if before.is_some_and(|before| record.id >= before)
+                || !filter.in_time(from_ms(record.created_ms))
+                || filter
+                    .state
+                    .is_some_and(|state| record.state.state() != state)
+            {
+                continue;
+            }
+            let status = status_in(
+                &destination,
+                &chunk.runs,
+                &chunk.outcomes,
+                chunk.created_ms,
+                record,
+            );
+            if !filter.matches(&status) {
+                continue;
+            }
+            // A dead send may have been replayed: then a newer chunk holds it, and its status
+            // there is the one that counts.
+            if record.state == Stored::Dead
+                && chunk_of(conn, record.id, longest)?
+                    .is_some_and(|(newest, _)| newest.seq != chunk.seq)
+            {
+                continue;
+            }
+            let newer_chunk = found
+                .get(&record.id)
+                .is_none_or(|seen| seen.seq < chunk.seq);
+            if newer_chunk {
+                found.insert(
+                    record.id,
+                    Listed {
+                        seq: chunk.seq,
+                        index,
+                        status,
+                    },
+                );
+            }
+            if found.len() > keep {
+                found.pop_first();
+            }
+        }
+    }
+    Ok(found.into_values().rev().collect())
 }
 
 /// The status of a dead letter whose chunk the retention removed.
@@ -204,6 +317,7 @@ pub(crate) fn dead_status(conn: &Connection, id: EventId) -> rusqlite::Result<Op
             created_at: from_ms(row.get(2)?),
             updated_at: from_ms(row.get(4)?),
             next_attempt_at: None,
+            attempts_log: None,
         })
     })
     .optional()

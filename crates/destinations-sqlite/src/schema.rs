@@ -12,7 +12,7 @@ use crate::options::{EXPORT_HINT, OpenError, SyncMode, describe_opening};
 /// `PRAGMA application_id` of a destinations queue ("DSTQ").
 pub(crate) const APPLICATION_ID: i32 = 0x4453_5451;
 /// The schema this build writes and reads.
-pub(crate) const SCHEMA_VERSION: i32 = 1;
+pub(crate) const SCHEMA_VERSION: i32 = 2;
 
 /// The first 16 bytes of every SQLite database file.
 const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
@@ -48,6 +48,35 @@ CREATE INDEX dead_by_time ON dead(died_ms);
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 INSERT INTO meta VALUES ('dead_letters_evicted', 0), ('longest_chunk_ms', 0);
 ";
+
+/// What each schema version adds to the one before: `UPGRADES[0]` makes version 2 of 1, and
+/// so on. A fresh file gets `SCHEMA` and every upgrade.
+const UPGRADES: [&str; 1] = ["
+-- The attempts that failed, each as JSON, with the chunk that holds its send (they go with
+-- it, unless the send is a dead letter, whose attempts stay as long as it does).
+CREATE TABLE attempts (
+    seq     INTEGER PRIMARY KEY,
+    id      BLOB    NOT NULL,
+    chunk   INTEGER NOT NULL,
+    attempt TEXT    NOT NULL
+);
+CREATE INDEX attempts_by_id ON attempts(id);
+CREATE INDEX attempts_by_chunk ON attempts(chunk);
+"];
+
+const _: () = assert!(UPGRADES.len() as i32 == SCHEMA_VERSION - 1);
+
+/// Bring a file of schema `from` up to this build's, in one transaction.
+fn upgrade(conn: &mut Connection, from: i32, path: &Path) -> Result<(), OpenError> {
+    let fail = |e: rusqlite::Error| OpenError::new(path, describe_opening(&e));
+    let tx = conn.transaction().map_err(fail)?;
+    for step in UPGRADES.iter().skip(usize::try_from(from - 1).unwrap_or(0)) {
+        tx.execute_batch(step).map_err(fail)?;
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+        .map_err(fail)?;
+    tx.commit().map_err(fail)
+}
 
 /// The lock that keeps a second process off the file: two servers on one queue would deliver
 /// everything twice.
@@ -217,6 +246,9 @@ pub(crate) fn prepare(conn: &mut Connection, path: &Path, sync: SyncMode) -> Res
         configure(conn, path, sync)?;
         let tx = conn.transaction().map_err(fail)?;
         tx.execute_batch(SCHEMA).map_err(fail)?;
+        for step in UPGRADES {
+            tx.execute_batch(step).map_err(fail)?;
+        }
         tx.pragma_update(None, "application_id", APPLICATION_ID)
             .map_err(fail)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
@@ -248,7 +280,11 @@ pub(crate) fn prepare(conn: &mut Connection, path: &Path, sync: SyncMode) -> Res
         ));
     }
     integrity(conn, path)?;
-    configure(conn, path, sync)
+    configure(conn, path, sync)?;
+    if version < SCHEMA_VERSION {
+        upgrade(conn, version, path)?;
+    }
+    Ok(())
 }
 
 /// Refuse a damaged file, quoting SQLite's own findings.

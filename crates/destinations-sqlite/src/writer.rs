@@ -53,6 +53,7 @@ pub(crate) enum Command {
     Settle {
         updates: Vec<ChunkUpdate>,
         dead: Vec<DeadRow>,
+        attempts: Vec<AttemptRow>,
         follow_ups: Vec<Vec<Envelope>>,
         reply: oneshot::Sender<Reply>,
     },
@@ -74,6 +75,15 @@ pub(crate) struct ChunkUpdate {
     pub(crate) pending: u32,
     /// Its sends, for the retention once it is finished.
     pub(crate) count: usize,
+}
+
+/// An attempt that failed, for its send's log.
+pub(crate) struct AttemptRow {
+    pub(crate) id: EventId,
+    /// The chunk that holds the send.
+    pub(crate) chunk: i64,
+    /// The attempt, as JSON.
+    pub(crate) attempt: String,
 }
 
 /// A send given up on, kept whole for listing and replay.
@@ -288,12 +298,16 @@ impl WriterState {
                 Command::Settle {
                     updates,
                     dead,
+                    attempts,
                     follow_ups,
                     ..
                 } => {
                     changes.add(updates);
                     for row in dead {
                         insert_dead(&tx, row, now_ms)?;
+                    }
+                    for row in attempts {
+                        insert_attempt(&tx, row)?;
                     }
                     done.dead = dead.len() as isize;
                     for envelopes in follow_ups {
@@ -305,8 +319,14 @@ impl WriterState {
                     let groups = take_dead(&tx, ids, now_ms)?;
                     done.dead = -(groups.iter().map(Vec::len).sum::<usize>() as isize);
                     for envelopes in &groups {
-                        done.written
-                            .push(insert_chunk(&tx, envelopes, now_ms, &mut longest)?);
+                        let written = insert_chunk(&tx, envelopes, now_ms, &mut longest)?;
+                        // Their earlier attempts now go with the chunk they are in again.
+                        let mut moved =
+                            tx.prepare_cached("UPDATE attempts SET chunk = ?1 WHERE id = ?2")?;
+                        for envelope in envelopes {
+                            moved.execute(params![written.seq, envelope.id.to_bytes()])?;
+                        }
+                        done.written.push(written);
                     }
                     done.replayed = Some(groups);
                 }
@@ -357,10 +377,23 @@ impl WriterState {
                 tx.prepare_cached("DELETE FROM chunks WHERE seq IN rarray(?1)")?
                     .execute([gone.clone()])?;
                 tx.prepare_cached("DELETE FROM payloads WHERE seq IN rarray(?1)")?
-                    .execute([gone])?;
+                    .execute([gone.clone()])?;
+                // A dead letter's attempts stay as long as it does.
+                tx.prepare_cached(
+                    "DELETE FROM attempts WHERE chunk IN rarray(?1)
+                     AND id NOT IN (SELECT id FROM dead)",
+                )?
+                .execute([gone])?;
             }
             if over_dead {
                 let excess = self.dead - self.dead_letter_capacity;
+                // The attempts of evicted letters whose chunk the retention already took.
+                tx.execute(
+                    "DELETE FROM attempts WHERE id IN
+                     (SELECT id FROM dead ORDER BY died_ms, seq LIMIT ?1)
+                     AND chunk NOT IN (SELECT seq FROM chunks)",
+                    [excess as i64],
+                )?;
                 let removed = tx.execute(
                     "DELETE FROM dead WHERE seq IN
                      (SELECT seq FROM dead ORDER BY died_ms, seq LIMIT ?1)",
@@ -568,6 +601,22 @@ fn settle(tx: &Connection, changes: ChunkChanges, now_ms: i64) -> rusqlite::Resu
         }
     }
     Ok(finished)
+}
+
+/// Log a failed attempt, keeping the newest `MAX_LOGGED_ATTEMPTS` of its send.
+fn insert_attempt(tx: &Connection, row: &AttemptRow) -> rusqlite::Result<()> {
+    let id = row.id.to_bytes();
+    tx.prepare_cached("INSERT INTO attempts (id, chunk, attempt) VALUES (?1, ?2, ?3)")?
+        .execute(params![id, row.chunk, row.attempt])?;
+    tx.prepare_cached(
+        "DELETE FROM attempts WHERE id = ?1 AND seq NOT IN
+         (SELECT seq FROM attempts WHERE id = ?1 ORDER BY seq DESC LIMIT ?2)",
+    )?
+    .execute(params![
+        id,
+        destinations_core::attempts::MAX_LOGGED_ATTEMPTS as i64
+    ])?;
+    Ok(())
 }
 
 fn insert_dead(tx: &Connection, row: &DeadRow, now_ms: i64) -> rusqlite::Result<()> {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use destinations_core::prelude::*;
-use destinations_core::{DeadLetterFilter, HubConfig, Queue};
+use destinations_core::{AttemptOutcome, DeadLetterFilter, EventFilter, HubConfig, Queue};
 use destinations_sqlite::{OpenError, SqliteOptions, SqliteQueue};
 use destinations_testkit::TempDir;
 use serde_json::json;
@@ -230,6 +230,30 @@ async fn dead_letters_and_statuses_survive_a_restart_and_replay_delivers_them() 
             .iter()
             .all(|l| l.reason == "410 Gone" && l.envelope.attempts == 1)
     );
+    let outcomes = |status: destinations_core::SendStatus| -> Vec<(u32, AttemptOutcome)> {
+        let log = status.attempts_log.unwrap_or_default();
+        log.iter().map(|a| (a.number, a.outcome)).collect()
+    };
+    for id in &ids {
+        let status = destinations_testkit::status(&hub, *id).await;
+        assert_eq!(
+            outcomes(status),
+            [(1, AttemptOutcome::Failed)],
+            "the failed attempt is in the file"
+        );
+    }
+    let dead_ones = EventFilter {
+        state: Some(State::Dead),
+        ..EventFilter::default()
+    };
+    let listed = |filter: EventFilter| {
+        let hub = &hub;
+        async move {
+            let page = hub.events(&filter, None, 100).await;
+            page.unwrap_or_else(|e| panic!("{e}")).events.len()
+        }
+    };
+    assert_eq!(listed(dead_ones.clone()).await, 5);
     let page = hub
         .dead_letter_page(&DeadLetterFilter::default(), None, 2)
         .await
@@ -251,7 +275,19 @@ async fn dead_letters_and_statuses_survive_a_restart_and_replay_delivers_them() 
             .await
             .unwrap_or_else(|| panic!("status"));
         assert_eq!((status.state, status.attempts), (State::Delivered, 1));
+        let status = destinations_testkit::status(&hub, *id).await;
+        assert_eq!(
+            outcomes(status),
+            [(1, AttemptOutcome::Failed), (1, AttemptOutcome::Delivered)],
+            "a replayed send keeps the attempts before its replay"
+        );
     }
+    assert_eq!(listed(dead_ones).await, 0, "replayed: no longer dead");
+    let delivered = EventFilter {
+        state: Some(State::Delivered),
+        ..EventFilter::default()
+    };
+    assert_eq!(listed(delivered).await, 5);
     let mut seen = ok.seen();
     seen.sort_unstable();
     assert_eq!(seen, vec![0, 1, 2, 3, 4]);
@@ -447,4 +483,106 @@ async fn a_newer_schema_and_a_second_process_are_refused() {
         message.contains("newer version of destinations (schema 99"),
         "{message}"
     );
+}
+
+#[tokio::test]
+async fn a_file_of_the_first_schema_is_upgraded_keeping_its_sends() {
+    let dir = TempDir::new("sqlite");
+    let hub = hub_on(
+        open(&dir).unwrap_or_else(|e| panic!("{e}")),
+        Recorder::closed(),
+        HubConfig::default(),
+    );
+    let ids = send_run(&hub, 0..3).await;
+    let report = hub.shutdown_within(Duration::from_millis(100)).await;
+    assert_eq!(report.kept, 3);
+    drop(hub);
+    // Make it a file of schema 1: no attempt log.
+    let path = dir.path().join("queue.db");
+    let conn = rusqlite::Connection::open(&path).unwrap_or_else(|e| panic!("{e}"));
+    conn.execute_batch("DROP TABLE attempts; PRAGMA user_version = 1;")
+        .unwrap_or_else(|e| panic!("{e}"));
+    drop(conn);
+
+    let flaky = Recorder::new(|attempt| {
+        if attempt == 1 {
+            Report::retry("503 Service Unavailable")
+        } else {
+            Report::delivered()
+        }
+    });
+    let mut settings = InstanceSettings::default();
+    settings.retry.initial_delay = Duration::from_millis(10);
+    let hub = Hub::builder()
+        .queue(Arc::new(open(&dir).unwrap_or_else(|e| panic!("{e}"))))
+        .destination("d", flaky, settings)
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    for id in &ids {
+        let status = destinations_testkit::final_status(&hub, *id, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|| panic!("status"));
+        assert_eq!(status.state, State::Delivered);
+        let log = destinations_testkit::status(&hub, *id).await.attempts_log;
+        let outcomes: Vec<_> = log.unwrap_or_default().iter().map(|a| a.outcome).collect();
+        assert_eq!(outcomes, [AttemptOutcome::Retry, AttemptOutcome::Delivered]);
+    }
+    hub.shutdown().await;
+    let conn = rusqlite::Connection::open(&path).unwrap_or_else(|e| panic!("{e}"));
+    let version: i32 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .unwrap_or_default();
+    assert_eq!(version, 2, "upgraded in place");
+}
+
+#[tokio::test]
+async fn a_listing_pages_through_thousands_of_sends_newest_first() {
+    let dir = TempDir::new("sqlite");
+    let hub = hub_on(
+        open(&dir).unwrap_or_else(|e| panic!("{e}")),
+        Recorder::closed(),
+        HubConfig::default(),
+    );
+    // Runs of different sizes: chunks of many sizes, each its own row.
+    let mut ids = Vec::new();
+    for size in [1, 700, 3, 900, 396] {
+        let start = ids.len() as u64;
+        ids.extend(send_run(&hub, start..start + size).await);
+    }
+    let mut listed = Vec::new();
+    let mut after: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let page = hub
+            .events(&EventFilter::default(), after.as_deref(), 150)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(page.events.iter().all(|s| s.attempts_log.is_none()));
+        listed.extend(page.events.iter().map(|s| s.id));
+        pages += 1;
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    ids.sort_unstable_by(|a, b| b.cmp(a));
+    assert_eq!(listed.len(), 2000);
+    assert!(listed == ids, "every send once, newest first");
+    assert_eq!(pages, 14);
+    let since_middle = EventFilter {
+        since: Some(ids[999].time()),
+        state: Some(State::Queued),
+        ..EventFilter::default()
+    };
+    let page = hub
+        .events(&since_middle, None, 1000)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        page.events.iter().all(|s| s.created_at >= ids[999].time()),
+        "only sends made since"
+    );
+    assert!(page.events.len() >= 1000, "{}", page.events.len());
+    let report = hub.shutdown_within(Duration::from_millis(100)).await;
+    assert_eq!(report.kept, 2000);
 }

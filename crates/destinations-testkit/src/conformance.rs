@@ -15,7 +15,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use destinations_core::policy::BatchPolicyOverrides;
 use destinations_core::{
-    EventId, Hub, HubConfig, InstanceConfig, Queue, Registry, SendError, SendStatus, State,
+    AttemptOutcome, EventFilter, EventId, Hub, HubConfig, InstanceConfig, Queue, Registry,
+    SendError, SendStatus, State,
 };
 use destinations_nats::{NatsOptions, NatsQueue};
 use destinations_sqlite::{SqliteOptions, SqliteQueue};
@@ -358,7 +359,78 @@ pub async fn delivers_every_send_once_or_more(
         HashMap::from([(State::Delivered, SENDS as usize)]),
         "on the {queue:?} queue"
     );
+    for id in &ids {
+        let log = status(&hub, *id).await.attempts_log.unwrap_or_default();
+        assert!(
+            log.last()
+                .is_some_and(|a| a.outcome == AttemptOutcome::Delivered),
+            "{id}'s attempt log ends with its delivery, on the {queue:?} queue: {log:?}"
+        );
+    }
+    lists_the_sends(&hub, &ids, queue).await;
     assert_each_marker_arrived(target.accepted_markers().await, queue);
+}
+
+/// The hub lists `ids` (one run's sends to the suite's instance), newest first, a page at a
+/// time, and filters them by destination, state, run and time.
+async fn lists_the_sends(hub: &Hub, ids: &[EventId], queue: QueueKind) {
+    let mine = EventFilter {
+        destination: Some(INSTANCE.to_owned()),
+        ..EventFilter::default()
+    };
+    let list = |filter: EventFilter, after: Option<String>, limit: usize| async move {
+        hub.events(&filter, after.as_deref(), limit)
+            .await
+            .unwrap_or_else(|e| panic!("listing sends on the {queue:?} queue: {e}"))
+    };
+    let mut listed = Vec::new();
+    let mut after = None;
+    loop {
+        let page = list(mine.clone(), after, 7).await;
+        assert!(page.events.len() <= 7, "a page holds at most its limit");
+        listed.extend(page.events.iter().map(|s| s.id));
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    let mut newest_first = ids.to_vec();
+    newest_first.sort_unstable_by(|a, b| b.cmp(a));
+    assert_eq!(
+        listed, newest_first,
+        "every send listed once, newest first, on the {queue:?} queue"
+    );
+    let count = |page: destinations_core::EventPage| page.events.len();
+    let delivered = EventFilter {
+        state: Some(State::Delivered),
+        run: Some("conformance".to_owned()),
+        ..mine.clone()
+    };
+    assert_eq!(count(list(delivered, None, 1000).await), ids.len());
+    let dead = EventFilter {
+        state: Some(State::Dead),
+        ..mine.clone()
+    };
+    assert_eq!(count(list(dead, None, 1000).await), 0, "none is dead");
+    let other_run = EventFilter {
+        run: Some("another".to_owned()),
+        ..mine.clone()
+    };
+    assert_eq!(
+        count(list(other_run, None, 1000).await),
+        0,
+        "no send of that run"
+    );
+    let later = EventFilter {
+        since: Some(std::time::SystemTime::now() + Duration::from_secs(60)),
+        ..mine.clone()
+    };
+    assert_eq!(count(list(later, None, 1000).await), 0, "none made since");
+    let earlier = EventFilter {
+        until: Some(std::time::SystemTime::now() + Duration::from_secs(60)),
+        ..mine
+    };
+    assert_eq!(count(list(earlier, None, 1000).await), ids.len());
 }
 
 /// Transient failures are retried until the sink accepts.
@@ -386,6 +458,27 @@ pub async fn retries_a_transient_failure(target: &mut dyn ConformanceTarget, que
             status.attempts
         );
         assert!(status.last_error.is_some(), "the transient error is kept");
+        let log = status.attempts_log.unwrap_or_default();
+        let outcomes: Vec<_> = log.iter().map(|a| a.outcome).collect();
+        assert!(
+            outcomes.len() >= 3
+                && outcomes.last() == Some(&AttemptOutcome::Delivered)
+                && outcomes[..outcomes.len() - 1]
+                    .iter()
+                    .all(|o| *o == AttemptOutcome::Retry),
+            "{id}'s log holds each failed attempt, then the delivery, on the {queue:?} queue: {log:?}"
+        );
+        assert!(
+            log.windows(2)
+                .all(|w| w[0].number < w[1].number && w[0].started_at <= w[1].started_at),
+            "attempts in order: {log:?}"
+        );
+        assert!(
+            log.iter()
+                .filter(|a| a.outcome == AttemptOutcome::Retry)
+                .all(|a| a.error.is_some() && a.duration_ms.is_some()),
+            "a failed attempt keeps its error and duration: {log:?}"
+        );
     }
     assert_each_marker_arrived(target.accepted_markers().await, queue);
 }
@@ -415,6 +508,14 @@ pub async fn dead_letters_a_permanent_failure(
             "a permanent failure is not retried"
         );
         assert!(!letter.reason.is_empty());
+        let log = status(&hub, letter.envelope.id)
+            .await
+            .attempts_log
+            .unwrap_or_default();
+        assert!(
+            matches!(&log[..], [only] if only.outcome == AttemptOutcome::Failed && only.number == 1 && only.error.is_some()),
+            "a dead letter's log holds its one failed attempt with the error, on the {queue:?} queue: {log:?}"
+        );
     }
     assert!(target.accepted_markers().await.is_empty());
 }

@@ -1282,6 +1282,7 @@ impl Lane {
         self.metrics.in_flight.increment(count as f64);
         self.metrics.batch_events.record(count as f64);
         let started = Instant::now();
+        let started_at = SystemTime::now();
         let collector = Collector::new(&self.hub, envelopes.first().and_then(|e| e.run.clone()));
         // Lent, not cloned: the envelopes come back for the outcome.
         let batch = Batch::new(envelopes);
@@ -1327,6 +1328,10 @@ impl Lane {
             return;
         };
         let mut settlement = self.judge(envelopes, outcome);
+        settlement.attempted = Some(crate::attempts::Attempted {
+            started_at,
+            took: started.elapsed(),
+        });
         if !self.durable
             && self.hub.lifecycle() >= Lifecycle::Stopping
             && let Some(retry) = settlement.retry.take()

@@ -732,6 +732,24 @@ impl Hub {
         self.shared.queue.statuses().wait_final(id, timeout).await
     }
 
+    /// The newest sends matching `filter`, a page at a time (`after`: the previous page's
+    /// `next`), without their attempt logs ([`status`](Self::status) gives one send's).
+    pub async fn events(
+        &self,
+        filter: &crate::status::EventFilter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<crate::status::EventPage, QueueError> {
+        if self.shared.detached.pending() {
+            self.flush().await;
+        }
+        self.shared
+            .queue
+            .statuses()
+            .list(filter, after, limit)
+            .await
+    }
+
     /// The most recent dead letters, newest first.
     pub async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
         Ok(self

@@ -22,10 +22,11 @@ use serde::Serialize;
 pub use capacity::{Capacity, CapacityFull, FullScope, InstanceShare, QueueBounds, Tally, Unit};
 pub use memory::MemoryQueue;
 
+use crate::attempts::Attempted;
 use crate::dead_letters::{DeadLetterFilter, DeadLetterPage};
 use crate::destination::ResponseSummary;
 use crate::envelope::{Envelope, EventId};
-use crate::status::{FinalWaiters, SendStatus};
+use crate::status::{EventFilter, EventPage, FinalWaiters, SendStatus};
 
 /// What survives when the process ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -242,6 +243,9 @@ pub struct Settlement {
     pub dead: Vec<Settled>,
     /// Sends the delivery made (emit fan-out, `$errors`), queued in the same step.
     pub follow_ups: Vec<Envelope>,
+    /// The attempt this settles, if it settles one: its failures go into the sends' attempt
+    /// logs ([`failed_attempts`](Settlement::failed_attempts)).
+    pub attempted: Option<Attempted>,
 }
 
 impl Settlement {
@@ -257,8 +261,18 @@ impl Settlement {
 /// Where each send is, for one backend.
 #[async_trait]
 pub trait StatusStore: Send + Sync {
-    /// The status of one send, while it is remembered.
+    /// The status of one send with its attempt log, while it is remembered.
     async fn get(&self, id: EventId) -> Result<Option<SendStatus>, QueueError>;
+
+    /// The newest remembered sends matching `filter`, without their attempt logs, `limit` at
+    /// a time from `after` (the previous page's [`next`](EventPage::next)): newest first by
+    /// when they were made.
+    async fn list(
+        &self,
+        filter: &EventFilter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<EventPage, QueueError>;
 
     /// A delivery attempt starts for these (they show `in_flight`).
     fn attempting(&self, envelopes: &[Envelope]);
@@ -342,7 +356,7 @@ pub enum QueueError {
     NoConsumer(String),
     /// A dead-letter page cursor this queue did not make.
     #[error(
-        "`after`: `{0}` is not a dead-letter cursor of this server; pass the `next` of the previous page"
+        "`after`: `{0}` is not a page cursor of this server; pass the `next` of the previous page"
     )]
     InvalidCursor(String),
 }
