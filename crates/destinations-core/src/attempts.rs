@@ -25,6 +25,7 @@ pub const MAX_LOGGED_ERROR: usize = 2048;
 /// How one attempt ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum AttemptOutcome {
     /// The target accepted the send.
     Delivered,
@@ -36,12 +37,14 @@ pub enum AttemptOutcome {
 
 /// One delivery attempt of a send.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Attempt {
     /// Its number among the send's attempts, from 1 (a replayed dead letter counts from 1
     /// again).
     pub number: u32,
     /// When it started.
     #[serde(with = "crate::status::rfc3339_serde")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub started_at: SystemTime,
     /// How long it took, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]

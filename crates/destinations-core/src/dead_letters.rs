@@ -23,6 +23,7 @@ pub struct DeadLetter {
 
 /// A dead letter as listed by the API, with its payload as JSON.
 #[derive(Clone, Debug, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeadLetterSummary {
     /// The send's id.
     pub id: EventId,
@@ -40,6 +41,7 @@ pub struct DeadLetterSummary {
     /// When it was given up on, RFC 3339.
     pub died_at: String,
     /// The payload.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub payload: serde_json::Value,
 }
 

@@ -123,6 +123,12 @@ pub trait Destination: Any + Send + Sync {
     async fn health(&self) -> Result<(), HealthError> {
         Ok(())
     }
+
+    /// The JSON Schema of what this instance takes, for the server's API document (see
+    /// [`SendType::schema`](crate::SendType::schema)). Default: none (any object).
+    fn send_schema(&self) -> Option<crate::typed::SendSchema> {
+        None
+    }
 }
 
 /// Envelopes handed to a destination together.
@@ -242,6 +248,7 @@ impl From<Outcome> for Report {
 
 /// What a target answered, kept short.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ResponseSummary {
     /// A protocol status code (HTTP status, SMTP reply code), if there is one.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -222,6 +222,24 @@ impl Envelope {
     }
 }
 
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for EventId {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .format(Some(utoipa::openapi::SchemaFormat::Custom(
+                "uuid".to_owned(),
+            )))
+            .description(Some(
+                "A send's id: a UUIDv7, so ids sort by when their sends were made",
+            ))
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for EventId {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

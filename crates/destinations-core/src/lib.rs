@@ -81,7 +81,7 @@ pub use run::{FinishError, Run, Sender};
 pub use status::{
     EventFilter, EventPage, FinalWaiters, SendStatus, State, StatusBook, StatusRetention,
 };
-pub use typed::{Parsed, SendType, Typed, TypedDestination};
+pub use typed::{Parsed, SendSchema, SendType, Typed, TypedDestination};
 
 /// What a program that sends, or a destination crate, usually needs.
 pub mod prelude {

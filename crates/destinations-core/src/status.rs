@@ -17,6 +17,7 @@ use crate::queue::{QueueError, Settlement, StatusStore};
 /// The state of one send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum State {
     /// Waiting for its dispatcher.
     Queued,
@@ -39,13 +40,16 @@ impl State {
 
 /// Everything known about one send.
 #[derive(Clone, Debug, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SendStatus {
     /// The send's id.
     pub id: EventId,
     /// The destination instance.
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub destination: Arc<str>,
     /// The run that sent it.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub run: Option<Arc<str>>,
     /// Where it is.
     pub state: State,
@@ -58,18 +62,21 @@ pub struct SendStatus {
     pub response: Option<ResponseSummary>,
     /// When it was sent.
     #[serde(serialize_with = "rfc3339")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub created_at: SystemTime,
     /// When its state last changed.
     #[serde(serialize_with = "rfc3339")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub updated_at: SystemTime,
     /// When the next attempt is due, while retrying.
     #[serde(
         serialize_with = "rfc3339_option",
         skip_serializing_if = "Option::is_none"
     )]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
     pub next_attempt_at: Option<SystemTime>,
-    /// Every attempt, oldest first (the newest [`MAX_LOGGED_ATTEMPTS`](crate::attempts::MAX_LOGGED_ATTEMPTS)):
-    /// given when one send is asked for, not in a listing.
+    /// Every attempt, oldest first (the newest 20 of them): given when one send is asked
+    /// for, not in a listing.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attempts_log: Option<Vec<Attempt>>,
 }
@@ -257,6 +264,7 @@ impl EventFilter {
 
 /// One page of sends, newest first (by when they were made).
 #[derive(Clone, Debug, Default, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EventPage {
     /// The sends, without their attempt logs.
     pub events: Vec<SendStatus>,

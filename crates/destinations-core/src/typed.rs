@@ -86,6 +86,45 @@ pub trait SendType: Serialize + DeserializeOwned {
     fn check(&self) -> Result<(), InvalidPayload> {
         Ok(())
     }
+
+    /// Its JSON Schema, for the server's API document: with the `openapi` feature, derive
+    /// `utoipa::ToSchema` and answer [`SendSchema::of::<Self>()`](SendSchema::of). Default:
+    /// none (the document says "any object").
+    fn schema() -> Option<SendSchema> {
+        None
+    }
+}
+
+/// A send type's JSON Schema, for the server's API document (OpenAPI 3.1 takes JSON Schema as
+/// it is).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SendSchema {
+    /// Its name among the document's schemas (`HttpRequest`).
+    pub name: String,
+    /// The schema; it refers to `components` as `#/components/schemas/NAME`.
+    pub schema: serde_json::Value,
+    /// The schemas it refers to, by name.
+    pub components: Vec<(String, serde_json::Value)>,
+}
+
+#[cfg(feature = "openapi")]
+impl SendSchema {
+    /// The schema `utoipa::ToSchema` derives for `T`, with those it refers to.
+    pub fn of<T: utoipa::ToSchema>() -> Self {
+        let mut referred = Vec::new();
+        T::schemas(&mut referred);
+        let json = |schema: &utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>| {
+            serde_json::to_value(schema).unwrap_or_default()
+        };
+        Self {
+            name: T::name().into_owned(),
+            schema: json(&T::schema()),
+            components: referred
+                .iter()
+                .map(|(name, schema)| (name.clone(), json(schema)))
+                .collect(),
+        }
+    }
 }
 
 /// A stored send read back for delivery, and its envelope (id, run, attempts).
@@ -228,6 +267,10 @@ impl<D: TypedDestination> Destination for Typed<D> {
 
     async fn health(&self) -> Result<(), HealthError> {
         self.0.health().await
+    }
+
+    fn send_schema(&self) -> Option<SendSchema> {
+        D::Send::schema()
     }
 
     /// Each stored send parsed once; one that no longer parses fails with the reason, and the

@@ -16,6 +16,7 @@ pub const MAX_RECIPIENTS: usize = 50;
 /// instance allows.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EmailSend {
     /// The subject (required; one line).
     pub subject: String,
@@ -39,6 +40,7 @@ pub struct EmailSend {
 /// A file attached to an email.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Attachment {
     /// The file's name as the recipient sees it (no folders).
     pub filename: String,
@@ -253,6 +255,10 @@ impl destinations_core::SendType for EmailSend {
 
     fn check(&self) -> Result<(), InvalidPayload> {
         EmailSend::check(self).map(drop)
+    }
+    #[cfg(feature = "openapi")]
+    fn schema() -> Option<destinations_core::SendSchema> {
+        Some(destinations_core::SendSchema::of::<Self>())
     }
 }
 

@@ -674,6 +674,10 @@ fn mentions_errors_channel(payload: &[u8]) -> bool {
 
 #[async_trait]
 impl Destination for EmitDestination {
+    fn send_schema(&self) -> Option<destinations_core::SendSchema> {
+        <crate::send::EmitSend as destinations_core::SendType>::schema()
+    }
+
     fn kind(&self) -> &'static str {
         KIND
     }

@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 /// One event as the history endpoint shows it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct HistoryEntry {
     /// `<milliseconds since the epoch>-<sequence within that millisecond>`.
     pub id: String,
@@ -20,14 +20,15 @@ pub struct HistoryEntry {
 }
 
 /// The legacy wrapping of a stored event.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct RawEvent {
     /// The event as emitted.
+    #[schema(value_type = Object)]
     pub raw_event: Arc<RawValue>,
 }
 
 /// What is known of a stored event.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct HistoryMetadata {
     /// The emitter.
     pub emitter_id: String,

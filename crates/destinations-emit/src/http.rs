@@ -1,36 +1,67 @@
-//! The emit API: `POST|DELETE|GET /v1/subscriptions` and `GET /v1/emitters/{id}/events`.
+//! The emit API: `POST|DELETE|GET /v1/subscriptions` and `GET /v1/emitters/{id}/events`,
+//! each handler documented for the server's OpenAPI document.
 
 use std::sync::Arc;
 
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::destination::EmitDestination;
+use crate::history::HistoryEntry;
 use crate::subscriptions::Subscription;
 
-pub(crate) fn router(emit: Arc<EmitDestination>) -> Router {
-    Router::new()
-        .route(
-            "/v1/subscriptions",
-            get(list).post(subscribe).delete(unsubscribe),
-        )
-        .route("/v1/emitters/{id}/events", get(history))
+/// The tag of these operations in the OpenAPI document.
+const TAG: &str = "emit";
+
+pub(crate) fn router(emit: Arc<EmitDestination>) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(list, subscribe, unsubscribe))
+        .routes(routes!(history))
         .with_state(emit)
 }
 
 /// The subscription of a request: from the query (as the reference platform takes it, even on
 /// POST) or, when the query names no listener, from a JSON body.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct SubscriptionQuery {
+    /// Emitters, as a pattern: `p_orders`, `p_*`, `*`.
     emitter_id: Option<String>,
+    /// Where events go: a webhook URL, or an in-process listener's id.
     listener_id: Option<String>,
+    /// The channel; empty or absent for the default one.
     event_name: Option<String>,
+}
+
+/// A subscription made (`created: false`: it existed).
+#[derive(Serialize, utoipa::ToSchema)]
+struct Subscribed {
+    subscription: Subscription,
+    created: bool,
+}
+
+/// A subscription removed.
+#[derive(Serialize, utoipa::ToSchema)]
+struct Unsubscribed {
+    deleted: Subscription,
+}
+
+/// Every subscription.
+#[derive(Serialize, utoipa::ToSchema)]
+struct Subscriptions {
+    subscriptions: Vec<Subscription>,
+}
+
+/// An emitter's last events, newest first.
+#[derive(Serialize, utoipa::ToSchema)]
+struct History {
+    events: Vec<HistoryEntry>,
 }
 
 /// A valid subscription taken from a request, or the 400 that says what is wrong.
@@ -68,6 +99,16 @@ fn subscription(query: SubscriptionQuery, body: &Bytes) -> Result<Subscription, 
     Ok(subscription)
 }
 
+/// Subscribe a listener to emitters' events (from the query, or a JSON body).
+#[utoipa::path(post, path = "/v1/subscriptions", tag = TAG,
+    params(SubscriptionQuery),
+    request_body(content = Option<Subscription>, description = "the subscription, when the query names none"),
+    responses(
+        (status = 201, description = "subscribed", body = Subscribed),
+        (status = 200, description = "it existed", body = Subscribed),
+        (status = 400, description = "`invalid_subscription`"),
+    ),
+    security(("api_token" = [])))]
 async fn subscribe(
     State(emit): State<Arc<EmitDestination>>,
     RequestedSubscription(subscription): RequestedSubscription,
@@ -81,7 +122,10 @@ async fn subscribe(
             };
             (
                 status,
-                axum::Json(json!({"subscription": subscription, "created": created})),
+                axum::Json(Subscribed {
+                    subscription,
+                    created,
+                }),
             )
                 .into_response()
         }
@@ -89,12 +133,24 @@ async fn subscribe(
     }
 }
 
+/// Remove a subscription (the same three fields it was made with).
+#[utoipa::path(delete, path = "/v1/subscriptions", tag = TAG,
+    params(SubscriptionQuery),
+    request_body(content = Option<Subscription>, description = "the subscription, when the query names none"),
+    responses(
+        (status = 200, description = "removed", body = Unsubscribed),
+        (status = 404, description = "there was none"),
+    ),
+    security(("api_token" = [])))]
 async fn unsubscribe(
     State(emit): State<Arc<EmitDestination>>,
     RequestedSubscription(subscription): RequestedSubscription,
 ) -> Response {
     match emit.unsubscribe_everywhere(&subscription).await {
-        Ok(true) => axum::Json(json!({"deleted": subscription})).into_response(),
+        Ok(true) => axum::Json(Unsubscribed {
+            deleted: subscription,
+        })
+        .into_response(),
         Ok(false) => refuse(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -104,16 +160,33 @@ async fn unsubscribe(
     }
 }
 
+/// Every subscription.
+#[utoipa::path(get, path = "/v1/subscriptions", tag = TAG,
+    responses((status = 200, body = Subscriptions)),
+    security(("api_token" = [])))]
 async fn list(State(emit): State<Arc<EmitDestination>>) -> Response {
-    axum::Json(json!({"subscriptions": emit.subscriptions()})).into_response()
+    axum::Json(Subscriptions {
+        subscriptions: emit.subscriptions(),
+    })
+    .into_response()
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct HistoryQuery {
+    /// At most this many (default 100).
     limit: Option<usize>,
 }
 
+/// An emitter's last events, newest first.
+#[utoipa::path(get, path = "/v1/emitters/{id}/events", tag = TAG,
+    params(("id" = String, Path, description = "the emitter"), HistoryQuery),
+    responses(
+        (status = 200, body = History),
+        (status = 400, description = "`invalid_emitter`"),
+    ),
+    security(("api_token" = [])))]
 async fn history(
     State(emit): State<Arc<EmitDestination>>,
     Path(emitter): Path<String>,
@@ -127,7 +200,10 @@ async fn history(
         );
     }
     let limit = query.limit.unwrap_or(100);
-    axum::Json(json!({"events": emit.history(&emitter, limit)})).into_response()
+    axum::Json(History {
+        events: emit.history(&emitter, limit),
+    })
+    .into_response()
 }
 
 fn refuse(status: StatusCode, code: &str, message: &str) -> Response {

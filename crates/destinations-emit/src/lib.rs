@@ -28,8 +28,8 @@ mod http;
 mod send;
 mod subscriptions;
 
-use axum::Router;
 use destinations_core::{DestinationPlugin, EventId, Hub, Registry, SendError, Sender};
+use utoipa_axum::router::OpenApiRouter;
 
 pub use destination::{EmitDestination, EmitOptions, Emitted, ListenerResult};
 pub use history::{HistoryEntry, HistoryMetadata, RawEvent};
@@ -93,9 +93,9 @@ pub fn subscribe(
 
 /// The subscriptions API of the hub's emit instance, to mount in an HTTP server (none if the
 /// hub has no emit instance).
-pub fn routes(hub: &Hub) -> Result<Router, String> {
+pub fn routes(hub: &Hub) -> Result<OpenApiRouter, String> {
     if hub.instances_of::<EmitDestination>().is_empty() {
-        return Ok(Router::new());
+        return Ok(OpenApiRouter::new());
     }
     Ok(http::router(instance(hub)?))
 }

@@ -14,10 +14,11 @@ pub const ERRORS_CHANNEL: &str = "$errors";
 pub const ENDPOINTS_CHANNEL: &str = "$endpoints";
 
 /// An event for the listeners subscribed to its emitter (and channel).
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EmitSend {
     /// The event: a JSON object. The legacy form `{"raw_event": {...}}` is taken too.
+    #[schema(value_type = Object)]
     pub event: Box<RawValue>,
     /// The channel (`event_name` in subscriptions); none = the default channel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -113,6 +114,10 @@ impl destinations_core::SendType for EmitSend {
 
     fn check(&self) -> Result<(), destinations_core::InvalidPayload> {
         EmitSend::check(self).map(drop)
+    }
+    #[cfg(feature = "openapi")]
+    fn schema() -> Option<destinations_core::SendSchema> {
+        Some(destinations_core::SendSchema::of::<Self>())
     }
 }
 

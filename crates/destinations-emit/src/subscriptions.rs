@@ -13,7 +13,7 @@ use crate::send::check_name;
 /// One subscription: events of emitters matching `emitter_id` (`*` = any run of characters)
 /// on channel `event_name` (none = the default channel) go to `listener_id`: a webhook URL, or
 /// the id of an in-process listener.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Subscription {
     /// Emitters, as a pattern: `p_orders`, `p_*`, `*`.

@@ -551,6 +551,10 @@ fn classify_error(error: ClientError, started: Instant) -> Report {
 
 #[async_trait]
 impl Destination for HttpDestination {
+    fn send_schema(&self) -> Option<destinations_core::SendSchema> {
+        <crate::request::HttpRequest as destinations_core::SendType>::schema()
+    }
+
     fn kind(&self) -> &'static str {
         KIND
     }

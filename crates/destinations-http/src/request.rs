@@ -36,6 +36,7 @@ const RESERVED_HEADERS: [&str; 15] = [
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 #[allow(missing_docs)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Method {
     Get,
     Head,
@@ -64,6 +65,7 @@ impl Method {
 /// Credentials: `{username, password}` for Basic auth, or `{bearer}`.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Auth {
     /// Basic auth user name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -91,6 +93,7 @@ impl std::fmt::Debug for Auth {
 /// or send it as JSON over the server API.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HttpRequest {
     /// The method, upper case (default `POST`).
     #[serde(default)]
@@ -108,6 +111,7 @@ pub struct HttpRequest {
     pub auth: Option<Auth>,
     /// The body: a string is sent as it is; a JSON object or array is sent as JSON.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Value>))]
     pub data: Option<Box<RawValue>>,
     /// For an instance with `ordering = "per_key"`: the sends to a host with the same key
     /// arrive one at a time, in the order sent, a retry holding the ones behind it. Not sent
@@ -450,6 +454,10 @@ impl destinations_core::SendType for HttpRequest {
 
     fn check(&self) -> Result<(), destinations_core::InvalidPayload> {
         HttpRequest::check(self).map(drop)
+    }
+    #[cfg(feature = "openapi")]
+    fn schema() -> Option<destinations_core::SendSchema> {
+        Some(destinations_core::SendSchema::of::<Self>())
     }
 }
 

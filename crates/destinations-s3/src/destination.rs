@@ -284,6 +284,10 @@ fn status_in(message: &str) -> Option<u16> {
 
 #[async_trait]
 impl Destination for S3Destination {
+    fn send_schema(&self) -> Option<destinations_core::SendSchema> {
+        <crate::send::S3Send as destinations_core::SendType>::schema()
+    }
+
     fn kind(&self) -> &'static str {
         KIND
     }

@@ -12,6 +12,7 @@ pub const MAX_PREFIX_BYTES: usize = 900;
 /// one line of a compressed NDJSON object.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct S3Send {
     /// The bucket (S3 naming rules; a top-level folder on `file://` and `memory://` stores).
     pub bucket: String,
@@ -20,6 +21,7 @@ pub struct S3Send {
     #[serde(default)]
     pub prefix: String,
     /// The event, any JSON value; written as one line.
+    #[cfg_attr(feature = "openapi", schema(value_type = Value))]
     pub payload: Box<RawValue>,
 }
 
@@ -160,6 +162,10 @@ impl destinations_core::SendType for S3Send {
 
     fn check(&self) -> Result<(), destinations_core::InvalidPayload> {
         S3Send::check(self).map(drop)
+    }
+    #[cfg(feature = "openapi")]
+    fn schema() -> Option<destinations_core::SendSchema> {
+        Some(destinations_core::SendSchema::of::<Self>())
     }
 }
 

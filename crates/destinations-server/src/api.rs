@@ -8,16 +8,21 @@ use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, Request, St
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
-use destinations::{DeadLetterFilter, DeadLetterSummary, EventId, Hub, parse_strict};
+use destinations::{
+    DeadLetterFilter, DeadLetterSummary, EndpointView, EventId, EventPage, Hub, SendStatus,
+    parse_strict,
+};
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use serde_json::value::RawValue;
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 
 /// What every handler shares.
 pub(crate) struct AppState {
@@ -28,6 +33,9 @@ pub(crate) struct AppState {
     pub(crate) readiness: Readiness,
     /// Largest request body accepted.
     pub(crate) max_request_bytes: usize,
+    /// The OpenAPI document of what this server serves, as JSON (set once the routes are
+    /// known).
+    pub(crate) openapi: std::sync::OnceLock<Bytes>,
 }
 
 type Shared = State<Arc<AppState>>;
@@ -38,41 +46,149 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 /// The most dead letters one listing or replay call takes.
 const MAX_DEAD_LETTERS: usize = 1000;
 
-/// The API; `guarded` (the subscriptions API of the emit destination) sits behind the same
-/// token. Without `serves_api` (a delivery worker), only the probes and metrics.
-pub(crate) fn router(state: Arc<AppState>, guarded: Router, serves_api: bool) -> Router {
+/// The OpenAPI document's frame: what the server is, the API token's scheme, the tags.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "destinations",
+        description = "Asynchronous, batched, at-least-once event delivery: runs and sends in; statuses, attempt logs, dead letters and endpoints out. Every error is `{\"error\": {\"code\", \"message\"}}`.",
+    ),
+    modifiers(&ApiTokenScheme),
+    tags(
+        (name = "sends", description = "Runs and sends in, their statuses out"),
+        (name = "dead letters", description = "Sends given up on: listed and replayed"),
+        (name = "endpoints", description = "The hosts this server delivers to: state, rates, pause and resume"),
+        (name = "operations", description = "Health, readiness, metrics and this document"),
+        (name = "emit", description = "Subscriptions of the emit destination"),
+        (name = "sse", description = "Live streams of the SSE destination"),
+    )
+)]
+struct ApiDoc;
+
+/// `Authorization: Bearer <api_token>`, required by the operations that name it when the
+/// server has an `api_token`.
+struct ApiTokenScheme;
+
+impl utoipa::Modify for ApiTokenScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "api_token",
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .description(Some("the server's `api_token`, when one is set"))
+                        .build(),
+                ),
+            );
+        openapi.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    }
+}
+
+/// The API and its OpenAPI document, from the same handlers. `guarded` (the subscriptions API
+/// of the emit destination) sits behind the same token; `streams` (SSE) beside it, with their
+/// own read tokens. Without `serves_api` (a delivery worker), only the probes, metrics and the
+/// endpoints.
+pub(crate) fn router(
+    state: &Arc<AppState>,
+    guarded: OpenApiRouter,
+    streams: OpenApiRouter,
+    serves_api: bool,
+) -> Router {
     let max_request_bytes = state.max_request_bytes;
-    let guarded = if guarded.has_routes() {
-        guarded.route_layer(middleware::from_fn_with_state(state.clone(), require_token))
-    } else {
+    let token = || middleware::from_fn_with_state(state.clone(), require_token);
+    let guarded = if guarded.get_openapi().paths.paths.is_empty() {
         guarded
+    } else {
+        guarded.route_layer(token())
     };
-    let api = Router::new()
-        .route("/v1/runs", post(post_run))
-        .route("/v1/send/{destination}", post(post_send))
-        .route("/v1/events", get(get_events))
-        .route("/v1/events/{id}", get(get_event))
-        .route("/v1/destinations", get(get_destinations))
-        .route("/v1/dead-letters", get(get_dead_letters))
-        .route("/v1/dead-letters/replay", post(post_replay))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    let api = if serves_api { api } else { Router::new() };
+    let api = OpenApiRouter::new()
+        .routes(routes!(post_run))
+        .routes(routes!(post_send))
+        .routes(routes!(get_events))
+        .routes(routes!(get_event))
+        .routes(routes!(get_destinations))
+        .routes(routes!(get_dead_letters))
+        .routes(routes!(post_replay))
+        .route_layer(token());
+    let (api, guarded, streams) = if serves_api {
+        (api, guarded, streams)
+    } else {
+        (
+            OpenApiRouter::new(),
+            OpenApiRouter::new(),
+            OpenApiRouter::new(),
+        )
+    };
     // What this server delivers to: served by every role that delivers (a worker too).
-    let endpoints = Router::new()
-        .route("/v1/endpoints", get(get_endpoints))
-        .route("/v1/endpoints/{target}/pause", post(post_pause_endpoint))
-        .route("/v1/endpoints/{target}/resume", post(post_resume_endpoint))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    Router::new()
+    let endpoints = OpenApiRouter::new()
+        .routes(routes!(get_endpoints))
+        .routes(routes!(post_pause_endpoint))
+        .routes(routes!(post_resume_endpoint))
+        .route_layer(token());
+    let (router, document) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(api)
         .merge(endpoints)
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_json))
         .fallback(|| async { ApiError::not_found("no such endpoint; see README.md for the API") })
-        .with_state(state)
+        .with_state(state.clone())
         .merge(guarded)
+        .merge(streams)
         .layer(DefaultBodyLimit::max(max_request_bytes))
+        .split_for_parts();
+    let mut document = serde_json::to_value(&document).unwrap_or_default();
+    if serves_api {
+        add_send_paths(&mut document, state.hub.send_schemas());
+    }
+    let json = serde_json::to_vec(&document).unwrap_or_default();
+    let _ = state.openapi.set(Bytes::from(json));
+    router
+}
+
+/// One `POST /v1/send/NAME` per configured instance, taking the schema of its kind's sends
+/// (the destination's own type, `HttpRequest` for `http`): the document says what each
+/// instance of this server takes, and `/v1/send/{destination}` stays for the rest.
+fn add_send_paths(
+    document: &mut serde_json::Value,
+    instances: Vec<(String, Option<destinations::SendSchema>)>,
+) {
+    let generic = document["paths"]["/v1/send/{destination}"]["post"].clone();
+    if generic.is_null() {
+        return;
+    }
+    for (name, schema) in instances {
+        let Some(schema) = schema else { continue };
+        let schemas = &mut document["components"]["schemas"];
+        for (component, body) in schema.components {
+            schemas[component] = body;
+        }
+        schemas[schema.name.as_str()] = schema.schema;
+        let mut operation = generic.clone();
+        operation["operationId"] = json!(format!("send_{name}"));
+        operation["summary"] = json!(format!("One send to the `{name}` instance"));
+        operation["parameters"] = json!([]);
+        operation["requestBody"] = json!({
+            "required": true,
+            "content": {"application/json": {"schema": {
+                "$ref": format!("#/components/schemas/{}", schema.name)
+            }}},
+        });
+        document["paths"][format!("/v1/send/{name}")] = json!({ "post": operation });
+    }
+}
+
+/// `GET /openapi.json`: this document, as the server serves it (its SSE routes included).
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "the OpenAPI 3.1 document", content_type = "application/json", body = Object)))]
+async fn openapi_json(State(state): Shared) -> Response {
+    let document = state.openapi.get().cloned().unwrap_or_default();
+    ([(header::CONTENT_TYPE, "application/json")], document).into_response()
 }
 
 /// A query string read strictly, refused as JSON (`invalid_query`) naming what is wrong.
@@ -213,9 +329,11 @@ async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
         })
 }
 
-#[derive(Deserialize)]
+/// A run: sends released together, all or none.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RunRequest<'a> {
+    /// Names the run (its emits' emitter, log lines); one is made when absent.
     #[serde(default)]
     run_id: Option<String>,
     /// Borrowed from the body: each payload is copied once, into its send.
@@ -226,17 +344,45 @@ struct RunRequest<'a> {
     failed: bool,
 }
 
-#[derive(Deserialize)]
+/// One send of a run.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RunSend<'a> {
+    /// The destination instance (`http`, `archive`).
     #[serde(borrow)]
+    #[schema(value_type = String)]
     destination: std::borrow::Cow<'a, str>,
+    /// What the instance's kind takes (see `POST /v1/send/{destination}`).
     #[serde(borrow)]
+    #[schema(value_type = Object)]
     payload: &'a RawValue,
+}
+
+/// A run accepted: every send's id, in the order sent.
+#[derive(Serialize, utoipa::ToSchema)]
+struct RunAccepted {
+    run_id: String,
+    ids: Vec<EventId>,
+}
+
+/// A send accepted.
+#[derive(Serialize, utoipa::ToSchema)]
+struct SendAccepted {
+    id: EventId,
 }
 
 /// `POST /v1/runs`: validate every send, then enqueue all or none. A queue with no room for
 /// anything refuses before the body is read (after waiting up to `hub.queue.wait` for room).
+#[utoipa::path(post, path = "/v1/runs", tag = "sends",
+    request_body = RunRequest<'_>,
+    responses(
+        (status = 202, description = "every send validated and queued", body = RunAccepted),
+        (status = 400, description = "`invalid_payload`: the message names the field, `sends[3].payload.url`", body = ErrorBody),
+        (status = 404, description = "`unknown_destination`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`, `run_too_large`", body = ErrorBody),
+        (status = 503, description = "`queue_full`, `queue_unavailable`, `shutting_down` (with `Retry-After`)", body = ErrorBody),
+    ),
+    security(("api_token" = [])))]
 async fn post_run(State(state): Shared, body: Body) -> Result<Response, ApiError> {
     state
         .hub
@@ -266,15 +412,22 @@ async fn post_run(State(state): Shared, body: Body) -> Result<Response, ApiError
         run.finish().await
     }
     .map_err(|refused| ApiError::from_send(refused.error, "sends"))?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({"run_id": run_id, "ids": ids})),
-    )
-        .into_response())
+    Ok((StatusCode::ACCEPTED, Json(RunAccepted { run_id, ids })).into_response())
 }
 
 /// `POST /v1/send/{destination}`: one send outside any run, answered once it is queued. An
 /// instance with no room refuses before the body is read.
+#[utoipa::path(post, path = "/v1/send/{destination}", tag = "sends",
+    params(("destination" = String, Path, description = "the destination instance")),
+    request_body(content = Object, description = "the send, as the instance's kind takes it"),
+    responses(
+        (status = 202, description = "queued", body = SendAccepted),
+        (status = 400, description = "`invalid_payload`, naming the field", body = ErrorBody),
+        (status = 404, description = "`unknown_destination`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 503, description = "`queue_full`, `queue_unavailable`, `shutting_down`", body = ErrorBody),
+    ),
+    security(("api_token" = [])))]
 async fn post_send(
     State(state): Shared,
     Path(destination): Path<String>,
@@ -293,17 +446,26 @@ async fn post_send(
         .json_now(&destination, raw)
         .await
         .map_err(|e| ApiError::from_send(e, ""))?;
-    Ok((StatusCode::ACCEPTED, Json(json!({"id": id}))).into_response())
+    Ok((StatusCode::ACCEPTED, Json(SendAccepted { id })).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct WaitQuery {
-    /// Wait up to this long for the send to be delivered or dead (`"10s"`).
+    /// Wait up to this long (at most 60 s) for the send to be delivered or dead (`10s`).
     wait: Option<String>,
 }
 
-/// `GET /v1/events/{id}[?wait=10s]`.
+/// `GET /v1/events/{id}[?wait=10s]`: one send's status with every attempt.
+#[utoipa::path(get, path = "/v1/events/{id}", tag = "sends",
+    params(("id" = EventId, Path, description = "the send's id"), WaitQuery),
+    responses(
+        (status = 200, description = "the status, with `attempts_log`", body = SendStatus),
+        (status = 400, description = "`invalid_id`, `invalid_wait`, `invalid_query`", body = ErrorBody),
+        (status = 404, description = "unknown, or forgotten past `hub.status_retention`", body = ErrorBody),
+    ),
+    security(("api_token" = [])))]
 async fn get_event(
     State(state): Shared,
     Path(id): Path<String>,
@@ -338,23 +500,36 @@ async fn get_event(
 
 /// Which sends: by destination, state, run, and a time range on when they were made
 /// (RFC 3339).
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct EventsQuery {
-    /// At most this many (1 to 1 000).
+    /// At most this many (1 to 1 000; default 100).
     limit: Option<usize>,
     /// The `next` of the previous page.
     after: Option<String>,
+    /// Only sends to this instance.
     destination: Option<String>,
+    /// Only sends in this state.
     state: Option<destinations::State>,
+    /// Only sends of this run.
     run: Option<String>,
+    /// Only sends made at or after this time (RFC 3339).
     since: Option<String>,
+    /// Only sends made before this time (RFC 3339).
     until: Option<String>,
 }
 
 /// `GET /v1/events?limit=&after=&destination=&state=&run=&since=&until=`: the sends the
 /// server remembers, newest first, a page at a time (without their attempt logs: see
 /// `GET /v1/events/{id}`).
+#[utoipa::path(get, path = "/v1/events", tag = "sends",
+    params(EventsQuery),
+    responses(
+        (status = 200, description = "newest first; `next` is the `after` of the next page", body = EventPage),
+        (status = 400, description = "`invalid_query`", body = ErrorBody),
+    ),
+    security(("api_token" = [])))]
 async fn get_events(
     State(state): Shared,
     ApiQuery(query): ApiQuery<EventsQuery>,
@@ -378,48 +553,132 @@ async fn get_events(
     Ok(Json(page).into_response())
 }
 
+/// A destination instance and its kind.
+#[derive(Serialize, utoipa::ToSchema)]
+struct DestinationInfo {
+    name: String,
+    kind: String,
+}
+
+/// The configured instances.
+#[derive(Serialize, utoipa::ToSchema)]
+struct Destinations {
+    destinations: Vec<DestinationInfo>,
+}
+
+/// `GET /v1/destinations`: the configured instances and their kinds.
+#[utoipa::path(get, path = "/v1/destinations", tag = "sends",
+    responses((status = 200, body = Destinations)),
+    security(("api_token" = [])))]
 async fn get_destinations(State(state): Shared) -> Response {
-    let list: Vec<_> = state
+    let destinations = state
         .hub
         .destinations()
         .into_iter()
-        .map(|(name, kind)| json!({"name": name, "kind": kind}))
+        .map(|(name, kind)| DestinationInfo {
+            name,
+            kind: kind.to_owned(),
+        })
         .collect();
-    Json(json!({ "destinations": list })).into_response()
+    Json(Destinations { destinations }).into_response()
 }
 
-/// The targets this server delivers to (an HTTP destination's hosts) with their state,
-/// limits, rates and last error.
+/// The targets this server delivers to.
+#[derive(Serialize, utoipa::ToSchema)]
+struct Endpoints {
+    endpoints: Vec<EndpointView>,
+}
+
+/// `GET /v1/endpoints`: the targets this server delivers to (an HTTP destination's hosts) with
+/// their state, limits, rates and last error.
+#[utoipa::path(get, path = "/v1/endpoints", tag = "endpoints",
+    responses((status = 200, description = "the hosts delivered to lately (up to 10 000)", body = Endpoints)),
+    security(("api_token" = [])))]
 async fn get_endpoints(State(state): Shared) -> Response {
-    Json(json!({ "endpoints": state.hub.endpoints() })).into_response()
+    Json(Endpoints {
+        endpoints: state.hub.endpoints(),
+    })
+    .into_response()
 }
 
-/// Pause a target (`host:port`) by hand: its sends stay queued, unattempted, until resumed.
+/// A target's state after a pause or resume.
+#[derive(Serialize, utoipa::ToSchema)]
+struct EndpointChanged {
+    target: String,
+    /// `paused` or `open`.
+    state: &'static str,
+    /// `operator`, after a pause.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    paused_by: Option<&'static str>,
+    /// After a resume: whether it was paused or held by a `Retry-After`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    was_held: Option<bool>,
+}
+
+/// `POST /v1/endpoints/{target}/pause`: pause a target (`host:port`) by hand: its sends stay
+/// queued, unattempted, until resumed.
+#[utoipa::path(post, path = "/v1/endpoints/{target}/pause", tag = "endpoints",
+    params(("target" = String, Path, description = "`host:port`")),
+    responses(
+        (status = 200, body = EndpointChanged),
+        (status = 409, description = "`cannot_pause`: no instance pauses hosts", body = ErrorBody),
+    ),
+    security(("api_token" = [])))]
 async fn post_pause_endpoint(State(state): Shared, Path(target): Path<String>) -> Response {
     match state.hub.pause_endpoint(&target) {
-        Ok(()) => Json(json!({ "target": target, "state": "paused", "paused_by": "operator" }))
-            .into_response(),
+        Ok(()) => Json(EndpointChanged {
+            target,
+            state: "paused",
+            paused_by: Some("operator"),
+            was_held: None,
+        })
+        .into_response(),
         Err(why) => ApiError::new(StatusCode::CONFLICT, "cannot_pause", why).into_response(),
     }
 }
 
-/// Resume a target paused by hand or after failures (or held by a `Retry-After`).
+/// `POST /v1/endpoints/{target}/resume`: resume a target paused by hand or after failures (or
+/// held by a `Retry-After`).
+#[utoipa::path(post, path = "/v1/endpoints/{target}/resume", tag = "endpoints",
+    params(("target" = String, Path, description = "`host:port`")),
+    responses((status = 200, body = EndpointChanged)),
+    security(("api_token" = [])))]
 async fn post_resume_endpoint(State(state): Shared, Path(target): Path<String>) -> Response {
     let was_held = state.hub.resume_endpoint(&target);
-    Json(json!({ "target": target, "state": "open", "was_held": was_held })).into_response()
+    Json(EndpointChanged {
+        target,
+        state: "open",
+        paused_by: None,
+        was_held: Some(was_held),
+    })
+    .into_response()
 }
 
 /// Which dead letters: `destination`, and a time range on when they died (RFC 3339).
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct DeadLetterQuery {
-    /// At most this many (1 to 1 000).
+    /// At most this many (1 to 1 000; default 100).
     limit: Option<usize>,
     /// The `next` of the previous page.
     after: Option<String>,
+    /// Only letters of this instance.
     destination: Option<String>,
+    /// Only letters that died at or after this time (RFC 3339).
     since: Option<String>,
+    /// Only letters that died before this time (RFC 3339).
     until: Option<String>,
+}
+
+/// A page of dead letters.
+#[derive(Serialize, utoipa::ToSchema)]
+struct DeadLetters {
+    dead_letters: Vec<DeadLetterSummary>,
+    /// The `after` of the next page; `null` on the last.
+    next: Option<String>,
+    /// Letters dropped because the store was full.
+    evicted: u64,
 }
 
 /// A time bound, RFC 3339; `code` says where it came from (`invalid_query`, `invalid_payload`).
@@ -458,6 +717,13 @@ fn limit(asked: Option<usize>, code: &'static str) -> Result<usize, ApiError> {
 
 /// `GET /v1/dead-letters?limit=&after=&destination=&since=&until=`: newest first, a page at a
 /// time.
+#[utoipa::path(get, path = "/v1/dead-letters", tag = "dead letters",
+    params(DeadLetterQuery),
+    responses(
+        (status = 200, body = DeadLetters),
+        (status = 400, description = "`invalid_query`", body = ErrorBody),
+    ),
+    security(("api_token" = [])))]
 async fn get_dead_letters(
     State(state): Shared,
     ApiQuery(query): ApiQuery<DeadLetterQuery>,
@@ -488,30 +754,52 @@ async fn get_dead_letters(
         .iter()
         .map(|letter| state.hub.dead_letter_summary(letter))
         .collect();
-    Ok(
-        Json(json!({"dead_letters": letters, "next": page.next, "evicted": evicted}))
-            .into_response(),
-    )
+    Ok(Json(DeadLetters {
+        dead_letters: letters,
+        next: page.next,
+        evicted,
+    })
+    .into_response())
 }
 
 /// Which dead letters to replay: by ids, by destination, by when they died; all of them when
 /// nothing is given. Up to `limit` (at most 1 000) per call.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ReplayRequest {
+    /// These letters (at most 1 000).
     #[serde(default)]
     ids: Option<Vec<EventId>>,
+    /// Letters of this instance.
     #[serde(default)]
     destination: Option<String>,
+    /// Letters that died at or after this time (RFC 3339).
     #[serde(default)]
     since: Option<String>,
+    /// Letters that died before this time (RFC 3339).
     #[serde(default)]
     until: Option<String>,
+    /// At most this many (1 to 1 000; default 1 000).
     #[serde(default)]
     limit: Option<usize>,
 }
 
+/// Letters queued again.
+#[derive(Serialize, utoipa::ToSchema)]
+struct Replayed {
+    replayed: Vec<EventId>,
+    /// Whether more letters match (replay again for them).
+    more: bool,
+}
+
 /// `POST /v1/dead-letters/replay`: in one step, so a refusal replays none.
+#[utoipa::path(post, path = "/v1/dead-letters/replay", tag = "dead letters",
+    request_body(content = Option<ReplayRequest>, description = "which letters; all of them when empty"),
+    responses(
+        (status = 202, description = "queued again: same ids, fresh retry budget", body = Replayed),
+        (status = 400, description = "`invalid_payload`", body = ErrorBody),
+    ),
+    security(("api_token" = [])))]
 async fn post_replay(State(state): Shared, body: Body) -> Result<Response, ApiError> {
     let raw = read_body(&state, body).await?;
     let request: ReplayRequest = if raw.is_empty() {
@@ -554,13 +842,12 @@ async fn post_replay(State(state): Shared, body: Body) -> Result<Response, ApiEr
         .map_err(|e| ApiError::from_send(e.into(), ""))?
         .letters
         .is_empty();
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({ "replayed": replayed, "more": more })),
-    )
-        .into_response())
+    Ok((StatusCode::ACCEPTED, Json(Replayed { replayed, more })).into_response())
 }
 
+/// `GET /healthz`: the process serves.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "`{\"status\": \"ok\"}`", body = Object)))]
 async fn healthz() -> Response {
     Json(json!({"status": "ok"})).into_response()
 }
@@ -627,6 +914,11 @@ impl Readiness {
 /// `GET /readyz`: 200 or 503 from the last check (at most `readiness_cache` old). The
 /// destinations' details (host names, bucket names, errors) only for callers with the API
 /// token when one is set.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "`{\"ready\": true}`, and each destination's answer for callers with the API token", body = Object),
+        (status = 503, description = "a destination could not reach its target at the last check", body = Object),
+    ))]
 async fn readyz(State(state): Shared, headers: axum::http::HeaderMap) -> Response {
     let checked = state.readiness.current(&state.hub).await;
     let status = if checked.ready {
@@ -642,6 +934,9 @@ async fn readyz(State(state): Shared, headers: axum::http::HeaderMap) -> Respons
     (status, Json(body)).into_response()
 }
 
+/// `GET /metrics`: Prometheus text.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
 async fn metrics(State(state): Shared) -> Response {
     destinations::metrics::record_queue_depths(&state.hub.queue_depths());
     destinations::metrics::record_endpoints(&state.hub.endpoints());

@@ -4,7 +4,6 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use destinations::{InvalidPayload, QueueError, SendError};
-use serde_json::json;
 
 /// An API error.
 #[derive(Debug)]
@@ -81,9 +80,35 @@ impl ApiError {
     }
 }
 
+/// Every error the server answers.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct ErrorBody {
+    error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct ErrorDetail {
+    /// Stable, for programs (`invalid_payload`, `queue_full`).
+    code: String,
+    /// For people: what is wrong and what to do, naming the field.
+    message: String,
+}
+
+impl ErrorBody {
+    pub(crate) fn new(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            error: ErrorDetail {
+                code: code.to_owned(),
+                message: message.into(),
+            },
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Json(json!({"error": {"code": self.code, "message": self.message}}));
+        let body = Json(ErrorBody::new(self.code, self.message));
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             // Full, unavailable or stopping: worth trying again shortly.
             return (self.status, [(axum::http::header::RETRY_AFTER, "1")], body).into_response();

@@ -21,6 +21,8 @@ mod client;
 mod config;
 mod error;
 mod listener;
+#[cfg(test)]
+mod openapi_tests;
 mod receive;
 mod request_guard;
 
@@ -493,6 +495,7 @@ async fn serve(
         api_token: config.api_token.clone(),
         readiness: api::Readiness::new(config.readiness_cache),
         max_request_bytes: config.max_request_bytes,
+        openapi: std::sync::OnceLock::new(),
     });
     // SSE streams are served beside the API, with their own read tokens, not the API token.
     let streams = destinations::sse::routes(&hub).map_err(anyhow::Error::msg)?;
@@ -503,13 +506,7 @@ async fn serve(
         &config.allowed_hosts,
     ));
     let serves_api = role != Role::Worker;
-    let (subscriptions, streams) = if serves_api {
-        (subscriptions, streams)
-    } else {
-        (axum::Router::new(), axum::Router::new())
-    };
-    let app = api::router(state, subscriptions, serves_api)
-        .merge(streams)
+    let app = api::router(&state, subscriptions, streams, serves_api)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(axum::middleware::from_fn(api::errors_as_json))
         .layer(axum::middleware::from_fn_with_state(

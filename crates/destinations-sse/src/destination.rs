@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use axum::Router;
 use destinations_core::{BatchOutcome, Fanout, Parsed, Report, ResponseSummary, TypedDestination};
 
 use crate::http::{Served, router};
@@ -111,7 +110,7 @@ impl SseDestination {
     }
 
     /// The HTTP routes that serve this instance's streams: `GET ROUTE/{stream}`.
-    pub fn router(&self) -> Router {
+    pub fn router(&self) -> utoipa_axum::router::OpenApiRouter {
         router(self.served.clone())
     }
 

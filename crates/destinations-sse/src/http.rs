@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -14,6 +13,7 @@ use axum::routing::get;
 use futures::{Stream, StreamExt, stream};
 use serde::Deserialize;
 use tokio::sync::watch;
+use utoipa::openapi::path::HttpMethod;
 
 use crate::options::SseOptions;
 use crate::send::check_name;
@@ -27,12 +27,95 @@ pub(crate) struct Served {
     pub(crate) closing: watch::Sender<bool>,
 }
 
-/// The instance's routes: `GET ROUTE/{stream}` (and `OPTIONS` for CORS preflights).
-pub(crate) fn router(served: Arc<Served>) -> Router {
+/// The instance's routes: `GET ROUTE/{stream}` (and `OPTIONS` for CORS preflights), with
+/// their part of the OpenAPI document (the path is the instance's `route`, known at run time).
+pub(crate) fn router(served: Arc<Served>) -> utoipa_axum::router::OpenApiRouter {
     let path = format!("{}/{{stream}}", served.options.route);
-    Router::new()
+    let mut router = utoipa_axum::router::OpenApiRouter::new()
         .route(&path, get(subscribe).options(preflight))
-        .with_state(served)
+        .with_state(served);
+    let paths = &mut router.get_openapi_mut().paths;
+    paths.add_path_operation(&path, vec![HttpMethod::Get], subscribe_operation());
+    paths.add_path_operation(&path, vec![HttpMethod::Options], preflight_operation());
+    router
+}
+
+/// `GET ROUTE/{stream}` as the OpenAPI document describes it.
+fn subscribe_operation() -> utoipa::openapi::path::Operation {
+    let text = |description: &str| {
+        utoipa::openapi::path::ParameterBuilder::new()
+            .schema(Some(
+                utoipa::openapi::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String),
+            ))
+            .description(Some(description))
+    };
+    let events = utoipa::openapi::ResponseBuilder::new()
+        .description("the stream's last events (`replay`), then live ones: `id:` the send's id, `event:` its channel, `data:` its payload")
+        .content(
+            "text/event-stream",
+            utoipa::openapi::ContentBuilder::new()
+                .schema(Some(
+                    utoipa::openapi::ObjectBuilder::new()
+                        .schema_type(utoipa::openapi::schema::Type::String),
+                ))
+                .build(),
+        );
+    let refused =
+        |description: &str| utoipa::openapi::ResponseBuilder::new().description(description);
+    utoipa::openapi::path::OperationBuilder::new()
+        .tag("sse")
+        .summary(Some("Subscribe to a stream: replay, then live events"))
+        .operation_id(Some("sse_subscribe"))
+        .parameter(
+            text("the stream's name")
+                .name("stream")
+                .parameter_in(utoipa::openapi::path::ParameterIn::Path)
+                .required(utoipa::openapi::Required::True),
+        )
+        .parameter(
+            text("a read token, for streams that have them (not the API token)")
+                .name("token")
+                .parameter_in(utoipa::openapi::path::ParameterIn::Query),
+        )
+        .parameter(
+            text("resume after this event (as the `Last-Event-ID` header does)")
+                .name("lastEventId")
+                .parameter_in(utoipa::openapi::path::ParameterIn::Query),
+        )
+        .parameter(
+            text("resume after this event")
+                .name("Last-Event-ID")
+                .parameter_in(utoipa::openapi::path::ParameterIn::Header),
+        )
+        .response("200", events)
+        .response("400", refused("`invalid_stream`"))
+        .response("401", refused("the stream needs a read token"))
+        .response("403", refused("a read token the stream does not take"))
+        .build()
+}
+
+/// `OPTIONS ROUTE/{stream}`: the CORS preflight of a page on an allowed origin.
+fn preflight_operation() -> utoipa::openapi::path::Operation {
+    utoipa::openapi::path::OperationBuilder::new()
+        .tag("sse")
+        .summary(Some("CORS preflight (origins in `allowed_origins`)"))
+        .operation_id(Some("sse_preflight"))
+        .parameter(
+            utoipa::openapi::path::ParameterBuilder::new()
+                .name("stream")
+                .parameter_in(utoipa::openapi::path::ParameterIn::Path)
+                .required(utoipa::openapi::Required::True)
+                .schema(Some(
+                    utoipa::openapi::ObjectBuilder::new()
+                        .schema_type(utoipa::openapi::schema::Type::String),
+                )),
+        )
+        .response(
+            "204",
+            utoipa::openapi::ResponseBuilder::new().description("allowed"),
+        )
+        .build()
 }
 
 #[derive(Deserialize)]

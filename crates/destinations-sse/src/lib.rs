@@ -23,7 +23,6 @@ mod options;
 mod send;
 mod streams;
 
-use axum::Router;
 use destinations_core::{DestinationPlugin, EventId, Hub, Registry, SendError, Sender, Typed};
 
 pub use destination::{DEFAULT_STREAM, SseDestination};
@@ -50,8 +49,8 @@ pub fn register(registry: &mut Registry) {
 
 /// The routes of every SSE instance of `hub`, to mount in an HTTP server. Two instances may
 /// not serve the same `route`.
-pub fn routes(hub: &Hub) -> Result<Router, String> {
-    let mut router = Router::new();
+pub fn routes(hub: &Hub) -> Result<utoipa_axum::router::OpenApiRouter, String> {
+    let mut router = utoipa_axum::router::OpenApiRouter::new();
     let mut taken: Vec<(String, String)> = Vec::new();
     for (name, destination) in hub.instances_of::<Typed<SseDestination>>() {
         if let Some((other, _)) = taken.iter().find(|(_, route)| route == destination.route()) {

@@ -9,12 +9,13 @@ use serde_json::value::RawValue;
 pub const MAX_NAME_CHARS: usize = 200;
 
 /// One event for a stream's subscribers.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SseSend {
     /// The SSE `event:` name subscribers listen for.
     pub channel: String,
     /// The event's data, any JSON value.
+    #[schema(value_type = Value)]
     pub payload: Box<RawValue>,
     /// The stream; default the run's id, or `default` outside a run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -53,6 +54,10 @@ impl destinations_core::SendType for SseSend {
 
     fn check(&self) -> Result<(), InvalidPayload> {
         SseSend::check(self)
+    }
+    #[cfg(feature = "openapi")]
+    fn schema() -> Option<destinations_core::SendSchema> {
+        Some(destinations_core::SendSchema::of::<Self>())
     }
 }
 

@@ -26,7 +26,10 @@ async fn serve(options: serde_json::Value) -> (Hub, String) {
         .unwrap_or_else(|e| panic!("{e}"))
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
-    let router = destinations_sse::routes(&hub).unwrap_or_else(|e| panic!("{e}"));
+    let router = destinations_sse::routes(&hub)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .split_for_parts()
+        .0;
     let address = listen(router).await;
     (hub, format!("http://{address}/v1/sse"))
 }

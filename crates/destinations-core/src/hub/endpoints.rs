@@ -80,6 +80,7 @@ pub type EndpointObserver = Arc<dyn Fn(&EndpointChange) + Send + Sync>;
 
 /// A target as `GET /v1/endpoints` shows it.
 #[derive(Clone, Debug, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EndpointView {
     /// The destination kind that sends to it (`http`).
     pub kind: &'static str,
@@ -91,9 +92,11 @@ pub struct EndpointView {
     pub paused_by: Option<&'static str>,
     /// When its pause after failures ends (then one probe goes).
     #[serde(serialize_with = "crate::status::rfc3339_option")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
     pub paused_until: Option<SystemTime>,
     /// No attempt before this (it answered `Retry-After`).
     #[serde(serialize_with = "crate::status::rfc3339_option")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
     pub retry_after_until: Option<SystemTime>,
     /// Attempts at once each instance gives it now (its adaptive limit, or the fixed one).
     pub concurrency: BTreeMap<String, usize>,
@@ -113,6 +116,7 @@ pub struct EndpointView {
     pub last_error: Option<String>,
     /// When an attempt to it last ended.
     #[serde(serialize_with = "crate::status::rfc3339_option")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
     pub last_attempt_at: Option<SystemTime>,
 }
 

@@ -894,6 +894,18 @@ impl Hub {
         list
     }
 
+    /// Each instance with the JSON Schema of what it takes, by name (for the API document).
+    pub fn send_schemas(&self) -> Vec<(String, Option<crate::typed::SendSchema>)> {
+        let mut list: Vec<_> = self
+            .shared
+            .instances
+            .values()
+            .map(|i| (i.name.to_string(), i.destination.send_schema()))
+            .collect();
+        list.sort_by(|a, b| a.0.cmp(&b.0));
+        list
+    }
+
     /// Ask every instance whether its target is reachable.
     pub async fn health(&self) -> Vec<(String, Result<(), HealthError>)> {
         let checks = self
