@@ -9,6 +9,7 @@ use std::process::{Command, ExitCode};
 
 mod bench;
 mod charts;
+mod clients;
 mod scaffold;
 
 const USAGE: &str = "usage: cargo xtask <command>
@@ -16,7 +17,8 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   setup                 install what the tests need (idempotent)
   test                  setup, then run the whole test suite
-  lint                  fmt check and clippy -D warnings
+  lint                  fmt check and clippy -D warnings; the TypeScript client's dist/ current
+  build-clients         compile the TypeScript client into clients/typescript/dist
   ci                    lint, then test (what .ci/run does)
   bench [--quick] [scenario...]
                         build release binaries, run the load scenarios, print a table beside
@@ -35,6 +37,7 @@ fn main() -> ExitCode {
         Some("setup") => setup(),
         Some("test") => setup().and_then(|()| test()),
         Some("lint") => lint(),
+        Some("build-clients") => clients::build(),
         Some("ci") => lint().and_then(|()| setup()).and_then(|()| test()),
         Some("bench") => bench::run(&args[1..]),
         Some("new-destination") => scaffold::new_destination(&args[1..]),
@@ -157,6 +160,10 @@ pub(crate) fn setup() -> Result<(), String> {
     // Headless Chromium runs the SSE destination's EventSource test.
     if !have("chromium") {
         packages.push("chromium");
+    }
+    // The TypeScript client's compiler and tests.
+    if !have("node") || !have("npm") {
+        packages.extend(["nodejs", "npm"]);
     }
     // chattr makes a folder read-only for root too (the queue's read-only data directory test).
     if !have("chattr") {
@@ -357,6 +364,10 @@ fn test() -> Result<(), String> {
     for (what, args) in suites {
         count(what, cargo_test(&args, &root())?);
     }
+    // The clients for other languages, against the server binary.
+    for (what, counts) in clients::check()? {
+        count(what, counts);
+    }
     // The crates `new-destination` generates, on a copy of this checkout.
     for (what, counts) in scaffold::check_generated()? {
         count(what, counts);
@@ -477,9 +488,8 @@ fn lint() -> Result<(), String> {
         .env("CARGO_TARGET_DIR", root().join("target"))
         .status()
         .map_err(|e| format!("cannot run cargo: {e}"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("clippy found problems in the examples ({status})"))
+    if !status.success() {
+        return Err(format!("clippy found problems in the examples ({status})"));
     }
+    clients::typescript_build_is_current()
 }

@@ -11,6 +11,8 @@ pub(crate) struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// The path of the field at fault (`sends[3].payload.url`), when one is.
+    field: Option<String>,
 }
 
 impl ApiError {
@@ -19,7 +21,14 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            field: None,
         }
+    }
+
+    /// Naming the field at fault (none for an empty path: the whole body).
+    fn at(mut self, field: &str) -> Self {
+        self.field = (!field.is_empty()).then(|| field.to_owned());
+        self
     }
 
     pub(crate) fn invalid(error: &InvalidPayload) -> Self {
@@ -28,6 +37,7 @@ impl ApiError {
             "invalid_payload",
             error.to_string(),
         )
+        .at(&error.field)
     }
 
     pub(crate) fn not_found(message: impl Into<String>) -> Self {
@@ -50,14 +60,15 @@ impl ApiError {
             SendError::RunTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         };
         let code = error.code();
-        let message = match error {
+        let (message, field) = match error {
             SendError::Invalid { destination, error } => {
                 let error = error.within(field_prefix);
-                format!("send to `{destination}` refused: {error}")
+                let field = error.field.clone();
+                (format!("send to `{destination}` refused: {error}"), field)
             }
-            other => other.to_string(),
+            other => (other.to_string(), field_prefix.to_owned()),
         };
-        Self::new(status, code, message)
+        Self::new(status, code, message).at(&field)
     }
 }
 
@@ -93,14 +104,18 @@ pub(crate) struct ErrorDetail {
     code: String,
     /// For people: what is wrong and what to do, naming the field.
     message: String,
+    /// The path of the field at fault, when one is: `sends[3].payload.url`, `ids[0]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<String>,
 }
 
 impl ErrorBody {
-    pub(crate) fn new(code: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(code: &str, message: impl Into<String>, field: Option<String>) -> Self {
         Self {
             error: ErrorDetail {
                 code: code.to_owned(),
                 message: message.into(),
+                field,
             },
         }
     }
@@ -108,7 +123,7 @@ impl ErrorBody {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Json(ErrorBody::new(self.code, self.message));
+        let body = Json(ErrorBody::new(self.code, self.message, self.field));
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             // Full, unavailable or stopping: worth trying again shortly.
             return (self.status, [(axum::http::header::RETRY_AFTER, "1")], body).into_response();

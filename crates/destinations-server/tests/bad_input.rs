@@ -477,6 +477,12 @@ async fn every_bad_input_is_refused_as_json_naming_the_field_and_nothing_arrives
             "{what} in a run: the message should name `sends[3].payload.{}`: {message}",
             case.field
         );
+        // The field is given apart too, for programs: its whole path.
+        let field = body["error"]["field"].as_str().unwrap_or_default();
+        assert!(
+            field.starts_with(path.trim_matches('`')),
+            "{what} in a run: `error.field` should be the path {path}…: {body}"
+        );
         cases += 1;
     }
 
@@ -502,6 +508,7 @@ async fn every_bad_input_is_refused_as_json_naming_the_field_and_nothing_arrives
         let message = body["error"]["message"].as_str().unwrap_or_default();
         assert_eq!((got, common::error_code(&body)), (status, code), "{body}");
         assert!(message.contains(field), "{field}: {message}");
+        assert_eq!(body["error"]["field"], field.trim_matches('`'), "{body}");
         cases += 1;
     }
 
