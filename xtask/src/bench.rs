@@ -12,7 +12,7 @@ use crate::{apt_install, have, root};
 
 mod nats;
 
-const SCENARIOS: [&str; 14] = [
+const SCENARIOS: [&str; 15] = [
     "send-path",
     "http",
     "http-batch",
@@ -24,6 +24,7 @@ const SCENARIOS: [&str; 14] = [
     "queues",
     "overload",
     "server-http",
+    "dashboard",
     "server-s3",
     "scaling",
     "nats",
@@ -903,6 +904,95 @@ fn collect_files(folder: &std::path::Path, into: &mut Vec<std::path::PathBuf>) {
 /// A fresh server (`name`, with `instance`) loaded by wrk posting `body` for `seconds`: the
 /// sends delivered per second from the first request to the last delivery, how many were
 /// accepted, and wrk's run.
+/// The server-http load twice — alone, then with the dashboard open in headless Chromium
+/// (its live stream, and the sends list it reloads each second as counts change) — each time
+/// the delivered rate and the server's peak memory.
+fn dashboard_scenario(quick: bool) -> Result<(Row, String), String> {
+    let seconds = if quick { 5 } else { 10 };
+    let (_receiver, receiver_url) = start_receiver()?;
+    let instance = "[destinations.http]\nkind = \"http\"\nallow_networks = [\"127.0.0.0/8\"]\n";
+    let body = http_run_body(&format!("{receiver_url}/e2e"));
+    let run = |name: &str, with_page: bool| -> Result<(f64, u64), String> {
+        let (server, port) = start_server_on(name, instance, &all_cpus())?;
+        let page = if with_page {
+            if !have("chromium") {
+                apt_install(&["chromium"])?;
+            }
+            let profile = root().join("target/bench/dashboard-chromium");
+            let _ = std::fs::remove_dir_all(&profile);
+            let child = pinned(1, "chromium")
+                .args([
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                ])
+                .arg(format!("--user-data-dir={}", profile.display()))
+                .arg(format!("http://127.0.0.1:{port}/#sends"))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| format!("cannot start chromium: {e}"))?;
+            // Loaded and listening before the clock starts.
+            std::thread::sleep(std::time::Duration::from_secs(3));
+            Some(Background(child))
+        } else {
+            None
+        };
+        let started = std::time::Instant::now();
+        let load = wrk_post(
+            &format!("http://127.0.0.1:{port}/v1/runs"),
+            &body,
+            seconds,
+            16,
+        )?;
+        let accepted = ((load.requests - load.non_2xx) * 100) as f64;
+        let delivered_at = wait_delivered(port, accepted, std::time::Duration::from_secs(600))?;
+        let rate = accepted / (delivered_at - started).as_secs_f64();
+        let peak_kib = peak_rss_kib(server.0.id());
+        drop(page);
+        drop(server);
+        Ok((rate, peak_kib))
+    };
+    let (closed, closed_kib) = run("dashboard-closed", false)?;
+    let (open, open_kib) = run("dashboard-open", true)?;
+    let row = Row {
+        scenario: "dashboard",
+        goal: "ratio ≥ 0.9",
+        measure: "HTTP sends/s delivered with the dashboard open".into(),
+        value: open,
+        reference_name: "the same load, dashboard closed".into(),
+        reference: closed,
+        notes: format!(
+            "wrk -c16 posting runs of 100 × 256 B for {seconds} s (SQLite queue); the page on #sends in headless Chromium pinned to CPU 1 beside wrk; server peak RSS {} MiB open, {} MiB closed",
+            open_kib / 1024,
+            closed_kib / 1024
+        ),
+    };
+    let json = format!(
+        r#"{{"scenario":"dashboard","open":{open},"closed":{closed},"open_peak_rss_kib":{open_kib},"closed_peak_rss_kib":{closed_kib}}}"#
+    );
+    Ok((row, json))
+}
+
+/// A process's peak resident memory (`VmHWM`), in KiB; 0 if it cannot be read.
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status.lines().find_map(|line| {
+                line.strip_prefix("VmHWM:")?
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+        })
+        .unwrap_or(0)
+}
+
 fn end_to_end(
     name: &str,
     instance: &str,
@@ -1473,6 +1563,7 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
             "queues" => queues_scenario(options.quick)?,
             "overload" => overload_scenario(options.quick)?,
             "server-http" => vec![server_http_scenario(options.quick)?],
+            "dashboard" => vec![dashboard_scenario(options.quick)?],
             "server-s3" => vec![server_s3_scenario(options.quick)?],
             "scaling" => scaling_scenario(options.quick)?,
             "nats" => nats::nats_scenario(options.quick)?,

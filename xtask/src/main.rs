@@ -157,9 +157,13 @@ pub(crate) fn setup() -> Result<(), String> {
     if !have("python3") {
         packages.extend(["python3", "python3-venv"]);
     }
-    // Headless Chromium runs the SSE destination's EventSource test.
+    // Headless Chromium runs the SSE destination's EventSource test and, through its
+    // chromedriver, the dashboard's tests.
     if !have("chromium") {
         packages.push("chromium");
+    }
+    if !have("chromedriver") {
+        packages.push("chromium-driver");
     }
     // The TypeScript client's compiler and tests.
     if !have("node") || !have("npm") {

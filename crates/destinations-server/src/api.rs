@@ -36,6 +36,10 @@ pub(crate) struct AppState {
     /// The OpenAPI document of what this server serves, as JSON (set once the routes are
     /// known).
     pub(crate) openapi: std::sync::OnceLock<Bytes>,
+    /// Browsers signed in to the dashboard.
+    pub(crate) sessions: crate::dashboard::Sessions,
+    /// Set when the server stops: live streams end.
+    pub(crate) stopping: tokio::sync::watch::Sender<bool>,
 }
 
 type Shared = State<Arc<AppState>>;
@@ -113,11 +117,23 @@ pub(crate) fn router(
         .routes(routes!(get_destinations))
         .routes(routes!(get_dead_letters))
         .routes(routes!(post_replay))
+        .routes(routes!(crate::dashboard::live))
         .route_layer(token());
-    let (api, guarded, streams) = if serves_api {
-        (api, guarded, streams)
+    // The dashboard: its page and sign-in are open (the page asks for the token).
+    let dashboard = OpenApiRouter::new()
+        .routes(routes!(crate::dashboard::page))
+        .routes(routes!(crate::dashboard::script))
+        .routes(routes!(crate::dashboard::style))
+        .routes(routes!(
+            crate::dashboard::session_state,
+            crate::dashboard::sign_in,
+            crate::dashboard::sign_out
+        ));
+    let (api, dashboard, guarded, streams) = if serves_api {
+        (api, dashboard, guarded, streams)
     } else {
         (
+            OpenApiRouter::new(),
             OpenApiRouter::new(),
             OpenApiRouter::new(),
             OpenApiRouter::new(),
@@ -131,6 +147,7 @@ pub(crate) fn router(
         .route_layer(token());
     let (router, document) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(api)
+        .merge(dashboard)
         .merge(endpoints)
         .routes(routes!(healthz))
         .routes(routes!(readyz))
@@ -285,20 +302,22 @@ async fn require_token(State(state): Shared, request: Request, next: Next) -> Re
 }
 
 impl AppState {
-    /// Whether a request may use the API: no token is set, or it carries the token.
-    fn authorized(&self, headers: &axum::http::HeaderMap) -> bool {
+    /// Whether a request may use the API: no token is set, or it carries the token, or it
+    /// comes from a browser signed in to the dashboard with it.
+    pub(crate) fn authorized(&self, headers: &axum::http::HeaderMap) -> bool {
         self.api_token.as_deref().is_none_or(|expected| {
             headers
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
                 .and_then(destinations::secret::bearer_token)
                 .is_some_and(|given| destinations::secret::tokens_match(given, expected))
+                || self.sessions.signed_in(headers)
         })
     }
 }
 
 /// Read the body, up to the server's limit; 413 past it.
-async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(body, state.max_request_bytes)
         .await
         .map_err(|error| {
@@ -457,11 +476,23 @@ struct WaitQuery {
     wait: Option<String>,
 }
 
+/// One send's status, and its payload while the server keeps it (a dead letter's).
+#[derive(Serialize, utoipa::ToSchema)]
+struct EventDetail {
+    #[serde(flatten)]
+    status: SendStatus,
+    /// The send's payload, for a dead letter (secrets hidden, as in the listing): a
+    /// delivered send's payload is not kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    payload: Option<serde_json::Value>,
+}
+
 /// `GET /v1/events/{id}[?wait=10s]`: one send's status with every attempt.
 #[utoipa::path(get, path = "/v1/events/{id}", tag = "sends",
     params(("id" = EventId, Path, description = "the send's id"), WaitQuery),
     responses(
-        (status = 200, description = "the status, with `attempts_log`", body = SendStatus),
+        (status = 200, description = "the status, with `attempts_log`", body = EventDetail),
         (status = 400, description = "`invalid_id`, `invalid_wait`, `invalid_query`", body = ErrorBody),
         (status = 404, description = "unknown, or forgotten past `hub.status_retention`", body = ErrorBody),
     ),
@@ -495,7 +526,19 @@ async fn get_event(
             "no send with id {id}: unknown, not yet released by its run, or finished long enough ago to be forgotten (hub.status_retention)"
         ))
     })?;
-    Ok(Json(status).into_response())
+    let payload = if status.state == destinations::State::Dead {
+        let only = DeadLetterFilter {
+            ids: Some(vec![id]),
+            ..DeadLetterFilter::default()
+        };
+        let page = state.hub.dead_letter_page(&only, None, 1).await;
+        page.ok()
+            .and_then(|page| page.letters.into_iter().next())
+            .map(|letter| state.hub.dead_letter_summary(&letter).payload)
+    } else {
+        None
+    };
+    Ok(Json(EventDetail { status, payload }).into_response())
 }
 
 /// Which sends: by destination, state, run, and a time range on when they were made

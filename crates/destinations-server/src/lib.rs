@@ -19,6 +19,7 @@
 mod api;
 mod client;
 mod config;
+mod dashboard;
 mod error;
 mod listener;
 #[cfg(test)]
@@ -496,6 +497,8 @@ async fn serve(
         readiness: api::Readiness::new(config.readiness_cache),
         max_request_bytes: config.max_request_bytes,
         openapi: std::sync::OnceLock::new(),
+        sessions: dashboard::Sessions::default(),
+        stopping: tokio::sync::watch::Sender::new(false),
     });
     // SSE streams are served beside the API, with their own read tokens, not the API token.
     let streams = destinations::sse::routes(&hub).map_err(anyhow::Error::msg)?;
@@ -518,11 +521,13 @@ async fn serve(
             request_guard::guard_requests,
         ));
     let stopping = hub.clone();
+    let live = state.stopping.clone();
     let closed = listener::serve(listener, app, config.clients, async move {
         shutdown_signal().await;
         tracing::info!("stopping: no new connections; letting requests under way finish");
         // Subscribers never hang up by themselves: end their responses so the server can stop.
         destinations::sse::close(&stopping);
+        live.send_replace(true);
     })
     .await;
     if closed > 0 {

@@ -29,6 +29,8 @@ async fn served(dir: &TempDir) -> (axum::Router, Value, destinations::Hub) {
         readiness: api::Readiness::new(Duration::from_secs(10)),
         max_request_bytes: config.max_request_bytes,
         openapi: OnceLock::new(),
+        sessions: crate::dashboard::Sessions::default(),
+        stopping: tokio::sync::watch::Sender::new(false),
     });
     let streams = destinations::sse::routes(&hub).unwrap_or_else(|e| panic!("{e}"));
     let subscriptions = destinations::emit::routes(&hub).unwrap_or_else(|e| panic!("{e}"));

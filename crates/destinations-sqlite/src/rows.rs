@@ -367,7 +367,8 @@ pub(crate) fn dead_letter(row: &Row<'_>) -> rusqlite::Result<(i64, DeadLetter)> 
     ))
 }
 
-/// Dead letters matching `filter`, newest first.
+/// Dead letters matching `filter`, newest first. Letters asked for by id are looked up one by
+/// one (at most 1 000, on the unique index of `id`).
 pub(crate) fn dead_letters(
     conn: &Connection,
     filter: &DeadLetterFilter,
@@ -375,13 +376,6 @@ pub(crate) fn dead_letters(
     limit: usize,
 ) -> Result<DeadLetterPage, String> {
     let (before_ms, before_seq) = cursor(after)?;
-    let ids: Option<Rc<Vec<Value>>> = filter.ids.as_ref().map(|ids| {
-        Rc::new(
-            ids.iter()
-                .map(|id| Value::Blob(id.to_bytes().to_vec()))
-                .collect(),
-        )
-    });
     let run = || -> rusqlite::Result<DeadLetterPage> {
         let mut statement = conn.prepare_cached(
             "SELECT seq, id, destination, run, created_ms, attempts, died_ms, reason, payload
@@ -390,23 +384,37 @@ pub(crate) fn dead_letters(
                AND (?3 IS NULL OR destination = ?3)
                AND (?4 IS NULL OR died_ms >= ?4)
                AND (?5 IS NULL OR died_ms < ?5)
-               AND (?6 IS NULL OR id IN rarray(?6))
+               AND (?6 IS NULL OR id = ?6)
              ORDER BY died_ms DESC, seq DESC
              LIMIT ?7",
         )?;
-        let mut rows = statement.query(params![
-            before_ms,
-            before_seq,
-            filter.destination,
-            filter.since.map(to_ms),
-            filter.until.map(to_ms),
-            ids,
-            i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX),
-        ])?;
-        let mut letters = Vec::new();
+        let bound = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
+        let ids: Vec<Option<[u8; 16]>> = match &filter.ids {
+            Some(ids) => ids.iter().map(|id| Some(id.to_bytes())).collect(),
+            None => vec![None],
+        };
+        let mut found = Vec::new();
+        for id in ids {
+            let mut rows = statement.query(params![
+                before_ms,
+                before_seq,
+                filter.destination,
+                filter.since.map(to_ms),
+                filter.until.map(to_ms),
+                id,
+                bound,
+            ])?;
+            while let Some(row) = rows.next()? {
+                found.push(dead_letter(row)?);
+            }
+        }
+        if filter.ids.is_some() {
+            found.sort_by_key(|(seq, letter)| std::cmp::Reverse((to_ms(letter.died_at), *seq)));
+            found.dedup_by_key(|(seq, _)| *seq);
+        }
         let mut cursors = Vec::new();
-        while let Some(row) = rows.next()? {
-            let (seq, letter) = dead_letter(row)?;
+        let mut letters = Vec::new();
+        for (seq, letter) in found {
             cursors.push(format!("{}-{seq}", to_ms(letter.died_at)));
             letters.push(letter);
         }

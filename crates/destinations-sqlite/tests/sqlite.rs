@@ -586,3 +586,52 @@ async fn a_listing_pages_through_thousands_of_sends_newest_first() {
     let report = hub.shutdown_within(Duration::from_millis(100)).await;
     assert_eq!(report.kept, 2000);
 }
+
+#[tokio::test]
+async fn a_replay_by_ids_replays_those_letters_only() {
+    let dir = TempDir::new("sqlite");
+    let gone = Recorder::new(|attempt| {
+        if attempt == 1 {
+            Report::failed("410 Gone")
+        } else {
+            Report::delivered()
+        }
+    });
+    let hub = hub_on(
+        open(&dir).unwrap_or_else(|e| panic!("{e}")),
+        gone,
+        HubConfig::default(),
+    );
+    let ids = send_run(&hub, 0..3).await;
+    for id in &ids {
+        let status = destinations_testkit::final_status(&hub, *id, Duration::from_secs(30)).await;
+        assert_eq!(status.map(|s| s.state), Some(State::Dead));
+    }
+    // The statuses say dead a moment before the letters are committed.
+    assert!(hub.drained(Duration::from_secs(30)).await);
+    assert_eq!(destinations_testkit::dead_letters(&hub).await.len(), 3);
+    let chosen = DeadLetterFilter {
+        ids: Some(vec![ids[0], ids[1]]),
+        ..DeadLetterFilter::default()
+    };
+    let listed = hub
+        .dead_letter_page(&chosen, None, 10)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut listed: Vec<EventId> = listed.letters.iter().map(|l| l.envelope.id).collect();
+    listed.sort();
+    assert_eq!(listed, ids[..2], "the letters asked for, and only those");
+    let mut replayed = hub
+        .replay_dead_letters(&chosen, 2)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    replayed.sort();
+    assert_eq!(replayed, ids[..2]);
+    let letters = destinations_testkit::dead_letters(&hub).await;
+    assert_eq!(
+        letters.iter().map(|l| l.envelope.id).collect::<Vec<_>>(),
+        [ids[2]],
+        "the one not asked for stays dead"
+    );
+    hub.shutdown().await;
+}

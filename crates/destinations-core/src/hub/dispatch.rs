@@ -25,7 +25,7 @@ use crate::config::InstanceSettings;
 use crate::dead_letters::DeadLetter;
 use crate::destination::{Batch, BatchOutcome, Destination, Outcome, Report};
 use crate::envelope::{Envelope, EventId};
-use crate::metrics::InstanceMetrics;
+use crate::metrics::{InstanceMetrics, Totals};
 use crate::policy::{
     AdaptiveLimit, BatchPolicy, Health, PausePolicy, Pressure, RateGate, RateLimit, RetryDecision,
     RetryPolicy,
@@ -1376,6 +1376,7 @@ impl Lane {
                 }
                 Outcome::Failed { error } => {
                     self.metrics.attempts_failed.increment(1);
+                    Totals::add(&self.metrics.totals.failed_attempts, 1);
                     settlement.dead.push(Settled {
                         envelope,
                         error: Some(error),
@@ -1384,6 +1385,7 @@ impl Lane {
                 }
                 Outcome::Retry { error, after } => {
                     self.metrics.attempts_retry.increment(1);
+                    Totals::add(&self.metrics.totals.failed_attempts, 1);
                     retry_after = retry_after.max(after);
                     failed.push(Settled {
                         envelope,
@@ -1495,6 +1497,9 @@ impl Lane {
             .delivered
             .increment(settlement.delivered.len() as u64);
         self.metrics.dead.increment(settlement.dead.len() as u64);
+        let totals = &self.metrics.totals;
+        Totals::add(&totals.delivered, settlement.delivered.len() as u64);
+        Totals::add(&totals.dead, settlement.dead.len() as u64);
         let mut wait = Duration::from_millis(50);
         loop {
             match self.consumer.settle(&settlement).await {

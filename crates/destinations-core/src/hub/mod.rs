@@ -202,6 +202,7 @@ impl HubShared {
         for (slot, sends, bytes) in tally.entries() {
             if let Some(metrics) = self.metrics_of(slot) {
                 metrics.accepted.increment(sends as u64);
+                crate::metrics::Totals::add(&metrics.totals.accepted, sends as u64);
                 metrics.accepted_bytes.increment(bytes as u64);
             }
         }
@@ -332,6 +333,7 @@ impl HubShared {
             let tally = self.tally(dead.iter().map(|s| &s.envelope));
             self.abandoned.fetch_add(dead.len(), Ordering::AcqRel);
             instance.metrics.dead.increment(dead.len() as u64);
+            crate::metrics::Totals::add(&instance.metrics.totals.dead, dead.len() as u64);
             let settlement = Settlement {
                 dead,
                 ..Settlement::default()
@@ -921,6 +923,33 @@ impl Hub {
     /// How much is pending, in all.
     pub fn queue_depth(&self) -> QueueDepth {
         self.shared.capacity.depth()
+    }
+
+    /// Each instance's counts since the hub started (sends accepted, delivered, dead, failed
+    /// attempts) and what waits in its queue, by name.
+    pub fn totals(&self) -> Vec<crate::metrics::InstanceTotals> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let depths: std::collections::HashMap<String, QueueDepth> =
+            self.queue_depths().into_iter().collect();
+        let mut list: Vec<_> = self
+            .shared
+            .instances
+            .values()
+            .map(|i| {
+                let totals = &i.metrics.totals;
+                crate::metrics::InstanceTotals {
+                    name: i.name.to_string(),
+                    kind: i.kind,
+                    accepted: totals.accepted.load(Relaxed),
+                    delivered: totals.delivered.load(Relaxed),
+                    dead: totals.dead.load(Relaxed),
+                    failed_attempts: totals.failed_attempts.load(Relaxed),
+                    queued: depths.get(&*i.name).map_or(0, |d| d.events),
+                }
+            })
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
     }
 
     /// How much is pending per instance, sorted by name.
