@@ -5,6 +5,7 @@
 //! attempt that delivered a send is read from the send's status (its answer and the time it
 //! was delivered), so a delivery costs the log nothing.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -13,14 +14,15 @@ use crate::envelope::EventId;
 use crate::queue::Settlement;
 use crate::status::{SendStatus, State};
 
-/// The most attempts a send's log keeps (the newest; the status counts them all).
-pub const MAX_LOGGED_ATTEMPTS: usize = 20;
+/// The most attempts a send's log keeps: the first, and the newest after it (the status
+/// counts them all). A send retried through an outage keeps its log small.
+pub const MAX_LOGGED_ATTEMPTS: usize = 10;
 
 /// The most bytes of a target's answer an attempt keeps.
-pub const MAX_LOGGED_EXCERPT: usize = 1024;
+pub const MAX_LOGGED_EXCERPT: usize = 256;
 
 /// The most bytes of an error an attempt keeps.
-pub const MAX_LOGGED_ERROR: usize = 2048;
+pub const MAX_LOGGED_ERROR: usize = 512;
 
 /// How one attempt ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,12 +56,16 @@ pub struct Attempt {
     /// The target's status code (HTTP status, SMTP reply code), if it answered with one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status_code: Option<u16>,
-    /// The start of the target's answer (at most 1 KiB), for failures.
+    /// The start of the target's answer (at most 256 bytes), for failures. Shared by the
+    /// sends of a batch that failed together.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub response_excerpt: Option<String>,
-    /// What went wrong (for the last attempt of a dead send, why it was given up on).
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
+    pub response_excerpt: Option<Arc<str>>,
+    /// What went wrong (for the last attempt of a dead send, why it was given up on), at most
+    /// 512 bytes. Shared by the sends of a batch that failed together.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
+    pub error: Option<Arc<str>>,
 }
 
 /// When a delivery attempt started and how long it took: given with the settlement of an
@@ -73,15 +79,32 @@ pub struct Attempted {
 }
 
 /// `text` cut to at most `max` bytes, on a character boundary, marked when cut.
-fn bounded(text: &str, max: usize) -> String {
+fn bounded(text: &str, max: usize) -> Arc<str> {
     if text.len() <= max {
-        return text.to_owned();
+        return Arc::from(text);
     }
     let mut end = max;
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}…", &text[..end])
+    Arc::from(format!("{}…", &text[..end]))
+}
+
+/// The same text shared: the sends of a batch that failed together keep one copy.
+#[derive(Default)]
+struct Shared(Option<(String, Arc<str>)>);
+
+impl Shared {
+    fn get(&mut self, text: &str, max: usize) -> Arc<str> {
+        match &self.0 {
+            Some((seen, shared)) if seen == text => shared.clone(),
+            _ => {
+                let shared = bounded(text, max);
+                self.0 = Some((text.to_owned(), shared.clone()));
+                shared
+            }
+        }
+    }
 }
 
 impl Settlement {
@@ -103,6 +126,7 @@ impl Settlement {
             .dead
             .iter()
             .map(|settled| (settled, AttemptOutcome::Failed));
+        let (mut excerpts, mut errors) = (Shared::default(), Shared::default());
         retried
             .chain(dead)
             .map(|(settled, outcome)| {
@@ -115,11 +139,11 @@ impl Settlement {
                     status_code: response.and_then(|r| r.status),
                     response_excerpt: response
                         .and_then(|r| r.body_excerpt.as_deref())
-                        .map(|excerpt| bounded(excerpt, MAX_LOGGED_EXCERPT)),
+                        .map(|excerpt| excerpts.get(excerpt, MAX_LOGGED_EXCERPT)),
                     error: settled
                         .error
                         .as_deref()
-                        .map(|error| bounded(error, MAX_LOGGED_ERROR)),
+                        .map(|error| errors.get(error, MAX_LOGGED_ERROR)),
                 };
                 (settled.envelope.id, attempt)
             })
@@ -127,12 +151,13 @@ impl Settlement {
     }
 }
 
-/// Add `attempt` to a log, keeping the newest [`MAX_LOGGED_ATTEMPTS`].
+/// Add `attempt` to a log, keeping the first attempt and the newest after it,
+/// [`MAX_LOGGED_ATTEMPTS`] in all.
 pub fn log_attempt(log: &mut Vec<Attempt>, attempt: Attempt) {
     log.push(attempt);
     if log.len() > MAX_LOGGED_ATTEMPTS {
         let excess = log.len() - MAX_LOGGED_ATTEMPTS;
-        log.drain(..excess);
+        log.drain(1..=excess);
     }
 }
 
@@ -169,12 +194,12 @@ mod tests {
     fn long_text_is_cut_on_a_character_boundary() {
         let text = "é".repeat(1000);
         let cut = bounded(&text, 11);
-        assert_eq!(cut, format!("{}…", "é".repeat(5)));
-        assert_eq!(bounded("short", 11), "short");
+        assert_eq!(&*cut, format!("{}…", "é".repeat(5)));
+        assert_eq!(&*bounded("short", 11), "short");
     }
 
     #[test]
-    fn a_log_keeps_the_newest_attempts() {
+    fn a_log_keeps_the_first_attempt_and_the_newest() {
         let mut log = Vec::new();
         for number in 1..=25 {
             log_attempt(
@@ -191,6 +216,7 @@ mod tests {
             );
         }
         assert_eq!(log.len(), MAX_LOGGED_ATTEMPTS);
-        assert_eq!(log.first().map(|a| a.number), Some(6));
+        let numbers: Vec<u32> = log.iter().map(|a| a.number).collect();
+        assert_eq!(numbers, [1, 17, 18, 19, 20, 21, 22, 23, 24, 25]);
     }
 }

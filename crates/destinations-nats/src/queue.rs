@@ -1027,16 +1027,16 @@ impl NatsConsumer {
                     continue;
                 }
             };
-            if handling.replayed {
-                self.shared
-                    .statuses
-                    .replayed(envelopes.iter().map(|e| e.id));
-            }
             let envelopes = if delivered > 1 || handling.retry {
                 self.unfinished(envelopes).await
             } else {
                 envelopes
             };
+            if handling.replayed {
+                self.shared
+                    .statuses
+                    .replayed(envelopes.iter().map(|e| e.id));
+            }
             if envelopes.is_empty() {
                 answer_one(&self.shared.context, reply, AckKind::Ack, timeout).await;
                 continue;

@@ -278,10 +278,16 @@ impl NatsStatuses {
             .extend(ids);
     }
 
-    /// A send's status as the bucket holds it now, if any.
+    /// A send's status as the bucket holds it now, if any. One that cannot be read is said in
+    /// the log: the send's earlier attempts and error are then missing from its status.
     async fn earlier(&self, id: EventId) -> Option<Record> {
-        let value = self.store.get(id.to_string()).await.ok()??;
-        serde_json::from_slice::<Record>(&value).ok()
+        match self.store.get(id.to_string()).await {
+            Ok(value) => serde_json::from_slice::<Record>(&value?).ok(),
+            Err(error) => {
+                tracing::warn!(%id, %error, "a send's earlier status could not be read; its attempt log starts again");
+                None
+            }
+        }
     }
 
     /// Record what a settlement decided. A send's earlier status is read first only when
@@ -303,8 +309,9 @@ impl NatsStatuses {
                 record.last_error = s.error.clone();
                 // Attempted before this attempt (or held back after one), or replayed.
                 let earlier_attempts = if attempted { 1 } else { 0 };
-                let has_earlier =
-                    s.envelope.attempts > earlier_attempts || replayed.remove(&s.envelope.id);
+                // Taken out of the set whatever else says the status is needed.
+                let replayed_now = replayed.remove(&s.envelope.id);
+                let has_earlier = s.envelope.attempts > earlier_attempts || replayed_now;
                 records.push((s.envelope.id, record, has_earlier));
             };
             for s in &settlement.delivered {
@@ -356,12 +363,12 @@ impl NatsStatuses {
         Ok(())
     }
 
-    /// Sends of the status stream from sequence `from` to `to`, each with when the server
-    /// stored it (ms): read in one pass of an ordered consumer.
+    /// Sends of the status stream from sequence `from` to `to` (to its end when `None`), each
+    /// with when the server stored it (ms): read in one pass of an ordered consumer.
     async fn read_range(
         &self,
         from: u64,
-        to: u64,
+        to: Option<u64>,
     ) -> Result<Vec<(EventId, Record, u64)>, QueueError> {
         let fail =
             |e: &dyn std::fmt::Display| QueueError::Unavailable(format!("listing statuses: {e}"));
@@ -380,19 +387,18 @@ impl NatsStatuses {
         let mut messages = consumer.messages().await.map_err(|e| fail(&e))?;
         let mut read = Vec::new();
         loop {
-            // Nothing more within a second: the range's end was deleted (a status rewritten
-            // or forgotten) and nothing newer came.
-            let Ok(next) = tokio::time::timeout(Duration::from_secs(1), messages.next()).await
-            else {
-                break;
-            };
+            // Each message says how many follow; a stream that stops answering is an error,
+            // not the end of the page.
+            let next = tokio::time::timeout(Duration::from_secs(5), messages.next())
+                .await
+                .map_err(|_| fail(&"nats-server did not answer within 5 s"))?;
             let Some(message) = next else { break };
             let message = message.map_err(|e| fail(&e))?;
             let info = message.info().map_err(|e| fail(&e))?;
             let (sequence, pending) = (info.stream_sequence, info.pending);
             let stored_ms =
                 u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
-            if sequence > to {
+            if to.is_some_and(|to| sequence > to) {
                 break;
             }
             let key = message.subject.strip_prefix(self.subject_prefix.as_str());
@@ -401,7 +407,7 @@ impl NatsStatuses {
             {
                 read.push((id, record, stored_ms));
             }
-            if pending == 0 || sequence == to {
+            if pending == 0 || to == Some(sequence) {
                 break;
             }
         }
@@ -446,11 +452,16 @@ impl StatusStore for NatsStatuses {
         let mut to = state.last_sequence;
         let mut window = (4 * keep as u64).max(256);
         let mut found: std::collections::BTreeMap<EventId, SendStatus> = Default::default();
+        // The newest window is read to the stream's end, whatever was written meanwhile: a
+        // status rewritten during the listing moves past `last_sequence`, and is found there.
+        let mut newest = true;
         while to >= first && state.messages > 0 {
             let from = to.saturating_sub(window - 1).max(first);
-            let read = self.read_range(from, to).await?;
+            let read = self.read_range(from, (!newest).then_some(to)).await?;
+            newest = false;
             let oldest_write = read.first().map(|(_, _, ms)| from_ms(*ms));
-            for (id, record, _) in read {
+            // Newest write first: a send written twice counts as its newest write.
+            for (id, record, _) in read.into_iter().rev() {
                 if before.is_some_and(|before| id >= before) || found.contains_key(&id) {
                     continue;
                 }

@@ -54,7 +54,8 @@ const state = {
   history: [],
   destinations: [],
   sendFilters: {},
-  sendNext: null,
+  /** How many sends the list shows ("Older sends" adds 50, up to 1 000). */
+  sendLimit: 50,
   selected: null,
   live: null,
   lastChange: null,
@@ -127,12 +128,26 @@ window.addEventListener("hashchange", () => {
   if (!$("tabs").hidden) route();
 });
 
+/** Reload the view's list: one load at a time, and one more after it if asked meanwhile. */
 function refresh() {
+  if (state.loading) {
+    state.reloadAfter = true;
+    return;
+  }
+  state.loading = true;
   guarded(async () => {
     if (state.view === "sends") await loadSends();
     if (state.view === "dead") await loadDead();
     if (state.view === "endpoints") await loadEndpoints();
-  }).catch((error) => console.warn(error));
+  })
+    .catch((error) => console.warn(error))
+    .finally(() => {
+      state.loading = false;
+      if (state.reloadAfter) {
+        state.reloadAfter = false;
+        refresh();
+      }
+    });
 }
 
 // ---- live counts --------------------------------------------------------------------------
@@ -173,7 +188,7 @@ function tick(snapshot) {
   if (change !== state.lastChange) {
     state.lastChange = change;
     if (state.view === "sends" || state.view === "dead") refresh();
-    if (state.selected) showDetail(state.selected, false);
+    if (state.selected && state.view === "sends") showDetail(state.selected, false);
   }
   if (state.view === "endpoints") refresh();
 }
@@ -278,20 +293,19 @@ function updateDestinationChoices(destinations) {
 
 // ---- sends --------------------------------------------------------------------------------
 
-function filtersQuery(after) {
-  const query = new URLSearchParams({ limit: "50" });
+function filtersQuery() {
+  const query = new URLSearchParams({ limit: String(state.sendLimit) });
   for (const [name, value] of Object.entries(state.sendFilters)) if (value) query.set(name, value);
-  if (after) query.set("after", after);
   return query;
 }
 
-async function loadSends(more = false) {
-  const page = await api("GET", `/v1/events?${filtersQuery(more ? state.sendNext : null)}`);
+async function loadSends() {
+  const page = await api("GET", `/v1/events?${filtersQuery()}`);
   const body = $("send-list").tBodies[0];
   // Rows are only rebuilt when what they show changed (nothing moves under the pointer).
   const shown = page.events.map((s) => `${s.id}:${s.state}:${s.attempts}`).join() + (page.next ?? "");
-  if (!more && shown === state.sendsShown && body.rows.length > 0) return;
-  if (!more) state.sendsShown = shown;
+  if (shown === state.sendsShown && body.rows.length > 0) return;
+  state.sendsShown = shown;
   const rows = page.events.map((s) =>
     el(
       "tr",
@@ -305,18 +319,20 @@ async function loadSends(more = false) {
       el("td", { class: "error-text", title: s.last_error ?? "" }, s.last_error ?? ""),
     ),
   );
-  if (more) body.append(...rows);
-  else body.replaceChildren(...rows);
-  state.sendNext = page.next;
-  $("send-more").hidden = !page.next;
+  body.replaceChildren(...rows);
+  $("send-more").hidden = !page.next || state.sendLimit >= 1000;
   $("send-empty").hidden = body.rows.length > 0;
 }
 
-$("send-more").addEventListener("click", () => guarded(() => loadSends(true)));
+$("send-more").addEventListener("click", () => {
+  state.sendLimit = Math.min(1000, state.sendLimit + 50);
+  refresh();
+});
 
 $("filters").addEventListener("submit", (event) => {
   event.preventDefault();
   state.sendsShown = null;
+  state.sendLimit = 50;
   const local = (id) => ($(id).value ? new Date($(id).value).toISOString() : "");
   state.sendFilters = {
     destination: $("f-destination").value,
@@ -335,6 +351,8 @@ $("filters").addEventListener("reset", () => {
 
 async function showDetail(id, scroll) {
   state.selected = id;
+  // Answers may come back out of order: only the last asked for is shown.
+  const asked = (state.detailAsked = (state.detailAsked ?? 0) + 1);
   for (const row of $("send-list").tBodies[0].rows) row.classList.toggle("selected", row.dataset.id === id);
   const panel = $("detail");
   let send;
@@ -345,7 +363,7 @@ async function showDetail(id, scroll) {
     panel.hidden = false;
     return;
   }
-  if (!send) return;
+  if (!send || asked !== state.detailAsked || state.selected !== id) return;
   const facts = [
     ["Send", el("span", { class: "mono" }, send.id)],
     ["Destination", send.destination],

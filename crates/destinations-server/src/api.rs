@@ -118,6 +118,7 @@ pub(crate) fn router(
         .routes(routes!(get_dead_letters))
         .routes(routes!(post_replay))
         .routes(routes!(crate::dashboard::live))
+        .routes(routes!(openapi_json))
         .route_layer(token());
     // The dashboard: its page and sign-in are open (the page asks for the token).
     let dashboard = OpenApiRouter::new()
@@ -152,7 +153,6 @@ pub(crate) fn router(
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(metrics))
-        .routes(routes!(openapi_json))
         .fallback(|| async { ApiError::not_found("no such endpoint; see README.md for the API") })
         .with_state(state.clone())
         .merge(guarded)
@@ -200,9 +200,11 @@ fn add_send_paths(
     }
 }
 
-/// `GET /openapi.json`: this document, as the server serves it (its SSE routes included).
+/// `GET /openapi.json`: this document, as the server serves it (its SSE routes included), behind
+/// the API token like the API it describes (it names every instance).
 #[utoipa::path(get, path = "/openapi.json", tag = "operations",
-    responses((status = 200, description = "the OpenAPI 3.1 document", content_type = "application/json", body = Object)))]
+    responses((status = 200, description = "the OpenAPI 3.1 document", content_type = "application/json", body = Object)),
+    security(("api_token" = [])))]
 async fn openapi_json(State(state): Shared) -> Response {
     let document = state.openapi.get().cloned().unwrap_or_default();
     ([(header::CONTENT_TYPE, "application/json")], document).into_response()

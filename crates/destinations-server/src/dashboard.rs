@@ -117,33 +117,39 @@ impl Sessions {
         Ok(id)
     }
 
-    /// Whether the request's cookie names a session that has not ended.
+    /// Whether one of the request's session cookies names a session that has not ended (a
+    /// page of another port on the same host may have set one of the same name).
     pub(crate) fn signed_in(&self, headers: &HeaderMap) -> bool {
-        session_of(headers).is_some_and(|id| {
-            let open = self.lock();
-            open.get(id).is_some_and(|ends| *ends > Instant::now())
-        })
+        let now = Instant::now();
+        let open = self.lock();
+        sessions_of(headers).any(|id| open.get(id).is_some_and(|ends| *ends > now))
     }
 
     fn close(&self, headers: &HeaderMap) {
-        if let Some(id) = session_of(headers) {
-            self.lock().remove(id);
+        let mut open = self.lock();
+        for id in sessions_of(headers) {
+            open.remove(id);
         }
     }
 }
 
-/// The session id in a request's cookies.
-fn session_of(headers: &HeaderMap) -> Option<&str> {
+/// The session ids in a request's cookies (under either name).
+fn sessions_of(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|cookies| cookies.split(';'))
-        .find_map(|cookie| {
+        .filter_map(|cookie| {
             let (name, value) = cookie.trim().split_once('=')?;
-            (name == SESSION_COOKIE && !value.is_empty()).then_some(value)
+            let ours = name == SESSION_COOKIE || name == SECURE_SESSION_COOKIE;
+            (ours && !value.is_empty()).then_some(value)
         })
 }
+
+/// The cookie's name on a page served over HTTPS (behind a proxy that terminates TLS): the
+/// browser then keeps it to this origin, over HTTPS only.
+const SECURE_SESSION_COOKIE: &str = "__Host-destinations_session";
 
 /// Whether the page must sign in, and whether it is.
 #[derive(Serialize, utoipa::ToSchema)]
@@ -187,6 +193,7 @@ pub(crate) struct SignIn {
     ))]
 pub(crate) async fn sign_in(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let raw = read_body(&state, body).await?;
@@ -206,8 +213,18 @@ pub(crate) async fn sign_in(
         ));
     }
     let id = state.sessions.open()?;
+    // A page loaded over HTTPS gets a cookie bound to its origin and to HTTPS.
+    let https = headers
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|origin| origin.starts_with("https://"));
+    let (name, secure) = if https {
+        (SECURE_SESSION_COOKIE, "; Secure")
+    } else {
+        (SESSION_COOKIE, "")
+    };
     let cookie = format!(
-        "{SESSION_COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+        "{name}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{secure}",
         SESSION_LIFETIME.as_secs()
     );
     let mut response = Json(SessionState {
@@ -227,12 +244,14 @@ pub(crate) async fn sign_in(
 pub(crate) async fn sign_out(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     state.sessions.close(&headers);
     let mut response = StatusCode::NO_CONTENT.into_response();
-    response.headers_mut().insert(
-        header::SET_COOKIE,
-        HeaderValue::from_static(
-            "destinations_session=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0",
-        ),
-    );
+    for cleared in [
+        "destinations_session=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0",
+        "__Host-destinations_session=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0; Secure",
+    ] {
+        response
+            .headers_mut()
+            .append(header::SET_COOKIE, HeaderValue::from_static(cleared));
+    }
     response
 }
 

@@ -32,7 +32,9 @@ impl Browser {
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .unwrap_or_else(|e| panic!("{e}"));
+        // A process group of its own: the browsers it starts go with it, whatever ends the test.
         let driver = tokio::process::Command::new(chromedriver)
+            .process_group(0)
             .arg(format!("--port={port}"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -72,9 +74,9 @@ impl Browser {
         }
     }
 
-    async fn close(mut self) {
-        let _ = self.client.close().await;
-        let _ = self.driver.kill().await;
+    async fn close(self) {
+        let _ = self.client.clone().close().await;
+        // Drop ends chromedriver and its browsers.
     }
 
     /// Wait for the element `css` to be there.
@@ -156,6 +158,18 @@ async fn delivered_eventually(server: &Server, id: &str) {
             "{id} was not delivered: {status}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl Drop for Browser {
+    /// chromedriver and every browser it started (its process group, by id), also when a
+    /// test fails.
+    fn drop(&mut self) {
+        if let Some(pid) = self.driver.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .status();
+        }
     }
 }
 
@@ -293,11 +307,8 @@ async fn the_dashboard_shows_sends_live_filters_them_and_replays_dead_letters() 
 
     // A send's detail: every attempt, the answer, the payload of a dead letter; replay it.
     browser
-        .element(&format!("#send-list tbody tr[data-id='{dead}']"))
-        .await
-        .click()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .click(&format!("#send-list tbody tr[data-id='{dead}']"))
+        .await;
     browser.element("#detail #attempts").await;
     let detail = browser
         .eval("return document.querySelector('#detail').textContent")
@@ -446,9 +457,11 @@ async fn with_an_api_token_the_dashboard_asks_for_it_and_refuses_a_wrong_one() {
         .until("a wrong token is refused", "return document.querySelector('#sign-in-error').textContent.includes('not this server')")
         .await;
     browser.screenshot("sign-in").await;
-    // Nothing behind the token opened for it.
-    let (code, _) = server.get("/v1/events").await;
-    assert_eq!(code, 401);
+    // Nothing behind the token opened for the browser.
+    let status = browser
+        .eval("return fetch('/v1/events').then(r => r.status)")
+        .await;
+    assert_eq!(status, json!(401));
     let token = browser.element("#token").await;
     token.clear().await.unwrap_or_else(|e| panic!("{e}"));
     token
@@ -481,7 +494,26 @@ async fn with_an_api_token_the_dashboard_asks_for_it_and_refuses_a_wrong_one() {
             .contains("destinations_session"),
         "{cookies}"
     );
-    // Signing out ends the session.
+    // Signing out ends the session on the server, not only in this browser.
+    let cookies = browser
+        .client
+        .get_all_cookies()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let session = cookies
+        .iter()
+        .find(|c| c.name() == "destinations_session")
+        .map(|c| format!("destinations_session={}", c.value()))
+        .unwrap_or_else(|| panic!("no session cookie: {cookies:?}"));
+    let with_cookie = || {
+        server
+            .http
+            .get(format!("{}/v1/events", server.base))
+            .header("cookie", session.clone())
+            .send()
+    };
+    let before = with_cookie().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(before.status().as_u16(), 200, "the session opens the API");
     browser.click("#sign-out").await;
     browser
         .until(
@@ -493,5 +525,11 @@ async fn with_an_api_token_the_dashboard_asks_for_it_and_refuses_a_wrong_one() {
         .eval("return fetch('/v1/events').then(r => r.status)")
         .await;
     assert_eq!(status, json!(401));
+    let after = with_cookie().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        after.status().as_u16(),
+        401,
+        "the server closed the session"
+    );
     browser.close().await;
 }

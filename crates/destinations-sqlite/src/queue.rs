@@ -944,20 +944,34 @@ impl StatusStore for Shared {
     ) -> Result<EventPage, QueueError> {
         let before = EventPage::before(after)?;
         let longest = self.longest.load(Ordering::Acquire);
-        let asked = filter.clone();
-        let listed = self
+        // The file knows no attempt under way: in-flight sends are found among those not
+        // final, and told apart by what memory knows.
+        let in_flight = filter.state == Some(State::InFlight);
+        let mut asked = filter.clone();
+        if in_flight {
+            asked.state = None;
+        }
+        let mut listed = self
             .readers
             .read(move |conn| {
-                rows::events(conn, &asked, before, limit, longest).map_err(|e| describe(&e))
+                rows::events(conn, &asked, in_flight, before, limit, longest)
+                    .map_err(|e| describe(&e))
             })
             .await?;
+        // The page ends where the file's rows do: whether more follow is the file's to say.
+        let more = listed.len() > limit;
+        listed.truncate(limit);
+        let next = more
+            .then(|| listed.last().map(|last| last.status.id.to_string()))
+            .flatten();
         // Memory may be ahead of the file; a send whose fresher state no longer matches is
-        // left out.
-        let statuses = listed
+        // left out (the page may then hold fewer than `limit`).
+        let events = listed
             .into_iter()
             .map(|listed| self.fresher(listed))
-            .filter(|status| filter.matches(status));
-        Ok(EventPage::newest(statuses, limit))
+            .filter(|status| filter.matches(status))
+            .collect();
+        Ok(EventPage { events, next })
     }
 
     fn attempting(&self, envelopes: &[Envelope]) {

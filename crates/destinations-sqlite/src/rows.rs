@@ -218,6 +218,7 @@ pub(crate) struct Listed {
 pub(crate) fn events(
     conn: &Connection,
     filter: &EventFilter,
+    unfinished_only: bool,
     before: Option<EventId>,
     limit: usize,
     longest: i64,
@@ -258,6 +259,7 @@ pub(crate) fn events(
                 || filter
                     .state
                     .is_some_and(|state| record.state.state() != state)
+                || (unfinished_only && record.state.is_final())
             {
                 continue;
             }
@@ -377,40 +379,48 @@ pub(crate) fn dead_letters(
 ) -> Result<DeadLetterPage, String> {
     let (before_ms, before_seq) = cursor(after)?;
     let run = || -> rusqlite::Result<DeadLetterPage> {
-        let mut statement = conn.prepare_cached(
-            "SELECT seq, id, destination, run, created_ms, attempts, died_ms, reason, payload
-             FROM dead
-             WHERE (died_ms, seq) < (?1, ?2)
-               AND (?3 IS NULL OR destination = ?3)
-               AND (?4 IS NULL OR died_ms >= ?4)
-               AND (?5 IS NULL OR died_ms < ?5)
-               AND (?6 IS NULL OR id = ?6)
-             ORDER BY died_ms DESC, seq DESC
-             LIMIT ?7",
-        )?;
-        let bound = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
-        let ids: Vec<Option<[u8; 16]>> = match &filter.ids {
-            Some(ids) => ids.iter().map(|id| Some(id.to_bytes())).collect(),
-            None => vec![None],
-        };
         let mut found = Vec::new();
-        for id in ids {
+        if let Some(ids) = &filter.ids {
+            // By the unique index on `id`, the rest of the filter checked here.
+            let mut by_id = conn.prepare_cached(
+                "SELECT seq, id, destination, run, created_ms, attempts, died_ms, reason, payload
+                 FROM dead WHERE id = ?1",
+            )?;
+            for id in ids {
+                let mut rows = by_id.query([id.to_bytes()])?;
+                while let Some(row) = rows.next()? {
+                    let (seq, letter) = dead_letter(row)?;
+                    let died_ms = to_ms(letter.died_at);
+                    if (died_ms, seq) < (before_ms, before_seq) && filter.matches(&letter, None) {
+                        found.push((seq, letter));
+                    }
+                }
+            }
+            found.sort_by_key(|(seq, letter)| std::cmp::Reverse((to_ms(letter.died_at), *seq)));
+            found.dedup_by_key(|(seq, _)| *seq);
+            found.truncate(limit.saturating_add(1));
+        } else {
+            let mut statement = conn.prepare_cached(
+                "SELECT seq, id, destination, run, created_ms, attempts, died_ms, reason, payload
+                 FROM dead
+                 WHERE (died_ms, seq) < (?1, ?2)
+                   AND (?3 IS NULL OR destination = ?3)
+                   AND (?4 IS NULL OR died_ms >= ?4)
+                   AND (?5 IS NULL OR died_ms < ?5)
+                 ORDER BY died_ms DESC, seq DESC
+                 LIMIT ?6",
+            )?;
             let mut rows = statement.query(params![
                 before_ms,
                 before_seq,
                 filter.destination,
                 filter.since.map(to_ms),
                 filter.until.map(to_ms),
-                id,
-                bound,
+                i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX),
             ])?;
             while let Some(row) = rows.next()? {
                 found.push(dead_letter(row)?);
             }
-        }
-        if filter.ids.is_some() {
-            found.sort_by_key(|(seq, letter)| std::cmp::Reverse((to_ms(letter.died_at), *seq)));
-            found.dedup_by_key(|(seq, _)| *seq);
         }
         let mut cursors = Vec::new();
         let mut letters = Vec::new();

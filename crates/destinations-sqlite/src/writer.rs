@@ -603,18 +603,19 @@ fn settle(tx: &Connection, changes: ChunkChanges, now_ms: i64) -> rusqlite::Resu
     Ok(finished)
 }
 
-/// Log a failed attempt, keeping the newest `MAX_LOGGED_ATTEMPTS` of its send.
+/// Log a failed attempt, keeping its send's first and newest, `MAX_LOGGED_ATTEMPTS` in all.
 fn insert_attempt(tx: &Connection, row: &AttemptRow) -> rusqlite::Result<()> {
     let id = row.id.to_bytes();
     tx.prepare_cached("INSERT INTO attempts (id, chunk, attempt) VALUES (?1, ?2, ?3)")?
         .execute(params![id, row.chunk, row.attempt])?;
     tx.prepare_cached(
-        "DELETE FROM attempts WHERE id = ?1 AND seq NOT IN
-         (SELECT seq FROM attempts WHERE id = ?1 ORDER BY seq DESC LIMIT ?2)",
+        "DELETE FROM attempts WHERE id = ?1
+         AND seq <> (SELECT min(seq) FROM attempts WHERE id = ?1)
+         AND seq NOT IN (SELECT seq FROM attempts WHERE id = ?1 ORDER BY seq DESC LIMIT ?2)",
     )?
     .execute(params![
         id,
-        destinations_core::attempts::MAX_LOGGED_ATTEMPTS as i64
+        destinations_core::attempts::MAX_LOGGED_ATTEMPTS as i64 - 1
     ])?;
     Ok(())
 }

@@ -620,13 +620,15 @@ async fn a_replay_by_ids_replays_those_letters_only() {
         .unwrap_or_else(|e| panic!("{e}"));
     let mut listed: Vec<EventId> = listed.letters.iter().map(|l| l.envelope.id).collect();
     listed.sort();
-    assert_eq!(listed, ids[..2], "the letters asked for, and only those");
+    let mut asked = ids[..2].to_vec();
+    asked.sort();
+    assert_eq!(listed, asked, "the letters asked for, and only those");
     let mut replayed = hub
         .replay_dead_letters(&chosen, 2)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     replayed.sort();
-    assert_eq!(replayed, ids[..2]);
+    assert_eq!(replayed, asked);
     let letters = destinations_testkit::dead_letters(&hub).await;
     assert_eq!(
         letters.iter().map(|l| l.envelope.id).collect::<Vec<_>>(),
@@ -634,4 +636,51 @@ async fn a_replay_by_ids_replays_those_letters_only() {
         "the one not asked for stays dead"
     );
     hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_listing_finds_the_sends_in_flight() {
+    let dir = TempDir::new("sqlite");
+    // Every attempt waits at the gate: the sends stay in flight.
+    let stuck = Recorder::closed();
+    let hub = hub_on(
+        open(&dir).unwrap_or_else(|e| panic!("{e}")),
+        stuck,
+        HubConfig::default(),
+    );
+    let ids = send_run(&hub, 0..3).await;
+    let in_flight = EventFilter {
+        state: Some(State::InFlight),
+        ..EventFilter::default()
+    };
+    let started = std::time::Instant::now();
+    loop {
+        let page = hub
+            .events(&in_flight, None, 10)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut found: Vec<EventId> = page.events.iter().map(|s| s.id).collect();
+        found.sort();
+        let mut expected = ids.clone();
+        expected.sort();
+        if found == expected {
+            assert!(page.events.iter().all(|s| s.state == State::InFlight));
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the sends in flight were not listed: {found:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let queued = EventFilter {
+        state: Some(State::Queued),
+        ..EventFilter::default()
+    };
+    let page = hub.events(&queued, None, 10).await;
+    assert!(
+        page.unwrap_or_else(|e| panic!("{e}")).events.is_empty(),
+        "in flight, not queued"
+    );
+    let _ = hub.shutdown_within(Duration::from_millis(100)).await;
 }
