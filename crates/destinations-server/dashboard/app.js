@@ -204,7 +204,10 @@ function perSecond(pick, span = 1) {
 }
 
 function updateOverview(snapshot) {
-  $("stat-delivered").textContent = rate(perSecond((s) => s.totals.delivered));
+  const delivering = perSecond((s) => s.totals.delivered);
+  $("stat-delivered").textContent = rate(delivering);
+  // The highest rate shown, for the page's tests.
+  window.__peakDelivered = Math.max(window.__peakDelivered ?? 0, delivering);
   $("stat-failed").textContent = rate(perSecond((s) => s.totals.failed));
   $("stat-queued").textContent = state.history.at(-1).totals.queued.toLocaleString();
   $("stat-dead").textContent = state.history.at(-1).totals.dead.toLocaleString();

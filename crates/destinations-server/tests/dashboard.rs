@@ -242,13 +242,27 @@ async fn the_dashboard_shows_sends_live_filters_them_and_replays_dead_letters() 
         delivered.push(send("/ok", "checkout").await.0);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let http_row = browser
-        .eval("return document.querySelector('#destinations tbody tr[data-name=\"http\"]').textContent")
+    // The http row counts every delivery made (one dead), and the rate saw them go.
+    for id in &delivered {
+        assert_eq!(server.final_status(id).await["state"], "delivered");
+    }
+    let cells = "document.querySelector('#destinations tbody tr[data-name=\"http\"]').cells";
+    browser
+        .until(
+            "the http row counts the deliveries",
+            &format!(
+                "const c = {cells}; return Number(c[5].textContent.replace(/\\D/g, '')) === {} \
+                 && c[6].textContent === '1'",
+                delivered.len()
+            ),
+        )
         .await;
-    assert!(
-        http_row.as_str().is_some_and(|t| t.contains("http")),
-        "{http_row}"
-    );
+    browser
+        .until(
+            "a delivery rate was drawn",
+            "return window.__peakDelivered > 0",
+        )
+        .await;
     browser.screenshot("overview").await;
 
     // Sends: a send made now appears without a reload.
