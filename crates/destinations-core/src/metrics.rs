@@ -65,6 +65,8 @@ pub(crate) struct Totals {
     pub(crate) dead: AtomicU64,
     /// Attempts that failed (retried or given up on), counted per send.
     pub(crate) failed_attempts: AtomicU64,
+    /// The error of the last attempt that failed, and when.
+    pub(crate) last_error: std::sync::Mutex<Option<(String, std::time::SystemTime)>>,
 }
 
 impl Totals {
@@ -72,6 +74,22 @@ impl Totals {
         if n > 0 {
             counter.fetch_add(n, Ordering::Relaxed);
         }
+    }
+
+    /// An attempt failed with `error` (once per batch).
+    pub(crate) fn failed_with(&self, error: &str) {
+        let mut last = self
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *last = Some((error.to_owned(), std::time::SystemTime::now()));
+    }
+
+    pub(crate) fn last_error(&self) -> Option<(String, std::time::SystemTime)> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -93,6 +111,12 @@ pub struct InstanceTotals {
     pub failed_attempts: u64,
     /// Sends waiting now (retries included).
     pub queued: usize,
+    /// The error of the last attempt that failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// When that attempt failed, RFC 3339.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error_at: Option<String>,
 }
 
 impl InstanceMetrics {

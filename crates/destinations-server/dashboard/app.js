@@ -50,8 +50,11 @@ async function api(method, path, body) {
 
 const state = {
   view: "overview",
-  /** Each second's totals, newest last (a minute of them). */
+  /** The last few seconds of counts, newest last (rates are drawn from them). */
   history: [],
+  /** A point a second for the chart: delivered and failed per second (a minute of them). */
+  series: [],
+  lastPoint: null,
   destinations: [],
   sendFilters: {},
   /** How many sends the list shows ("Older sends" adds 50, up to 1 000). */
@@ -179,8 +182,22 @@ function tick(snapshot) {
     totals.queued += d.queued;
     totals.accepted += d.accepted;
   }
-  state.history.push({ at: Date.parse(snapshot.time), totals, destinations: snapshot.destinations });
-  if (state.history.length > 61) state.history.shift();
+  const at = Date.parse(snapshot.time);
+  state.history.push({ at, totals, destinations: snapshot.destinations });
+  while (state.history.length > 2 && at - state.history[0].at > 3000) state.history.shift();
+  // The counts come when they change (and each second): the chart takes a point a second.
+  const last = state.lastPoint;
+  if (!last || at - last.at >= 1000) {
+    if (last) {
+      const seconds = (at - last.at) / 1000;
+      state.series.push({
+        delivered: Math.max(0, (totals.delivered - last.totals.delivered) / seconds),
+        failed: Math.max(0, (totals.failed - last.totals.failed) / seconds),
+      });
+      if (state.series.length > 60) state.series.shift();
+    }
+    state.lastPoint = { at, totals };
+  }
   updateOverview(snapshot);
   updateDestinationChoices(snapshot.destinations);
   // Something happened: the lists on screen are reloaded (at most once a second).
@@ -193,12 +210,12 @@ function tick(snapshot) {
   if (state.view === "endpoints") refresh();
 }
 
-/** Per second, between the newest tick and one `span` ticks before it. */
-function perSecond(pick, span = 1) {
+/** Per second, over the last second or so of counts. */
+function perSecond(pick) {
   const h = state.history;
   if (h.length < 2) return 0;
   const newest = h.at(-1);
-  const older = h[Math.max(0, h.length - 1 - span)];
+  const older = h.findLast((s) => s.at <= newest.at - 1000) ?? h[0];
   const seconds = Math.max((newest.at - older.at) / 1000, 0.001);
   return Math.max(0, (pick(newest) - pick(older)) / seconds);
 }
@@ -226,6 +243,11 @@ function updateOverview(snapshot) {
         el("td", { class: "num" }, d.delivered.toLocaleString()),
         el("td", { class: "num" }, d.dead.toLocaleString()),
         el("td", { class: "num" }, d.accepted.toLocaleString()),
+        el(
+          "td",
+          { class: "error-text", title: d.last_error ? `${dateTime(d.last_error_at)}: ${d.last_error}` : "" },
+          d.last_error ? `${time(d.last_error_at)} ${d.last_error}` : "",
+        ),
       );
     }),
   );
@@ -242,11 +264,8 @@ function drawChart() {
   const g = canvas.getContext("2d");
   g.scale(scale, scale);
   g.clearRect(0, 0, width, height);
-  const h = state.history;
-  const points = (pick) =>
-    h.slice(1).map((s, i) => Math.max(0, (pick(s) - pick(h[i])) / Math.max((s.at - h[i].at) / 1000, 0.001)));
-  const delivered = points((s) => s.totals.delivered);
-  const failed = points((s) => s.totals.failed);
+  const delivered = state.series.map((p) => p.delivered);
+  const failed = state.series.map((p) => p.failed);
   const top = Math.max(1, ...delivered, ...failed);
   const left = 48, bottom = height - 20, right = width - 8, topY = 10;
   g.strokeStyle = "#e4e7ec";

@@ -252,7 +252,7 @@ async fn the_dashboard_shows_sends_live_filters_them_and_replays_dead_letters() 
             "the http row counts the deliveries",
             &format!(
                 "const c = {cells}; return Number(c[5].textContent.replace(/\\D/g, '')) === {} \
-                 && c[6].textContent === '1'",
+                 && c[6].textContent === '1' && c[8].textContent.includes('HTTP 410')",
                 delivered.len()
             ),
         )

@@ -1395,6 +1395,14 @@ impl Lane {
                 }
             }
         }
+        // The instance's last error, for those watching (once per batch).
+        if let Some(error) = failed
+            .last()
+            .or(settlement.dead.last())
+            .and_then(|s| s.error.as_deref())
+        {
+            self.metrics.totals.failed_with(error);
+        }
         if failed.is_empty() {
             return settlement;
         }

@@ -937,6 +937,7 @@ impl Hub {
             .values()
             .map(|i| {
                 let totals = &i.metrics.totals;
+                let last_error = totals.last_error();
                 crate::metrics::InstanceTotals {
                     name: i.name.to_string(),
                     kind: i.kind,
@@ -945,6 +946,10 @@ impl Hub {
                     dead: totals.dead.load(Relaxed),
                     failed_attempts: totals.failed_attempts.load(Relaxed),
                     queued: depths.get(&*i.name).map_or(0, |d| d.events),
+                    last_error_at: last_error
+                        .as_ref()
+                        .map(|(_, at)| humantime::format_rfc3339_millis(*at).to_string()),
+                    last_error: last_error.map(|(error, _)| error),
                 }
             })
             .collect();
