@@ -83,7 +83,16 @@ fn python(binary: &Path) -> Result<TestCounts, String> {
 
 /// `node --test` on the committed build (`dist/`), which `lint` keeps current.
 fn typescript(binary: &Path) -> Result<TestCounts, String> {
-    let (success, text) = run_tests("node", &["--test", "clients/typescript/test/"], binary)?;
+    let (success, text) = run_tests(
+        "node",
+        // TAP, whatever Node's default reporter: its `# pass` / `# fail` lines are counted.
+        &[
+            "--test",
+            "--test-reporter=tap",
+            "clients/typescript/test/client.test.mjs",
+        ],
+        binary,
+    )?;
     let passed = number_after(&text, "# pass ");
     let failed = number_after(&text, "# fail ");
     Ok(TestCounts {
