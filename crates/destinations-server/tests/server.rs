@@ -718,7 +718,10 @@ async fn dead_letters_are_listed_with_the_reason_and_replayed() {
         if body["dead_letters"][0].is_object() {
             break body;
         }
-        assert!(started.elapsed() < WITHIN, "the dead letter was never listed");
+        assert!(
+            started.elapsed() < WITHIN,
+            "the dead letter was never listed"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let letter = &body["dead_letters"][0];
