@@ -283,44 +283,17 @@ impl EventPage {
             .transpose()
     }
 
-    /// A page of the newest `limit` of `matching` (any order), and whether more remain.
-    pub fn newest(matching: impl IntoIterator<Item = SendStatus>, limit: usize) -> Self {
-        // A bounded heap of the newest: the smallest id on top, replaced by newer ones.
-        let mut heap = std::collections::BinaryHeap::with_capacity(limit + 1);
-        let mut more = false;
-        for status in matching {
-            heap.push(std::cmp::Reverse(ByNewest(status)));
-            if heap.len() > limit {
-                heap.pop();
-                more = true;
-            }
-        }
-        let mut events: Vec<SendStatus> = heap.into_iter().map(|r| r.0.0).collect();
-        events.sort_unstable_by_key(|status| std::cmp::Reverse(status.id));
-        let next = more
-            .then(|| events.last().map(|status| status.id.to_string()))
-            .flatten();
-        Self { events, next }
-    }
-}
-
-/// A status ordered by its id (ids grow with the time a send was made).
-struct ByNewest(SendStatus);
-
-impl PartialEq for ByNewest {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.id == other.0.id
-    }
-}
-impl Eq for ByNewest {}
-impl PartialOrd for ByNewest {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for ByNewest {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0.id.cmp(&other.0.id)
+    /// Of up to `limit + 1` items found newest first, keep `limit`; the cursor of the next
+    /// page if there was one more (the id of the last one kept).
+    pub fn cut<T>(
+        newest_first: &mut Vec<T>,
+        limit: usize,
+        id: impl Fn(&T) -> EventId,
+    ) -> Option<String> {
+        let more = newest_first.len() > limit;
+        newest_first.truncate(limit);
+        more.then(|| newest_first.last().map(|last| id(last).to_string()))
+            .flatten()
     }
 }
 
@@ -674,15 +647,11 @@ impl StatusBook {
         }
         let mut ids: Vec<EventId> = newest.into_iter().map(|Reverse(id)| id).collect();
         ids.sort_unstable_by(|a, b| b.cmp(a));
-        let more = ids.len() > limit;
-        ids.truncate(limit);
-        let events: Vec<SendStatus> = ids
+        let next = EventPage::cut(&mut ids, limit, |id| *id);
+        let events = ids
             .iter()
             .filter_map(|id| Some(inner.by_id.get(id)?.status(*id, &inner.names)))
             .collect();
-        let next = more
-            .then(|| events.last().map(|status| status.id.to_string()))
-            .flatten();
         Ok(EventPage { events, next })
     }
 }

@@ -483,7 +483,9 @@ impl StatusStore for NatsStatuses {
             to = from - 1;
             window = (window * 2).min(65_536);
         }
-        Ok(EventPage::newest(found.into_values(), limit))
+        let mut events: Vec<SendStatus> = found.into_values().rev().collect();
+        let next = EventPage::cut(&mut events, limit, |status| status.id);
+        Ok(EventPage { events, next })
     }
 
     fn attempting(&self, _envelopes: &[Envelope]) {}

@@ -959,11 +959,7 @@ impl StatusStore for Shared {
             })
             .await?;
         // The page ends where the file's rows do: whether more follow is the file's to say.
-        let more = listed.len() > limit;
-        listed.truncate(limit);
-        let next = more
-            .then(|| listed.last().map(|last| last.status.id.to_string()))
-            .flatten();
+        let next = EventPage::cut(&mut listed, limit, |listed| listed.status.id);
         // Memory may be ahead of the file; a send whose fresher state no longer matches is
         // left out (the page may then hold fewer than `limit`).
         let events = listed
