@@ -792,10 +792,16 @@ async fn dead_letters_are_listed_with_the_reason_and_replayed() {
         ],
         "{delivered}"
     );
-    assert_eq!(
-        listed("state=delivered&destination=http").await,
-        vec![id.clone()]
-    );
+    // The listing reads the queue file, a moment behind the status (see above): it says so
+    // once the delivery is committed.
+    let started = std::time::Instant::now();
+    while listed("state=delivered&destination=http").await != vec![id.clone()] {
+        assert!(
+            started.elapsed() < WITHIN,
+            "the delivered send was never listed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(listed("state=dead").await, Vec::<String>::new());
 }
 
